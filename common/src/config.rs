@@ -1,0 +1,377 @@
+//! The cluster configuration file (TOML), shared by every binary.
+//!
+//! ```toml
+//! [coord]
+//! server_api_addr = "127.0.0.1:23002"
+//! client_api_addr = "127.0.0.1:23009"
+//! data_dir = "data/coord"
+//!
+//! [[servers]]
+//! id = 1
+//! addr = "127.0.0.1:21001"
+//! data_dir = "data/server1"
+//! ```
+//!
+//! Relative `data_dir` paths are relative to the working directory of the process. Unknown keys
+//! are rejected (a misspelt key would otherwise silently fall back to a default).
+//! [`ClusterConfig::load`] parses and validates; every error names the file, the key and what is
+//! wrong with it.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::NodeId;
+
+/// Most servers a cluster may have. Replication fans out to every follower from one leader
+/// task; nine (F = 4) is plenty for a store that keeps the whole state in memory.
+pub const SERVERS_MAX: usize = 9;
+
+/// Default heartbeat period: short enough that a leader failure is noticed within a few hundred
+/// milliseconds, long enough that heartbeats cost nothing measurable on loopback.
+pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 50;
+/// Default failure timeout: six missed heartbeats, which rides out a scheduler hiccup or a
+/// slow fsync on a busy machine without false failovers.
+pub const DEFAULT_FAILURE_TIMEOUT_MS: u64 = 300;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid config file {path}: {key}: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    pub coord: CoordConfig,
+    pub servers: Vec<ServerConfig>,
+    #[serde(default)]
+    pub server: ServerOptions,
+    #[serde(default)]
+    pub client: ClientOptions,
+}
+
+/// How many servers the coord waits for before it designates the first leader.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum WaitFor {
+    /// Every configured server, as the original project did.
+    #[default]
+    All,
+    /// A majority of the configured servers.
+    Majority,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CoordConfig {
+    /// Where servers join and where the coord's heartbeats come from.
+    pub server_api_addr: String,
+    /// Where clients ask for (and watch) the current leader.
+    pub client_api_addr: String,
+    /// Holds the highest term the coord has issued (fsynced before the term is used).
+    pub data_dir: PathBuf,
+    #[serde(default = "default_heartbeat_interval_ms")]
+    pub heartbeat_interval_ms: u64,
+    #[serde(default = "default_failure_timeout_ms")]
+    pub failure_timeout_ms: u64,
+    #[serde(default)]
+    pub wait_for: WaitFor,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub id: u32,
+    pub addr: String,
+    pub data_dir: PathBuf,
+}
+
+/// Settings every server shares.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerOptions {
+    /// A client session with no request for this long (in log-entry time) is expired.
+    pub session_ttl_ms: u64,
+    /// Most live client sessions; registering one more expires the least recently used.
+    pub sessions_max: usize,
+    /// Period of the leader's empty AppendEntries (commit index propagation, liveness).
+    pub replication_heartbeat_ms: u64,
+}
+
+/// Settings of the client library.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientOptions {
+    /// Deadline of one put or get, retries and failovers included.
+    pub op_timeout_ms: u64,
+    /// Deadline of one attempt against one server.
+    pub attempt_timeout_ms: u64,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            session_ttl_ms: 60 * 60 * 1000,
+            sessions_max: 10_000,
+            replication_heartbeat_ms: 50,
+        }
+    }
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            op_timeout_ms: 15_000,
+            attempt_timeout_ms: 2_000,
+        }
+    }
+}
+
+fn default_heartbeat_interval_ms() -> u64 {
+    DEFAULT_HEARTBEAT_INTERVAL_MS
+}
+fn default_failure_timeout_ms() -> u64 {
+    DEFAULT_FAILURE_TIMEOUT_MS
+}
+
+impl ClusterConfig {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<ClusterConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates config text; `path` is only used in error messages.
+    pub fn parse(text: &str, path: &Path) -> Result<ClusterConfig, ConfigError> {
+        let config: ClusterConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        config
+            .validate()
+            .map_err(|(key, message)| ConfigError::Invalid {
+                path: path.to_path_buf(),
+                key,
+                message,
+            })?;
+        Ok(config)
+    }
+
+    /// Checks the fields against each other. The error is `(key, what is wrong)`.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let n = self.servers.len();
+        if n == 0 || n > SERVERS_MAX || n % 2 == 0 {
+            return Err((
+                "servers".into(),
+                format!(
+                    "{n} servers configured; need an odd number from 1 to {SERVERS_MAX} \
+                     (2F+1 servers survive F failures)"
+                ),
+            ));
+        }
+        let c = &self.coord;
+        if c.heartbeat_interval_ms == 0 {
+            return Err((
+                "coord.heartbeat_interval_ms".into(),
+                "must be above 0".into(),
+            ));
+        }
+        if c.failure_timeout_ms <= c.heartbeat_interval_ms {
+            return Err((
+                "coord.failure_timeout_ms".into(),
+                format!(
+                    "{} ms is not above coord.heartbeat_interval_ms ({} ms)",
+                    c.failure_timeout_ms, c.heartbeat_interval_ms
+                ),
+            ));
+        }
+        let mut addrs: HashSet<SocketAddr> = HashSet::new();
+        let mut check_addr = |key: String, value: &str| -> Result<(), (String, String)> {
+            let addr: SocketAddr = value
+                .parse()
+                .map_err(|_| (key.clone(), format!("{value:?} is not an IP:port address")))?;
+            if addr.port() == 0 {
+                return Err((key, format!("{value:?} has port 0; give a fixed port")));
+            }
+            if !addrs.insert(addr) {
+                return Err((key, format!("address {value} is used twice")));
+            }
+            Ok(())
+        };
+        check_addr("coord.server_api_addr".into(), &c.server_api_addr)?;
+        check_addr("coord.client_api_addr".into(), &c.client_api_addr)?;
+        let mut ids = HashSet::new();
+        let mut dirs = HashSet::new();
+        dirs.insert(c.data_dir.clone());
+        for (i, s) in self.servers.iter().enumerate() {
+            let key = format!("servers[{i}]");
+            if s.id == 0 {
+                return Err((format!("{key}.id"), "server ids start at 1".into()));
+            }
+            if !ids.insert(s.id) {
+                return Err((
+                    format!("{key}.id"),
+                    format!("server id {} is used twice", s.id),
+                ));
+            }
+            check_addr(format!("{key}.addr"), &s.addr)?;
+            if !dirs.insert(s.data_dir.clone()) {
+                return Err((
+                    format!("{key}.data_dir"),
+                    format!("data_dir {} is used twice", s.data_dir.display()),
+                ));
+            }
+        }
+        let o = &self.server;
+        if o.session_ttl_ms == 0 || o.sessions_max == 0 || o.replication_heartbeat_ms == 0 {
+            return Err((
+                "server".into(),
+                "session_ttl_ms, sessions_max and replication_heartbeat_ms must be above 0".into(),
+            ));
+        }
+        let cl = &self.client;
+        if cl.attempt_timeout_ms == 0 || cl.op_timeout_ms < cl.attempt_timeout_ms {
+            return Err((
+                "client.op_timeout_ms".into(),
+                "op_timeout_ms must be at least attempt_timeout_ms, which must be above 0".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The server with this id, or an error naming the ids the config does have.
+    pub fn server(&self, id: u32) -> Result<&ServerConfig, String> {
+        self.servers.iter().find(|s| s.id == id).ok_or_else(|| {
+            let known: Vec<String> = self.servers.iter().map(|s| s.id.to_string()).collect();
+            format!(
+                "server id {id} is not in the config (configured ids: {})",
+                known.join(", ")
+            )
+        })
+    }
+
+    pub fn server_ids(&self) -> Vec<NodeId> {
+        self.servers.iter().map(|s| NodeId(s.id)).collect()
+    }
+
+    /// Votes needed for a majority of all configured servers (never of the live ones only).
+    pub fn majority(&self) -> usize {
+        self.servers.len() / 2 + 1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> String {
+        r#"
+[coord]
+server_api_addr = "127.0.0.1:23002"
+client_api_addr = "127.0.0.1:23009"
+data_dir = "data/coord"
+
+[[servers]]
+id = 1
+addr = "127.0.0.1:21001"
+data_dir = "data/server1"
+"#
+        .to_string()
+    }
+
+    fn err(text: &str) -> String {
+        ClusterConfig::parse(text, Path::new("test.toml"))
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn minimal_file_parses_with_defaults() {
+        let c = ClusterConfig::parse(&base(), Path::new("t.toml")).unwrap();
+        assert_eq!(c.coord.heartbeat_interval_ms, DEFAULT_HEARTBEAT_INTERVAL_MS);
+        assert_eq!(c.coord.failure_timeout_ms, DEFAULT_FAILURE_TIMEOUT_MS);
+        assert_eq!(c.majority(), 1);
+    }
+
+    #[test]
+    fn even_server_count_is_refused() {
+        let text = base()
+            + r#"
+[[servers]]
+id = 2
+addr = "127.0.0.1:21002"
+data_dir = "data/server2"
+"#;
+        let e = err(&text);
+        assert!(
+            e.contains("test.toml") && e.contains("servers") && e.contains("odd"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn duplicate_ids_and_addresses_are_refused() {
+        let dup_id = base().replace("id = 1", "id = 1")
+            + "[[servers]]\nid = 1\naddr = \"127.0.0.1:21002\"\ndata_dir = \"d2\"\n[[servers]]\nid = 3\naddr = \"127.0.0.1:21003\"\ndata_dir = \"d3\"\n";
+        let e = err(&dup_id);
+        assert!(
+            e.contains("servers[1].id") && e.contains("used twice"),
+            "{e}"
+        );
+        let dup_addr = base()
+            + "[[servers]]\nid = 2\naddr = \"127.0.0.1:21001\"\ndata_dir = \"d2\"\n[[servers]]\nid = 3\naddr = \"127.0.0.1:21003\"\ndata_dir = \"d3\"\n";
+        let e = err(&dup_addr);
+        assert!(
+            e.contains("servers[1].addr") && e.contains("used twice"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn failure_timeout_must_exceed_heartbeat() {
+        let text = base().replace(
+            "data_dir = \"data/coord\"",
+            "data_dir = \"data/coord\"\nheartbeat_interval_ms = 100\nfailure_timeout_ms = 100",
+        );
+        let e = err(&text);
+        assert!(e.contains("coord.failure_timeout_ms"), "{e}");
+    }
+
+    #[test]
+    fn unknown_key_and_bad_address_are_named() {
+        let e = err(&base().replace(
+            "data_dir = \"data/coord\"",
+            "data_dir = \"x\"\nheartbeat_ms = 5",
+        ));
+        assert!(e.contains("heartbeat_ms"), "{e}");
+        let e = err(&base().replace("127.0.0.1:21001", "localhost"));
+        assert!(
+            e.contains("servers[0].addr") && e.contains("localhost"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unknown_server_id_lists_known_ones() {
+        let c = ClusterConfig::parse(&base(), Path::new("t.toml")).unwrap();
+        let e = c.server(7).unwrap_err();
+        assert!(e.contains("7") && e.contains("configured ids: 1"), "{e}");
+    }
+}
