@@ -1,1 +1,26 @@
-//! placeholder
+//! kvraft server: a durable replicated log and the key-value state machine it feeds.
+//!
+//! ```text
+//!  gRPC services ──Input──▶ runtime (one task) ──Event──▶ Replica (pure core)
+//!        ▲                     │  ▲                            │
+//!        └──── replies ────────┘  └──────── Command ◀──────────┘
+//!                              │ executes: log writes + group fsync, hard-state saves,
+//!                              ▼ AppendEntries streams to peers, client replies
+//! ```
+//!
+//! - [`replica`]: the decisions (replication, commit, epoch handling, reads), no IO.
+//! - [`state_machine`]: the key-value map and exactly-once sessions.
+//! - [`storage`]: the checksummed log file, the hard state, the data-directory identity.
+//! - [`runtime`], [`service`]: tokio/tonic glue that executes the core's commands.
+
+pub mod faults;
+pub mod replica;
+pub mod runtime;
+pub mod service;
+pub mod state_machine;
+pub mod storage;
+
+#[cfg(test)]
+mod replica_tests;
+
+pub use runtime::run;

@@ -1,0 +1,1009 @@
+//! The replica core: every decision a server makes, with no IO, no clock and no tokio.
+//!
+//! ```text
+//!   Event (coord heartbeat / prepare, AppendEntries and acks, client requests,
+//!          Persisted, Tick{now_ms})
+//!        │
+//!        ▼
+//!   Replica::step ──▶ Vec<Command> (save hard state, append / truncate log, send, reply)
+//! ```
+//!
+//! The runtime executes commands in the order given. The ordering rules it relies on:
+//! - `SaveHardState` is durable before any later command runs (a Prepare is acknowledged only
+//!   after the new term is fsynced, DESIGN.md rule 5);
+//! - log writes (`AppendLog`, `TruncateLog`) reach the OS in order and become durable by a
+//!   group fsync whose completion comes back as `Event::Persisted { write_id }`, where write
+//!   ids count the log-write commands from 1. The core acknowledges entries (to a leader, or
+//!   itself for commit) only up to `durable_index`, so nothing is acknowledged before it is
+//!   fsynced.
+//!
+//! Terms come only from the coord (`Prepare`, and heartbeats naming the leader of a term); a
+//! server never makes up a term. A server accepts one leader per term and refuses any other.
+//!
+//! Invariants checked with assertions: committed entries are never truncated; the commit index
+//! never decreases; entries apply in order exactly once.
+
+use std::collections::{HashMap, VecDeque};
+
+use kvraft_common::NodeId;
+use kvraft_proto::log_entry::Payload;
+use kvraft_proto::{
+    AppendEntriesRequest, AppendEntriesResponse, LogEntry, Noop, PutCommand, RegisterSession,
+    ServerReport,
+};
+use prost::bytes::Bytes;
+use prost::Message;
+
+use crate::state_machine::{Outcome, PutError, PutResult, StateMachine};
+use crate::storage::HardState;
+
+/// Most entries in one AppendEntries message.
+pub const BATCH_ENTRIES_MAX: usize = 512;
+/// Byte budget of one AppendEntries message (at least one entry is always sent). Keeps a
+/// batch well under the gRPC message limit with values of up to 1 MiB.
+pub const BATCH_BYTES_MAX: usize = 2 * 1024 * 1024;
+/// Most entries sent to one follower and not yet acknowledged: bounds the memory a slow
+/// follower can pin in the leader's send queue.
+pub const INFLIGHT_ENTRIES_MAX: u64 = 4096;
+/// A probe unanswered for this many heartbeat periods is sent again.
+pub const PROBE_RETRY_HEARTBEATS: u64 = 4;
+
+/// Opaque handle the runtime uses to route a reply to the waiting gRPC call.
+pub type ReplyTo = u64;
+/// Opaque handle of an incoming replication stream (a leader talking to this follower).
+pub type StreamId = u64;
+
+#[derive(Clone, Debug)]
+pub struct ReplicaConfig {
+    pub id: NodeId,
+    /// Every configured server, this one included.
+    pub servers: Vec<NodeId>,
+    pub uuid: String,
+    pub session_ttl_ms: u64,
+    pub sessions_max: usize,
+    /// Period of the leader's empty AppendEntries.
+    pub heartbeat_ms: u64,
+}
+
+#[derive(Debug)]
+pub enum Event {
+    Tick {
+        now_ms: u64,
+    },
+    /// The coord's view: `leader` designated for `term` (0 = none known).
+    CoordHeartbeat {
+        term: u64,
+        leader: NodeId,
+        reply: ReplyTo,
+    },
+    Prepare {
+        term: u64,
+        reply: ReplyTo,
+    },
+    AppendEntries {
+        stream: StreamId,
+        req: AppendEntriesRequest,
+    },
+    AppendEntriesResponse {
+        resp: AppendEntriesResponse,
+    },
+    /// The stream to `peer` broke: messages may have been lost.
+    PeerDisconnected {
+        peer: NodeId,
+    },
+    RegisterSession {
+        client_id: String,
+        reply: ReplyTo,
+    },
+    Put {
+        cmd: PutCommand,
+        reply: ReplyTo,
+    },
+    Get {
+        key: Bytes,
+        reply: ReplyTo,
+    },
+    /// Every log write with id <= write_id is durable.
+    Persisted {
+        write_id: u64,
+    },
+    Status {
+        reply: ReplyTo,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClientError {
+    NotLeader { leader: NodeId, term: u64 },
+    SessionExpired,
+    Stale,
+    TooManyPending,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Reply {
+    Report(ServerReport),
+    Prepare {
+        ok: bool,
+        term: u64,
+        last_log_term: u64,
+        last_log_index: u64,
+    },
+    Registered(Result<u64, ClientError>),
+    Put {
+        result: Result<PutResult, ClientError>,
+        duplicate: bool,
+    },
+    Get(Result<Option<(Bytes, u64)>, ClientError>),
+    Status {
+        report: ServerReport,
+        last_applied: u64,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Command {
+    /// Make the hard state durable before running any later command.
+    SaveHardState(HardState),
+    /// Write entries at the end of the log (no fsync: see `Event::Persisted`).
+    AppendLog(Vec<LogEntry>),
+    /// Remove every entry with index >= the given one.
+    TruncateLog(u64),
+    SendAppend {
+        to: NodeId,
+        req: AppendEntriesRequest,
+    },
+    SendAppendResponse {
+        stream: StreamId,
+        resp: AppendEntriesResponse,
+    },
+    Reply {
+        to: ReplyTo,
+        reply: Reply,
+    },
+    /// Informational: this server became leader / follower (for logs and traces).
+    RoleChanged {
+        leader: bool,
+        term: u64,
+    },
+}
+
+#[derive(Debug)]
+struct Peer {
+    next_index: u64,
+    match_index: u64,
+    /// Highest ReadIndex round the peer has confirmed in this term.
+    acked_round: u64,
+    /// After a rejection or a broken stream: one message at a time until the logs match.
+    probing: bool,
+    probe_outstanding: bool,
+    last_sent_ms: u64,
+}
+
+#[derive(Debug)]
+struct PendingRead {
+    key: Bytes,
+    reply: ReplyTo,
+    round: u64,
+    /// Commit index when the read arrived (set once the no-op has committed).
+    read_index: Option<u64>,
+}
+
+#[derive(Debug)]
+struct Leader {
+    peers: HashMap<NodeId, Peer>,
+    noop_index: u64,
+    /// Latest ReadIndex round sent to followers.
+    read_round: u64,
+    /// Reads wait for a round to be sent.
+    round_wanted: bool,
+    reads: VecDeque<PendingRead>,
+    put_waiters: HashMap<(u64, u64), Vec<ReplyTo>>,
+    register_waiters: HashMap<u64, ReplyTo>,
+}
+
+/// Tracks which prefix of the current log is fsynced. Each log write is remembered with the
+/// last index the log had after it; a truncation clamps every remembered write, so a sync that
+/// covers writes made before a truncation never vouches for entries written after it.
+#[derive(Debug, Default)]
+struct Durability {
+    written: u64,
+    pending: VecDeque<(u64, u64)>,
+    durable_index: u64,
+}
+
+impl Durability {
+    fn wrote(&mut self, last_index: u64) {
+        self.written += 1;
+        self.pending.push_back((self.written, last_index));
+    }
+
+    fn truncated(&mut self, from: u64) {
+        let keep = from - 1;
+        self.durable_index = self.durable_index.min(keep);
+        for (_, last) in self.pending.iter_mut() {
+            *last = (*last).min(keep);
+        }
+    }
+
+    fn persisted(&mut self, write_id: u64) {
+        while let Some(&(id, last)) = self.pending.front() {
+            if id > write_id {
+                break;
+            }
+            self.pending.pop_front();
+            self.durable_index = self.durable_index.max(last);
+        }
+    }
+}
+
+pub struct Replica {
+    cfg: ReplicaConfig,
+    majority: usize,
+    hard: HardState,
+    /// log[i] holds the entry with index i + 1.
+    log: Vec<LogEntry>,
+    commit_index: u64,
+    sm: StateMachine,
+    durability: Durability,
+    /// The follower's log equals the current leader's up to here (reset on a new term).
+    verified_index: u64,
+    /// Stream (and last ReadIndex round) of the current leader, acknowledged again whenever
+    /// more of the log becomes durable.
+    ack_stream: Option<(StreamId, u64)>,
+    leader: Option<Leader>,
+    now_ms: u64,
+    out: Vec<Command>,
+}
+
+impl Replica {
+    /// A replica recovered from disk: `entries` are the log (durable), `hard` the hard state.
+    pub fn new(cfg: ReplicaConfig, hard: HardState, entries: Vec<LogEntry>) -> Self {
+        assert!(cfg.servers.contains(&cfg.id), "invariant: id is configured");
+        for (i, e) in entries.iter().enumerate() {
+            assert_eq!(e.index, i as u64 + 1, "invariant: recovered log is dense");
+        }
+        let durable_index = entries.len() as u64;
+        let sm = StateMachine::new(cfg.session_ttl_ms, cfg.sessions_max);
+        Replica {
+            majority: cfg.servers.len() / 2 + 1,
+            cfg,
+            hard,
+            log: entries,
+            commit_index: 0,
+            sm,
+            durability: Durability {
+                durable_index,
+                ..Durability::default()
+            },
+            verified_index: 0,
+            ack_stream: None,
+            leader: None,
+            now_ms: 0,
+            out: Vec::new(),
+        }
+    }
+
+    // ------------------------------------------------------------------ queries
+
+    pub fn id(&self) -> NodeId {
+        self.cfg.id
+    }
+    pub fn term(&self) -> u64 {
+        self.hard.term
+    }
+    pub fn is_leader(&self) -> bool {
+        self.leader.is_some()
+    }
+    pub fn leader_hint(&self) -> NodeId {
+        NodeId(self.hard.leader)
+    }
+    pub fn commit_index(&self) -> u64 {
+        self.commit_index
+    }
+    pub fn last_applied(&self) -> u64 {
+        self.sm.last_applied()
+    }
+    pub fn last_index(&self) -> u64 {
+        self.log.len() as u64
+    }
+    pub fn durable_index(&self) -> u64 {
+        self.durability.durable_index
+    }
+    pub fn entry(&self, index: u64) -> Option<&LogEntry> {
+        index.checked_sub(1).and_then(|i| self.log.get(i as usize))
+    }
+    pub fn state_machine(&self) -> &StateMachine {
+        &self.sm
+    }
+
+    fn term_at(&self, index: u64) -> u64 {
+        self.entry(index).map_or(0, |e| e.term)
+    }
+
+    pub fn report(&self) -> ServerReport {
+        let durable = self.durability.durable_index;
+        ServerReport {
+            server_id: self.cfg.id.0,
+            uuid: self.cfg.uuid.clone(),
+            term: self.hard.term,
+            role: if self.is_leader() {
+                kvraft_proto::Role::Leader as i32
+            } else {
+                kvraft_proto::Role::Follower as i32
+            },
+            leader_id: self.hard.leader,
+            last_log_term: self.term_at(durable),
+            last_log_index: durable,
+            commit_index: self.commit_index,
+        }
+    }
+
+    // ------------------------------------------------------------------ step
+
+    /// Feeds one event; returns the commands to execute, in order.
+    pub fn step(&mut self, event: Event) -> Vec<Command> {
+        match event {
+            Event::Tick { now_ms } => self.on_tick(now_ms),
+            Event::CoordHeartbeat {
+                term,
+                leader,
+                reply,
+            } => self.on_coord_heartbeat(term, leader, reply),
+            Event::Prepare { term, reply } => self.on_prepare(term, reply),
+            Event::AppendEntries { stream, req } => self.on_append_entries(stream, req),
+            Event::AppendEntriesResponse { resp } => self.on_append_response(resp),
+            Event::PeerDisconnected { peer } => self.on_peer_disconnected(peer),
+            Event::RegisterSession { client_id, reply } => self.on_register(client_id, reply),
+            Event::Put { cmd, reply } => self.on_put(cmd, reply),
+            Event::Get { key, reply } => self.on_get(key, reply),
+            Event::Persisted { write_id } => self.on_persisted(write_id),
+            Event::Status { reply } => {
+                let status = Reply::Status {
+                    report: self.report(),
+                    last_applied: self.sm.last_applied(),
+                };
+                self.reply(reply, status)
+            }
+        }
+        std::mem::take(&mut self.out)
+    }
+
+    /// Called after a batch of events: sends followers what they miss (one batched message
+    /// for many appended entries), starts a ReadIndex round if reads wait, answers the reads
+    /// that are ready.
+    pub fn flush(&mut self) -> Vec<Command> {
+        self.send_to_all(false);
+        self.flush_reads();
+        std::mem::take(&mut self.out)
+    }
+
+    fn reply(&mut self, to: ReplyTo, reply: Reply) {
+        self.out.push(Command::Reply { to, reply });
+    }
+
+    fn not_leader(&self) -> ClientError {
+        ClientError::NotLeader {
+            leader: NodeId(self.hard.leader),
+            term: self.hard.term,
+        }
+    }
+
+    // ------------------------------------------------------------------ terms
+
+    /// Durably moves to a newer term (DESIGN rule 1), dropping leadership of the old one.
+    fn adopt_term(&mut self, term: u64, leader: NodeId) {
+        assert!(term > self.hard.term, "invariant: terms only grow");
+        self.hard = HardState {
+            term,
+            leader: leader.0,
+        };
+        self.out.push(Command::SaveHardState(self.hard));
+        // Waiting clients are told about the new term (their retry hint).
+        self.step_down();
+        self.verified_index = 0;
+        self.ack_stream = None;
+    }
+
+    fn accept_leader(&mut self, leader: NodeId) {
+        assert_eq!(self.hard.leader, 0, "invariant: one leader per term");
+        self.hard.leader = leader.0;
+        self.out.push(Command::SaveHardState(self.hard));
+    }
+
+    fn step_down(&mut self) {
+        let Some(leader) = self.leader.take() else {
+            return;
+        };
+        let err = self.not_leader();
+        for read in leader.reads {
+            self.reply(read.reply, Reply::Get(Err(err.clone())));
+        }
+        for (_, waiters) in leader.put_waiters {
+            for w in waiters {
+                let reply = Reply::Put {
+                    result: Err(err.clone()),
+                    duplicate: false,
+                };
+                self.reply(w, reply);
+            }
+        }
+        for (_, w) in leader.register_waiters {
+            self.reply(w, Reply::Registered(Err(err.clone())));
+        }
+        self.out.push(Command::RoleChanged {
+            leader: false,
+            term: self.hard.term,
+        });
+    }
+
+    fn on_coord_heartbeat(&mut self, term: u64, leader: NodeId, reply: ReplyTo) {
+        if !leader.is_none() {
+            if term > self.hard.term && leader != self.cfg.id {
+                self.adopt_term(term, leader);
+            } else if term == self.hard.term && self.hard.leader == 0 {
+                self.accept_leader(leader);
+            }
+            if term == self.hard.term && leader == self.cfg.id && self.hard.leader == leader.0 {
+                self.become_leader();
+            }
+        }
+        let report = self.report();
+        self.reply(reply, Reply::Report(report));
+    }
+
+    /// Epoch change, phase one (DESIGN rule 2): fence first (adopt the term durably), then
+    /// report the durable log position.
+    fn on_prepare(&mut self, term: u64, reply: ReplyTo) {
+        if term < self.hard.term {
+            let reply_msg = Reply::Prepare {
+                ok: false,
+                term: self.hard.term,
+                last_log_term: 0,
+                last_log_index: 0,
+            };
+            return self.reply(reply, reply_msg);
+        }
+        if term > self.hard.term {
+            self.adopt_term(term, NodeId::NONE);
+        }
+        let durable = self.durability.durable_index;
+        let reply_msg = Reply::Prepare {
+            ok: true,
+            term,
+            last_log_term: self.term_at(durable),
+            last_log_index: durable,
+        };
+        self.reply(reply, reply_msg);
+    }
+
+    /// DESIGN rule 4: a new leader appends a no-op of its term and serves nothing until it
+    /// commits.
+    fn become_leader(&mut self) {
+        if self.leader.is_some() {
+            return;
+        }
+        let next = self.last_index() + 1;
+        let peers = self
+            .cfg
+            .servers
+            .iter()
+            .filter(|&&p| p != self.cfg.id)
+            .map(|&p| {
+                let peer = Peer {
+                    next_index: next,
+                    match_index: 0,
+                    acked_round: 0,
+                    probing: true,
+                    probe_outstanding: false,
+                    last_sent_ms: 0,
+                };
+                (p, peer)
+            })
+            .collect();
+        self.leader = Some(Leader {
+            peers,
+            noop_index: next,
+            read_round: 0,
+            round_wanted: false,
+            reads: VecDeque::new(),
+            put_waiters: HashMap::new(),
+            register_waiters: HashMap::new(),
+        });
+        self.out.push(Command::RoleChanged {
+            leader: true,
+            term: self.hard.term,
+        });
+        self.append_local(Payload::Noop(Noop {}));
+        self.advance_commit();
+    }
+
+    // ------------------------------------------------------------------ leader: log
+
+    fn append_local(&mut self, payload: Payload) -> u64 {
+        let index = self.last_index() + 1;
+        let entry = LogEntry {
+            term: self.hard.term,
+            index,
+            time_ms: self.now_ms,
+            payload: Some(payload),
+        };
+        self.log.push(entry.clone());
+        self.durability.wrote(index);
+        self.out.push(Command::AppendLog(vec![entry]));
+        index
+    }
+
+    fn send_to_all(&mut self, heartbeat: bool) {
+        let Some(leader) = &self.leader else { return };
+        let peers: Vec<NodeId> = leader.peers.keys().copied().collect();
+        for p in peers {
+            self.send_to(p, heartbeat);
+        }
+    }
+
+    /// Sends what `peer` is missing, within the in-flight window; with `heartbeat`, sends at
+    /// least one (possibly empty) message.
+    fn send_to(&mut self, peer_id: NodeId, heartbeat: bool) {
+        let last = self.last_index();
+        let now = self.now_ms;
+        let leader = self.leader.as_mut().expect("invariant: only leaders send");
+        let read_round = leader.read_round;
+        let peer = leader
+            .peers
+            .get_mut(&peer_id)
+            .expect("invariant: known peer");
+        let mut sends = Vec::new();
+        if peer.probing {
+            if !peer.probe_outstanding {
+                let to = batch_end(&self.log, peer.next_index, last);
+                sends.push((peer.next_index, to));
+                peer.next_index = to + 1;
+                peer.probe_outstanding = true;
+            } else if heartbeat {
+                sends.push((peer.next_index, peer.next_index - 1));
+            }
+        } else {
+            while peer.next_index <= last
+                && peer.next_index - 1 - peer.match_index < INFLIGHT_ENTRIES_MAX
+            {
+                let from = peer.next_index;
+                let to = batch_end(&self.log, from, last);
+                sends.push((from, to));
+                peer.next_index = to + 1;
+            }
+            if sends.is_empty() && heartbeat {
+                sends.push((peer.next_index, peer.next_index - 1));
+            }
+        }
+        if sends.is_empty() {
+            return;
+        }
+        peer.last_sent_ms = now;
+        for (from, to) in sends {
+            let req = self.append_request(from, to, read_round);
+            self.out.push(Command::SendAppend { to: peer_id, req });
+        }
+    }
+
+    fn append_request(&self, from: u64, to: u64, read_round: u64) -> AppendEntriesRequest {
+        let prev = from - 1;
+        let entries = if to >= from {
+            self.log[(from - 1) as usize..to as usize].to_vec()
+        } else {
+            Vec::new()
+        };
+        AppendEntriesRequest {
+            term: self.hard.term,
+            leader_id: self.cfg.id.0,
+            prev_log_index: prev,
+            prev_log_term: self.term_at(prev),
+            entries,
+            leader_commit: self.commit_index,
+            read_round,
+            trace_token: Bytes::new(),
+        }
+    }
+
+    fn on_append_response(&mut self, resp: AppendEntriesResponse) {
+        if resp.term > self.hard.term {
+            // A newer term exists: step down at once (DESIGN rule 1). The coord names its
+            // leader in its next heartbeat.
+            self.adopt_term(resp.term, NodeId::NONE);
+            return;
+        }
+        let term = self.hard.term;
+        let Some(leader) = self.leader.as_mut() else {
+            return;
+        };
+        if resp.term < term {
+            return;
+        }
+        let Some(peer) = leader.peers.get_mut(&NodeId(resp.follower_id)) else {
+            return;
+        };
+        peer.acked_round = peer.acked_round.max(resp.read_round);
+        peer.probe_outstanding = false;
+        if resp.success {
+            peer.match_index = peer.match_index.max(resp.match_index);
+            peer.next_index = peer.next_index.max(peer.match_index + 1);
+            peer.probing = false;
+        } else if resp.conflict_index > 0 {
+            peer.next_index = resp.conflict_index.max(peer.match_index + 1);
+            peer.probing = true;
+        }
+        self.advance_commit();
+    }
+
+    fn on_peer_disconnected(&mut self, peer_id: NodeId) {
+        let Some(leader) = self.leader.as_mut() else {
+            return;
+        };
+        if let Some(peer) = leader.peers.get_mut(&peer_id) {
+            peer.probing = true;
+            peer.probe_outstanding = false;
+            peer.next_index = peer.match_index + 1;
+        }
+    }
+
+    /// DESIGN rule 3: an entry of the current term commits once fsynced on a majority of all
+    /// configured servers (the leader counts itself only up to its own durable index).
+    fn advance_commit(&mut self) {
+        let Some(leader) = &self.leader else { return };
+        let mut matches: Vec<u64> = leader.peers.values().map(|p| p.match_index).collect();
+        matches.push(self.durability.durable_index);
+        matches.sort_unstable_by(|a, b| b.cmp(a));
+        let candidate = matches[self.majority - 1];
+        if candidate > self.commit_index && self.term_at(candidate) == self.hard.term {
+            self.set_commit(candidate);
+        }
+    }
+
+    fn set_commit(&mut self, index: u64) {
+        assert!(
+            index >= self.commit_index,
+            "invariant: commit index never decreases"
+        );
+        assert!(
+            index <= self.last_index(),
+            "invariant: commit within the log"
+        );
+        if index == self.commit_index {
+            return;
+        }
+        self.commit_index = index;
+        self.apply_committed();
+    }
+
+    fn apply_committed(&mut self) {
+        while self.sm.last_applied() < self.commit_index {
+            let index = self.sm.last_applied() + 1;
+            let outcomes = self.sm.apply(&self.log[(index - 1) as usize]);
+            for outcome in outcomes {
+                self.answer(outcome);
+            }
+        }
+    }
+
+    fn answer(&mut self, outcome: Outcome) {
+        let Some(leader) = self.leader.as_mut() else {
+            return;
+        };
+        match outcome {
+            Outcome::SessionRegistered { index } => {
+                if let Some(w) = leader.register_waiters.remove(&index) {
+                    self.reply(w, Reply::Registered(Ok(index)));
+                }
+            }
+            Outcome::Put {
+                session_id,
+                seq,
+                result,
+                duplicate,
+            } => {
+                let waiters = leader.put_waiters.remove(&(session_id, seq));
+                let result = result.map_err(client_error);
+                for w in waiters.into_iter().flatten() {
+                    let reply = Reply::Put {
+                        result: result.clone(),
+                        duplicate,
+                    };
+                    self.reply(w, reply);
+                }
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------ leader: clients
+
+    fn serving(&self) -> bool {
+        self.leader
+            .as_ref()
+            .is_some_and(|l| self.sm.last_applied() >= l.noop_index)
+    }
+
+    fn on_register(&mut self, client_id: String, reply: ReplyTo) {
+        if self.leader.is_none() {
+            return self.reply(reply, Reply::Registered(Err(self.not_leader())));
+        }
+        let index = self.append_local(Payload::RegisterSession(RegisterSession { client_id }));
+        let leader = self.leader.as_mut().expect("invariant: checked above");
+        leader.register_waiters.insert(index, reply);
+        self.advance_commit();
+    }
+
+    fn on_put(&mut self, cmd: PutCommand, reply: ReplyTo) {
+        if self.leader.is_none() {
+            let reply_msg = Reply::Put {
+                result: Err(self.not_leader()),
+                duplicate: false,
+            };
+            return self.reply(reply, reply_msg);
+        }
+        let key = (cmd.session_id, cmd.seq);
+        if self.serving() {
+            if let Some(result) = self.sm.cached_result(cmd.session_id, cmd.seq) {
+                let reply_msg = Reply::Put {
+                    result: Ok(result),
+                    duplicate: true,
+                };
+                return self.reply(reply, reply_msg);
+            }
+            if !self.sm.has_session(cmd.session_id) {
+                let reply_msg = Reply::Put {
+                    result: Err(ClientError::SessionExpired),
+                    duplicate: false,
+                };
+                return self.reply(reply, reply_msg);
+            }
+        }
+        let leader = self.leader.as_mut().expect("invariant: checked above");
+        if let Some(waiters) = leader.put_waiters.get_mut(&key) {
+            waiters.push(reply); // the same request is already in the log
+            return;
+        }
+        leader.put_waiters.insert(key, vec![reply]);
+        self.append_local(Payload::Put(cmd));
+        self.advance_commit();
+    }
+
+    /// DESIGN rule 8: ReadIndex. A read waits for the no-op to commit, records the commit
+    /// index, waits for a majority to confirm this leader in a round started after it arrived,
+    /// then for the state machine to reach the recorded index.
+    fn on_get(&mut self, key: Bytes, reply: ReplyTo) {
+        let read_index = self.serving().then_some(self.commit_index);
+        let Some(leader) = self.leader.as_mut() else {
+            return self.reply(reply, Reply::Get(Err(self.not_leader())));
+        };
+        leader.round_wanted = true;
+        leader.reads.push_back(PendingRead {
+            key,
+            reply,
+            round: leader.read_round + 1,
+            read_index,
+        });
+    }
+
+    /// Starts a ReadIndex round if reads wait for one, and answers every read it can.
+    fn flush_reads(&mut self) {
+        let serving = self.serving();
+        let commit = self.commit_index;
+        let Some(leader) = self.leader.as_mut() else {
+            return;
+        };
+        if serving {
+            for read in leader.reads.iter_mut() {
+                read.read_index.get_or_insert(commit);
+            }
+        }
+        if leader.round_wanted {
+            leader.round_wanted = false;
+            leader.read_round += 1;
+            self.send_to_all(true);
+        }
+        let confirmed = self.confirmed_round();
+        let applied = self.sm.last_applied();
+        let leader = self.leader.as_mut().expect("invariant: checked above");
+        let mut ready = Vec::new();
+        while let Some(read) = leader.reads.front() {
+            let done = read.round <= confirmed && read.read_index.is_some_and(|i| i <= applied);
+            if !done {
+                break;
+            }
+            ready.push(leader.reads.pop_front().expect("invariant: front exists"));
+        }
+        for read in ready {
+            let value = self.sm.get(&read.key).map(|v| (v.value.clone(), v.version));
+            self.reply(read.reply, Reply::Get(Ok(value)));
+        }
+    }
+
+    /// The highest round that a majority (this leader included) has confirmed.
+    fn confirmed_round(&self) -> u64 {
+        let Some(leader) = &self.leader else { return 0 };
+        let mut rounds: Vec<u64> = leader.peers.values().map(|p| p.acked_round).collect();
+        rounds.push(leader.read_round);
+        rounds.sort_unstable_by(|a, b| b.cmp(a));
+        rounds[self.majority - 1]
+    }
+
+    // ------------------------------------------------------------------ follower
+
+    fn on_append_entries(&mut self, stream: StreamId, req: AppendEntriesRequest) {
+        let leader = NodeId(req.leader_id);
+        if req.term < self.hard.term {
+            return self.respond(stream, false, 0, req.read_round);
+        }
+        if req.term > self.hard.term {
+            self.adopt_term(req.term, leader);
+        } else if self.hard.leader == 0 {
+            self.accept_leader(leader);
+        } else if self.hard.leader != leader.0 {
+            // One leader per term: refuse any other (DESIGN rule 2).
+            return self.respond(stream, false, 0, 0);
+        }
+        if self.leader.is_some() {
+            return; // a leader never receives its own term's AppendEntries from another
+        }
+        if let Some(conflict) = self.log_mismatch(req.prev_log_index, req.prev_log_term) {
+            return self.respond(stream, false, conflict, req.read_round);
+        }
+        let end = req.prev_log_index + req.entries.len() as u64;
+        self.merge_entries(req.entries);
+        self.verified_index = self.verified_index.max(end);
+        let commit = req.leader_commit.min(self.verified_index);
+        if commit > self.commit_index {
+            self.set_commit(commit);
+        }
+        // Acknowledge now (term accepted: confirms a ReadIndex round) and again from
+        // on_persisted once the entries are fsynced (DESIGN rule 5).
+        self.ack_stream = Some((stream, req.read_round));
+        self.respond_success(stream, req.read_round);
+    }
+
+    /// The fast-backup hint when our log does not hold `(prev_index, prev_term)`: the first
+    /// index of the conflicting term (never at or below the commit index), or our end.
+    fn log_mismatch(&self, prev_index: u64, prev_term: u64) -> Option<u64> {
+        if prev_index > self.last_index() {
+            return Some(self.last_index() + 1);
+        }
+        let ours = self.term_at(prev_index);
+        if ours == prev_term {
+            return None;
+        }
+        let mut first = prev_index;
+        while first > self.commit_index + 1 && self.term_at(first - 1) == ours {
+            first -= 1;
+        }
+        Some(first.max(self.commit_index + 1))
+    }
+
+    /// DESIGN rule 6: skip entries we already hold, truncate from the first conflict (never a
+    /// committed entry), append the rest.
+    fn merge_entries(&mut self, entries: Vec<LogEntry>) {
+        let mut fresh = Vec::new();
+        for entry in entries {
+            if !fresh.is_empty() || entry.index > self.last_index() {
+                fresh.push(entry);
+                continue;
+            }
+            if self.term_at(entry.index) == entry.term {
+                continue;
+            }
+            assert!(
+                entry.index > self.commit_index,
+                "invariant: never truncate a committed entry (index {}, commit {})",
+                entry.index,
+                self.commit_index
+            );
+            self.log.truncate((entry.index - 1) as usize);
+            self.durability.truncated(entry.index);
+            self.out.push(Command::TruncateLog(entry.index));
+            fresh.push(entry);
+        }
+        if fresh.is_empty() {
+            return;
+        }
+        self.log.extend(fresh.iter().cloned());
+        self.durability.wrote(self.last_index());
+        self.out.push(Command::AppendLog(fresh));
+    }
+
+    fn respond_success(&mut self, stream: StreamId, read_round: u64) {
+        let matched = self.durability.durable_index.min(self.verified_index);
+        self.out.push(Command::SendAppendResponse {
+            stream,
+            resp: AppendEntriesResponse {
+                term: self.hard.term,
+                follower_id: self.cfg.id.0,
+                success: true,
+                match_index: matched,
+                conflict_index: 0,
+                read_round,
+                trace_token: Bytes::new(),
+            },
+        });
+    }
+
+    fn respond(&mut self, stream: StreamId, success: bool, conflict: u64, read_round: u64) {
+        self.out.push(Command::SendAppendResponse {
+            stream,
+            resp: AppendEntriesResponse {
+                term: self.hard.term,
+                follower_id: self.cfg.id.0,
+                success,
+                match_index: 0,
+                conflict_index: conflict,
+                read_round,
+                trace_token: Bytes::new(),
+            },
+        });
+    }
+
+    // ------------------------------------------------------------------ durability, time
+
+    fn on_persisted(&mut self, write_id: u64) {
+        let before = self.durability.durable_index;
+        self.durability.persisted(write_id);
+        if self.durability.durable_index == before {
+            return;
+        }
+        if self.leader.is_some() {
+            self.advance_commit();
+        } else if let Some((stream, round)) = self.ack_stream {
+            self.respond_success(stream, round);
+        }
+    }
+
+    fn on_tick(&mut self, now_ms: u64) {
+        self.now_ms = self.now_ms.max(now_ms);
+        let Some(leader) = &self.leader else { return };
+        let hb = self.cfg.heartbeat_ms;
+        let due: Vec<NodeId> = leader
+            .peers
+            .iter()
+            .filter(|(_, p)| self.now_ms >= p.last_sent_ms + hb)
+            .map(|(&id, _)| id)
+            .collect();
+        let stuck: Vec<NodeId> = leader
+            .peers
+            .iter()
+            .filter(|(_, p)| {
+                p.probe_outstanding && self.now_ms >= p.last_sent_ms + hb * PROBE_RETRY_HEARTBEATS
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        let leader = self.leader.as_mut().expect("invariant: checked above");
+        for id in stuck {
+            if let Some(p) = leader.peers.get_mut(&id) {
+                p.probe_outstanding = false;
+            }
+        }
+        for id in due {
+            self.send_to(id, true);
+        }
+    }
+}
+
+fn client_error(e: PutError) -> ClientError {
+    match e {
+        PutError::SessionExpired => ClientError::SessionExpired,
+        PutError::Stale => ClientError::Stale,
+        PutError::TooManyPending => ClientError::TooManyPending,
+    }
+}
+
+/// Last index of a batch starting at `from`, within the entry and byte budgets.
+fn batch_end(log: &[LogEntry], from: u64, last: u64) -> u64 {
+    let mut bytes = 0usize;
+    let mut to = from;
+    while to <= last && (to - from) < BATCH_ENTRIES_MAX as u64 {
+        let len = log[(to - 1) as usize].encoded_len();
+        if to > from && bytes + len > BATCH_BYTES_MAX {
+            break;
+        }
+        bytes += len;
+        to += 1;
+    }
+    to - 1
+}

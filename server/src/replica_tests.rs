@@ -1,0 +1,524 @@
+//! Tests of the replica core: several `Replica`s wired by an in-memory message queue, with
+//! fsync completions delivered only when a test says so. Each test names the DESIGN.md rule
+//! (section 3) it covers.
+
+use std::collections::{HashMap, VecDeque};
+
+use kvraft_common::NodeId;
+use kvraft_proto::{AppendEntriesRequest, LogEntry, PutCommand};
+use prost::bytes::Bytes;
+
+use crate::replica::{ClientError, Command, Event, Replica, ReplicaConfig, Reply, ReplyTo};
+use crate::storage::HardState;
+
+struct Node {
+    replica: Replica,
+    written: u64,
+    saved: Vec<HardState>,
+    /// Network cut: messages to and from this node are dropped.
+    isolated: bool,
+}
+
+struct Net {
+    nodes: HashMap<u32, Node>,
+    queue: VecDeque<(u32, Event)>,
+    replies: HashMap<(u32, ReplyTo), Reply>,
+    next_reply: ReplyTo,
+    /// Every command each node emitted, in order.
+    log: Vec<(u32, Command)>,
+}
+
+fn config(id: u32, n: u32) -> ReplicaConfig {
+    ReplicaConfig {
+        id: NodeId(id),
+        servers: (1..=n).map(NodeId).collect(),
+        uuid: format!("uuid-{id}"),
+        session_ttl_ms: 60_000,
+        sessions_max: 100,
+        heartbeat_ms: 50,
+    }
+}
+
+impl Net {
+    fn new(n: u32) -> Net {
+        let nodes = (1..=n)
+            .map(|id| {
+                let replica = Replica::new(config(id, n), HardState::default(), Vec::new());
+                let node = Node {
+                    replica,
+                    written: 0,
+                    saved: Vec::new(),
+                    isolated: false,
+                };
+                (id, node)
+            })
+            .collect();
+        Net {
+            nodes,
+            queue: VecDeque::new(),
+            replies: HashMap::new(),
+            next_reply: 1,
+            log: Vec::new(),
+        }
+    }
+
+    fn node(&self, id: u32) -> &Replica {
+        &self.nodes[&id].replica
+    }
+
+    /// Steps one event into a node and routes what it emits.
+    fn step(&mut self, id: u32, event: Event) {
+        let node = self.nodes.get_mut(&id).unwrap();
+        let mut cmds = node.replica.step(event);
+        cmds.extend(node.replica.flush());
+        for cmd in cmds {
+            self.route(id, cmd);
+        }
+    }
+
+    fn route(&mut self, from: u32, cmd: Command) {
+        self.log.push((from, cmd.clone()));
+        let node = self.nodes.get_mut(&from).unwrap();
+        match cmd {
+            Command::SaveHardState(hs) => node.saved.push(hs),
+            Command::AppendLog(_) => node.written += 1,
+            Command::TruncateLog(_) | Command::RoleChanged { .. } => {}
+            Command::SendAppend { to, req } => {
+                let stream = u64::from(from);
+                self.queue
+                    .push_back((to.0, Event::AppendEntries { stream, req }));
+            }
+            Command::SendAppendResponse { stream, resp } => {
+                let resp_event = Event::AppendEntriesResponse { resp };
+                self.queue.push_back((stream as u32, resp_event));
+            }
+            Command::Reply { to, reply } => {
+                self.replies.insert((from, to), reply);
+            }
+        }
+    }
+
+    /// Delivers queued messages until none is left (dropping those of isolated nodes).
+    fn deliver(&mut self) {
+        let mut steps = 0;
+        while let Some((to, event)) = self.queue.pop_front() {
+            steps += 1;
+            assert!(steps < 100_000, "message storm");
+            let from = match &event {
+                Event::AppendEntries { stream, .. } => *stream as u32,
+                Event::AppendEntriesResponse { resp } => resp.follower_id,
+                _ => to,
+            };
+            if self.nodes[&to].isolated || self.nodes[&from].isolated {
+                continue;
+            }
+            self.step(to, event);
+        }
+    }
+
+    /// Completes every log write of `id` issued so far (an fsync returning).
+    fn sync(&mut self, id: u32) {
+        let write_id = self.nodes[&id].written;
+        self.step(id, Event::Persisted { write_id });
+    }
+
+    /// Delivers and fsyncs until nothing changes.
+    fn settle(&mut self) {
+        for _ in 0..20 {
+            self.deliver();
+            let ids: Vec<u32> = self.nodes.keys().copied().collect();
+            for id in ids {
+                if !self.nodes[&id].isolated {
+                    self.sync(id);
+                }
+            }
+        }
+        self.deliver();
+    }
+
+    fn reply_to(&mut self) -> ReplyTo {
+        self.next_reply += 1;
+        self.next_reply
+    }
+
+    fn prepare(&mut self, id: u32, term: u64) -> Reply {
+        let reply = self.reply_to();
+        self.step(id, Event::Prepare { term, reply });
+        self.replies
+            .remove(&(id, reply))
+            .expect("prepare answers at once")
+    }
+
+    fn designate(&mut self, leader: u32, term: u64) {
+        let reply = self.reply_to();
+        let heartbeat = Event::CoordHeartbeat {
+            term,
+            leader: NodeId(leader),
+            reply,
+        };
+        self.step(leader, heartbeat);
+    }
+
+    /// Runs an epoch change the way the coord does: prepare `voters`, designate `leader`.
+    fn elect(&mut self, leader: u32, term: u64, voters: &[u32]) {
+        for &v in voters {
+            let Reply::Prepare { ok, .. } = self.prepare(v, term) else {
+                panic!("prepare reply")
+            };
+            assert!(ok);
+        }
+        self.designate(leader, term);
+    }
+
+    fn register(&mut self, id: u32) -> ReplyTo {
+        let reply = self.reply_to();
+        let client_id = "c".to_string();
+        self.step(id, Event::RegisterSession { client_id, reply });
+        reply
+    }
+
+    fn put(&mut self, id: u32, session: u64, seq: u64, key: &str, value: &str) -> ReplyTo {
+        let reply = self.reply_to();
+        let cmd = PutCommand {
+            session_id: session,
+            seq,
+            ack_seq: seq,
+            key: Bytes::from(key.to_string()),
+            value: Bytes::from(value.to_string()),
+        };
+        self.step(id, Event::Put { cmd, reply });
+        reply
+    }
+
+    fn get(&mut self, id: u32, key: &str) -> ReplyTo {
+        let reply = self.reply_to();
+        let key = Bytes::from(key.to_string());
+        self.step(id, Event::Get { key, reply });
+        reply
+    }
+
+    fn take(&mut self, id: u32, reply: ReplyTo) -> Option<Reply> {
+        self.replies.remove(&(id, reply))
+    }
+
+    /// A 3-node cluster with node 1 leader of term 1 and a registered session.
+    fn with_leader(n: u32) -> (Net, u64) {
+        let mut net = Net::new(n);
+        let all: Vec<u32> = (1..=n).collect();
+        net.elect(1, 1, &all);
+        net.settle();
+        let r = net.register(1);
+        net.settle();
+        let Some(Reply::Registered(Ok(session))) = net.take(1, r) else {
+            panic!("session registered")
+        };
+        (net, session)
+    }
+}
+
+fn put_version(reply: Option<Reply>) -> (u64, bool) {
+    match reply {
+        Some(Reply::Put {
+            result: Ok(r),
+            duplicate,
+        }) => (r.version, duplicate),
+        other => panic!("expected a put result, got {other:?}"),
+    }
+}
+
+/// Rule 2 and 5: a Prepare is answered only after the new term is saved (the SaveHardState
+/// command comes before the reply), and it reports the durable log position, not what is only
+/// written.
+#[test]
+fn prepare_fences_durably_before_reporting_durable_position() {
+    let (mut net, session) = Net::with_leader(3);
+    net.put(1, session, 1, "k", "v");
+    // Node 2 gets the entry but has not fsynced it yet.
+    net.deliver();
+    let durable = net.node(2).durable_index();
+    assert!(net.node(2).last_index() > durable);
+    net.log.clear();
+    let reply = net.prepare(2, 7);
+    let Reply::Prepare {
+        ok,
+        term,
+        last_log_index,
+        last_log_term,
+    } = reply
+    else {
+        panic!()
+    };
+    assert!(ok && term == 7);
+    assert_eq!((last_log_index, last_log_term), (durable, 1));
+    let save = net
+        .log
+        .iter()
+        .position(|(_, c)| matches!(c, Command::SaveHardState(HardState { term: 7, leader: 0 })));
+    let answer = net
+        .log
+        .iter()
+        .position(|(_, c)| matches!(c, Command::Reply { .. }));
+    assert!(
+        save.unwrap() < answer.unwrap(),
+        "term saved before the reply"
+    );
+    // A lower term is refused with the current one.
+    let Reply::Prepare { ok, term, .. } = net.prepare(2, 6) else {
+        panic!()
+    };
+    assert!(!ok && term == 7);
+}
+
+/// Rule 4: the new leader appends a no-op of its term first and answers no read until that
+/// no-op has committed.
+#[test]
+fn new_leader_appends_noop_and_serves_nothing_before_it_commits() {
+    let mut net = Net::new(3);
+    net.elect(1, 1, &[1, 2, 3]);
+    let first = net.node(1).entry(1).cloned().expect("no-op appended");
+    assert!(matches!(
+        first.payload,
+        Some(kvraft_proto::log_entry::Payload::Noop(_))
+    ));
+    assert_eq!(first.term, 1);
+    let read = net.get(1, "k");
+    net.deliver(); // followers receive but nothing is fsynced yet
+    assert!(
+        net.take(1, read).is_none(),
+        "no read served before the no-op commits"
+    );
+    net.settle();
+    assert_eq!(net.take(1, read), Some(Reply::Get(Ok(None))));
+}
+
+/// Rule 3 and 5: an entry commits only once fsynced on a majority of all N servers; the
+/// leader counts itself only after its own fsync, followers acknowledge only fsynced entries.
+#[test]
+fn commit_needs_fsync_on_a_majority_of_all_servers() {
+    let (mut net, session) = Net::with_leader(5);
+    let index = net.node(1).last_index() + 1;
+    let put = net.put(1, session, 1, "k", "v");
+    net.deliver();
+    // Two followers fsync; the leader has not: 2 of 5 durable, no commit.
+    net.sync(2);
+    net.sync(3);
+    net.deliver();
+    assert!(net.node(1).commit_index() < index);
+    assert!(net.take(1, put).is_none());
+    // The leader's own fsync makes 3 of 5.
+    net.sync(1);
+    net.deliver();
+    assert_eq!(net.node(1).commit_index(), index);
+    assert_eq!(put_version(net.take(1, put)), (1, false));
+}
+
+/// Rule 3: with only a minority reachable nothing commits, however long we wait.
+#[test]
+fn minority_leader_commits_nothing() {
+    let (mut net, session) = Net::with_leader(5);
+    for id in [3, 4, 5] {
+        net.nodes.get_mut(&id).unwrap().isolated = true;
+    }
+    let commit = net.node(1).commit_index();
+    let put = net.put(1, session, 1, "k", "v");
+    net.settle();
+    assert_eq!(net.node(1).commit_index(), commit);
+    assert!(net.take(1, put).is_none());
+}
+
+/// Rule 1: a replication message from an older term is refused with the newer term, and a
+/// leader that learns of a newer term steps down at once, failing what it had pending.
+#[test]
+fn older_term_is_refused_and_old_leader_steps_down() {
+    let (mut net, session) = Net::with_leader(3);
+    net.nodes.get_mut(&1).unwrap().isolated = true;
+    net.elect(2, 2, &[2, 3]);
+    net.settle();
+    assert!(net.node(2).is_leader());
+    // The old leader, still believing in term 1, takes a write and cannot commit it.
+    let put = net.put(1, session, 1, "k", "old");
+    net.nodes.get_mut(&1).unwrap().isolated = false;
+    net.settle();
+    assert!(!net.node(1).is_leader(), "old leader stepped down");
+    assert_eq!(net.node(1).term(), 2);
+    match net.take(1, put) {
+        Some(Reply::Put {
+            result: Err(ClientError::NotLeader { term: 2, .. }),
+            ..
+        }) => {}
+        other => panic!("expected NotLeader, got {other:?}"),
+    }
+    // The write of the deposed leader was never applied anywhere.
+    let read = net.get(2, "k");
+    net.settle();
+    assert_eq!(net.take(2, read), Some(Reply::Get(Ok(None))));
+}
+
+/// Rule 2: a server accepts one leader per term and refuses any other.
+#[test]
+fn second_leader_in_same_term_is_refused() {
+    let (mut net, _) = Net::with_leader(3);
+    let before = net.node(2).last_index();
+    let req = AppendEntriesRequest {
+        term: 1,
+        leader_id: 3,
+        prev_log_index: before,
+        prev_log_term: 1,
+        entries: vec![LogEntry {
+            term: 1,
+            index: before + 1,
+            time_ms: 0,
+            payload: None,
+        }],
+        leader_commit: 0,
+        read_round: 0,
+        trace_token: Bytes::new(),
+    };
+    net.log.clear();
+    net.step(2, Event::AppendEntries { stream: 3, req });
+    assert_eq!(net.node(2).last_index(), before);
+    assert!(net.log.iter().any(|(_, c)| matches!(
+        c,
+        Command::SendAppendResponse { resp, .. } if !resp.success
+    )));
+}
+
+/// Rule 6: log matching. A follower with conflicting uncommitted entries rejects with a hint
+/// at the start of the conflicting term, the leader backs up in one step, and the follower's
+/// log ends up equal to the leader's.
+#[test]
+fn conflicting_suffix_is_replaced_and_logs_converge() {
+    let (mut net, session) = Net::with_leader(3);
+    // Node 1 (term 1) appends three entries that only it holds.
+    net.nodes.get_mut(&2).unwrap().isolated = true;
+    net.nodes.get_mut(&3).unwrap().isolated = true;
+    for seq in 1..=3 {
+        net.put(1, session, seq, "k", "lost");
+    }
+    net.settle();
+    let committed = net.node(1).commit_index();
+    // Node 2 becomes leader of term 2 with 3 and writes other entries.
+    net.nodes.get_mut(&2).unwrap().isolated = false;
+    net.nodes.get_mut(&3).unwrap().isolated = false;
+    net.nodes.get_mut(&1).unwrap().isolated = true;
+    net.elect(2, 2, &[2, 3]);
+    net.settle();
+    let put = net.put(2, session, 1, "k", "kept");
+    net.settle();
+    assert_eq!(put_version(net.take(2, put)), (1, false));
+    // Node 1 rejoins: its term-1 suffix is truncated (never below its commit index).
+    net.nodes.get_mut(&1).unwrap().isolated = false;
+    // The coord's heartbeat brings node 1 to term 2.
+    let reply = net.reply_to();
+    let view = Event::CoordHeartbeat {
+        term: 2,
+        leader: NodeId(2),
+        reply,
+    };
+    net.step(1, view);
+    net.settle();
+    for _ in 0..3 {
+        net.step(2, Event::Tick { now_ms: 1_000_000 });
+        net.settle();
+    }
+    assert!(net
+        .log
+        .iter()
+        .any(|(id, c)| *id == 1 && matches!(c, Command::TruncateLog(i) if *i > committed)));
+    let (a, b) = (net.node(1), net.node(2));
+    assert_eq!(a.last_index(), b.last_index());
+    for i in 1..=a.last_index() {
+        assert_eq!(a.entry(i), b.entry(i), "entry {i}");
+    }
+    assert_eq!(
+        a.state_machine().get(b"k").map(|v| v.value.clone()),
+        Some(Bytes::from("kept"))
+    );
+}
+
+/// Rule 6: truncating a committed entry is a bug, asserted.
+#[test]
+#[should_panic(expected = "never truncate a committed entry")]
+fn truncating_a_committed_entry_panics() {
+    let (mut net, _) = Net::with_leader(3);
+    net.step(1, Event::Tick { now_ms: 10_000 });
+    net.settle();
+    let committed = net.node(2).commit_index();
+    assert!(committed >= 2);
+    // A forged message that claims a different term for a committed entry.
+    let req = AppendEntriesRequest {
+        term: 1,
+        leader_id: 1,
+        prev_log_index: committed - 1,
+        prev_log_term: 1,
+        entries: vec![LogEntry {
+            term: 9,
+            index: committed,
+            time_ms: 0,
+            payload: None,
+        }],
+        leader_commit: 0,
+        read_round: 0,
+        trace_token: Bytes::new(),
+    };
+    net.step(2, Event::AppendEntries { stream: 1, req });
+}
+
+/// Rule 8: a read is answered only after a majority confirms the leader in a round started
+/// after the read arrived; an isolated (possibly deposed) leader answers no read.
+#[test]
+fn read_waits_for_majority_confirmation() {
+    let (mut net, session) = Net::with_leader(3);
+    let put = net.put(1, session, 1, "k", "v1");
+    net.settle();
+    put_version(net.take(1, put));
+    net.nodes.get_mut(&2).unwrap().isolated = true;
+    net.nodes.get_mut(&3).unwrap().isolated = true;
+    let read = net.get(1, "k");
+    net.settle();
+    assert!(net.take(1, read).is_none(), "no confirmation, no answer");
+    net.nodes.get_mut(&3).unwrap().isolated = false;
+    net.step(1, Event::Tick { now_ms: 1_000_000 });
+    net.settle();
+    match net.take(1, read) {
+        Some(Reply::Get(Ok(Some((value, 1))))) => assert_eq!(value, Bytes::from("v1")),
+        other => panic!("expected v1, got {other:?}"),
+    }
+}
+
+/// Rule 7: a write committed by a leader that crashed before replying is, when retried at the
+/// next leader with the same (session, seq), answered with the original result and applied
+/// once.
+#[test]
+fn retry_after_failover_applies_once() {
+    let (mut net, session) = Net::with_leader(3);
+    let put = net.put(1, session, 1, "k", "v");
+    net.settle();
+    assert_eq!(net.node(2).last_index(), net.node(1).last_index());
+    let _ = net.take(1, put); // the reply is lost with the crash
+    net.nodes.get_mut(&1).unwrap().isolated = true;
+    net.elect(2, 2, &[2, 3]);
+    net.settle();
+    let retry = net.put(2, session, 1, "k", "v");
+    net.settle();
+    assert_eq!(put_version(net.take(2, retry)), (1, true));
+    let value = net.node(2).state_machine().get(b"k").unwrap();
+    assert_eq!(value.version, 1);
+}
+
+/// Rule 7 with the session lost: a put of a session the state machine does not know is
+/// refused, never applied.
+#[test]
+fn put_of_unknown_session_is_refused() {
+    let (mut net, _) = Net::with_leader(3);
+    let put = net.put(1, 12345, 1, "k", "v");
+    net.settle();
+    match net.take(1, put) {
+        Some(Reply::Put {
+            result: Err(ClientError::SessionExpired),
+            ..
+        }) => {}
+        other => panic!("expected SessionExpired, got {other:?}"),
+    }
+    assert!(net.node(1).state_machine().get(b"k").is_none());
+}

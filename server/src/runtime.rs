@@ -1,0 +1,461 @@
+//! The runtime: one tokio task owns the [`Replica`] core and executes the commands it returns.
+//!
+//! ```text
+//!  gRPC handlers ─┐                       ┌─▶ log file (write) ──▶ group fsync (blocking
+//!  peer links ────┼─▶ Input (bounded) ──▶ core task ─▶ hard state (fsync, inline)     thread)
+//!  fsync done ────┘                       ├─▶ peer links (AppendEntries streams)        │
+//!                                         └─▶ replies (oneshot) ◀── Persisted ◀──────────┘
+//! ```
+//!
+//! Ordering rules (see `replica` module docs): a hard-state save is durable before any later
+//! command runs; log writes are made durable by one fsync at a time, covering every write
+//! issued before it started (group commit: all writes that arrive while an fsync runs share the
+//! next one); the core learns of it through `Event::Persisted`.
+//!
+//! A storage error is fatal: the server stops rather than limp on without durability.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use kvraft_common::config::ClusterConfig;
+use kvraft_common::NodeId;
+use kvraft_proto::replication_client::ReplicationClient;
+use kvraft_proto::{AppendEntriesRequest, AppendEntriesResponse, PutCommand};
+use prost::bytes::Bytes;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::faults::Faults;
+use crate::replica::{Command, Event, Replica, ReplicaConfig, Reply, ReplyTo, StreamId};
+use crate::service;
+use crate::storage::{FileLogStore, HardStateFile, LogStore, ServerMeta, StorageError, Syncer};
+
+/// Capacity of the core's input queue. Handlers wait when it is full (backpressure).
+pub const INPUT_QUEUE_MAX: usize = 16 * 1024;
+/// Most inputs handled before the core flushes (sends, fsync): bounds reply latency under load.
+pub const INPUT_BATCH_MAX: usize = 1024;
+/// Capacity of each peer's outgoing queue; past it messages are dropped and the leader's
+/// probe/heartbeat logic resends.
+pub const PEER_QUEUE_MAX: usize = 1024;
+/// Largest gRPC message accepted: an AppendEntries batch plus headroom.
+pub const GRPC_MESSAGE_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// Pause before reconnecting a broken peer stream.
+const PEER_RECONNECT_MS: u64 = 50;
+
+/// A request that expects a reply from the core.
+#[derive(Debug)]
+pub(crate) enum Call {
+    CoordHeartbeat { term: u64, leader: NodeId },
+    Prepare { term: u64 },
+    Register { client_id: String },
+    Put(PutCommand),
+    Get(Bytes),
+    Status,
+}
+
+impl Call {
+    fn into_event(self, reply: ReplyTo) -> Event {
+        match self {
+            Call::CoordHeartbeat { term, leader } => Event::CoordHeartbeat {
+                term,
+                leader,
+                reply,
+            },
+            Call::Prepare { term } => Event::Prepare { term, reply },
+            Call::Register { client_id } => Event::RegisterSession { client_id, reply },
+            Call::Put(cmd) => Event::Put { cmd, reply },
+            Call::Get(key) => Event::Get { key, reply },
+            Call::Status => Event::Status { reply },
+        }
+    }
+}
+
+pub(crate) type ResponseSender = mpsc::Sender<Result<AppendEntriesResponse, tonic::Status>>;
+
+pub(crate) enum Input {
+    Call(Call, oneshot::Sender<Reply>),
+    StreamOpened(StreamId, ResponseSender),
+    AppendEntries(StreamId, AppendEntriesRequest),
+    StreamClosed(StreamId),
+    AppendResponse(AppendEntriesResponse),
+    PeerDisconnected(NodeId),
+    Synced(u64, Result<(), StorageError>),
+}
+
+/// Cloneable handle the gRPC services use to reach the core.
+#[derive(Clone)]
+pub(crate) struct CoreHandle {
+    pub tx: mpsc::Sender<Input>,
+    pub faults: Arc<Faults>,
+    pub id: NodeId,
+    pub next_stream: Arc<AtomicU64>,
+    /// Milliseconds since the Unix epoch of the last coord heartbeat answered.
+    pub last_coord_contact_ms: Arc<AtomicU64>,
+}
+
+impl CoreHandle {
+    /// Sends a call to the core and waits for its reply; `None` if the core is gone.
+    pub async fn call(&self, call: Call) -> Option<Reply> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Input::Call(call, tx)).await.ok()?;
+        rx.await.ok()
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Runs server `id` of `config` on an already bound listener until `shutdown` completes or a
+/// storage error stops it.
+pub async fn run(
+    config: ClusterConfig,
+    id: u32,
+    listener: TcpListener,
+    faults: Arc<Faults>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let me = config.server(id).map_err(anyhow::Error::msg)?.clone();
+    let dir = &me.data_dir;
+    let meta = ServerMeta::open_or_create(dir, id)?;
+    let (store, entries, recovery) = FileLogStore::open(dir)?;
+    let (hard_file, hard) = HardStateFile::open(dir)?;
+    // Whatever recovery read may sit only in the page cache after a process crash: make it
+    // durable before reporting it as our log position.
+    store.syncer().sync()?;
+    tracing::info!(
+        server = id,
+        uuid = %meta.uuid,
+        entries = recovery.entries,
+        torn_tail_bytes = recovery.truncated_tail_bytes,
+        term = hard.term,
+        "ServerStart: recovered {}",
+        dir.display()
+    );
+    let rcfg = ReplicaConfig {
+        id: NodeId(id),
+        servers: config.server_ids(),
+        uuid: meta.uuid.clone(),
+        session_ttl_ms: config.server.session_ttl_ms,
+        sessions_max: config.server.sessions_max,
+        heartbeat_ms: config.server.replication_heartbeat_ms,
+    };
+    let replica = Replica::new(rcfg, hard, entries);
+    let (tx, rx) = mpsc::channel(INPUT_QUEUE_MAX);
+    let handle = CoreHandle {
+        tx: tx.clone(),
+        faults: faults.clone(),
+        id: NodeId(id),
+        next_stream: Arc::new(AtomicU64::new(1)),
+        last_coord_contact_ms: Arc::new(AtomicU64::new(0)),
+    };
+    let peers = spawn_peer_links(&config, NodeId(id), tx.clone(), faults.clone())?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let grpc = tokio::spawn(service::serve(listener, handle.clone(), stop_rx.clone()));
+    tokio::spawn(service::join_coord(config.clone(), handle.clone(), stop_rx));
+    let core = Core {
+        replica,
+        store: Box::new(store),
+        hard_file,
+        replies: HashMap::new(),
+        next_reply: 1,
+        peers,
+        streams: HashMap::new(),
+        faults,
+        tx,
+        written: 0,
+        sync_requested: 0,
+        sync_in_flight: false,
+        heartbeat_ms: config.server.replication_heartbeat_ms,
+        _meta: meta,
+    };
+    let result = core.run(rx, shutdown).await;
+    let _ = stop_tx.send(true);
+    let _ = grpc.await;
+    result
+}
+
+struct Core {
+    replica: Replica,
+    store: Box<dyn LogStore>,
+    hard_file: HardStateFile,
+    replies: HashMap<ReplyTo, oneshot::Sender<Reply>>,
+    next_reply: ReplyTo,
+    peers: HashMap<NodeId, mpsc::Sender<AppendEntriesRequest>>,
+    streams: HashMap<StreamId, ResponseSender>,
+    faults: Arc<Faults>,
+    tx: mpsc::Sender<Input>,
+    /// Log-write commands executed (the core counts the same way).
+    written: u64,
+    sync_requested: u64,
+    sync_in_flight: bool,
+    heartbeat_ms: u64,
+    /// Holds the data-directory lock for the life of the server.
+    _meta: ServerMeta,
+}
+
+impl Core {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Input>,
+        shutdown: impl Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        // The tick drives heartbeats and probe retries: a fraction of the heartbeat period.
+        let tick_ms = (self.heartbeat_ms / 4).clamp(1, 10);
+        let mut tick = tokio::time::interval(Duration::from_millis(tick_ms));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(shutdown);
+        loop {
+            let mut cmds = Vec::new();
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => break,
+                _ = tick.tick() => {
+                    cmds.extend(self.replica.step(Event::Tick { now_ms: now_ms() }));
+                }
+                input = rx.recv() => {
+                    let Some(input) = input else { break };
+                    self.handle(input, &mut cmds)?;
+                    for _ in 1..INPUT_BATCH_MAX {
+                        let Ok(input) = rx.try_recv() else { break };
+                        self.handle(input, &mut cmds)?;
+                    }
+                }
+            }
+            cmds.extend(self.replica.flush());
+            self.check_crash_fault();
+            self.execute(cmds)?;
+            self.start_sync();
+        }
+        tracing::info!(server = %self.replica.id(), "server stopping");
+        Ok(())
+    }
+
+    fn handle(&mut self, input: Input, cmds: &mut Vec<Command>) -> anyhow::Result<()> {
+        let event = match input {
+            Input::Call(call, reply) => {
+                let to = self.next_reply;
+                self.next_reply += 1;
+                self.replies.insert(to, reply);
+                call.into_event(to)
+            }
+            Input::StreamOpened(id, sender) => {
+                self.streams.insert(id, sender);
+                return Ok(());
+            }
+            Input::StreamClosed(id) => {
+                self.streams.remove(&id);
+                return Ok(());
+            }
+            Input::AppendEntries(stream, req) => Event::AppendEntries { stream, req },
+            Input::AppendResponse(resp) => Event::AppendEntriesResponse { resp },
+            Input::PeerDisconnected(peer) => Event::PeerDisconnected { peer },
+            Input::Synced(write_id, result) => {
+                result.context("fsync of the log failed; stopping the server")?;
+                self.sync_in_flight = false;
+                Event::Persisted { write_id }
+            }
+        };
+        cmds.extend(self.replica.step(event));
+        Ok(())
+    }
+
+    /// The `crash_after_commit` fault: exit as leader once the index is committed, before any
+    /// reply of this batch is sent.
+    fn check_crash_fault(&self) {
+        let index = self.faults.crash_after_commit();
+        if index > 0 && self.replica.is_leader() && self.replica.commit_index() >= index {
+            tracing::warn!(
+                index,
+                commit = self.replica.commit_index(),
+                "fault injection: crashing after commit, before replying"
+            );
+            std::process::exit(86);
+        }
+    }
+
+    fn execute(&mut self, cmds: Vec<Command>) -> anyhow::Result<()> {
+        let mut batch: Vec<kvraft_proto::LogEntry> = Vec::new();
+        for cmd in cmds {
+            if let Command::AppendLog(entries) = cmd {
+                self.written += 1;
+                batch.extend(entries);
+                continue;
+            }
+            self.write_batch(&mut batch)?;
+            self.execute_one(cmd)?;
+        }
+        self.write_batch(&mut batch)
+    }
+
+    fn write_batch(&mut self, batch: &mut Vec<kvraft_proto::LogEntry>) -> anyhow::Result<()> {
+        if !batch.is_empty() {
+            self.store.append(batch)?;
+            batch.clear();
+        }
+        Ok(())
+    }
+
+    fn execute_one(&mut self, cmd: Command) -> anyhow::Result<()> {
+        match cmd {
+            Command::AppendLog(_) => unreachable!("batched by execute"),
+            Command::SaveHardState(hs) => {
+                tokio::task::block_in_place(|| self.hard_file.save(hs))?;
+            }
+            Command::TruncateLog(from) => self.store.truncate_from(from)?,
+            Command::SendAppend { to, req } => {
+                if let Some(peer) = self.peers.get(&to) {
+                    if peer.try_send(req).is_err() {
+                        tracing::debug!(peer = %to, "peer queue full; message dropped");
+                    }
+                }
+            }
+            Command::SendAppendResponse { stream, resp } => {
+                if let Some(s) = self.streams.get(&stream) {
+                    let _ = s.try_send(Ok(resp));
+                }
+            }
+            Command::Reply { to, reply } => {
+                if let Some(tx) = self.replies.remove(&to) {
+                    let _ = tx.send(reply);
+                }
+            }
+            Command::RoleChanged { leader, term } => {
+                let tag = if leader {
+                    "BecameLeader"
+                } else {
+                    "BecameFollower"
+                };
+                tracing::info!(server = %self.replica.id(), term, "{tag}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Group commit: one fsync at a time, covering every write issued before it starts.
+    fn start_sync(&mut self) {
+        if self.sync_in_flight || self.sync_requested >= self.written {
+            return;
+        }
+        self.sync_in_flight = true;
+        self.sync_requested = self.written;
+        let target = self.written;
+        let syncer: Arc<dyn Syncer> = self.store.syncer();
+        let tx = self.tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = syncer.sync();
+            let _ = tx.blocking_send(Input::Synced(target, result));
+        });
+    }
+}
+
+fn spawn_peer_links(
+    config: &ClusterConfig,
+    me: NodeId,
+    tx: mpsc::Sender<Input>,
+    faults: Arc<Faults>,
+) -> anyhow::Result<HashMap<NodeId, mpsc::Sender<AppendEntriesRequest>>> {
+    let mut peers = HashMap::new();
+    for s in config.servers.iter().filter(|s| s.id != me.0) {
+        let endpoint = Endpoint::from_shared(format!("http://{}", s.addr))
+            .with_context(|| format!("servers id {}: bad addr {}", s.id, s.addr))?
+            .connect_timeout(Duration::from_millis(500))
+            .tcp_nodelay(true);
+        let channel = endpoint.connect_lazy();
+        let (ptx, prx) = mpsc::channel(PEER_QUEUE_MAX);
+        let link = PeerLink {
+            peer: NodeId(s.id),
+            channel,
+            core: tx.clone(),
+            faults: faults.clone(),
+        };
+        tokio::spawn(link.run(prx));
+        peers.insert(NodeId(s.id), ptx);
+    }
+    Ok(peers)
+}
+
+/// Carries AppendEntries to one follower over one ordered stream at a time, and its
+/// acknowledgements back to the core.
+struct PeerLink {
+    peer: NodeId,
+    channel: Channel,
+    core: mpsc::Sender<Input>,
+    faults: Arc<Faults>,
+}
+
+impl PeerLink {
+    async fn run(self, mut rx: mpsc::Receiver<AppendEntriesRequest>) {
+        while let Some(first) = rx.recv().await {
+            if self.faults.peer_partitioned(self.peer) {
+                continue;
+            }
+            self.stream(first, &mut rx).await;
+            if self
+                .core
+                .send(Input::PeerDisconnected(self.peer))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(PEER_RECONNECT_MS)).await;
+        }
+    }
+
+    /// One stream's life: returns when it breaks or a partition fault cuts it.
+    async fn stream(
+        &self,
+        first: AppendEntriesRequest,
+        rx: &mut mpsc::Receiver<AppendEntriesRequest>,
+    ) {
+        let (out_tx, out_rx) = mpsc::channel(PEER_QUEUE_MAX);
+        if out_tx.send(first).await.is_err() {
+            return;
+        }
+        let mut client = ReplicationClient::new(self.channel.clone())
+            .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX);
+        let outbound = tokio_stream::wrappers::ReceiverStream::new(out_rx);
+        let mut inbound = match client.replicate(outbound).await {
+            Ok(resp) => resp.into_inner(),
+            Err(e) => {
+                tracing::debug!(peer = %self.peer, "replication stream failed: {e}");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                msg = rx.recv() => {
+                    let Some(msg) = msg else { return };
+                    if self.faults.peer_partitioned(self.peer) {
+                        return;
+                    }
+                    let delay = self.faults.delay();
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
+                    if out_tx.send(msg).await.is_err() {
+                        return;
+                    }
+                }
+                resp = inbound.message() => {
+                    let Ok(Some(resp)) = resp else { return };
+                    if self.faults.peer_partitioned(self.peer) {
+                        return;
+                    }
+                    if self.core.send(Input::AppendResponse(resp)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}

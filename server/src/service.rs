@@ -1,0 +1,355 @@
+//! gRPC services of a server, all on its one address: `ServerControl` (from the coord),
+//! `Replication` (from the leader), `Kv` (from clients) and `Admin` (status, fault injection).
+//! Each handler turns a request into a [`Call`] for the core task and the core's [`Reply`]
+//! back into a response; no decision is made here beyond input validation and the coord
+//! partition fault.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use kvraft_common::config::ClusterConfig;
+use kvraft_common::{limits, NodeId};
+use kvraft_proto::admin_server::{Admin, AdminServer};
+use kvraft_proto::coord_client::CoordClient;
+use kvraft_proto::kv_server::{Kv, KvServer};
+use kvraft_proto::replication_server::{Replication, ReplicationServer};
+use kvraft_proto::server_control_server::{ServerControl, ServerControlServer};
+use kvraft_proto::*;
+use prost::bytes::Bytes;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::faults::FaultSpec;
+use crate::replica::{ClientError, Reply};
+use crate::runtime::{now_ms, Call, CoreHandle, Input, GRPC_MESSAGE_BYTES_MAX, PEER_QUEUE_MAX};
+
+/// Serves every service on `listener` until `stop` turns true.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    handle: CoreHandle,
+    mut stop: watch::Receiver<bool>,
+) {
+    let result = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(ServerControlServer::new(handle.clone()))
+        .add_service(
+            ReplicationServer::new(handle.clone())
+                .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
+                .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX),
+        )
+        .add_service(
+            KvServer::new(handle.clone())
+                .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
+                .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX),
+        )
+        .add_service(AdminServer::new(handle))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await;
+    if let Err(e) = result {
+        tracing::error!("gRPC server failed: {e}");
+    }
+}
+
+/// Announces this server to the coord at start, and again whenever the coord has not been
+/// heard from for a while (coord restart, healed partition).
+pub(crate) async fn join_coord(
+    config: ClusterConfig,
+    handle: CoreHandle,
+    mut stop: watch::Receiver<bool>,
+) {
+    let silence_ms = config.coord.failure_timeout_ms * 2;
+    let endpoint = match tonic::transport::Endpoint::from_shared(format!(
+        "http://{}",
+        config.coord.server_api_addr
+    )) {
+        Ok(e) => e.connect_timeout(Duration::from_millis(500)),
+        Err(e) => return tracing::error!("coord.server_api_addr is not usable: {e}"),
+    };
+    let mut client = CoordClient::new(endpoint.connect_lazy());
+    loop {
+        let last = handle.last_coord_contact_ms.load(Ordering::Relaxed);
+        if now_ms().saturating_sub(last) > silence_ms && !handle.faults.coord_partitioned() {
+            try_join(&handle, &mut client, silence_ms).await;
+        }
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tokio::time::sleep(Duration::from_millis(config.coord.failure_timeout_ms)) => {}
+        }
+    }
+}
+
+async fn try_join(
+    handle: &CoreHandle,
+    client: &mut CoordClient<tonic::transport::Channel>,
+    timeout_ms: u64,
+) {
+    let Some(Reply::Status { report, .. }) = handle.call(Call::Status).await else {
+        return;
+    };
+    let mut req = Request::new(JoinRequest {
+        report: Some(report),
+        trace_token: Bytes::new(),
+    });
+    req.set_timeout(Duration::from_millis(timeout_ms));
+    match client.join(req).await {
+        Ok(resp) => {
+            let resp = resp.into_inner();
+            tracing::info!(term = resp.term, leader = resp.leader_id, "ServerJoined");
+            handle
+                .last_coord_contact_ms
+                .store(now_ms(), Ordering::Relaxed);
+            let view = Call::CoordHeartbeat {
+                term: resp.term,
+                leader: NodeId(resp.leader_id),
+            };
+            let _ = handle.call(view).await;
+        }
+        Err(e) => tracing::debug!("ServerJoining: coord not reachable: {}", e.message()),
+    }
+}
+
+fn unavailable() -> Status {
+    Status::unavailable("server is shutting down")
+}
+
+fn coord_partition_check(handle: &CoreHandle) -> Result<(), Status> {
+    if handle.faults.coord_partitioned() {
+        return Err(Status::unavailable(
+            "partitioned from the coord (fault injection)",
+        ));
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl ServerControl for CoreHandle {
+    async fn heartbeat(
+        &self,
+        request: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
+        coord_partition_check(self)?;
+        let req = request.into_inner();
+        let call = Call::CoordHeartbeat {
+            term: req.term,
+            leader: NodeId(req.leader_id),
+        };
+        let Some(Reply::Report(report)) = self.call(call).await else {
+            return Err(unavailable());
+        };
+        self.last_coord_contact_ms
+            .store(now_ms(), Ordering::Relaxed);
+        Ok(Response::new(HeartbeatResponse {
+            report: Some(report),
+            trace_token: Bytes::new(),
+        }))
+    }
+
+    async fn prepare(
+        &self,
+        request: Request<PrepareRequest>,
+    ) -> Result<Response<PrepareResponse>, Status> {
+        coord_partition_check(self)?;
+        let term = request.into_inner().term;
+        let Some(Reply::Prepare {
+            ok,
+            term,
+            last_log_term,
+            last_log_index,
+        }) = self.call(Call::Prepare { term }).await
+        else {
+            return Err(unavailable());
+        };
+        Ok(Response::new(PrepareResponse {
+            ok,
+            term,
+            last_log_term,
+            last_log_index,
+            trace_token: Bytes::new(),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl Replication for CoreHandle {
+    type ReplicateStream = ReceiverStream<Result<AppendEntriesResponse, Status>>;
+
+    async fn replicate(
+        &self,
+        request: Request<Streaming<AppendEntriesRequest>>,
+    ) -> Result<Response<Self::ReplicateStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(PEER_QUEUE_MAX);
+        let stream = self.next_stream.fetch_add(1, Ordering::Relaxed);
+        self.tx
+            .send(Input::StreamOpened(stream, tx))
+            .await
+            .map_err(|_| unavailable())?;
+        let handle = self.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(req)) = inbound.message().await {
+                if handle.faults.peer_partitioned(NodeId(req.leader_id)) {
+                    break;
+                }
+                if handle
+                    .tx
+                    .send(Input::AppendEntries(stream, req))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            let _ = handle.tx.send(Input::StreamClosed(stream)).await;
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+fn kv_error(e: ClientError) -> KvError {
+    let (code, leader_id, term, message) = match e {
+        ClientError::NotLeader { leader, term } => (
+            ErrorCode::ErrorNotLeader,
+            leader.0,
+            term,
+            "not the leader".to_string(),
+        ),
+        ClientError::SessionExpired => (
+            ErrorCode::ErrorSessionExpired,
+            0,
+            0,
+            "session expired or unknown".to_string(),
+        ),
+        ClientError::Stale => (
+            ErrorCode::ErrorStaleRequest,
+            0,
+            0,
+            "request abandoned by the client (below its ack_seq)".to_string(),
+        ),
+        ClientError::TooManyPending => (
+            ErrorCode::ErrorTooManyPending,
+            0,
+            0,
+            "too many requests of this session wait for an earlier one".to_string(),
+        ),
+    };
+    KvError {
+        code: code as i32,
+        message,
+        leader_id,
+        term,
+    }
+}
+
+fn error_of(code: ErrorCode, message: String) -> Option<KvError> {
+    Some(KvError {
+        code: code as i32,
+        message,
+        leader_id: 0,
+        term: 0,
+    })
+}
+
+#[tonic::async_trait]
+impl Kv for CoreHandle {
+    async fn register_session(
+        &self,
+        request: Request<RegisterSessionRequest>,
+    ) -> Result<Response<RegisterSessionResponse>, Status> {
+        let client_id = request.into_inner().client_id;
+        let mut resp = RegisterSessionResponse::default();
+        match self.call(Call::Register { client_id }).await {
+            Some(Reply::Registered(Ok(id))) => resp.session_id = id,
+            Some(Reply::Registered(Err(e))) => resp.error = Some(kv_error(e)),
+            _ => resp.error = error_of(ErrorCode::ErrorUnavailable, "shutting down".into()),
+        }
+        Ok(Response::new(resp))
+    }
+
+    async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let req = request.into_inner();
+        let mut resp = PutResponse::default();
+        if let Err(e) = limits::check_key_value(&req.key, Some(&req.value)) {
+            resp.error = error_of(ErrorCode::ErrorInvalidArgument, e);
+            return Ok(Response::new(resp));
+        }
+        if req.session_id == 0 || req.seq == 0 {
+            let msg = "session_id and seq must be above 0".to_string();
+            resp.error = error_of(ErrorCode::ErrorInvalidArgument, msg);
+            return Ok(Response::new(resp));
+        }
+        let cmd = PutCommand {
+            session_id: req.session_id,
+            seq: req.seq,
+            ack_seq: req.ack_seq,
+            key: req.key,
+            value: req.value,
+        };
+        match self.call(Call::Put(cmd)).await {
+            Some(Reply::Put { result: Ok(r), .. }) => {
+                resp.version = r.version;
+                resp.index = r.index;
+            }
+            Some(Reply::Put { result: Err(e), .. }) => resp.error = Some(kv_error(e)),
+            _ => resp.error = error_of(ErrorCode::ErrorUnavailable, "shutting down".into()),
+        }
+        Ok(Response::new(resp))
+    }
+
+    async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        let req = request.into_inner();
+        let mut resp = GetResponse::default();
+        if let Err(e) = limits::check_key_value(&req.key, None) {
+            resp.error = error_of(ErrorCode::ErrorInvalidArgument, e);
+            return Ok(Response::new(resp));
+        }
+        match self.call(Call::Get(req.key)).await {
+            Some(Reply::Get(Ok(Some((value, version))))) => {
+                resp.found = true;
+                resp.value = value;
+                resp.version = version;
+            }
+            Some(Reply::Get(Ok(None))) => {}
+            Some(Reply::Get(Err(e))) => resp.error = Some(kv_error(e)),
+            _ => resp.error = error_of(ErrorCode::ErrorUnavailable, "shutting down".into()),
+        }
+        Ok(Response::new(resp))
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for CoreHandle {
+    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        let Some(Reply::Status {
+            report,
+            last_applied,
+        }) = self.call(Call::Status).await
+        else {
+            return Err(unavailable());
+        };
+        Ok(Response::new(StatusResponse {
+            report: Some(report),
+            last_applied,
+        }))
+    }
+
+    async fn set_faults(
+        &self,
+        request: Request<FaultRequest>,
+    ) -> Result<Response<FaultResponse>, Status> {
+        let req = request.into_inner();
+        let spec = FaultSpec {
+            partition_coord: Duration::from_millis(req.partition_coord_ms),
+            partition_peers: req.partition_peers.iter().map(|&p| NodeId(p)).collect(),
+            partition_peers_for: Duration::from_millis(req.partition_peers_ms),
+            crash_after_commit: req.crash_after_commit,
+            delay: Duration::from_millis(req.delay_ms),
+        };
+        tracing::warn!(server = %self.id, ?spec, "fault injection set");
+        self.faults.set(&spec);
+        Ok(Response::new(FaultResponse {}))
+    }
+}

@@ -1,0 +1,515 @@
+//! The key-value state machine with exactly-once client sessions (DESIGN.md rule 7).
+//!
+//! ```text
+//!   committed LogEntry --apply--> StateMachine --> Vec<Outcome>  (answers for waiting clients)
+//! ```
+//!
+//! Everything here is replicated state: every replica applies the same entries in the same
+//! order and reaches the same map, the same sessions and the same outcomes. Nothing reads a
+//! clock; session expiry uses the leader's timestamp carried in each entry.
+//!
+//! Sessions. A session is opened by a `RegisterSession` entry; its id is that entry's index,
+//! unique forever. Each put carries `(session_id, seq, ack_seq)`:
+//! - puts of one session apply in `seq` order: a put above the next expected seq waits in
+//!   `pending` (at most [`PENDING_PER_SESSION_MAX`]) until the seqs before it apply or are
+//!   abandoned;
+//! - `ack_seq` says the client is done with every seq below it: those results are dropped, and
+//!   seqs below it that never arrived are skipped (a late copy is answered `Stale`);
+//! - a put whose seq already applied returns the recorded result and changes nothing.
+//!
+//! Invariants: `next_seq` of a session only grows; a `(session, seq)` changes the map at most
+//! once; the session table holds at most `sessions_max` sessions.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use kvraft_proto::log_entry::Payload;
+use kvraft_proto::{LogEntry, PutCommand};
+use prost::bytes::Bytes;
+
+/// Most puts of one session that may wait for an earlier seq. Bounds memory per session; the
+/// client library keeps fewer than this in flight.
+pub const PENDING_PER_SESSION_MAX: u64 = 1024;
+
+/// Most results kept per session for retries, should a client never advance `ack_seq`.
+pub const RESULTS_PER_SESSION_MAX: usize = 1024;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Versioned {
+    pub value: Bytes,
+    /// Number of puts applied to this key; a duplicate apply would show up here.
+    pub version: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PutResult {
+    pub version: u64,
+    /// Index of the log entry whose application changed the map.
+    pub index: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PutError {
+    SessionExpired,
+    Stale,
+    TooManyPending,
+}
+
+/// What applying an entry resolved, for the leader to answer its waiting clients.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    SessionRegistered {
+        index: u64,
+    },
+    Put {
+        session_id: u64,
+        seq: u64,
+        result: Result<PutResult, PutError>,
+        /// The request had applied before; this is the recorded result.
+        duplicate: bool,
+    },
+}
+
+#[derive(Clone, Debug)]
+struct Session {
+    next_seq: u64,
+    last_active_ms: u64,
+    results: BTreeMap<u64, PutResult>,
+    /// seq -> (key, value, index of the entry that carried it)
+    pending: BTreeMap<u64, (Bytes, Bytes, u64)>,
+}
+
+#[derive(Debug)]
+pub struct StateMachine {
+    kv: HashMap<Bytes, Versioned>,
+    sessions: HashMap<u64, Session>,
+    /// (last_active_ms, session_id), for expiry and eviction in time order.
+    by_activity: BTreeSet<(u64, u64)>,
+    session_ttl_ms: u64,
+    sessions_max: usize,
+    last_applied: u64,
+}
+
+impl StateMachine {
+    pub fn new(session_ttl_ms: u64, sessions_max: usize) -> Self {
+        assert!(sessions_max > 0, "invariant: sessions_max > 0");
+        StateMachine {
+            kv: HashMap::new(),
+            sessions: HashMap::new(),
+            by_activity: BTreeSet::new(),
+            session_ttl_ms,
+            sessions_max,
+            last_applied: 0,
+        }
+    }
+
+    pub fn last_applied(&self) -> u64 {
+        self.last_applied
+    }
+
+    pub fn get(&self, key: &[u8]) -> Option<&Versioned> {
+        self.kv.get(key)
+    }
+
+    pub fn len(&self) -> usize {
+        self.kv.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.kv.is_empty()
+    }
+
+    pub fn has_session(&self, session_id: u64) -> bool {
+        self.sessions.contains_key(&session_id)
+    }
+
+    /// The recorded result of an applied `(session, seq)`, if still kept.
+    pub fn cached_result(&self, session_id: u64, seq: u64) -> Option<PutResult> {
+        self.sessions.get(&session_id)?.results.get(&seq).copied()
+    }
+
+    /// Applies the next committed entry. Entries must come in index order, each exactly once.
+    pub fn apply(&mut self, entry: &LogEntry) -> Vec<Outcome> {
+        assert_eq!(
+            entry.index,
+            self.last_applied + 1,
+            "invariant: entries apply in index order without gaps"
+        );
+        self.last_applied = entry.index;
+        let mut out = Vec::new();
+        self.expire_sessions(entry.time_ms, &mut out);
+        match &entry.payload {
+            None | Some(Payload::Noop(_)) => {}
+            Some(Payload::RegisterSession(_)) => {
+                self.register(entry.index, entry.time_ms, &mut out);
+            }
+            Some(Payload::Put(put)) => self.apply_put(put, entry.index, entry.time_ms, &mut out),
+        }
+        out
+    }
+
+    fn register(&mut self, index: u64, now_ms: u64, out: &mut Vec<Outcome>) {
+        while self.sessions.len() >= self.sessions_max {
+            let &(at, oldest) = self
+                .by_activity
+                .iter()
+                .next()
+                .expect("invariant: by_activity mirrors sessions");
+            self.remove_session(oldest, at, out);
+        }
+        let session = Session {
+            next_seq: 1,
+            last_active_ms: now_ms,
+            results: BTreeMap::new(),
+            pending: BTreeMap::new(),
+        };
+        self.sessions.insert(index, session);
+        self.by_activity.insert((now_ms, index));
+        out.push(Outcome::SessionRegistered { index });
+    }
+
+    fn expire_sessions(&mut self, now_ms: u64, out: &mut Vec<Outcome>) {
+        while let Some(&(at, id)) = self.by_activity.iter().next() {
+            if at.saturating_add(self.session_ttl_ms) >= now_ms {
+                break;
+            }
+            self.remove_session(id, at, out);
+        }
+    }
+
+    /// Drops a session; puts still waiting in it are answered `SessionExpired`.
+    fn remove_session(&mut self, id: u64, at: u64, out: &mut Vec<Outcome>) {
+        self.by_activity.remove(&(at, id));
+        if let Some(session) = self.sessions.remove(&id) {
+            for seq in session.pending.keys() {
+                out.push(put_outcome(id, *seq, Err(PutError::SessionExpired), false));
+            }
+        }
+    }
+
+    fn touch(&mut self, id: u64, now_ms: u64) {
+        let session = self
+            .sessions
+            .get_mut(&id)
+            .expect("invariant: caller checked");
+        // Entry times come from successive leaders' clocks: never move activity backwards.
+        let at = session.last_active_ms.max(now_ms);
+        self.by_activity.remove(&(session.last_active_ms, id));
+        session.last_active_ms = at;
+        self.by_activity.insert((at, id));
+    }
+
+    fn apply_put(&mut self, put: &PutCommand, index: u64, now_ms: u64, out: &mut Vec<Outcome>) {
+        let id = put.session_id;
+        if !self.sessions.contains_key(&id) {
+            out.push(put_outcome(
+                id,
+                put.seq,
+                Err(PutError::SessionExpired),
+                false,
+            ));
+            return;
+        }
+        self.touch(id, now_ms);
+        self.advance_ack(id, put.ack_seq, out);
+        let session = &self.sessions[&id];
+        if put.seq < session.next_seq {
+            let result = session
+                .results
+                .get(&put.seq)
+                .copied()
+                .ok_or(PutError::Stale);
+            out.push(put_outcome(id, put.seq, result, result.is_ok()));
+            return;
+        }
+        if put.seq > session.next_seq {
+            self.hold(id, put, index, out);
+            return;
+        }
+        self.apply_in_order(id, put.seq, put.key.clone(), put.value.clone(), index, out);
+        self.drain_pending(id, out);
+    }
+
+    fn hold(&mut self, id: u64, put: &PutCommand, index: u64, out: &mut Vec<Outcome>) {
+        let session = self
+            .sessions
+            .get_mut(&id)
+            .expect("invariant: caller checked");
+        if session.pending.contains_key(&put.seq) {
+            return; // a retry appended twice: the first copy answers when it applies
+        }
+        if put.seq - session.next_seq > PENDING_PER_SESSION_MAX {
+            out.push(put_outcome(
+                id,
+                put.seq,
+                Err(PutError::TooManyPending),
+                false,
+            ));
+            return;
+        }
+        let held = (put.key.clone(), put.value.clone(), index);
+        session.pending.insert(put.seq, held);
+    }
+
+    /// Everything below `ack_seq` is finished for the client: apply what is held, skip what
+    /// never came, forget results.
+    fn advance_ack(&mut self, id: u64, ack_seq: u64, out: &mut Vec<Outcome>) {
+        loop {
+            let session = self
+                .sessions
+                .get_mut(&id)
+                .expect("invariant: caller checked");
+            if session.next_seq >= ack_seq {
+                break;
+            }
+            let seq = session.next_seq;
+            match session.pending.remove(&seq) {
+                Some((key, value, index)) => self.apply_in_order(id, seq, key, value, index, out),
+                None => session.next_seq += 1,
+            }
+        }
+        let session = self
+            .sessions
+            .get_mut(&id)
+            .expect("invariant: caller checked");
+        session.results = session.results.split_off(&ack_seq);
+    }
+
+    fn drain_pending(&mut self, id: u64, out: &mut Vec<Outcome>) {
+        loop {
+            let session = self
+                .sessions
+                .get_mut(&id)
+                .expect("invariant: caller checked");
+            let seq = session.next_seq;
+            let Some((key, value, index)) = session.pending.remove(&seq) else {
+                break;
+            };
+            self.apply_in_order(id, seq, key, value, index, out);
+        }
+    }
+
+    fn apply_in_order(
+        &mut self,
+        id: u64,
+        seq: u64,
+        key: Bytes,
+        value: Bytes,
+        index: u64,
+        out: &mut Vec<Outcome>,
+    ) {
+        let entry = self.kv.entry(key).or_insert(Versioned {
+            value: Bytes::new(),
+            version: 0,
+        });
+        entry.value = value;
+        entry.version += 1;
+        let result = PutResult {
+            version: entry.version,
+            index,
+        };
+        let session = self
+            .sessions
+            .get_mut(&id)
+            .expect("invariant: caller checked");
+        assert_eq!(
+            seq, session.next_seq,
+            "invariant: a session applies in seq order"
+        );
+        session.next_seq += 1;
+        session.results.insert(seq, result);
+        if session.results.len() > RESULTS_PER_SESSION_MAX {
+            session.results.pop_first();
+        }
+        out.push(put_outcome(id, seq, Ok(result), false));
+    }
+}
+
+fn put_outcome(
+    session_id: u64,
+    seq: u64,
+    result: Result<PutResult, PutError>,
+    duplicate: bool,
+) -> Outcome {
+    Outcome::Put {
+        session_id,
+        seq,
+        result,
+        duplicate,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvraft_proto::RegisterSession;
+
+    struct Log {
+        sm: StateMachine,
+        index: u64,
+    }
+
+    impl Log {
+        fn new() -> Self {
+            Log {
+                sm: StateMachine::new(1_000, 3),
+                index: 0,
+            }
+        }
+        fn push(&mut self, time_ms: u64, payload: Payload) -> Vec<Outcome> {
+            self.index += 1;
+            let e = LogEntry {
+                term: 1,
+                index: self.index,
+                time_ms,
+                payload: Some(payload),
+            };
+            self.sm.apply(&e)
+        }
+        fn register(&mut self, time_ms: u64) -> u64 {
+            let out = self.push(
+                time_ms,
+                Payload::RegisterSession(RegisterSession::default()),
+            );
+            assert!(out.contains(&Outcome::SessionRegistered { index: self.index }));
+            self.index
+        }
+        fn put(&mut self, t: u64, s: u64, seq: u64, ack: u64, k: &str, v: &str) -> Vec<Outcome> {
+            let cmd = PutCommand {
+                session_id: s,
+                seq,
+                ack_seq: ack,
+                key: Bytes::from(k.to_string()),
+                value: Bytes::from(v.to_string()),
+            };
+            self.push(t, Payload::Put(cmd))
+        }
+        fn value(&self, k: &str) -> Option<(String, u64)> {
+            let v = self.sm.get(k.as_bytes())?;
+            Some((String::from_utf8(v.value.to_vec()).unwrap(), v.version))
+        }
+    }
+
+    fn ok(out: &[Outcome]) -> Vec<(u64, u64, bool)> {
+        out.iter()
+            .filter_map(|o| match o {
+                Outcome::Put {
+                    seq,
+                    result: Ok(r),
+                    duplicate,
+                    ..
+                } => Some((*seq, r.version, *duplicate)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// DESIGN rule 7: a retry of an applied request returns the original result and is not
+    /// applied again.
+    #[test]
+    fn retried_put_applies_once_and_returns_original_result() {
+        let mut log = Log::new();
+        let s = log.register(10);
+        assert_eq!(ok(&log.put(11, s, 1, 1, "k", "a")), vec![(1, 1, false)]);
+        let retry = log.put(12, s, 1, 1, "k", "a");
+        assert_eq!(ok(&retry), vec![(1, 1, true)]);
+        assert_eq!(log.value("k"), Some(("a".into(), 1)));
+    }
+
+    /// DESIGN rule 7: requests of one client apply in the order the client issued them, even
+    /// when the log holds them out of order.
+    #[test]
+    fn out_of_order_puts_wait_for_earlier_seq() {
+        let mut log = Log::new();
+        let s = log.register(10);
+        assert!(log.put(11, s, 2, 1, "k", "second").is_empty());
+        assert_eq!(log.value("k"), None);
+        let out = log.put(12, s, 1, 1, "k", "first");
+        assert_eq!(ok(&out), vec![(1, 1, false), (2, 2, false)]);
+        assert_eq!(log.value("k"), Some(("second".into(), 2)));
+    }
+
+    #[test]
+    fn abandoned_seq_is_skipped_and_late_copy_is_stale() {
+        let mut log = Log::new();
+        let s = log.register(10);
+        // seq 1 never arrives; the client gave up on it (ack_seq 2) when it sent seq 2.
+        assert_eq!(ok(&log.put(11, s, 2, 2, "k", "b")), vec![(2, 1, false)]);
+        let late = log.put(12, s, 1, 1, "k", "a");
+        assert!(matches!(
+            late[0],
+            Outcome::Put {
+                seq: 1,
+                result: Err(PutError::Stale),
+                ..
+            }
+        ));
+        assert_eq!(log.value("k"), Some(("b".into(), 1)));
+    }
+
+    #[test]
+    fn ack_seq_releases_results_and_held_puts() {
+        let mut log = Log::new();
+        let s = log.register(10);
+        log.put(11, s, 1, 1, "a", "1");
+        assert!(log.sm.cached_result(s, 1).is_some());
+        assert!(log.put(12, s, 3, 2, "c", "3").is_empty()); // waits for 2
+                                                            // A later request says the client is done with everything below 4: seq 2 is skipped,
+                                                            // seq 3 applies, seq 1's result is dropped.
+        let out = log.put(13, s, 4, 4, "d", "4");
+        assert_eq!(ok(&out), vec![(3, 1, false), (4, 1, false)]);
+        assert!(log.sm.cached_result(s, 1).is_none());
+    }
+
+    #[test]
+    fn unknown_session_and_expired_session_are_refused() {
+        let mut log = Log::new();
+        let out = log.put(5, 99, 1, 1, "k", "v");
+        assert!(matches!(
+            out[0],
+            Outcome::Put {
+                result: Err(PutError::SessionExpired),
+                ..
+            }
+        ));
+        let s = log.register(10);
+        log.put(11, s, 1, 1, "k", "v");
+        // ttl is 1000 ms: an entry at t = 2012 expires the session, deterministically.
+        let other = log.register(2_012);
+        assert!(!log.sm.has_session(s) && log.sm.has_session(other));
+        let out = log.put(2_013, s, 1, 1, "k", "v");
+        assert!(matches!(
+            out[0],
+            Outcome::Put {
+                result: Err(PutError::SessionExpired),
+                ..
+            }
+        ));
+        assert_eq!(log.value("k"), Some(("v".into(), 1)));
+    }
+
+    #[test]
+    fn session_table_is_bounded_by_evicting_least_recently_active() {
+        let mut log = Log::new(); // sessions_max = 3
+        let a = log.register(1);
+        let b = log.register(2);
+        let c = log.register(3);
+        log.put(4, a, 1, 1, "k", "v"); // a is now the most recently active
+        let d = log.register(5);
+        assert!(log.sm.has_session(a) && !log.sm.has_session(b));
+        assert!(log.sm.has_session(c) && log.sm.has_session(d));
+    }
+
+    #[test]
+    fn too_many_pending_is_refused() {
+        let mut log = Log::new();
+        let s = log.register(1);
+        let out = log.put(2, s, PENDING_PER_SESSION_MAX + 2, 1, "k", "v");
+        assert!(matches!(
+            out[0],
+            Outcome::Put {
+                result: Err(PutError::TooManyPending),
+                ..
+            }
+        ));
+    }
+}

@@ -1,0 +1,141 @@
+//! Durable state of one server: the replicated log, the hard state (term and accepted leader)
+//! and the data directory's identity and lock.
+//!
+//! The runtime owns a [`LogStore`] and appends to it without waiting for the disk; a
+//! [`Syncer`] handle, run on a blocking thread, makes everything issued before the call durable.
+//! Entries are acknowledged only after that sync returns (DESIGN.md rule 5).
+//!
+//! On-disk layout of a data directory:
+//!
+//! ```text
+//! <dir>/LOCK        empty; held with an exclusive lock while a server process uses <dir>
+//! <dir>/meta        "server_id=<n>\nuuid=<uuid>\n", written once on first start
+//! <dir>/hard_state  "term=<n>\nleader=<n>\ncrc32=<hex>\n", replaced atomically by rename
+//! <dir>/log         log records back to back, entry indices 1, 2, 3, ... in order
+//!
+//! one log record:
+//! +----------------+----------------+---------------------------------+
+//! | payload_len    | crc32(payload) | payload = prost-encoded         |
+//! | u32 LE         | u32 LE         | kvraft_proto::LogEntry          |
+//! +----------------+----------------+---------------------------------+
+//!  0                4                8                      8 + payload_len
+//! ```
+//!
+//! Invariants: the log holds consecutive indices starting at 1; every record is checksummed; on
+//! open, a torn record at the tail (an interrupted write) is cut off, while a bad record with
+//! valid data after it is corruption and refuses to open, naming the file and byte offset
+//! (DESIGN.md rule 9). Hard state and meta are replaced by write-temp, fsync, rename, fsync-dir,
+//! so a crash leaves either the old or the new file, never a mix.
+
+mod hard_state;
+mod log_file;
+mod mem;
+mod meta;
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub use hard_state::{HardState, HardStateFile};
+pub use log_file::{FileLogStore, Recovery};
+pub use mem::MemLogStore;
+pub use meta::ServerMeta;
+
+/// Everything that can go wrong in the storage layer. Each variant names the file concerned;
+/// any of them takes the server out of the cluster rather than letting it limp on.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("corrupt log file {path} at byte offset {offset}: {reason}")]
+    Corrupt {
+        path: PathBuf,
+        offset: u64,
+        reason: String,
+    },
+    #[error("data directory {path} belongs to server {found}, not server {expected}")]
+    WrongServer {
+        path: PathBuf,
+        found: u32,
+        expected: u32,
+    },
+    #[error("data directory {path} is locked: another server process is using it")]
+    Locked { path: PathBuf },
+    #[error("invalid state file {path}: {reason}")]
+    InvalidState { path: PathBuf, reason: String },
+}
+
+/// What the runtime needs from a log.
+///
+/// # Correctness rules
+///
+/// - Appends go to the OS without fsync; they are durable only once a [`Syncer::sync`] call
+///   that started after them has returned. Never acknowledge an entry before that.
+/// - A truncation is durable no later than the next sync (the file store makes it durable
+///   before `truncate_from` returns, so old and new bytes never mix after a crash).
+/// - Indices are consecutive from 1; an append that does not continue the log is a bug and
+///   panics.
+pub trait LogStore: Send + 'static {
+    /// Appends entries whose indices continue the log exactly:
+    /// `entries[0].index == last_index() + 1` and each next index one higher.
+    fn append(&mut self, entries: &[kvraft_proto::LogEntry]) -> Result<(), StorageError>;
+    /// Removes every entry with index >= `index` (no-op if beyond the end). `index` >= 1.
+    fn truncate_from(&mut self, index: u64) -> Result<(), StorageError>;
+    /// Index of the last entry, 0 when the log is empty.
+    fn last_index(&self) -> u64;
+    /// A handle that makes every append/truncate issued BEFORE the call to `sync()` durable.
+    /// Called from another thread (tokio `spawn_blocking`) while the owner keeps appending.
+    fn syncer(&self) -> Arc<dyn Syncer>;
+}
+
+/// Makes earlier log writes durable; see [`LogStore::syncer`].
+pub trait Syncer: Send + Sync {
+    fn sync(&self) -> Result<(), StorageError>;
+}
+
+/// Builds a `map_err` closure that attaches `path` to an I/O error.
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StorageError + '_ {
+    move |source| StorageError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Creates `dir` (and missing parents) if needed; a newly created directory is made durable by
+/// fsyncing its parent, so files created in it cannot vanish with it after a crash.
+fn create_dir_durable(dir: &Path) -> Result<(), StorageError> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    match dir.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => sync_dir(parent),
+        _ => Ok(()),
+    }
+}
+
+/// Fsyncs a directory so that entries created, renamed or removed in it survive a crash.
+fn sync_dir(dir: &Path) -> Result<(), StorageError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))
+}
+
+/// Durably replaces `path` with `contents`: write `tmp`, fsync it, rename over `path`, fsync
+/// the directory. A crash leaves the old file or the new one, never a torn one.
+fn replace_file_durable(
+    dir: &Path,
+    tmp: &Path,
+    path: &Path,
+    contents: &[u8],
+) -> Result<(), StorageError> {
+    let mut file = File::create(tmp).map_err(io_err(tmp))?;
+    std::io::Write::write_all(&mut file, contents).map_err(io_err(tmp))?;
+    file.sync_all().map_err(io_err(tmp))?;
+    drop(file);
+    std::fs::rename(tmp, path).map_err(io_err(path))?;
+    sync_dir(dir)
+}
