@@ -177,7 +177,7 @@ impl ClusterConfig {
     /// Checks the fields against each other. The error is `(key, what is wrong)`.
     pub fn validate(&self) -> Result<(), (String, String)> {
         let n = self.servers.len();
-        if n == 0 || n > SERVERS_MAX || n % 2 == 0 {
+        if n == 0 || n > SERVERS_MAX || n.is_multiple_of(2) {
             return Err((
                 "servers".into(),
                 format!(

@@ -67,9 +67,6 @@ impl ServerMeta {
 }
 
 /// Opens `<dir>/LOCK` and takes an exclusive lock on it without waiting.
-// `File::try_lock` is stable since Rust 1.89, above the workspace `rust-version` (1.88);
-// drop this allow once the workspace declares 1.89 or later.
-#[allow(clippy::incompatible_msrv)]
 fn take_lock(dir: &Path) -> Result<File, StorageError> {
     let path = dir.join(LOCK_FILE_NAME);
     let file = OpenOptions::new()
