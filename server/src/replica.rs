@@ -443,9 +443,14 @@ impl Replica {
                 self.adopt_term(term, leader);
             } else if term == self.hard.term && self.hard.leader == 0 {
                 self.accept_leader(leader);
-            }
-            if term == self.hard.term && leader == self.cfg.id && self.hard.leader == leader.0 {
-                self.become_leader();
+                // Leadership of a term starts only here, right after the designation is
+                // saved. A server that restarts with `leader == self` saved never leads that
+                // term again: it may have lost entries of the term that followers hold, and a
+                // second no-op at the same index would break log matching (rule 6). The coord
+                // sees it report "follower" and starts a new term.
+                if leader == self.cfg.id {
+                    self.become_leader();
+                }
             }
         }
         let report = self.report();
@@ -623,15 +628,18 @@ impl Replica {
             return;
         };
         peer.acked_round = peer.acked_round.max(resp.read_round);
-        peer.probe_outstanding = false;
         if resp.success {
             peer.match_index = peer.match_index.max(resp.match_index);
             peer.next_index = peer.next_index.max(peer.match_index + 1);
             peer.probing = false;
+            peer.probe_outstanding = false;
         } else if resp.conflict_index > 0 {
             peer.next_index = resp.conflict_index.max(peer.match_index + 1);
             peer.probing = true;
+            peer.probe_outstanding = false;
         }
+        // A refusal without a hint (the follower follows another leader of this term) leaves
+        // the probe outstanding: it is retried on the probe timer, not in a tight loop.
         self.advance_commit();
     }
 

@@ -522,3 +522,26 @@ fn put_of_unknown_session_is_refused() {
     }
     assert!(net.node(1).state_machine().get(b"k").is_none());
 }
+
+/// Rule 6: a leader that restarts within its term never leads that term again (a second no-op
+/// at an index followers already hold with the same term would break log matching).
+#[test]
+fn restarted_leader_does_not_resume_its_term() {
+    let (net, _) = Net::with_leader(3);
+    let node = net.node(1);
+    let hard = HardState {
+        term: node.term(),
+        leader: 1,
+    };
+    let entries: Vec<LogEntry> = (1..=node.durable_index())
+        .map(|i| node.entry(i).unwrap().clone())
+        .collect();
+    let mut restarted = Replica::new(config(1, 3), hard, entries);
+    let cmds = restarted.step(Event::CoordHeartbeat {
+        term: hard.term,
+        leader: NodeId(1),
+        reply: 1,
+    });
+    assert!(!restarted.is_leader());
+    assert!(!cmds.iter().any(|c| matches!(c, Command::AppendLog(_))));
+}

@@ -1,0 +1,278 @@
+//! Test harness: real `coord` and `server` processes on loopback, with a config written from
+//! scratch in a temporary directory and ports picked free by the OS.
+//!
+//! Processes are started from the binaries Cargo built for this package and killed through
+//! their own `Child` handles (SIGKILL, as `kill -9`), never by name. Dropping a [`Cluster`]
+//! kills whatever is still running; if the test is failing, the tail of every process log is
+//! printed first.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use kvraft_common::ClusterConfig;
+use kvraft_proto::admin_client::AdminClient;
+use kvraft_proto::coord_client_client::CoordClientClient;
+use kvraft_proto::{FaultRequest, GetLeaderRequest, LeaderInfo, StatusRequest, StatusResponse};
+use tempfile::TempDir;
+
+/// Every wait in the tests is bounded by this (generous: the CI machine has two cores and runs
+/// several clusters at once).
+pub const WAIT: Duration = Duration::from_secs(30);
+
+pub struct Cluster {
+    pub dir: TempDir,
+    pub config_path: PathBuf,
+    pub config: ClusterConfig,
+    coord: Option<Child>,
+    servers: BTreeMap<u32, Child>,
+    /// Extra flags per server id, used on every (re)start.
+    pub server_flags: BTreeMap<u32, Vec<String>>,
+}
+
+/// Test phases log with `tracing::info!("--- ...")`; shown for failing tests.
+pub fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("info")
+        .with_test_writer()
+        .try_init();
+}
+
+/// Ports the OS reports free right now. All listeners are held until every port is chosen so
+/// one cluster never gets the same port twice.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("local addr").port())
+        .collect()
+}
+
+/// A cluster config for `n` servers with free ports, data under `dir`.
+pub fn config_text(dir: &Path, n: usize, extra_coord: &str) -> String {
+    let ports = free_ports(n + 2);
+    let mut text = format!(
+        "[coord]\nserver_api_addr = \"127.0.0.1:{}\"\nclient_api_addr = \"127.0.0.1:{}\"\n\
+         data_dir = \"{}\"\nheartbeat_interval_ms = 50\nfailure_timeout_ms = 400\n{extra_coord}\n\
+         [client]\nop_timeout_ms = 20000\nattempt_timeout_ms = 1000\n",
+        ports[0],
+        ports[1],
+        dir.join("coord").display()
+    );
+    for i in 0..n {
+        text += &format!(
+            "\n[[servers]]\nid = {}\naddr = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\n",
+            i + 1,
+            ports[i + 2],
+            dir.join(format!("server{}", i + 1)).display()
+        );
+    }
+    text
+}
+
+impl Cluster {
+    /// Writes a config for `n` servers; starts nothing.
+    pub fn new(n: usize) -> Cluster {
+        Self::with_coord_options(n, "")
+    }
+
+    pub fn with_coord_options(n: usize, extra_coord: &str) -> Cluster {
+        init_logging();
+        let dir = tempfile::Builder::new()
+            .prefix("kvraft-e2e-")
+            .tempdir()
+            .expect("temp dir");
+        let config_path = dir.path().join("cluster.toml");
+        std::fs::write(&config_path, config_text(dir.path(), n, extra_coord)).expect("write config");
+        let config = ClusterConfig::load(&config_path).expect("valid config");
+        Cluster {
+            dir,
+            config_path,
+            config,
+            coord: None,
+            servers: BTreeMap::new(),
+            server_flags: BTreeMap::new(),
+        }
+    }
+
+    /// Starts the coord and every server.
+    pub fn start(n: usize) -> Cluster {
+        let mut c = Cluster::new(n);
+        c.start_all();
+        c
+    }
+
+    pub fn start_all(&mut self) {
+        self.start_coord();
+        for id in self.ids() {
+            self.start_server(id);
+        }
+    }
+
+    pub fn ids(&self) -> Vec<u32> {
+        self.config.servers.iter().map(|s| s.id).collect()
+    }
+
+    fn log_file(&self, name: &str) -> File {
+        let path = self.dir.path().join(format!("{name}.log"));
+        File::options()
+            .create(true)
+            .append(true)
+            .open(path)
+            .expect("open process log")
+    }
+
+    fn spawn(&self, exe: &str, args: &[String], log: &str) -> Child {
+        let out = self.log_file(log);
+        let err = out.try_clone().expect("clone log handle");
+        Command::new(exe)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {exe}: {e}"))
+    }
+
+    pub fn start_coord(&mut self) {
+        assert!(self.coord.is_none(), "coord already running");
+        let args = vec!["--config".into(), self.config_path.display().to_string()];
+        self.coord = Some(self.spawn(env!("CARGO_BIN_EXE_coord"), &args, "coord"));
+    }
+
+    pub fn start_server(&mut self, id: u32) {
+        assert!(!self.servers.contains_key(&id), "server {id} already running");
+        let mut args = vec![
+            id.to_string(),
+            "--config".into(),
+            self.config_path.display().to_string(),
+        ];
+        args.extend(self.server_flags.get(&id).cloned().unwrap_or_default());
+        let child = self.spawn(env!("CARGO_BIN_EXE_server"), &args, &format!("server{id}"));
+        self.servers.insert(id, child);
+    }
+
+    /// SIGKILL, as `kill -9`: no shutdown code runs.
+    pub fn kill_server(&mut self, id: u32) {
+        let mut child = self.servers.remove(&id).expect("server running");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    pub fn kill_coord(&mut self) {
+        let mut child = self.coord.take().expect("coord running");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Whether server `id`'s process has exited (reaping it if so).
+    pub fn server_exited(&mut self, id: u32) -> Option<std::process::ExitStatus> {
+        let child = self.servers.get_mut(&id)?;
+        let status = child.try_wait().ok().flatten()?;
+        self.servers.remove(&id);
+        Some(status)
+    }
+
+    pub fn addr(&self, id: u32) -> String {
+        self.config.server(id).expect("configured").addr.clone()
+    }
+
+    /// Runs the `client` binary with this cluster's config; waits for it to finish.
+    pub fn client(&self, client_id: &str, args: &[&str]) -> Output {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_client"));
+        cmd.arg(client_id)
+            .arg("--config")
+            .arg(&self.config_path)
+            .args(args)
+            .stdin(Stdio::null());
+        cmd.output().expect("run client")
+    }
+
+    pub async fn leader_info(&self) -> Option<LeaderInfo> {
+        let url = format!("http://{}", self.config.coord.client_api_addr);
+        let mut client = CoordClientClient::connect(url).await.ok()?;
+        let mut req = tonic::Request::new(GetLeaderRequest::default());
+        req.set_timeout(Duration::from_secs(2));
+        Some(client.get_leader(req).await.ok()?.into_inner())
+    }
+
+    /// Waits until the coord names a leader that satisfies `accept`.
+    pub async fn wait_leader(&self, accept: impl Fn(&LeaderInfo) -> bool) -> LeaderInfo {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(info) = self.leader_info().await {
+                if info.leader_id != 0 && accept(&info) {
+                    return info;
+                }
+            }
+            assert!(Instant::now() < deadline, "no acceptable leader within {WAIT:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn status(&self, id: u32) -> Option<StatusResponse> {
+        let url = format!("http://{}", self.addr(id));
+        let mut client = AdminClient::connect(url).await.ok()?;
+        let mut req = tonic::Request::new(StatusRequest {});
+        req.set_timeout(Duration::from_secs(2));
+        Some(client.status(req).await.ok()?.into_inner())
+    }
+
+    pub async fn set_faults(&self, id: u32, faults: FaultRequest) {
+        let url = format!("http://{}", self.addr(id));
+        let mut client = AdminClient::connect(url).await.expect("admin connect");
+        client.set_faults(faults).await.expect("set faults");
+    }
+
+    /// Waits until `cond` holds, polling; panics with `what` after [`WAIT`].
+    pub async fn wait_for<F, Fut>(what: &str, mut cond: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = Instant::now() + WAIT;
+        while !cond().await {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn dump_logs(&self) {
+        let mut names: Vec<String> = vec!["coord".into()];
+        names.extend(self.ids().iter().map(|id| format!("server{id}")));
+        for name in names {
+            let path = self.dir.path().join(format!("{name}.log"));
+            let Ok(text) = std::fs::read_to_string(&path) else { continue };
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(30)..];
+            eprintln!("----- last lines of {name} ({})", path.display());
+            for line in tail {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+        for (_, mut child) in std::mem::take(&mut self.servers) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Some(mut child) = self.coord.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

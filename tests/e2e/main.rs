@@ -1,0 +1,12 @@
+//! End-to-end tests: real coord and server processes on loopback, driven through the `client`
+//! binary and through kvslib. Numbered by area: t10 basic operations, t20 leader failover, t30
+//! exactly-once, t40 restarts, t50 partitions, t60 coord restart, t70 bad input.
+
+mod harness;
+mod t10_basic;
+mod t20_failover;
+mod t30_exactly_once;
+mod t40_restart;
+mod t50_partition;
+mod t60_coord_restart;
+mod t70_bad_input;

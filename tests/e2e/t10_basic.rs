@@ -1,0 +1,108 @@
+//! Basic operations through the `client` binary and through kvslib.
+
+use serde_json::Value;
+
+use crate::harness::Cluster;
+
+fn stdout(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "client failed: {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_get_and_missing_key_through_binary_and_library() {
+    let cluster = Cluster::start(3);
+    let leader = cluster.wait_leader(|_| true).await;
+    tracing::info!("--- client binary: put, get, missing key");
+    stdout(&cluster.client("1", &["put", "alpha", "one"]));
+    assert_eq!(stdout(&cluster.client("2", &["get", "alpha"])).trim(), "one");
+    assert_eq!(stdout(&cluster.client("2", &["get", "nope"])).trim(), "(not found)");
+
+    tracing::info!("--- kvslib: the binary's write is visible, versions count puts");
+    let client = kvslib::Client::connect(&cluster.config, "lib").await.unwrap();
+    assert_eq!(client.get("alpha").await.unwrap(), Some(b"one".to_vec()));
+    assert_eq!(client.get("missing").await.unwrap(), None);
+    let first = client.put("beta", "x").await.unwrap();
+    let second = client.put("beta", "y").await.unwrap();
+    assert_eq!((first.version, second.version), (1, 2));
+    assert!(second.index > first.index);
+    let v = client.get_versioned("beta").await.unwrap().unwrap();
+    assert_eq!((v.value, v.version), (b"y".to_vec(), 2));
+
+    tracing::info!("--- leader command matches the coord's view");
+    let json: Value = serde_json::from_str(&stdout(&cluster.client("1", &["leader"]))).unwrap();
+    assert_eq!(json["Leader-Id"], leader.leader_id);
+    assert_eq!(json["Leader-UUID"], leader.leader_uuid.as_str());
+    assert_eq!(json["Term"], leader.term);
+    client.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scripted_workload_runs_twenty_puts_and_gets() {
+    let cluster = Cluster::start(3);
+    cluster.wait_leader(|_| true).await;
+    let text = stdout(&cluster.client("1", &[]));
+    for i in 0..20 {
+        assert!(text.contains(&format!("Put(k{i}, val{i})")), "{text}");
+        assert!(text.contains(&format!("Get(k{i}) -> val{i}")), "{text}");
+    }
+    let client = kvslib::Client::connect(&cluster.config, "check").await.unwrap();
+    for i in 0..20 {
+        let v = client.get(format!("k{i}")).await.unwrap();
+        assert_eq!(v, Some(format!("val{i}").into_bytes()));
+    }
+    client.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_command_writes_request_records() {
+    let cluster = Cluster::start(3);
+    cluster.wait_leader(|_| true).await;
+    let out_file = cluster.dir.path().join("write.json");
+    let out = cluster.client(
+        "1",
+        &[
+            "run", "--op", "write", "--key-prefix", "key", "--value-prefix", "value",
+            "--count", "7", "--multi-key", "--out", out_file.to_str().unwrap(),
+        ],
+    );
+    stdout(&out);
+    let json: Value = serde_json::from_slice(&std::fs::read(&out_file).unwrap()).unwrap();
+    let records = json["write"].as_array().expect("a write array");
+    assert_eq!(records.len(), 7);
+    for r in records {
+        assert_eq!(r["Response"]["Status"], 0, "{r}");
+        assert_eq!(r["Response"]["Validate"], true, "{r}");
+        assert!(r["Req_resolved_time"].as_u64().is_some(), "{r}");
+        let ts = r["Request"]["Request_timestamp"].as_str().unwrap();
+        assert!(ts.ends_with('Z') && ts.contains('T'), "RFC 3339 UTC: {ts}");
+    }
+    let out = cluster.client(
+        "2",
+        &[
+            "run", "--op", "read", "--key-prefix", "key", "--value-prefix", "value",
+            "--count", "7", "--multi-key", "--sequential",
+        ],
+    );
+    let json: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let records = json["read"].as_array().expect("a read array");
+    assert_eq!(records.len(), 7);
+    for (i, r) in records.iter().enumerate() {
+        assert_eq!(r["Request"]["Key"], format!("key{i}"));
+        assert_eq!(r["Response"]["Response"], format!("value{i}"));
+        assert_eq!(r["Response"]["Validate"], true, "{r}");
+    }
+    // A read expecting another value does not validate, and the exit status says so.
+    let out = cluster.client(
+        "3",
+        &["run", "--op", "read", "--key-prefix", "key", "--value-prefix", "other"],
+    );
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["read"][0]["Response"]["Validate"], false);
+}

@@ -1,0 +1,135 @@
+//! Inputs a user can get wrong get a clear error naming what is wrong: config files, server
+//! ids, ports in use, oversized keys and values, a corrupt data directory (DESIGN rule 9).
+
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::harness::{Cluster, WAIT};
+
+/// Runs a binary that is expected to exit by itself; kills it (and fails) after [`WAIT`].
+fn run_to_exit(exe: &str, args: &[&str]) -> Output {
+    let mut child = Command::new(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + WAIT;
+    while child.try_wait().expect("try_wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{exe} {args:?} did not exit within {WAIT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
+}
+
+fn stderr_of(out: &Output) -> String {
+    assert!(!out.status.success(), "expected a failure exit status");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn server_id_not_in_config_is_named() {
+    let cluster = Cluster::new(3);
+    let config = cluster.config_path.to_str().unwrap();
+    let out = run_to_exit(env!("CARGO_BIN_EXE_server"), &["9", "--config", config]);
+    let err = stderr_of(&out);
+    assert!(err.contains("server id 9 is not in the config"), "{err}");
+    assert!(err.contains("1, 2, 3"), "{err}");
+}
+
+#[test]
+fn port_in_use_names_the_address_and_key() {
+    let cluster = Cluster::new(1);
+    let addr = cluster.addr(1);
+    let _holder = std::net::TcpListener::bind(&addr).expect("hold the port");
+    let config = cluster.config_path.to_str().unwrap();
+    let out = run_to_exit(env!("CARGO_BIN_EXE_server"), &["1", "--config", config]);
+    let err = stderr_of(&out);
+    assert!(err.contains(&addr) && err.contains("servers[0].addr"), "{err}");
+}
+
+#[test]
+fn invalid_config_files_name_file_key_and_problem() {
+    let cluster = Cluster::new(3);
+    let text = std::fs::read_to_string(&cluster.config_path).unwrap();
+    let cases = [
+        (
+            text.replace("failure_timeout_ms = 400", "failure_timeout_ms = 50"),
+            "coord.failure_timeout_ms",
+        ),
+        (text.replace("id = 3", "id = 2"), "servers[2].id"),
+        (text.replace("[coord]", "[coord]\nbogus = 1"), "bogus"),
+        (
+            text.clone() + "\n[[servers]]\nid = 4\naddr = \"127.0.0.1:1\"\ndata_dir = \"x\"\n",
+            "odd number",
+        ),
+    ];
+    for (i, (bad, expected)) in cases.iter().enumerate() {
+        let path = cluster.dir.path().join(format!("bad{i}.toml"));
+        std::fs::write(&path, bad).unwrap();
+        let p = path.to_str().unwrap();
+        for (exe, args) in [
+            (env!("CARGO_BIN_EXE_server"), vec!["1", "--config", p]),
+            (env!("CARGO_BIN_EXE_coord"), vec!["--config", p]),
+            (env!("CARGO_BIN_EXE_client"), vec!["1", "--config", p, "get", "k"]),
+        ] {
+            let err = stderr_of(&run_to_exit(exe, &args));
+            assert!(err.contains(p) && err.contains(expected), "{exe}: {err}");
+        }
+    }
+    let missing = cluster.dir.path().join("missing.toml");
+    let p = missing.to_str().unwrap();
+    let err = stderr_of(&run_to_exit(env!("CARGO_BIN_EXE_coord"), &["--config", p]));
+    assert!(err.contains(p), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_and_empty_keys_are_refused_before_sending() {
+    // No cluster runs: the checks happen before any network traffic.
+    let cluster = Cluster::new(1);
+    let out = cluster.client("1", &["put", "", "v"]);
+    let err = stderr_of(&out);
+    assert!(err.contains("key is empty"), "{err}");
+    let big_key = "k".repeat(kvslib::KEY_BYTES_MAX + 1);
+    let err = stderr_of(&cluster.client("1", &["put", &big_key, "v"]));
+    assert!(err.contains("key is") && err.contains("limit"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_log_record_refuses_start_and_torn_tail_is_truncated() {
+    let mut cluster = Cluster::start(1);
+    cluster.wait_leader(|_| true).await;
+    let client = kvslib::Client::connect(&cluster.config, "disk").await.unwrap();
+    for i in 0..20 {
+        client.put(format!("d{i}"), "x".repeat(100)).await.unwrap();
+    }
+    client.close().await;
+    cluster.kill_server(1);
+    let log = cluster.config.servers[0].data_dir.join("log");
+    let good = std::fs::read(&log).unwrap();
+
+    tracing::info!("--- a torn final record is cut off and the server starts");
+    let mut torn = good.clone();
+    torn.extend_from_slice(&[9, 0, 0, 0, 1, 2]);
+    std::fs::write(&log, &torn).unwrap();
+    cluster.start_server(1);
+    let client = kvslib::Client::connect(&cluster.config, "disk2").await.unwrap();
+    assert_eq!(client.get("d19").await.unwrap(), Some("x".repeat(100).into_bytes()));
+    client.close().await;
+    cluster.kill_server(1);
+
+    tracing::info!("--- a flipped byte in a middle record refuses to start, naming file and offset");
+    let mut bad = std::fs::read(&log).unwrap();
+    let middle = bad.len() / 2;
+    bad[middle] ^= 0xff;
+    std::fs::write(&log, &bad).unwrap();
+    let config = cluster.config_path.to_str().unwrap();
+    let out = run_to_exit(env!("CARGO_BIN_EXE_server"), &["1", "--config", config]);
+    let err = stderr_of(&out);
+    assert!(err.contains("corrupt log file") && err.contains(log.to_str().unwrap()), "{err}");
+    assert!(err.contains("byte offset"), "{err}");
+}
