@@ -1,0 +1,476 @@
+//! [`Client`]: the public handle. Checks input, bounds concurrency, assigns put identities
+//! and hands each operation to the router's retry loop.
+//!
+//! ```text
+//!   put(k, v) -- check limits -- permit (<= PUTS_IN_FLIGHT_MAX) -- session + seq guard
+//!             -- router.call("Put", deadline, attempt{session, seq, ack_seq now, k, v})
+//!             -- drop guard (seq finished) -- SESSION_EXPIRED? renew the session
+//! ```
+//!
+//! Invariants: nothing is sent for input that breaks a limit; every operation ends by its
+//! deadline (`client.op_timeout_ms`); all attempts of one put carry the same `(session, seq)`
+//! and a freshly computed `ack_seq`.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kvraft_common::limits::check_key_value;
+use kvraft_common::ClusterConfig;
+use kvraft_proto as pb;
+use pb::coord_client_client::CoordClientClient;
+use pb::kv_client::KvClient;
+use prost::bytes::Bytes;
+use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::time::Instant;
+use tracing::debug;
+
+use crate::backoff::Backoff;
+use crate::failure::Failure;
+use crate::router::Router;
+use crate::session::{self, Session, Sessions};
+use crate::watcher::Watcher;
+use crate::{Error, LeaderInfo, PutOutcome, Versioned};
+
+/// Most puts one client has in flight at once. The server holds up to 1024 waiting puts per
+/// session (a put waits there for the seqs before it); staying well below that keeps a burst
+/// from hitting `TOO_MANY_PENDING`, and bounds the seq bookkeeping here.
+pub const PUTS_IN_FLIGHT_MAX: usize = 256;
+/// Most gets one client has in flight at once: bounds the memory of queued requests and
+/// answers (values up to 1 MiB each) when a caller fans out without limit.
+pub const GETS_IN_FLIGHT_MAX: usize = 1024;
+/// First wait before asking an unreachable coord again (`query_leader`).
+const COORD_RETRY_INITIAL_MS: u64 = 50;
+/// Longest wait between coord queries: a restarting coord is found within half a second.
+const COORD_RETRY_MAX_MS: u64 = 500;
+/// Bytes of a key shown in debug logs; keys may be up to 1 KiB of arbitrary bytes.
+const KEY_PREVIEW_BYTES: usize = 64;
+
+/// A handle on the cluster. Cheap to clone (an `Arc` inside); every clone shares the session,
+/// the connections and the leader watch, and may be used from many tasks at once.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client_id: String,
+    coord_addr: String,
+    op_timeout: Duration,
+    router: Arc<Router>,
+    sessions: Sessions,
+    put_permits: Semaphore,
+    get_permits: Semaphore,
+    /// The leader watch task; `None` after `close`. Dropping it (with the last handle) stops it.
+    watcher: Mutex<Option<Watcher>>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("client_id", &self.inner.client_id)
+            .field("session_id", &self.session_id())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// Starts the leader watch and registers a fresh session through the leader, within
+    /// `client.op_timeout_ms`.
+    pub async fn connect(config: &ClusterConfig, client_id: &str) -> Result<Client, Error> {
+        if client_id.is_empty() {
+            return Err(Error::InvalidInput("client id is empty".to_string()));
+        }
+        config
+            .validate()
+            .map_err(|(key, message)| Error::InvalidInput(format!("config: {key}: {message}")))?;
+        debug!(action = "KvslibStart", client_id);
+        let router = Arc::new(Router::new(config));
+        let coord_addr = config.coord.client_api_addr.clone();
+        let watcher = Watcher::spawn(Arc::clone(&router), coord_addr, client_id.to_string());
+        let deadline = Instant::now() + Duration::from_millis(config.client.op_timeout_ms);
+        // On error the watcher is dropped here, which stops it.
+        let session_id = session::register(&router, client_id, deadline).await?;
+        debug!(client_id, session_id, "session registered");
+        Ok(Client::assemble(
+            config,
+            client_id,
+            router,
+            Some(watcher),
+            session_id,
+        ))
+    }
+
+    fn assemble(
+        config: &ClusterConfig,
+        client_id: &str,
+        router: Arc<Router>,
+        watcher: Option<Watcher>,
+        session_id: u64,
+    ) -> Client {
+        Client {
+            inner: Arc::new(Inner {
+                client_id: client_id.to_string(),
+                coord_addr: config.coord.client_api_addr.clone(),
+                op_timeout: Duration::from_millis(config.client.op_timeout_ms),
+                router,
+                sessions: Sessions::new(client_id, session_id),
+                put_permits: Semaphore::new(PUTS_IN_FLIGHT_MAX),
+                get_permits: Semaphore::new(GETS_IN_FLIGHT_MAX),
+                watcher: Mutex::new(watcher),
+            }),
+        }
+    }
+
+    pub fn client_id(&self) -> &str {
+        &self.inner.client_id
+    }
+
+    /// The current session id (it changes when an expired session is renewed).
+    pub fn session_id(&self) -> u64 {
+        self.inner.sessions.current_id()
+    }
+
+    /// Stores `value` under `key`, exactly once even across retries and failovers.
+    ///
+    /// On [`Error::Timeout`] the put may or may not have been applied.
+    pub async fn put(
+        &self,
+        key: impl Into<Vec<u8>>,
+        value: impl Into<Vec<u8>>,
+    ) -> Result<PutOutcome, Error> {
+        let (key, value) = (key.into(), value.into());
+        check_key_value(&key, Some(&value)).map_err(Error::InvalidInput)?;
+        let deadline = self.deadline();
+        let _permit = acquire(&self.inner.put_permits, "Put", deadline).await?;
+        let inner = &self.inner;
+        let session = inner.sessions.usable(&inner.router, deadline).await?;
+        let guard = session.begin_put();
+        debug!(action = "Put", client_id = %inner.client_id, session_id = session.id,
+            seq = guard.seq, key = %preview(&key), value_bytes = value.len());
+        let result = self
+            .send_put(&session, guard.seq, key.into(), value.into(), deadline)
+            .await;
+        // The seq is finished (answered or abandoned) before the caller sees the result.
+        let seq = guard.seq;
+        drop(guard);
+        debug!(action = "PutResultRecvd", client_id = %inner.client_id,
+            session_id = session.id, seq, result = ?result);
+        if result == Err(Error::SessionExpired) {
+            self.renew_session(&session, deadline).await;
+        }
+        result
+    }
+
+    async fn send_put(
+        &self,
+        session: &Session,
+        seq: u64,
+        key: Bytes,
+        value: Bytes,
+        deadline: Instant,
+    ) -> Result<PutOutcome, Error> {
+        let client_id = &self.inner.client_id;
+        self.inner
+            .router
+            .call("Put", deadline, |channel, addr| {
+                let request = pb::PutRequest {
+                    client_id: client_id.clone(),
+                    session_id: session.id,
+                    seq,
+                    // Recomputed on every attempt: other puts may have finished meanwhile.
+                    ack_seq: session.ack_seq(),
+                    key: key.clone(),
+                    value: value.clone(),
+                    trace_token: Bytes::new(),
+                };
+                put_attempt(channel, addr, request)
+            })
+            .await
+    }
+
+    /// Registers a new session after `stale` expired; failures are left to the next put.
+    async fn renew_session(&self, stale: &Session, deadline: Instant) {
+        let inner = &self.inner;
+        if let Err(error) = inner.sessions.renew(&inner.router, stale, deadline).await {
+            debug!(client_id = %inner.client_id, %error, "session renewal failed; next put retries it");
+        }
+    }
+
+    /// The value stored under `key`, or `None` if there is none (linearizable).
+    pub async fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Vec<u8>>, Error> {
+        Ok(self.get_versioned(key).await?.map(|v| v.value))
+    }
+
+    /// Like [`Client::get`], with the value's version (how many puts to the key were applied).
+    pub async fn get_versioned(&self, key: impl AsRef<[u8]>) -> Result<Option<Versioned>, Error> {
+        let key = key.as_ref();
+        check_key_value(key, None).map_err(Error::InvalidInput)?;
+        let deadline = self.deadline();
+        let _permit = acquire(&self.inner.get_permits, "Get", deadline).await?;
+        let client_id = &self.inner.client_id;
+        debug!(action = "Get", client_id = %client_id, key = %preview(key));
+        let key = Bytes::copy_from_slice(key);
+        let result = self
+            .inner
+            .router
+            .call("Get", deadline, |channel, addr| {
+                let request = pb::GetRequest {
+                    client_id: client_id.clone(),
+                    key: key.clone(),
+                    trace_token: Bytes::new(),
+                };
+                get_attempt(channel, addr, request)
+            })
+            .await;
+        debug!(action = "GetResultRecvd", client_id = %client_id, key = %preview(&key),
+            found = matches!(result, Ok(Some(_))), error = ?result.as_ref().err());
+        result
+    }
+
+    /// Who leads now, asked of the coord. When the coord cannot be reached, the cached view
+    /// (from the leader watch and server hints) is returned instead; an error only when
+    /// nothing is known at all.
+    pub async fn leader(&self) -> Result<LeaderInfo, Error> {
+        let inner = &self.inner;
+        debug!(action = "LeaderReq", client_id = %inner.client_id);
+        match self.ask_coord().await {
+            Ok(info) => {
+                debug!(action = "LeaderResRecvd", client_id = %inner.client_id,
+                    term = info.term, leader_id = info.leader_id, leader_uuid = %info.leader_uuid);
+                inner.router.offer(info.clone(), "coord");
+                Ok(info)
+            }
+            Err(message) => {
+                let cached = inner.router.leader_view();
+                debug!(client_id = %inner.client_id, %message, ?cached, "coord unreachable; using cached leader");
+                if cached.term == 0 && !cached.has_leader() {
+                    return Err(Error::Unavailable(format!(
+                        "{message}; no leader known from earlier"
+                    )));
+                }
+                Ok(cached)
+            }
+        }
+    }
+
+    async fn ask_coord(&self) -> Result<LeaderInfo, String> {
+        let inner = &self.inner;
+        ask_coord(&inner.router, &inner.coord_addr, &inner.client_id).await
+    }
+
+    /// Stops the background leader watch (for every clone of this handle). Other clones keep
+    /// working, following server hints only.
+    pub async fn close(self) {
+        let watcher = self
+            .inner
+            .watcher
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(watcher) = watcher {
+            watcher.stop().await;
+        }
+        debug!(action = "KvslibStop", client_id = %self.inner.client_id);
+    }
+
+    fn deadline(&self) -> Instant {
+        Instant::now() + self.inner.op_timeout
+    }
+}
+
+/// Who leads now, asked of the coord without registering a session (so it works while the
+/// cluster cannot serve). Retries an unreachable coord until `client.op_timeout_ms` passes.
+pub async fn query_leader(config: &ClusterConfig, client_id: &str) -> Result<LeaderInfo, Error> {
+    config
+        .validate()
+        .map_err(|(key, message)| Error::InvalidInput(format!("config: {key}: {message}")))?;
+    let router = Router::new(config);
+    let coord_addr = &config.coord.client_api_addr;
+    let deadline = Instant::now() + Duration::from_millis(config.client.op_timeout_ms);
+    let mut backoff = Backoff::new(
+        Duration::from_millis(COORD_RETRY_INITIAL_MS),
+        Duration::from_millis(COORD_RETRY_MAX_MS),
+    );
+    debug!(action = "LeaderReq", client_id);
+    loop {
+        let attempt = ask_coord(&router, coord_addr, client_id);
+        let last_error = match tokio::time::timeout_at(deadline, attempt).await {
+            Ok(Ok(info)) => {
+                debug!(action = "LeaderResRecvd", client_id, term = info.term,
+                    leader_id = info.leader_id, leader_uuid = %info.leader_uuid);
+                return Ok(info);
+            }
+            Ok(Err(message)) => message,
+            Err(_) => "the coord did not answer in time".to_string(),
+        };
+        let wake = Instant::now() + backoff.next_delay();
+        if wake >= deadline {
+            return Err(Error::Timeout {
+                op: "GetLeader",
+                last_error,
+            });
+        }
+        tokio::time::sleep_until(wake).await;
+    }
+}
+
+/// One `GetLeader` call to the coord, bounded by the attempt timeout.
+async fn ask_coord(router: &Router, addr: &str, client_id: &str) -> Result<LeaderInfo, String> {
+    let channel = router.channel(addr)?;
+    let request = pb::GetLeaderRequest {
+        client_id: client_id.to_string(),
+        trace_token: Bytes::new(),
+    };
+    let timeout = router.attempt_timeout();
+    let mut coord = CoordClientClient::new(channel);
+    match tokio::time::timeout(timeout, coord.get_leader(request)).await {
+        Ok(Ok(response)) => Ok(response.into_inner().into()),
+        Ok(Err(status)) => Err(format!("coord {addr}: {status}")),
+        Err(_) => Err(format!(
+            "coord {addr}: no answer within {} ms",
+            timeout.as_millis()
+        )),
+    }
+}
+
+async fn put_attempt(
+    channel: tonic::transport::Channel,
+    addr: String,
+    request: pb::PutRequest,
+) -> Result<PutOutcome, Failure> {
+    let response = KvClient::new(channel)
+        .put(request)
+        .await
+        .map_err(|status| Failure::from_status(&status, &addr))?
+        .into_inner();
+    if let Some(failure) = Failure::from_kv_error(response.error.as_ref(), &addr) {
+        return Err(failure);
+    }
+    Ok(PutOutcome {
+        version: response.version,
+        index: response.index,
+    })
+}
+
+async fn get_attempt(
+    channel: tonic::transport::Channel,
+    addr: String,
+    request: pb::GetRequest,
+) -> Result<Option<Versioned>, Failure> {
+    let response = KvClient::new(channel)
+        .get(request)
+        .await
+        .map_err(|status| Failure::from_status(&status, &addr))?
+        .into_inner();
+    if let Some(failure) = Failure::from_kv_error(response.error.as_ref(), &addr) {
+        return Err(failure);
+    }
+    Ok(response.found.then(|| Versioned {
+        value: response.value.to_vec(),
+        version: response.version,
+    }))
+}
+
+/// A concurrency permit, waited for no longer than the operation's deadline.
+async fn acquire<'a>(
+    permits: &'a Semaphore,
+    op: &'static str,
+    deadline: Instant,
+) -> Result<SemaphorePermit<'a>, Error> {
+    match tokio::time::timeout_at(deadline, permits.acquire()).await {
+        Ok(Ok(permit)) => Ok(permit),
+        Ok(Err(_closed)) => Err(Error::Unavailable("client is shutting down".to_string())),
+        Err(_) => Err(Error::Timeout {
+            op,
+            last_error: "too many operations of this client in flight".to_string(),
+        }),
+    }
+}
+
+/// A short, printable form of a key for logs.
+fn preview(key: &[u8]) -> String {
+    let shown = &key[..key.len().min(KEY_PREVIEW_BYTES)];
+    let mut text = String::from_utf8_lossy(shown).into_owned();
+    if key.len() > KEY_PREVIEW_BYTES {
+        text.push_str(&format!("...({} bytes)", key.len()));
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use kvraft_common::limits::{KEY_BYTES_MAX, VALUE_BYTES_MAX};
+
+    use super::*;
+
+    /// A client whose servers and coord are unreachable, with a deadline far beyond the
+    /// test's patience: any network attempt would make the call hang, not fail fast.
+    fn offline_client() -> Client {
+        let text = r#"
+[coord]
+server_api_addr = "127.0.0.1:9"
+client_api_addr = "127.0.0.1:10"
+data_dir = "coord"
+[[servers]]
+id = 1
+addr = "127.0.0.1:11"
+data_dir = "s1"
+[client]
+op_timeout_ms = 600000
+attempt_timeout_ms = 600000
+"#;
+        let config = ClusterConfig::parse(text, Path::new("test.toml")).expect("valid test config");
+        let router = Arc::new(Router::new(&config));
+        Client::assemble(&config, "c1", router, None, 1)
+    }
+
+    async fn refused(call: impl std::future::Future<Output = Result<(), Error>>) -> String {
+        let result = tokio::time::timeout(Duration::from_secs(1), call)
+            .await
+            .expect("input checks must not wait for the network");
+        match result {
+            Err(Error::InvalidInput(message)) => message,
+            other => panic!("expected InvalidInput, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn oversized_or_empty_input_is_refused_before_any_network() {
+        let c = offline_client();
+        let put = |k: Vec<u8>, v: Vec<u8>| {
+            let c = c.clone();
+            async move { c.put(k, v).await.map(|_| ()) }
+        };
+        let m = refused(put(vec![], b"v".to_vec())).await;
+        assert!(m.contains("key is empty"), "{m}");
+        let m = refused(put(vec![b'k'; KEY_BYTES_MAX + 1], b"v".to_vec())).await;
+        assert!(m.contains("key is 1025 bytes") && m.contains("1024"), "{m}");
+        let m = refused(put(b"k".to_vec(), vec![0; VALUE_BYTES_MAX + 1])).await;
+        assert!(
+            m.contains("value is 1048577 bytes") && m.contains("1048576"),
+            "{m}"
+        );
+        let m = refused(async { c.get("").await.map(|_| ()) }).await;
+        assert!(m.contains("key is empty"), "{m}");
+        let long_key = vec![b'k'; KEY_BYTES_MAX + 1];
+        let m = refused(async { c.get_versioned(&long_key).await.map(|_| ()) }).await;
+        assert!(m.contains("key is 1025 bytes"), "{m}");
+        assert!(Error::InvalidInput(m).is_definite());
+    }
+
+    #[tokio::test]
+    async fn input_at_the_limits_is_accepted_by_the_check() {
+        let key = vec![b'k'; KEY_BYTES_MAX];
+        let value = vec![0; VALUE_BYTES_MAX];
+        assert_eq!(check_key_value(&key, Some(&value)), Ok(()));
+    }
+
+    #[test]
+    fn key_preview_is_bounded() {
+        assert_eq!(preview(b"k1"), "k1");
+        let long = preview(&[b'x'; 1000]);
+        assert!(long.len() < 100 && long.ends_with("(1000 bytes)"), "{long}");
+    }
+}

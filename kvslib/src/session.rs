@@ -1,0 +1,208 @@
+//! The client's session with the cluster: its id, the seq bookkeeping of its puts, and
+//! renewal when the server reports it expired.
+//!
+//! ```text
+//!   Sessions.current --> Arc<Session{id, SeqTracker}> <-- held by every put of that session
+//!        | SESSION_EXPIRED on session S
+//!        v
+//!   renew(S): one caller registers a new session under `renew_lock`; the others find
+//!   `current.id != S` afterwards and reuse it
+//! ```
+//!
+//! Invariants: a put keeps the `Arc<Session>` it started with for all its attempts, so a
+//! renewal never gives a put a second identity (its seq belongs to exactly one session); a
+//! put's seq is finished exactly once, by [`SeqGuard`]'s drop, also when the caller's future is
+//! cancelled. Registration retries may leak a session whose answer was lost; the server expires
+//! it by TTL.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use kvraft_proto as pb;
+use pb::kv_client::KvClient;
+use tokio::time::Instant;
+use tracing::debug;
+
+use crate::failure::Failure;
+use crate::router::Router;
+use crate::seq_tracker::SeqTracker;
+use crate::{Error, PUTS_IN_FLIGHT_MAX};
+
+pub(crate) struct Session {
+    pub(crate) id: u64,
+    seqs: Mutex<SeqTracker>,
+    /// Set when a server said the session is unknown; the next operation renews it first.
+    expired: AtomicBool,
+}
+
+/// A put's seq, finished (answered or abandoned) when dropped.
+pub(crate) struct SeqGuard {
+    session: Arc<Session>,
+    pub(crate) seq: u64,
+}
+
+pub(crate) struct Sessions {
+    client_id: String,
+    current: Mutex<Arc<Session>>,
+    /// Serializes renewals so concurrent callers that saw the same expiry register only once.
+    renew_lock: tokio::sync::Mutex<()>,
+}
+
+impl Session {
+    fn new(id: u64) -> Arc<Session> {
+        assert!(id != 0, "invariant: session ids start at 1");
+        Arc::new(Session {
+            id,
+            seqs: Mutex::new(SeqTracker::new()),
+            expired: AtomicBool::new(false),
+        })
+    }
+
+    fn seqs(&self) -> MutexGuard<'_, SeqTracker> {
+        self.seqs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Assigns the next seq of this session, in issue order.
+    pub(crate) fn begin_put(self: &Arc<Self>) -> SeqGuard {
+        let mut seqs = self.seqs();
+        let seq = seqs.assign();
+        assert!(
+            seqs.in_flight() <= PUTS_IN_FLIGHT_MAX,
+            "invariant: the put permits bound the seqs in flight"
+        );
+        drop(seqs);
+        SeqGuard {
+            session: Arc::clone(self),
+            seq,
+        }
+    }
+
+    /// The `ack_seq` to send now; changes as other puts of the session finish.
+    pub(crate) fn ack_seq(&self) -> u64 {
+        self.seqs().ack_seq()
+    }
+}
+
+impl Drop for SeqGuard {
+    fn drop(&mut self) {
+        self.session.seqs().finish(self.seq);
+    }
+}
+
+impl Sessions {
+    pub(crate) fn new(client_id: &str, session_id: u64) -> Sessions {
+        Sessions {
+            client_id: client_id.to_string(),
+            current: Mutex::new(Session::new(session_id)),
+            renew_lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn current(&self) -> Arc<Session> {
+        Arc::clone(&self.current.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    pub(crate) fn current_id(&self) -> u64 {
+        self.current().id
+    }
+
+    /// The session for a new put, renewed first if a server reported it expired.
+    pub(crate) async fn usable(
+        &self,
+        router: &Router,
+        deadline: Instant,
+    ) -> Result<Arc<Session>, Error> {
+        let session = self.current();
+        if !session.expired.load(Ordering::Acquire) {
+            return Ok(session);
+        }
+        self.renew(router, &session, deadline).await?;
+        Ok(self.current())
+    }
+
+    /// Replaces `stale` by a newly registered session, unless another caller already did.
+    pub(crate) async fn renew(
+        &self,
+        router: &Router,
+        stale: &Session,
+        deadline: Instant,
+    ) -> Result<(), Error> {
+        stale.expired.store(true, Ordering::Release);
+        let lock = tokio::time::timeout_at(deadline, self.renew_lock.lock()).await;
+        let _guard = lock.map_err(|_| Error::Timeout {
+            op: "RegisterSession",
+            last_error: "waiting for another caller's session renewal".to_string(),
+        })?;
+        if self.current_id() != stale.id {
+            return Ok(());
+        }
+        let id = register(router, &self.client_id, deadline).await?;
+        debug!(client_id = %self.client_id, old = stale.id, new = id, "session renewed");
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Session::new(id);
+        Ok(())
+    }
+}
+
+/// Registers a fresh session through the leader; returns its id.
+pub(crate) async fn register(
+    router: &Router,
+    client_id: &str,
+    deadline: Instant,
+) -> Result<u64, Error> {
+    router
+        .call("RegisterSession", deadline, |channel, addr| {
+            let request = pb::RegisterSessionRequest {
+                client_id: client_id.to_string(),
+                trace_token: Default::default(),
+            };
+            async move {
+                let response = KvClient::new(channel)
+                    .register_session(request)
+                    .await
+                    .map_err(|status| Failure::from_status(&status, &addr))?
+                    .into_inner();
+                if let Some(failure) = Failure::from_kv_error(response.error.as_ref(), &addr) {
+                    return Err(failure);
+                }
+                if response.session_id == 0 {
+                    return Err(Failure::Retry(format!(
+                        "server {addr}: answered RegisterSession with session id 0"
+                    )));
+                }
+                Ok(response.session_id)
+            }
+        })
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dropped_guards_release_their_seq_in_any_order() {
+        let session = Session::new(7);
+        let a = session.begin_put();
+        let b = session.begin_put();
+        let c = session.begin_put();
+        assert_eq!((a.seq, b.seq, c.seq), (1, 2, 3));
+        drop(b);
+        assert_eq!(session.ack_seq(), 1);
+        drop(a);
+        assert_eq!(session.ack_seq(), 3);
+        drop(c);
+        assert_eq!(session.ack_seq(), 4);
+    }
+
+    #[test]
+    fn a_new_session_starts_its_seqs_at_one() {
+        let sessions = Sessions::new("c1", 5);
+        let old = sessions.current();
+        let _g = old.begin_put();
+        *sessions.current.lock().unwrap() = Session::new(9);
+        let fresh = sessions.current();
+        assert_eq!(fresh.id, 9);
+        assert_eq!(fresh.begin_put().seq, 1);
+        assert_eq!(old.ack_seq(), 1, "the old session's put is still in flight");
+    }
+}
