@@ -13,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use kvraft_common::limits::check_key_value;
 use kvslib::{Client, ClusterConfig, Error, LeaderInfo};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -180,9 +181,14 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         }
         None => script(&connect(&config, id).await?).await,
         Some(Command::Put { key, value }) => {
+            // Refuse bad input before touching the network.
+            check_key_value(key.as_bytes(), Some(value.as_bytes())).map_err(anyhow::Error::msg)?;
             put_once(&connect(&config, id).await?, key, value).await
         }
-        Some(Command::Get { key }) => get_once(&connect(&config, id).await?, &key).await,
+        Some(Command::Get { key }) => {
+            check_key_value(key.as_bytes(), None).map_err(anyhow::Error::msg)?;
+            get_once(&connect(&config, id).await?, &key).await
+        }
         Some(Command::Run(args)) => run_batch(&connect(&config, id).await?, &args).await,
         Some(Command::Shell) => shell(&connect(&config, id).await?).await,
     }

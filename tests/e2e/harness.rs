@@ -90,7 +90,8 @@ impl Cluster {
             .tempdir()
             .expect("temp dir");
         let config_path = dir.path().join("cluster.toml");
-        std::fs::write(&config_path, config_text(dir.path(), n, extra_coord)).expect("write config");
+        std::fs::write(&config_path, config_text(dir.path(), n, extra_coord))
+            .expect("write config");
         let config = ClusterConfig::load(&config_path).expect("valid config");
         Cluster {
             dir,
@@ -149,7 +150,10 @@ impl Cluster {
     }
 
     pub fn start_server(&mut self, id: u32) {
-        assert!(!self.servers.contains_key(&id), "server {id} already running");
+        assert!(
+            !self.servers.contains_key(&id),
+            "server {id} already running"
+        );
         let mut args = vec![
             id.to_string(),
             "--config".into(),
@@ -213,7 +217,10 @@ impl Cluster {
                     return info;
                 }
             }
-            assert!(Instant::now() < deadline, "no acceptable leader within {WAIT:?}");
+            assert!(
+                Instant::now() < deadline,
+                "no acceptable leader within {WAIT:?}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -250,7 +257,9 @@ impl Cluster {
         names.extend(self.ids().iter().map(|id| format!("server{id}")));
         for name in names {
             let path = self.dir.path().join(format!("{name}.log"));
-            let Ok(text) = std::fs::read_to_string(&path) else { continue };
+            let Ok(text) = std::fs::read_to_string(&path) else {
+                continue;
+            };
             let lines: Vec<&str> = text.lines().collect();
             let tail = &lines[lines.len().saturating_sub(30)..];
             eprintln!("----- last lines of {name} ({})", path.display());

@@ -21,11 +21,19 @@ async fn put_get_and_missing_key_through_binary_and_library() {
     let leader = cluster.wait_leader(|_| true).await;
     tracing::info!("--- client binary: put, get, missing key");
     stdout(&cluster.client("1", &["put", "alpha", "one"]));
-    assert_eq!(stdout(&cluster.client("2", &["get", "alpha"])).trim(), "one");
-    assert_eq!(stdout(&cluster.client("2", &["get", "nope"])).trim(), "(not found)");
+    assert_eq!(
+        stdout(&cluster.client("2", &["get", "alpha"])).trim(),
+        "one"
+    );
+    assert_eq!(
+        stdout(&cluster.client("2", &["get", "nope"])).trim(),
+        "(not found)"
+    );
 
     tracing::info!("--- kvslib: the binary's write is visible, versions count puts");
-    let client = kvslib::Client::connect(&cluster.config, "lib").await.unwrap();
+    let client = kvslib::Client::connect(&cluster.config, "lib")
+        .await
+        .unwrap();
     assert_eq!(client.get("alpha").await.unwrap(), Some(b"one".to_vec()));
     assert_eq!(client.get("missing").await.unwrap(), None);
     let first = client.put("beta", "x").await.unwrap();
@@ -52,7 +60,9 @@ async fn scripted_workload_runs_twenty_puts_and_gets() {
         assert!(text.contains(&format!("Put(k{i}, val{i})")), "{text}");
         assert!(text.contains(&format!("Get(k{i}) -> val{i}")), "{text}");
     }
-    let client = kvslib::Client::connect(&cluster.config, "check").await.unwrap();
+    let client = kvslib::Client::connect(&cluster.config, "check")
+        .await
+        .unwrap();
     for i in 0..20 {
         let v = client.get(format!("k{i}")).await.unwrap();
         assert_eq!(v, Some(format!("val{i}").into_bytes()));
@@ -68,8 +78,18 @@ async fn run_command_writes_request_records() {
     let out = cluster.client(
         "1",
         &[
-            "run", "--op", "write", "--key-prefix", "key", "--value-prefix", "value",
-            "--count", "7", "--multi-key", "--out", out_file.to_str().unwrap(),
+            "run",
+            "--op",
+            "write",
+            "--key-prefix",
+            "key",
+            "--value-prefix",
+            "value",
+            "--count",
+            "7",
+            "--multi-key",
+            "--out",
+            out_file.to_str().unwrap(),
         ],
     );
     stdout(&out);
@@ -86,8 +106,17 @@ async fn run_command_writes_request_records() {
     let out = cluster.client(
         "2",
         &[
-            "run", "--op", "read", "--key-prefix", "key", "--value-prefix", "value",
-            "--count", "7", "--multi-key", "--sequential",
+            "run",
+            "--op",
+            "read",
+            "--key-prefix",
+            "key",
+            "--value-prefix",
+            "value",
+            "--count",
+            "7",
+            "--multi-key",
+            "--sequential",
         ],
     );
     let json: Value = serde_json::from_str(&stdout(&out)).unwrap();
@@ -101,7 +130,15 @@ async fn run_command_writes_request_records() {
     // A read expecting another value does not validate, and the exit status says so.
     let out = cluster.client(
         "3",
-        &["run", "--op", "read", "--key-prefix", "key", "--value-prefix", "other"],
+        &[
+            "run",
+            "--op",
+            "read",
+            "--key-prefix",
+            "key",
+            "--value-prefix",
+            "other",
+        ],
     );
     let json: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["read"][0]["Response"]["Validate"], false);

@@ -9,7 +9,11 @@ const WRITERS: usize = 4;
 
 type Acked = Arc<Mutex<Vec<(String, String)>>>;
 
-fn spawn_writers(client: &kvslib::Client, stop: &Arc<AtomicBool>, acked: &Acked) -> Vec<tokio::task::JoinHandle<()>> {
+fn spawn_writers(
+    client: &kvslib::Client,
+    stop: &Arc<AtomicBool>,
+    acked: &Acked,
+) -> Vec<tokio::task::JoinHandle<()>> {
     (0..WRITERS)
         .map(|w| {
             let (client, stop, acked) = (client.clone(), stop.clone(), acked.clone());
@@ -39,7 +43,9 @@ async fn wait_acked(acked: &Acked, n: usize) {
 async fn leader_kill_during_writes_loses_nothing_acknowledged() {
     let mut cluster = Cluster::start(3);
     let old = cluster.wait_leader(|_| true).await;
-    let client = kvslib::Client::connect(&cluster.config, "load").await.unwrap();
+    let client = kvslib::Client::connect(&cluster.config, "load")
+        .await
+        .unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let acked: Acked = Arc::default();
     let writers = spawn_writers(&client, &stop, &acked);
@@ -52,7 +58,12 @@ async fn leader_kill_during_writes_loses_nothing_acknowledged() {
         .wait_leader(|l| l.leader_uuid != old.leader_uuid)
         .await;
     assert_ne!(new.leader_id, old.leader_id);
-    assert!(new.term > old.term, "a new term: {} > {}", new.term, old.term);
+    assert!(
+        new.term > old.term,
+        "a new term: {} > {}",
+        new.term,
+        old.term
+    );
 
     tracing::info!("--- writes resume under the new leader");
     wait_acked(&acked, before + 100).await;
@@ -63,7 +74,9 @@ async fn leader_kill_during_writes_loses_nothing_acknowledged() {
 
     tracing::info!("--- every acknowledged write is readable");
     let acked = acked.lock().unwrap().clone();
-    let reader = kvslib::Client::connect(&cluster.config, "reader").await.unwrap();
+    let reader = kvslib::Client::connect(&cluster.config, "reader")
+        .await
+        .unwrap();
     for (k, v) in &acked {
         let got = reader.get(k.as_str()).await.unwrap();
         assert_eq!(got.as_deref(), Some(v.as_bytes()), "key {k}");

@@ -9,10 +9,15 @@ use crate::harness::Cluster;
 async fn crash_after_commit_before_reply_applies_retry_once() {
     let mut cluster = Cluster::start(3);
     let leader = cluster.wait_leader(|_| true).await;
-    let client = kvslib::Client::connect(&cluster.config, "once").await.unwrap();
+    let client = kvslib::Client::connect(&cluster.config, "once")
+        .await
+        .unwrap();
     assert_eq!(client.put("k", "first").await.unwrap().version, 1);
 
-    let status = cluster.status(leader.leader_id).await.expect("leader status");
+    let status = cluster
+        .status(leader.leader_id)
+        .await
+        .expect("leader status");
     let last = status.report.unwrap().last_log_index;
     let fault = FaultRequest {
         crash_after_commit: last + 1,
@@ -20,8 +25,14 @@ async fn crash_after_commit_before_reply_applies_retry_once() {
     };
     cluster.set_faults(leader.leader_id, fault).await;
 
-    tracing::info!("--- the put commits at index {}, the leader exits before replying", last + 1);
-    let outcome = client.put("k", "second").await.expect("retried put succeeds");
+    tracing::info!(
+        "--- the put commits at index {}, the leader exits before replying",
+        last + 1
+    );
+    let outcome = client
+        .put("k", "second")
+        .await
+        .expect("retried put succeeds");
     let id = leader.leader_id;
     Cluster::wait_for("the leader to exit", || {
         let exited = cluster.server_exited(id).is_some();

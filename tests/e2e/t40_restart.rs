@@ -23,7 +23,9 @@ async fn read_range(client: &kvslib::Client, range: std::ops::Range<u32>) {
 async fn follower_restart_catches_up_and_full_restart_keeps_everything() {
     let mut cluster = Cluster::start(3);
     let leader = cluster.wait_leader(|_| true).await;
-    let client = kvslib::Client::connect(&cluster.config, "restart").await.unwrap();
+    let client = kvslib::Client::connect(&cluster.config, "restart")
+        .await
+        .unwrap();
     write_range(&client, 0..50).await;
 
     let follower = cluster
@@ -62,7 +64,9 @@ async fn follower_restart_catches_up_and_full_restart_keeps_everything() {
     cluster.start_all();
     let after = cluster.wait_leader(|_| true).await;
     assert!(after.term > leader.term, "terms are never reused");
-    let client = kvslib::Client::connect(&cluster.config, "after").await.unwrap();
+    let client = kvslib::Client::connect(&cluster.config, "after")
+        .await
+        .unwrap();
     read_range(&client, 0..100).await;
     write_range(&client, 100..110).await;
     read_range(&client, 100..110).await;

@@ -18,7 +18,9 @@ async fn leader_cut_from_coord_is_replaced_by_most_up_to_date_and_fenced() {
     let l = old.leader_id;
     let others: Vec<u32> = cluster.ids().into_iter().filter(|&id| id != l).collect();
     let (f, a, b, lagging) = (others[0], others[1], others[2], others[3]);
-    let client = kvslib::Client::connect(&cluster.config, "part").await.unwrap();
+    let client = kvslib::Client::connect(&cluster.config, "part")
+        .await
+        .unwrap();
     for i in 0..10 {
         client.put(format!("p{i}"), "before").await.unwrap();
     }
@@ -48,9 +50,15 @@ async fn leader_cut_from_coord_is_replaced_by_most_up_to_date_and_fenced() {
         new.leader_id
     );
 
-    tracing::info!("--- the old leader cannot commit: a put sent straight to it is never acknowledged");
-    let fresh = kvslib::Client::connect(&cluster.config, "fresh").await.unwrap();
-    let mut raw = KvClient::connect(format!("http://{}", cluster.addr(l))).await.unwrap();
+    tracing::info!(
+        "--- the old leader cannot commit: a put sent straight to it is never acknowledged"
+    );
+    let fresh = kvslib::Client::connect(&cluster.config, "fresh")
+        .await
+        .unwrap();
+    let mut raw = KvClient::connect(format!("http://{}", cluster.addr(l)))
+        .await
+        .unwrap();
     let mut req = tonic::Request::new(PutRequest {
         client_id: "fresh".into(),
         session_id: fresh.session_id(),
@@ -63,7 +71,10 @@ async fn leader_cut_from_coord_is_replaced_by_most_up_to_date_and_fenced() {
     req.set_timeout(Duration::from_secs(3));
     match raw.put(req).await {
         Ok(resp) => {
-            let err = resp.into_inner().error.expect("old leader must not acknowledge");
+            let err = resp
+                .into_inner()
+                .error
+                .expect("old leader must not acknowledge");
             assert_eq!(err.code, ErrorCode::ErrorNotLeader as i32, "{err:?}");
         }
         Err(status) => assert_eq!(status.code(), tonic::Code::DeadlineExceeded),
@@ -84,7 +95,9 @@ async fn leader_cut_from_coord_is_replaced_by_most_up_to_date_and_fenced() {
         let new_term = new.term;
         async move {
             for id in ids {
-                let Some(s) = c.status(id).await else { return false };
+                let Some(s) = c.status(id).await else {
+                    return false;
+                };
                 let r = s.report.unwrap();
                 if r.term < new_term || s.last_applied < target.commit_index {
                     return false;

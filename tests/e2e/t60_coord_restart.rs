@@ -8,7 +8,9 @@ use crate::harness::Cluster;
 async fn writes_continue_while_coord_is_down_and_terms_never_repeat() {
     let mut cluster = Cluster::start(3);
     let first = cluster.wait_leader(|_| true).await;
-    let client = kvslib::Client::connect(&cluster.config, "coordless").await.unwrap();
+    let client = kvslib::Client::connect(&cluster.config, "coordless")
+        .await
+        .unwrap();
     for i in 0..10 {
         client.put(format!("c{i}"), "up").await.unwrap();
     }
@@ -18,7 +20,10 @@ async fn writes_continue_while_coord_is_down_and_terms_never_repeat() {
     for i in 10..60 {
         client.put(format!("c{i}"), "coord-down").await.unwrap();
     }
-    assert_eq!(client.get("c59").await.unwrap(), Some(b"coord-down".to_vec()));
+    assert_eq!(
+        client.get("c59").await.unwrap(),
+        Some(b"coord-down".to_vec())
+    );
 
     tracing::info!("--- restart the coord: it adopts the live leader, no new term");
     cluster.start_coord();
@@ -30,7 +35,9 @@ async fn writes_continue_while_coord_is_down_and_terms_never_repeat() {
 
     tracing::info!("--- a later failover issues a term above every earlier one");
     cluster.kill_server(first.leader_id);
-    let next = cluster.wait_leader(|l| l.leader_id != first.leader_id).await;
+    let next = cluster
+        .wait_leader(|l| l.leader_id != first.leader_id)
+        .await;
     assert!(next.term > first.term);
     for i in 60..70 {
         client.put(format!("c{i}"), "after").await.unwrap();

@@ -49,7 +49,10 @@ fn port_in_use_names_the_address_and_key() {
     let config = cluster.config_path.to_str().unwrap();
     let out = run_to_exit(env!("CARGO_BIN_EXE_server"), &["1", "--config", config]);
     let err = stderr_of(&out);
-    assert!(err.contains(&addr) && err.contains("servers[0].addr"), "{err}");
+    assert!(
+        err.contains(&addr) && err.contains("servers[0].addr"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -75,7 +78,10 @@ fn invalid_config_files_name_file_key_and_problem() {
         for (exe, args) in [
             (env!("CARGO_BIN_EXE_server"), vec!["1", "--config", p]),
             (env!("CARGO_BIN_EXE_coord"), vec!["--config", p]),
-            (env!("CARGO_BIN_EXE_client"), vec!["1", "--config", p, "get", "k"]),
+            (
+                env!("CARGO_BIN_EXE_client"),
+                vec!["1", "--config", p, "get", "k"],
+            ),
         ] {
             let err = stderr_of(&run_to_exit(exe, &args));
             assert!(err.contains(p) && err.contains(expected), "{exe}: {err}");
@@ -103,7 +109,9 @@ async fn oversized_and_empty_keys_are_refused_before_sending() {
 async fn corrupt_log_record_refuses_start_and_torn_tail_is_truncated() {
     let mut cluster = Cluster::start(1);
     cluster.wait_leader(|_| true).await;
-    let client = kvslib::Client::connect(&cluster.config, "disk").await.unwrap();
+    let client = kvslib::Client::connect(&cluster.config, "disk")
+        .await
+        .unwrap();
     for i in 0..20 {
         client.put(format!("d{i}"), "x".repeat(100)).await.unwrap();
     }
@@ -117,12 +125,19 @@ async fn corrupt_log_record_refuses_start_and_torn_tail_is_truncated() {
     torn.extend_from_slice(&[9, 0, 0, 0, 1, 2]);
     std::fs::write(&log, &torn).unwrap();
     cluster.start_server(1);
-    let client = kvslib::Client::connect(&cluster.config, "disk2").await.unwrap();
-    assert_eq!(client.get("d19").await.unwrap(), Some("x".repeat(100).into_bytes()));
+    let client = kvslib::Client::connect(&cluster.config, "disk2")
+        .await
+        .unwrap();
+    assert_eq!(
+        client.get("d19").await.unwrap(),
+        Some("x".repeat(100).into_bytes())
+    );
     client.close().await;
     cluster.kill_server(1);
 
-    tracing::info!("--- a flipped byte in a middle record refuses to start, naming file and offset");
+    tracing::info!(
+        "--- a flipped byte in a middle record refuses to start, naming file and offset"
+    );
     let mut bad = std::fs::read(&log).unwrap();
     let middle = bad.len() / 2;
     bad[middle] ^= 0xff;
@@ -130,6 +145,9 @@ async fn corrupt_log_record_refuses_start_and_torn_tail_is_truncated() {
     let config = cluster.config_path.to_str().unwrap();
     let out = run_to_exit(env!("CARGO_BIN_EXE_server"), &["1", "--config", config]);
     let err = stderr_of(&out);
-    assert!(err.contains("corrupt log file") && err.contains(log.to_str().unwrap()), "{err}");
+    assert!(
+        err.contains("corrupt log file") && err.contains(log.to_str().unwrap()),
+        "{err}"
+    );
     assert!(err.contains("byte offset"), "{err}");
 }
