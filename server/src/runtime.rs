@@ -254,11 +254,27 @@ impl Core {
                 self.streams.remove(&id);
                 return Ok(());
             }
-            Input::AppendEntries(stream, req) => Event::AppendEntries { stream, req },
-            Input::AppendResponse(resp) => Event::AppendEntriesResponse { resp },
+            Input::AppendEntries(stream, req) => {
+                tracing::trace!(
+                    prev = req.prev_log_index,
+                    n = req.entries.len(),
+                    "AppendEntriesRequestRecvd"
+                );
+                Event::AppendEntries { stream, req }
+            }
+            Input::AppendResponse(resp) => {
+                tracing::trace!(
+                    from = resp.follower_id,
+                    m = resp.match_index,
+                    ok = resp.success,
+                    "AppendEntriesResponseRecvd"
+                );
+                Event::AppendEntriesResponse { resp }
+            }
             Input::PeerDisconnected(peer) => Event::PeerDisconnected { peer },
             Input::Synced(write_id, result) => {
                 result.context("fsync of the log failed; stopping the server")?;
+                tracing::trace!(write_id, "log fsynced");
                 self.sync_in_flight = false;
                 Event::Persisted { write_id }
             }

@@ -71,7 +71,8 @@ commands:
     Logs go to stderr; set RUST_LOG (default: warn), e.g. RUST_LOG=kvslib=debug."
 )]
 struct Cli {
-    /// This client's id; the cluster keys its session (exactly-once puts) by it.
+    /// This client's id: names it in output and logs. Each run registers a fresh session, so
+    /// two runs of one id never mistake each other's requests for retries.
     client_id: String,
     /// Cluster config file (TOML): coord and server addresses, client timeouts.
     #[arg(long, default_value = "config/cluster.toml")]

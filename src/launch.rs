@@ -1,0 +1,103 @@
+//! Starting a coord or a server process: load the config, bind the configured addresses (a
+//! port in use is an error naming the address and the config key), run until Ctrl-C / SIGTERM.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use kvraft_common::ClusterConfig;
+use kvraft_server::faults::{FaultSpec, Faults};
+use tokio::net::TcpListener;
+
+/// Logs to stderr, filtered by `RUST_LOG` or else `default`.
+pub fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// The error and its causes on one line, skipping a cause its parent's message already quotes.
+pub fn error_chain(error: &anyhow::Error) -> String {
+    let mut text = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
+}
+
+async fn bind(addr: &str, key: &str, config_path: &Path) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| {
+        format!(
+            "cannot listen on {addr} (set by {key} in {}); is another process using it?",
+            config_path.display()
+        )
+    })
+}
+
+/// Runs the coord of the cluster described by `config_path`.
+pub async fn coord(config_path: &Path) -> anyhow::Result<()> {
+    let config = ClusterConfig::load(config_path)?;
+    let c = &config.coord;
+    let servers = bind(&c.server_api_addr, "coord.server_api_addr", config_path).await?;
+    let clients = bind(&c.client_api_addr, "coord.client_api_addr", config_path).await?;
+    kvraft_coord::run(config, servers, clients, shutdown_signal()).await
+}
+
+/// Runs server `id`, with `faults` injected `faults_after` after start.
+pub async fn server(
+    id: u32,
+    config_path: &Path,
+    faults: FaultSpec,
+    faults_after: Duration,
+) -> anyhow::Result<()> {
+    let config = ClusterConfig::load(config_path)?;
+    let me = config
+        .server(id)
+        .map_err(|e| anyhow::anyhow!("{e} ({})", config_path.display()))?;
+    let index = config.servers.iter().position(|s| s.id == id).unwrap_or(0);
+    let listener = bind(&me.addr, &format!("servers[{index}].addr"), config_path).await?;
+    let shared = Arc::new(Faults::default());
+    let delayed = shared.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(faults_after).await;
+        delayed.set(&faults);
+    });
+    kvraft_server::run(config, id, listener, shared, shutdown_signal()).await
+}
+
+/// Completes on Ctrl-C or, on Unix, SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::warn!("cannot listen for Ctrl-C: {e}");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut sigterm) => {
+                sigterm.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGTERM: {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("Ctrl-C received"),
+        () = terminate => tracing::info!("SIGTERM received"),
+    }
+}

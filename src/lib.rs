@@ -1,0 +1,4 @@
+//! Process entry points shared by the binaries: `coord`, `server` and `demo` (which runs the
+//! coord and the servers as child processes of itself) start processes the same way.
+
+pub mod launch;
