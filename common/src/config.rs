@@ -328,7 +328,7 @@ data_dir = "data/server2"
 
     #[test]
     fn duplicate_ids_and_addresses_are_refused() {
-        let dup_id = base().replace("id = 1", "id = 1")
+        let dup_id = base()
             + "[[servers]]\nid = 1\naddr = \"127.0.0.1:21002\"\ndata_dir = \"d2\"\n[[servers]]\nid = 3\naddr = \"127.0.0.1:21003\"\ndata_dir = \"d3\"\n";
         let e = err(&dup_id);
         assert!(

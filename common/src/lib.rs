@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod limits;
+pub mod net;
 mod types;
 
 pub use config::{ClusterConfig, ConfigError, CoordConfig, ServerConfig};

@@ -18,7 +18,7 @@ use kvraft_proto::*;
 use prost::bytes::Bytes;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::faults::FaultSpec;
@@ -45,28 +45,13 @@ pub(crate) async fn serve(
                 .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX),
         )
         .add_service(AdminServer::new(handle))
-        .serve_with_incoming_shutdown(nodelay_incoming(listener), async move {
+        .serve_with_incoming_shutdown(kvraft_common::net::nodelay_incoming(listener), async move {
             let _ = stop.wait_for(|s| *s).await;
         })
         .await;
     if let Err(e) = result {
         tracing::error!("gRPC server failed: {e}");
     }
-}
-
-/// Accepted connections with Nagle's algorithm off. The builder's `tcp_nodelay` applies only to
-/// listeners tonic binds itself; without this, an acknowledgement that follows another within
-/// one round trip waits for the peer's delayed ACK (about 40 ms).
-pub(crate) fn nodelay_incoming(
-    listener: TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use tokio_stream::StreamExt;
-    TcpListenerStream::new(listener).map(|conn| {
-        if let Ok(stream) = &conn {
-            let _ = stream.set_nodelay(true);
-        }
-        conn
-    })
 }
 
 /// Announces this server to the coord at start, and again whenever the coord has not been

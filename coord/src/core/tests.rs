@@ -1,0 +1,433 @@
+//! Core tests: feed events, assert the exact commands. Each test names the DESIGN.md rule it
+//! covers. Times are in ms; configs use heartbeat 50 ms and failure timeout 300 ms.
+
+use super::*;
+
+const HEARTBEAT_MS: u64 = 50;
+const FAILURE_MS: u64 = 300;
+
+fn config(n: u32, wait_for: WaitFor) -> CoreConfig {
+    CoreConfig {
+        servers: (1..=n).map(NodeId).collect(),
+        heartbeat_interval_ms: HEARTBEAT_MS,
+        failure_timeout_ms: FAILURE_MS,
+        wait_for,
+    }
+}
+
+fn report(id: u32, term: u64, role: Role, last_log: (u64, u64)) -> ServerReport {
+    ServerReport {
+        id: NodeId(id),
+        uuid: format!("uuid-{id}"),
+        term: Term(term),
+        role,
+        leader: NodeId::NONE,
+        last_log: LogPosition {
+            term: Term(last_log.0),
+            index: LogIndex(last_log.1),
+        },
+        commit_index: LogIndex(0),
+    }
+}
+
+fn joined(id: u32, term: u64, role: Role, now_ms: u64) -> Event {
+    Event::Joined {
+        id: NodeId(id),
+        report: report(id, term, role, (0, 0)),
+        now_ms,
+    }
+}
+
+fn heartbeat_ok(id: u32, term: u64, role: Role, now_ms: u64) -> Event {
+    Event::HeartbeatOk {
+        id: NodeId(id),
+        report: report(id, term, role, (0, 0)),
+        now_ms,
+    }
+}
+
+fn prepare_ok(id: u32, term: u64, last_log: (u64, u64)) -> Event {
+    Event::PrepareOk {
+        id: NodeId(id),
+        term: Term(term),
+        last_log_term: Term(last_log.0),
+        last_log_index: LogIndex(last_log.1),
+    }
+}
+
+fn tick(now_ms: u64) -> Event {
+    Event::Tick { now_ms }
+}
+
+fn view(term: u64, leader: u32) -> LeaderView {
+    LeaderView {
+        term: Term(term),
+        leader: NodeId(leader),
+        leader_uuid: if leader == 0 {
+            String::new()
+        } else {
+            format!("uuid-{leader}")
+        },
+    }
+}
+
+fn prepares(term: u64, ids: &[u32]) -> Vec<Command> {
+    ids.iter()
+        .map(|&id| Command::SendPrepare {
+            to: NodeId(id),
+            term: Term(term),
+        })
+        .collect()
+}
+
+fn heartbeats(term: u64, leader: u32, n: u32) -> Vec<Command> {
+    (1..=n)
+        .map(|id| Command::SendHeartbeat {
+            to: NodeId(id),
+            term: Term(term),
+            leader_id: NodeId(leader),
+        })
+        .collect()
+}
+
+/// The commands of a new epoch: persist, publish "no leader", Prepare to everyone.
+fn epoch_start(term: u64, n: u32) -> Vec<Command> {
+    let ids: Vec<u32> = (1..=n).collect();
+    let mut out = vec![
+        Command::PersistTerm(Term(term)),
+        Command::PublishLeader(view(term, 0)),
+    ];
+    out.extend(prepares(term, &ids));
+    out
+}
+
+/// The commands of a designation: publish, then heartbeat everyone at once.
+fn designation(term: u64, leader: u32, n: u32) -> Vec<Command> {
+    let mut out = vec![Command::PublishLeader(view(term, leader))];
+    out.extend(heartbeats(term, leader, n));
+    out
+}
+
+fn concat(parts: &[Vec<Command>]) -> Vec<Command> {
+    parts.concat()
+}
+
+/// A new cluster of `n` servers, all joined at t=0 and prepared for term 1 with equal logs, so
+/// server 1 leads term 1. The next heartbeat is due at t=50.
+fn stable_cluster(n: u32) -> CoordCore {
+    let mut core = CoordCore::new(config(n, WaitFor::All), Term(0), 0);
+    for id in 1..=n {
+        core.step(joined(id, 0, Role::Follower, 0));
+    }
+    for id in 1..=n {
+        core.step(prepare_ok(id, 1, (0, 0)));
+    }
+    assert_eq!(core.view(), &view(1, 1));
+    core
+}
+
+/// DESIGN rule 1: the term is persisted before any Prepare (or anything else) carries it, and
+/// DESIGN section 4 / rule 2: a new cluster waits for every server (`wait_for = all`) first.
+#[test]
+fn term_is_persisted_before_any_prepare_for_it() {
+    let mut core = CoordCore::new(config(3, WaitFor::All), Term(0), 0);
+    assert_eq!(
+        core.step(tick(0)),
+        heartbeats(0, 0, 3),
+        "heartbeats start at once"
+    );
+    assert_eq!(core.step(joined(1, 0, Role::Follower, 1)), vec![]);
+    assert_eq!(core.step(heartbeat_ok(2, 0, Role::Follower, 2)), vec![]);
+    let out = core.step(joined(3, 0, Role::Follower, 3));
+    assert_eq!(out, epoch_start(1, 3));
+    assert_eq!(out[0], Command::PersistTerm(Term(1)), "persist comes first");
+    assert_eq!(core.epoch_term(), Some(Term(1)));
+}
+
+/// DESIGN section 4 / rule 2: `wait_for = majority` starts the first epoch once a majority of
+/// the configured servers has joined.
+#[test]
+fn wait_for_majority_starts_with_a_majority() {
+    let mut core = CoordCore::new(config(5, WaitFor::Majority), Term(0), 0);
+    assert_eq!(core.step(joined(1, 0, Role::Follower, 0)), vec![]);
+    assert_eq!(core.step(joined(4, 0, Role::Follower, 0)), vec![]);
+    assert_eq!(
+        core.step(joined(5, 0, Role::Follower, 0)),
+        epoch_start(1, 5)
+    );
+}
+
+/// DESIGN rule 2: Prepare goes again, each heartbeat interval, to servers that have not
+/// answered it; during the epoch change heartbeats carry no leader.
+#[test]
+fn prepare_is_resent_to_servers_that_have_not_answered() {
+    let mut core = CoordCore::new(config(3, WaitFor::All), Term(0), 0);
+    for id in 1..=3 {
+        core.step(joined(id, 0, Role::Follower, 0));
+    }
+    assert_eq!(core.step(prepare_ok(1, 1, (0, 0))), vec![]);
+    assert_eq!(
+        core.step(tick(49)),
+        heartbeats(1, 0, 3),
+        "not yet time to resend"
+    );
+    assert_eq!(
+        core.step(tick(50)),
+        concat(&[prepares(1, &[2, 3]), heartbeats(1, 0, 3)])
+    );
+}
+
+/// DESIGN rule 2: no leader without ok answers from a majority of ALL configured servers, even
+/// when every live server answered (5 servers, 2 alive); the epoch completes when a third
+/// server comes back and prepares.
+#[test]
+fn no_leader_with_fewer_than_a_majority_of_all_servers() {
+    let mut core = stable_cluster(5);
+    // Servers 2 and 3 keep answering; 1 (the leader), 4 and 5 go silent after t=0.
+    let mut t = 0;
+    while t < 250 {
+        t += HEARTBEAT_MS;
+        assert_eq!(core.step(tick(t)), heartbeats(1, 1, 5));
+        core.step(heartbeat_ok(2, 1, Role::Follower, t));
+        core.step(heartbeat_ok(3, 1, Role::Follower, t));
+    }
+    assert_eq!(
+        core.step(tick(300)),
+        concat(&[epoch_start(2, 5), heartbeats(2, 0, 5)]),
+        "leader 1 failed at t=300"
+    );
+    assert!(!core.is_alive(NodeId(4)) && !core.is_alive(NodeId(5)));
+    assert_eq!(core.step(prepare_ok(2, 2, (1, 7))), vec![]);
+    assert_eq!(
+        core.step(prepare_ok(3, 2, (1, 7))),
+        vec![],
+        "every live server prepared, but 2 < majority 3 of 5"
+    );
+    assert_eq!(core.view(), &view(2, 0));
+    // Server 4 prepared while it was still failed: its answer waits until it is alive again.
+    assert_eq!(core.step(prepare_ok(4, 2, (1, 9))), vec![]);
+    assert_eq!(
+        core.step(heartbeat_ok(4, 2, Role::Follower, 310)),
+        designation(2, 4, 5),
+        "server 4 alive again: 3 of 5 prepared; it has the longest log"
+    );
+}
+
+/// DESIGN rule 2: the leader is the responder with the greatest (last_log_term,
+/// last_log_index): a shorter log of a newer term beats a longer log of an older term.
+#[test]
+fn picks_the_most_up_to_date_responder_by_term_then_index() {
+    let mut core = CoordCore::new(config(5, WaitFor::All), Term(0), 0);
+    for id in 1..=5 {
+        core.step(joined(id, 0, Role::Follower, 0));
+    }
+    assert_eq!(core.step(prepare_ok(1, 1, (1, 10))), vec![]);
+    assert_eq!(core.step(prepare_ok(3, 1, (2, 4))), vec![]);
+    assert_eq!(core.step(prepare_ok(5, 1, (2, 5))), designation(1, 5, 5));
+}
+
+/// DESIGN rule 2: among equally up-to-date responders the lowest id leads (deterministic).
+#[test]
+fn equal_logs_elect_the_lowest_responding_id() {
+    let mut core = CoordCore::new(config(3, WaitFor::All), Term(0), 0);
+    for id in 1..=3 {
+        core.step(joined(id, 0, Role::Follower, 0));
+    }
+    assert_eq!(core.step(prepare_ok(3, 1, (0, 0))), vec![]);
+    assert_eq!(core.step(prepare_ok(2, 1, (0, 0))), designation(1, 2, 3));
+}
+
+/// DESIGN rules 1-2: answers to an older term's Prepare (ok or refused) are ignored; only
+/// answers for the current epoch's term count.
+#[test]
+fn answers_for_an_older_term_are_ignored() {
+    let mut core = stable_cluster(3);
+    for t in [50, 100, 150, 200, 250] {
+        core.step(tick(t));
+        core.step(heartbeat_ok(2, 1, Role::Follower, t));
+        core.step(heartbeat_ok(3, 1, Role::Follower, t));
+    }
+    assert_eq!(
+        core.step(tick(300)),
+        concat(&[epoch_start(2, 3), heartbeats(2, 0, 3)])
+    );
+    assert_eq!(core.step(prepare_ok(2, 1, (1, 3))), vec![]);
+    assert_eq!(core.step(prepare_ok(3, 1, (1, 3))), vec![]);
+    assert_eq!(
+        core.step(Event::PrepareRejected {
+            id: NodeId(3),
+            term: Term(1)
+        }),
+        vec![]
+    );
+    assert_eq!(core.view(), &view(2, 0), "stale answers designate nobody");
+    assert_eq!(core.step(prepare_ok(2, 2, (1, 3))), vec![]);
+    assert_eq!(core.step(prepare_ok(3, 2, (1, 4))), designation(2, 3, 3));
+}
+
+/// DESIGN rule 1: a Prepare refused with a higher term restarts the epoch change above that
+/// term (persisted first), so the coord never issues a term a server already holds.
+#[test]
+fn refusal_with_a_higher_term_restarts_above_it() {
+    let mut core = CoordCore::new(config(3, WaitFor::All), Term(0), 0);
+    for id in 1..=3 {
+        core.step(joined(id, 0, Role::Follower, 0));
+    }
+    assert_eq!(core.epoch_term(), Some(Term(1)));
+    let out = core.step(Event::PrepareRejected {
+        id: NodeId(2),
+        term: Term(5),
+    });
+    assert_eq!(out, epoch_start(6, 3));
+    assert_eq!(core.highest_term(), Term(6));
+    assert_eq!(
+        core.step(prepare_ok(1, 1, (0, 0))),
+        vec![],
+        "term 1 is over"
+    );
+}
+
+/// DESIGN section 4: a failed leader triggers an epoch change at once, with a higher term.
+#[test]
+fn leader_failure_starts_an_epoch_change_with_a_higher_term() {
+    let mut core = stable_cluster(3);
+    for t in [50, 100, 150, 200, 250] {
+        assert_eq!(core.step(tick(t)), heartbeats(1, 1, 3));
+        core.step(heartbeat_ok(2, 1, Role::Follower, t));
+        core.step(heartbeat_ok(3, 1, Role::Follower, t));
+    }
+    assert!(
+        core.is_alive(NodeId(1)),
+        "299 ms of silence is not yet a failure"
+    );
+    assert_eq!(
+        core.step(tick(300)),
+        concat(&[epoch_start(2, 3), heartbeats(2, 0, 3)])
+    );
+    assert!(!core.is_alive(NodeId(1)));
+    assert!(core.highest_term() > Term(1));
+}
+
+/// DESIGN section 4: a server fails after `failure_timeout_ms` without a successful answer
+/// (measured by Tick's now_ms, misses alone decide nothing) and is alive again on the next one.
+#[test]
+fn failure_detection_follows_tick_time() {
+    let mut core = stable_cluster(3);
+    core.step(heartbeat_ok(1, 1, Role::Leader, 100));
+    core.step(heartbeat_ok(3, 1, Role::Follower, 100));
+    core.step(heartbeat_ok(2, 1, Role::Follower, 100));
+    for _ in 0..10 {
+        core.step(Event::HeartbeatFailed { id: NodeId(2) });
+    }
+    core.step(heartbeat_ok(1, 1, Role::Leader, 350));
+    core.step(heartbeat_ok(3, 1, Role::Follower, 350));
+    core.step(tick(399));
+    assert!(core.is_alive(NodeId(2)), "silent for 299 ms");
+    core.step(tick(400));
+    assert!(!core.is_alive(NodeId(2)), "silent for 300 ms");
+    assert_eq!(
+        core.view(),
+        &view(1, 1),
+        "a follower failing changes no term"
+    );
+    core.step(heartbeat_ok(2, 1, Role::Follower, 420));
+    assert!(core.is_alive(NodeId(2)), "alive again on its next answer");
+}
+
+/// DESIGN section 4: a designated leader that keeps reporting it does not lead the current
+/// term (it restarted and lost the designation) is replaced after the failure timeout.
+#[test]
+fn leader_that_keeps_denying_leadership_is_replaced() {
+    let mut core = stable_cluster(3);
+    // Confirming leadership clears the clock.
+    core.step(heartbeat_ok(1, 1, Role::Follower, 10));
+    core.step(heartbeat_ok(1, 1, Role::Leader, 20));
+    let mut t = 0;
+    while t < 350 {
+        t += HEARTBEAT_MS;
+        assert_eq!(core.step(tick(t)), heartbeats(1, 1, 3), "t={t}");
+        for id in 1..=3 {
+            core.step(heartbeat_ok(id, 1, Role::Follower, t));
+        }
+    }
+    // Denying since t=50; at t=350 that is exactly 300 ms, not longer.
+    assert_eq!(
+        core.step(tick(400)),
+        concat(&[epoch_start(2, 3), heartbeats(2, 0, 3)])
+    );
+}
+
+/// DESIGN section 4 (coord restart) and rule 1: a running leader of the persisted term is
+/// adopted without a new term.
+#[test]
+fn restart_adopts_a_leader_of_the_persisted_term() {
+    let mut core = CoordCore::new(config(3, WaitFor::All), Term(4), 0);
+    assert_eq!(core.step(tick(0)), heartbeats(4, 0, 3));
+    assert_eq!(core.step(heartbeat_ok(2, 4, Role::Follower, 5)), vec![]);
+    assert_eq!(
+        core.step(heartbeat_ok(1, 4, Role::Leader, 6)),
+        designation(4, 1, 3),
+        "no PersistTerm, no Prepare: the term stays 4"
+    );
+    assert_eq!(core.highest_term(), Term(4));
+}
+
+/// DESIGN section 4 (coord restart) and rule 1: a reported leader of a term below the
+/// persisted one is stale (the coord had started a newer epoch), so after one failure timeout
+/// of hearing from a majority the coord starts a new, higher term.
+#[test]
+fn restart_starts_a_new_term_when_the_reported_leader_is_older() {
+    let mut core = CoordCore::new(config(3, WaitFor::All), Term(4), 0);
+    assert_eq!(core.step(tick(0)), heartbeats(4, 0, 3));
+    assert_eq!(core.step(heartbeat_ok(1, 3, Role::Leader, 10)), vec![]);
+    assert_eq!(
+        core.step(heartbeat_ok(2, 3, Role::Follower, 10)),
+        vec![],
+        "a majority joined at t=10: look for a leader of term 4 until t=310"
+    );
+    for t in [100, 200, 300] {
+        assert_eq!(core.step(tick(t)), heartbeats(4, 0, 3), "t={t}");
+        core.step(heartbeat_ok(1, 3, Role::Leader, t));
+        core.step(heartbeat_ok(2, 3, Role::Follower, t));
+    }
+    assert_eq!(core.step(tick(310)), epoch_start(5, 3));
+}
+
+/// DESIGN rule 1: a server reporting a term above the persisted one (the term file was lost)
+/// raises the highest term, persisted, before anything uses it; a leader of that term is
+/// then adopted.
+#[test]
+fn report_above_the_persisted_term_raises_it_first() {
+    let mut core = CoordCore::new(config(3, WaitFor::All), Term(4), 0);
+    let out = core.step(heartbeat_ok(1, 6, Role::Leader, 5));
+    assert_eq!(
+        out,
+        concat(&[
+            vec![
+                Command::PersistTerm(Term(6)),
+                Command::PublishLeader(view(6, 0))
+            ],
+            designation(6, 1, 3),
+        ])
+    );
+    // Later, in a stable view, an even higher term forces an epoch change above it.
+    assert_eq!(
+        core.step(heartbeat_ok(2, 9, Role::Follower, 10)),
+        epoch_start(10, 3)
+    );
+}
+
+/// DESIGN section 4: reports from an unknown server, or with an id that does not match the
+/// address heartbeated, change nothing.
+#[test]
+fn mismatched_or_unknown_ids_are_ignored() {
+    let mut core = CoordCore::new(config(3, WaitFor::Majority), Term(0), 0);
+    let wrong = Event::HeartbeatOk {
+        id: NodeId(1),
+        report: report(2, 0, Role::Follower, (0, 0)),
+        now_ms: 0,
+    };
+    assert_eq!(core.step(wrong), vec![]);
+    assert_eq!(core.step(joined(7, 0, Role::Follower, 0)), vec![]);
+    assert!(!core.is_alive(NodeId(1)) && !core.is_alive(NodeId(2)));
+}

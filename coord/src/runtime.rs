@@ -1,0 +1,318 @@
+//! Runs the coordinator core: the only place the coordinator touches the disk, the network and
+//! the clock.
+//!
+//! ```text
+//!   Coord.Join handler ──Input::Join──────┐
+//!   heartbeat / prepare RPC tasks ─Event──┼─▶ bounded mpsc ─▶ core task ─▶ CoordCore::step
+//!   interval timer ─────────────Tick──────┘                     │
+//!            ┌─────────────────────────────────────────────────┘ commands, in order
+//!            ▼
+//!   PersistTerm        fsync on a blocking thread, awaited before the next command
+//!   SendHeartbeat      a spawned RPC task with a timeout; its answer comes back as an Input
+//!   SendPrepare        likewise
+//!   PublishLeader      the watch channel read by GetLeader / WatchLeader
+//! ```
+//!
+//! Invariants:
+//! - One task owns the core; everything else reaches it over the bounded input channel.
+//! - `PersistTerm(t)` completes (fsync included) before any later command of the same batch
+//!   runs, so no message carries a term that is not durable (DESIGN rule 1). A persistence
+//!   failure is fatal: the coord stops rather than issue a term it could not record.
+//! - Every RPC has a timeout, so RPCs in flight are bounded (about `RPC_TIMEOUT_HEARTBEATS + 1`
+//!   heartbeats and prepares per server); `RPCS_IN_FLIGHT_MAX` is the backstop.
+//! - Shutdown is checked first in every loop turn; on exit the RPC tasks are aborted and the
+//!   leader watch sender is dropped, which ends every WatchLeader stream.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use kvraft_common::{ClusterConfig, LogIndex, NodeId, Term};
+use kvraft_proto as proto;
+use kvraft_proto::server_control_client::ServerControlClient;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinSet;
+use tokio::time::{Instant, MissedTickBehavior};
+use tonic::transport::{Channel, Endpoint};
+use tracing::{debug, warn};
+
+use crate::convert;
+use crate::core::{Command, CoordCore, Event, LeaderView, ServerReport};
+use crate::term_file::TermFile;
+
+/// Inputs waiting for the core task. RPC tasks and join handlers wait when it is full, which
+/// slows them down instead of growing memory; the core task never sends to itself.
+pub(crate) const INPUTS_MAX: usize = 1024;
+/// An RPC may take this many heartbeat intervals: long enough for a busy server's fsync in
+/// Prepare, short enough that a hung server counts as a missed heartbeat well within the
+/// failure timeout.
+const RPC_TIMEOUT_HEARTBEATS: u32 = 2;
+/// Timer ticks per heartbeat interval: failure detection and resends are this precise.
+const TICKS_PER_HEARTBEAT: u64 = 5;
+/// Backstop on RPC tasks in flight (timeouts already bound them to a few per server).
+const RPCS_IN_FLIGHT_MAX: usize = 1024;
+
+/// What the core task receives.
+pub(crate) enum Input {
+    /// An RPC result from a spawned task.
+    Event(Event),
+    /// A server joined; `reply` gets the view after the join was processed.
+    Join {
+        report: ServerReport,
+        reply: oneshot::Sender<LeaderView>,
+    },
+}
+
+/// Milliseconds since the runtime started; the core's only notion of time.
+#[derive(Clone, Copy, Debug)]
+struct Clock {
+    start: Instant,
+}
+
+impl Clock {
+    fn now_ms(self) -> u64 {
+        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
+/// A configured server, as the coord reaches it.
+struct PeerClient {
+    addr: String,
+    /// Connects lazily and reconnects on demand, so a server that is down at startup or
+    /// restarts later needs nothing special.
+    client: ServerControlClient<Channel>,
+}
+
+pub(crate) struct Runtime {
+    core: CoordCore,
+    term_file: TermFile,
+    peers: BTreeMap<NodeId, PeerClient>,
+    inputs_tx: mpsc::Sender<Input>,
+    inputs_rx: mpsc::Receiver<Input>,
+    leader_tx: watch::Sender<proto::LeaderInfo>,
+    rpcs: JoinSet<()>,
+    clock: Clock,
+    rpc_timeout: Duration,
+    tick: Duration,
+}
+
+impl Runtime {
+    /// Builds the runtime; must be called inside a tokio runtime (lazy channels spawn tasks).
+    pub(crate) fn new(
+        config: &ClusterConfig,
+        core: CoordCore,
+        term_file: TermFile,
+        inputs_tx: mpsc::Sender<Input>,
+        inputs_rx: mpsc::Receiver<Input>,
+        leader_tx: watch::Sender<proto::LeaderInfo>,
+    ) -> anyhow::Result<Runtime> {
+        let interval_ms = config.coord.heartbeat_interval_ms;
+        let rpc_timeout = Duration::from_millis(interval_ms) * RPC_TIMEOUT_HEARTBEATS;
+        let tick = Duration::from_millis((interval_ms / TICKS_PER_HEARTBEAT).max(1));
+        let mut peers = BTreeMap::new();
+        for (i, server) in config.servers.iter().enumerate() {
+            let endpoint = Endpoint::from_shared(format!("http://{}", server.addr))
+                .with_context(|| format!("servers[{i}].addr {:?} is not usable", server.addr))?
+                .connect_timeout(rpc_timeout)
+                .timeout(rpc_timeout);
+            let client = ServerControlClient::new(endpoint.connect_lazy());
+            let addr = server.addr.clone();
+            peers.insert(NodeId(server.id), PeerClient { addr, client });
+        }
+        Ok(Runtime {
+            core,
+            term_file,
+            peers,
+            inputs_tx,
+            inputs_rx,
+            leader_tx,
+            rpcs: JoinSet::new(),
+            clock: Clock {
+                start: Instant::now(),
+            },
+            rpc_timeout,
+            tick,
+        })
+    }
+
+    /// The core task's loop, until `stop` completes or a term cannot be persisted.
+    pub(crate) async fn run(mut self, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
+        tokio::pin!(stop);
+        let mut ticker = tokio::time::interval(self.tick);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let result = loop {
+            tokio::select! {
+                biased;
+                () = &mut stop => break Ok(()),
+                input = self.inputs_rx.recv() => {
+                    let Some(input) = input else { break Ok(()) };
+                    if let Err(e) = self.handle(input).await {
+                        break Err(e);
+                    }
+                }
+                _ = ticker.tick() => {
+                    let now_ms = self.clock.now_ms();
+                    if let Err(e) = self.apply(Event::Tick { now_ms }).await {
+                        break Err(e);
+                    }
+                    while self.rpcs.try_join_next().is_some() {}
+                }
+            }
+        };
+        self.rpcs.abort_all();
+        result
+    }
+
+    async fn handle(&mut self, input: Input) -> anyhow::Result<()> {
+        match input {
+            Input::Event(event) => self.apply(event).await,
+            Input::Join { report, reply } => {
+                let now_ms = self.clock.now_ms();
+                let id = report.id;
+                self.apply(Event::Joined { id, report, now_ms }).await?;
+                // The joiner may have given up waiting; nothing to do then.
+                let _ = reply.send(self.core.view().clone());
+                Ok(())
+            }
+        }
+    }
+
+    async fn apply(&mut self, event: Event) -> anyhow::Result<()> {
+        let commands = self.core.step(event);
+        for command in commands {
+            match command {
+                Command::PersistTerm(term) => self.persist(term).await?,
+                Command::SendHeartbeat {
+                    to,
+                    term,
+                    leader_id,
+                } => self.send_heartbeat(to, term, leader_id),
+                Command::SendPrepare { to, term } => self.send_prepare(to, term),
+                Command::PublishLeader(view) => self.publish(&view),
+            }
+        }
+        Ok(())
+    }
+
+    /// Durably records `term` before anything else happens (DESIGN rule 1).
+    async fn persist(&self, term: Term) -> anyhow::Result<()> {
+        let file = self.term_file.clone();
+        tokio::task::spawn_blocking(move || file.store(term))
+            .await
+            .context("the task persisting the coord term panicked")?
+            .with_context(|| format!("cannot persist term {term}; stopping the coord"))
+    }
+
+    fn publish(&self, view: &LeaderView) {
+        let addr = self
+            .peers
+            .get(&view.leader)
+            .map(|p| p.addr.as_str())
+            .unwrap_or_default();
+        let info = convert::leader_info(view, addr);
+        self.leader_tx.send_if_modified(|current| {
+            let changed = *current != info;
+            if changed {
+                *current = info;
+            }
+            changed
+        });
+    }
+
+    fn send_heartbeat(&mut self, to: NodeId, term: Term, leader: NodeId) {
+        let Some(peer) = self.peers.get(&to) else {
+            warn!(server = %to, "no address for server {to}; heartbeat not sent");
+            return;
+        };
+        let mut client = peer.client.clone();
+        let request = proto::HeartbeatRequest {
+            term: term.0,
+            leader_id: leader.0,
+            trace_token: Default::default(),
+        };
+        let (timeout, clock, inputs) = (self.rpc_timeout, self.clock, self.inputs_tx.clone());
+        self.spawn_rpc(async move {
+            let answer = tokio::time::timeout(timeout, client.heartbeat(request)).await;
+            let event = match answer {
+                Ok(Ok(response)) => match response.into_inner().report {
+                    Some(report) => Event::HeartbeatOk {
+                        id: to,
+                        report: convert::report_from_proto(report),
+                        now_ms: clock.now_ms(),
+                    },
+                    None => {
+                        debug!(server = %to, "heartbeat answer without a report");
+                        Event::HeartbeatFailed { id: to }
+                    }
+                },
+                Ok(Err(status)) => {
+                    debug!(server = %to, "heartbeat failed: {}", status.message());
+                    Event::HeartbeatFailed { id: to }
+                }
+                Err(_) => {
+                    debug!(server = %to, "heartbeat timed out after {timeout:?}");
+                    Event::HeartbeatFailed { id: to }
+                }
+            };
+            // A closed channel means the coord is stopping and no longer needs the answer.
+            let _ = inputs.send(Input::Event(event)).await;
+        });
+    }
+
+    fn send_prepare(&mut self, to: NodeId, term: Term) {
+        let Some(peer) = self.peers.get(&to) else {
+            warn!(server = %to, "no address for server {to}; Prepare not sent");
+            return;
+        };
+        let mut client = peer.client.clone();
+        let request = proto::PrepareRequest {
+            term: term.0,
+            trace_token: Default::default(),
+        };
+        let (timeout, inputs) = (self.rpc_timeout, self.inputs_tx.clone());
+        self.spawn_rpc(async move {
+            let answer = tokio::time::timeout(timeout, client.prepare(request)).await;
+            let event = match answer {
+                Ok(Ok(response)) => {
+                    let response = response.into_inner();
+                    if response.ok {
+                        Event::PrepareOk {
+                            id: to,
+                            term: Term(response.term),
+                            last_log_term: Term(response.last_log_term),
+                            last_log_index: LogIndex(response.last_log_index),
+                        }
+                    } else {
+                        Event::PrepareRejected {
+                            id: to,
+                            term: Term(response.term),
+                        }
+                    }
+                }
+                // The core resends to servers that have not answered; nothing to report.
+                Ok(Err(status)) => {
+                    debug!(server = %to, "Prepare({term}) failed: {}", status.message());
+                    return;
+                }
+                Err(_) => {
+                    debug!(server = %to, "Prepare({term}) timed out after {timeout:?}");
+                    return;
+                }
+            };
+            let _ = inputs.send(Input::Event(event)).await;
+        });
+    }
+
+    fn spawn_rpc(&mut self, rpc: impl Future<Output = ()> + Send + 'static) {
+        while self.rpcs.try_join_next().is_some() {}
+        if self.rpcs.len() >= RPCS_IN_FLIGHT_MAX {
+            warn!(
+                "{} RPCs in flight, the limit; dropping one (it counts as unanswered)",
+                self.rpcs.len()
+            );
+            return;
+        }
+        self.rpcs.spawn(rpc);
+    }
+}

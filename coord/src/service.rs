@@ -1,0 +1,105 @@
+//! The coordinator's gRPC services: `Coord` (servers join, on `coord.server_api_addr`) and
+//! `CoordClient` (clients ask for and watch the leader, on `coord.client_api_addr`).
+//!
+//! ```text
+//!   Join ──▶ Input::Join{report, oneshot} ──▶ core task ──▶ view after the join ──▶ JoinResponse
+//!   GetLeader / WatchLeader ◀── watch::Receiver<LeaderInfo> ◀── PublishLeader (core task)
+//! ```
+//!
+//! Neither service holds coordinator state: joins go through the one task that owns the core,
+//! and leader reads come from the watch channel it publishes to. When the core task stops, the
+//! watch sender is dropped, so every WatchLeader stream ends and joins answer `Unavailable`.
+
+use std::pin::Pin;
+
+use kvraft_common::NodeId;
+use kvraft_proto as proto;
+use kvraft_proto::coord_client_server::CoordClient;
+use kvraft_proto::coord_server::Coord;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_stream::wrappers::WatchStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status};
+
+use crate::convert;
+use crate::runtime::Input;
+
+/// `Coord`: where servers join.
+pub(crate) struct JoinService {
+    inputs: mpsc::Sender<Input>,
+    /// Configured ids, to refuse a join from a server the coord does not know with a clear error.
+    configured: Vec<NodeId>,
+}
+
+impl JoinService {
+    pub(crate) fn new(inputs: mpsc::Sender<Input>, configured: Vec<NodeId>) -> JoinService {
+        JoinService { inputs, configured }
+    }
+}
+
+#[tonic::async_trait]
+impl Coord for JoinService {
+    async fn join(
+        &self,
+        request: Request<proto::JoinRequest>,
+    ) -> Result<Response<proto::JoinResponse>, Status> {
+        let Some(report) = request.into_inner().report else {
+            return Err(Status::invalid_argument("JoinRequest.report is missing"));
+        };
+        let report = convert::report_from_proto(report);
+        if !self.configured.contains(&report.id) {
+            let known: Vec<String> = self.configured.iter().map(|id| id.to_string()).collect();
+            return Err(Status::invalid_argument(format!(
+                "server id {} is not in the coord's config (configured ids: {})",
+                report.id,
+                known.join(", ")
+            )));
+        }
+        let (reply, view) = oneshot::channel();
+        let shutting_down = || Status::unavailable("the coord is shutting down");
+        self.inputs
+            .send(Input::Join { report, reply })
+            .await
+            .map_err(|_| shutting_down())?;
+        let view = view.await.map_err(|_| shutting_down())?;
+        Ok(Response::new(proto::JoinResponse {
+            term: view.term.0,
+            leader_id: view.leader.0,
+            trace_token: Default::default(),
+        }))
+    }
+}
+
+/// `CoordClient`: where clients find the leader.
+pub(crate) struct LeaderService {
+    leader: watch::Receiver<proto::LeaderInfo>,
+}
+
+impl LeaderService {
+    pub(crate) fn new(leader: watch::Receiver<proto::LeaderInfo>) -> LeaderService {
+        LeaderService { leader }
+    }
+}
+
+type LeaderStream = Pin<Box<dyn Stream<Item = Result<proto::LeaderInfo, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl CoordClient for LeaderService {
+    async fn get_leader(
+        &self,
+        _request: Request<proto::GetLeaderRequest>,
+    ) -> Result<Response<proto::LeaderInfo>, Status> {
+        Ok(Response::new(self.leader.borrow().clone()))
+    }
+
+    type WatchLeaderStream = LeaderStream;
+
+    async fn watch_leader(
+        &self,
+        _request: Request<proto::GetLeaderRequest>,
+    ) -> Result<Response<LeaderStream>, Status> {
+        // Yields the current value at once, then each change; ends when the sender is dropped.
+        let stream = WatchStream::new(self.leader.clone()).map(Ok);
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
