@@ -40,6 +40,7 @@ pub fn init_logging() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter("info")
         .with_test_writer()
+        .with_ansi(false)
         .try_init();
 }
 

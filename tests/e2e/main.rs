@@ -5,6 +5,7 @@
 mod harness;
 mod t10_basic;
 mod t20_failover;
+mod t25_random_kills;
 mod t30_exactly_once;
 mod t40_restart;
 mod t50_partition;
