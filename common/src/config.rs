@@ -62,6 +62,8 @@ pub struct ClusterConfig {
     pub server: ServerOptions,
     #[serde(default)]
     pub client: ClientOptions,
+    #[serde(default)]
+    pub tracing: TracingOptions,
 }
 
 /// How many servers the coord waits for before it designates the first leader.
@@ -120,6 +122,33 @@ pub struct ClientOptions {
     pub op_timeout_ms: u64,
     /// Deadline of one attempt against one server.
     pub attempt_timeout_ms: u64,
+}
+
+/// Vector-clock trace events (DESIGN section 5): where every process ships them and where the
+/// tracing server writes them.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TracingOptions {
+    /// Off by default: tracing makes every RPC wait until the events its token covers are
+    /// stored by the tracing server, which costs latency.
+    pub enabled: bool,
+    /// Where the tracing server listens and every tracer ships its events.
+    pub server_addr: String,
+    /// JSON-lines log written by the tracing server (one object per event).
+    pub output_file: PathBuf,
+    /// ShiViz log written by the tracing server.
+    pub shiviz_output_file: PathBuf,
+}
+
+impl Default for TracingOptions {
+    fn default() -> Self {
+        TracingOptions {
+            enabled: false,
+            server_addr: "127.0.0.1:23010".to_string(),
+            output_file: PathBuf::from("trace_output.log"),
+            shiviz_output_file: PathBuf::from("shiviz_output.log"),
+        }
+    }
 }
 
 impl Default for ServerOptions {
@@ -246,6 +275,21 @@ impl ClusterConfig {
                 "session_ttl_ms, sessions_max and replication_heartbeat_ms must be above 0".into(),
             ));
         }
+        let t = &self.tracing;
+        if t.enabled {
+            check_addr("tracing.server_addr".into(), &t.server_addr)?;
+        } else if t.server_addr.parse::<SocketAddr>().is_err() {
+            return Err((
+                "tracing.server_addr".into(),
+                format!("{:?} is not an IP:port address", t.server_addr),
+            ));
+        }
+        if t.output_file == t.shiviz_output_file || t.output_file.as_os_str().is_empty() {
+            return Err((
+                "tracing.shiviz_output_file".into(),
+                "output_file and shiviz_output_file must be distinct, non-empty paths".into(),
+            ));
+        }
         let cl = &self.client;
         if cl.attempt_timeout_ms == 0 || cl.op_timeout_ms < cl.attempt_timeout_ms {
             return Err((
@@ -365,6 +409,31 @@ data_dir = "data/server2"
         assert!(
             e.contains("servers[0].addr") && e.contains("localhost"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn tracing_defaults_and_address_checks() {
+        let c = ClusterConfig::parse(&base(), Path::new("t.toml")).unwrap();
+        assert!(!c.tracing.enabled);
+        assert_eq!(c.tracing.output_file, PathBuf::from("trace_output.log"));
+        assert_eq!(
+            c.tracing.shiviz_output_file,
+            PathBuf::from("shiviz_output.log")
+        );
+        let e = err(&(base() + "[tracing]\nenabled = true\nserver_addr = \"127.0.0.1:23009\"\n"));
+        assert!(
+            e.contains("tracing.server_addr") && e.contains("used twice"),
+            "{e}"
+        );
+        let e = err(&(base() + "[tracing]\nserver_addr = \"nowhere\"\n"));
+        assert!(e.contains("tracing.server_addr"), "{e}");
+        let ok = base() + "[tracing]\nenabled = true\nserver_addr = \"127.0.0.1:23010\"\n";
+        assert!(
+            ClusterConfig::parse(&ok, Path::new("t.toml"))
+                .unwrap()
+                .tracing
+                .enabled
         );
     }
 

@@ -196,6 +196,7 @@ fn cluster_config(data_dir: &Path, servers: &[SocketAddr]) -> ClusterConfig {
             .collect(),
         server: ServerOptions::default(),
         client: ClientOptions::default(),
+        tracing: kvraft_common::config::TracingOptions::default(),
     }
 }
 
