@@ -1,0 +1,293 @@
+//! The register model of one key, and a key's history prepared for the search.
+//!
+//! Preparation drops what carries no information: `Failed` operations (they did not take
+//! effect) and `Unknown` gets (nothing was observed). An `Unknown` put stays, as an *optional*
+//! operation with no return: it may be linearized at any point after its call, or never (which
+//! is the same as "at the very end", since nothing observes it then). Values are interned into
+//! small ids so a model state is a `Copy` pair (value id, version) that hashes cheaply in the
+//! search's cache.
+//!
+//! Invariants: `step` is a pure function of (state, operation); a state's version counts the
+//! puts applied to it. When no operation of the key carries a version, versions are not
+//! tracked at all (always 0), so states that differ only in an unobservable version count merge
+//! in the cache.
+
+use crate::history::{Input, OpResult, Operation, Output, Shown};
+use std::collections::HashMap;
+use std::fmt;
+
+/// Index into [`KeyHistory::values`].
+pub(crate) type ValueId = u32;
+
+/// The state of one register.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct Register {
+    pub value: Option<ValueId>,
+    pub version: u64,
+}
+
+impl Register {
+    pub const ABSENT: Register = Register {
+        value: None,
+        version: 0,
+    };
+}
+
+/// One operation as the model sees it: the input and the output it must explain.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Step {
+    /// `version`: the version it answered, if known (always `None` for unknown puts).
+    Put {
+        value: ValueId,
+        version: Option<u64>,
+    },
+    /// `read`: `None` if it saw the key absent.
+    Get {
+        read: Option<(ValueId, Option<u64>)>,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct KeyOp {
+    pub step: Step,
+    pub call_ns: u64,
+    /// `None`: an unknown put, which may take effect any time after its call, or never.
+    pub return_ns: Option<u64>,
+    /// Index of the operation in the history the caller checked.
+    pub source: usize,
+}
+
+/// The operations of one key, ready for the search.
+#[derive(Clone, Debug)]
+pub(crate) struct KeyHistory {
+    pub ops: Vec<KeyOp>,
+    /// Interned values, indexed by [`ValueId`], to describe states in explanations.
+    pub values: Vec<Vec<u8>>,
+    /// Whether versions are compared: some operation carries one, and the caller did not turn
+    /// them off (shrinking does, to compare values alone). If not, versions stay 0.
+    pub tracks_versions: bool,
+}
+
+impl KeyHistory {
+    /// Prepares the operations `indices` of `history` (all of one key).
+    pub fn build(history: &[Operation], indices: &[usize]) -> Result<KeyHistory, String> {
+        let mut builder = Builder::default();
+        for &index in indices {
+            builder.add(index, &history[index])?;
+        }
+        Ok(builder.finish())
+    }
+
+    /// The same key restricted to the operations at positions `keep` of `self.ops`.
+    pub fn subset(&self, keep: &[usize]) -> KeyHistory {
+        KeyHistory {
+            ops: keep.iter().map(|&i| self.ops[i].clone()).collect(),
+            values: self.values.clone(),
+            tracks_versions: self.tracks_versions,
+        }
+    }
+
+    /// The state after `op` is applied to `state`, if `op`'s output is possible from `state`.
+    pub fn step(&self, state: Register, op: usize) -> Option<Register> {
+        match self.ops[op].step {
+            Step::Put { value, version } => {
+                let next = self.next_version(state);
+                let ok = self.version_matches(version, next);
+                ok.then_some(Register {
+                    value: Some(value),
+                    version: next,
+                })
+            }
+            Step::Get { read: None } => state.value.is_none().then_some(state),
+            Step::Get {
+                read: Some((value, version)),
+            } => {
+                let ok = state.value == Some(value) && self.version_matches(version, state.version);
+                ok.then_some(state)
+            }
+        }
+    }
+
+    /// Whether an output version agrees with the model's (always, when versions are off).
+    fn version_matches(&self, output: Option<u64>, model: u64) -> bool {
+        !self.tracks_versions || output.is_none_or(|v| v == model)
+    }
+
+    fn next_version(&self, state: Register) -> u64 {
+        if self.tracks_versions {
+            state.version + 1
+        } else {
+            0
+        }
+    }
+
+    /// `"v2" v3`, `absent`: a state for explanations.
+    pub fn show(&self, state: Register) -> impl fmt::Display + '_ {
+        ShowState {
+            history: self,
+            state,
+        }
+    }
+}
+
+struct ShowState<'a> {
+    history: &'a KeyHistory,
+    state: Register,
+}
+
+impl fmt::Display for ShowState<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.state.value {
+            None => write!(f, "absent")?,
+            Some(id) => write!(f, "{}", Shown(&self.history.values[id as usize]))?,
+        }
+        if self.history.tracks_versions {
+            write!(f, " (version {})", self.state.version)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct Builder {
+    ops: Vec<KeyOp>,
+    ids: HashMap<Vec<u8>, ValueId>,
+    values: Vec<Vec<u8>>,
+    tracks_versions: bool,
+}
+
+impl Builder {
+    fn add(&mut self, source: usize, op: &Operation) -> Result<(), String> {
+        if let Some(problem) = op.malformed() {
+            return Err(format!(
+                "malformed history: operation {source} ({op}): {problem}"
+            ));
+        }
+        let (step, return_ns) = match (&op.input, &op.result) {
+            (_, OpResult::Failed) | (Input::Get { .. }, OpResult::Unknown) => return Ok(()),
+            (Input::Put { value, .. }, OpResult::Unknown) => (self.put(value, None), None),
+            (input, OpResult::Ok(output)) => (self.completed(input, output), Some(op.return_ns)),
+        };
+        self.ops.push(KeyOp {
+            step,
+            call_ns: op.call_ns,
+            return_ns,
+            source,
+        });
+        Ok(())
+    }
+
+    fn completed(&mut self, input: &Input, output: &Output) -> Step {
+        match (input, output) {
+            (Input::Put { value, .. }, Output::Put { version }) => self.put(value, *version),
+            (_, Output::Get(None)) => Step::Get { read: None },
+            (_, Output::Get(Some(read))) => {
+                self.tracks_versions |= read.version.is_some();
+                Step::Get {
+                    read: Some((self.intern(&read.value), read.version)),
+                }
+            }
+            (Input::Get { .. }, Output::Put { .. }) => {
+                unreachable!("invariant: checked by malformed()")
+            }
+        }
+    }
+
+    fn put(&mut self, value: &[u8], version: Option<u64>) -> Step {
+        self.tracks_versions |= version.is_some();
+        Step::Put {
+            value: self.intern(value),
+            version,
+        }
+    }
+
+    fn intern(&mut self, value: &[u8]) -> ValueId {
+        if let Some(&id) = self.ids.get(value) {
+            return id;
+        }
+        let id = ValueId::try_from(self.values.len())
+            .expect("invariant: fewer than 2^32 values per key");
+        self.ids.insert(value.to_vec(), id);
+        self.values.push(value.to_vec());
+        id
+    }
+
+    fn finish(self) -> KeyHistory {
+        KeyHistory {
+            ops: self.ops,
+            values: self.values,
+            tracks_versions: self.tracks_versions,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key_history(ops: &[Operation]) -> KeyHistory {
+        let indices: Vec<usize> = (0..ops.len()).collect();
+        KeyHistory::build(ops, &indices).expect("well formed")
+    }
+
+    fn ok(client: u64, input: Input, output: Output) -> Operation {
+        Operation::new(client, input, 0, OpResult::Ok(output), 1)
+    }
+
+    #[test]
+    fn put_checks_the_next_version_and_get_the_current_one() {
+        let h = key_history(&[
+            ok(1, Input::put("k", "a"), Output::put_version(1)),
+            ok(1, Input::get("k"), Output::found("a", 1)),
+            ok(1, Input::get("k"), Output::absent()),
+        ]);
+        assert!(h.tracks_versions);
+        let after_put = h.step(Register::ABSENT, 0).expect("first put is version 1");
+        assert_eq!(
+            after_put,
+            Register {
+                value: Some(0),
+                version: 1
+            }
+        );
+        assert_eq!(
+            h.step(after_put, 0),
+            None,
+            "a second apply would be version 2"
+        );
+        assert_eq!(h.step(after_put, 1), Some(after_put));
+        assert_eq!(h.step(Register::ABSENT, 1), None);
+        assert_eq!(h.step(Register::ABSENT, 2), Some(Register::ABSENT));
+        assert_eq!(h.step(after_put, 2), None);
+    }
+
+    #[test]
+    fn without_versions_only_values_are_compared() {
+        let h = key_history(&[
+            ok(1, Input::put("k", "a"), Output::put_unversioned()),
+            ok(1, Input::get("k"), Output::found_unversioned("a")),
+        ]);
+        assert!(!h.tracks_versions);
+        let after_put = h
+            .step(Register::ABSENT, 0)
+            .expect("unversioned put always applies");
+        assert_eq!(
+            h.step(after_put, 0),
+            Some(after_put),
+            "states merge: version stays 0"
+        );
+        assert_eq!(h.step(after_put, 1), Some(after_put));
+    }
+
+    #[test]
+    fn failed_ops_and_unknown_gets_are_dropped_unknown_puts_are_optional() {
+        let h = key_history(&[
+            Operation::new(1, Input::put("k", "a"), 0, OpResult::Failed, 1),
+            Operation::new(2, Input::get("k"), 0, OpResult::Unknown, 0),
+            Operation::new(3, Input::put("k", "b"), 5, OpResult::Unknown, 0),
+        ]);
+        assert_eq!(h.ops.len(), 1);
+        assert_eq!(h.ops[0].source, 2);
+        assert_eq!(h.ops[0].return_ns, None);
+    }
+}

@@ -1,0 +1,135 @@
+//! Randomized and performance tests over generated linearizable histories.
+
+mod common;
+
+use common::{linearizable_history, Workload};
+use kvraft_checker::{check, summarize, CheckResult, Input, OpResult, Output, ReadValue};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::time::Instant;
+
+/// Seeds per randomized test; each history is small, so this runs in well under a second.
+const SEEDS: u64 = 300;
+
+fn small_workload(rng: &mut StdRng) -> Workload {
+    Workload {
+        clients: rng.random_range(1..=6),
+        keys: rng.random_range(1..=3),
+        ops: rng.random_range(1..=150),
+        versions: rng.random_bool(0.7),
+        unknown_ratio: rng.random_range(0.0..0.15),
+        failed_ratio: rng.random_range(0.0..0.1),
+    }
+}
+
+#[test]
+fn t10_generated_linearizable_histories_are_accepted() {
+    for seed in 0..SEEDS {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let workload = small_workload(&mut rng);
+        let history = linearizable_history(&mut rng, workload);
+        let result = check(&history);
+        assert_eq!(
+            result,
+            CheckResult::Linearizable,
+            "seed {seed} ({workload:?}): {}",
+            summarize(&result)
+        );
+    }
+}
+
+#[test]
+fn t11_generated_histories_with_a_phantom_read_are_rejected() {
+    for seed in 0..SEEDS {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let workload = small_workload(&mut rng);
+        let mut history = linearizable_history(&mut rng, workload);
+        let gets: Vec<usize> = (0..history.len())
+            .filter(|&i| matches!(history[i].result, OpResult::Ok(Output::Get(_))))
+            .collect();
+        let Some(&victim) = gets.get(rng.random_range(0..gets.len().max(1))) else {
+            continue;
+        };
+        let phantom = ReadValue {
+            value: b"never written".to_vec(),
+            version: None,
+        };
+        history[victim].result = OpResult::Ok(Output::Get(Some(phantom)));
+        let CheckResult::Violation(violation) = check(&history) else {
+            panic!("seed {seed} ({workload:?}): phantom read at op {victim} accepted");
+        };
+        assert!(
+            violation.ops.contains(&history[victim]),
+            "seed {seed}: piece lacks the phantom read:\n{violation}"
+        );
+        assert_eq!(
+            violation.ops.len(),
+            1,
+            "seed {seed}: a phantom read fails alone:\n{violation}"
+        );
+    }
+}
+
+fn timed_check(name: &str, workload: Workload, seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let history = linearizable_history(&mut rng, workload);
+    let started = Instant::now();
+    let result = check(&history);
+    let elapsed = started.elapsed();
+    println!(
+        "{name}: {} ops, {workload:?}, seed {seed}: {} in {elapsed:?}",
+        history.len(),
+        summarize(&result)
+    );
+    assert_eq!(
+        result,
+        CheckResult::Linearizable,
+        "seed {seed}: {}",
+        summarize(&result)
+    );
+}
+
+#[test]
+fn t20_performance_20k_ops_200_keys_8_clients() {
+    let workload = Workload {
+        clients: 8,
+        keys: 200,
+        ops: 20_000,
+        versions: true,
+        unknown_ratio: 0.02,
+        failed_ratio: 0.01,
+    };
+    timed_check("200 keys", workload, 20);
+}
+
+#[test]
+fn t21_performance_one_hot_key_8_clients() {
+    let workload = Workload {
+        clients: 8,
+        keys: 1,
+        ops: 5_000,
+        versions: true,
+        unknown_ratio: 0.0,
+        failed_ratio: 0.0,
+    };
+    timed_check("hot key", workload, 21);
+}
+
+#[test]
+fn t22_performance_one_hot_key_without_versions() {
+    let workload = Workload {
+        clients: 8,
+        keys: 1,
+        ops: 5_000,
+        versions: false,
+        unknown_ratio: 0.01,
+        failed_ratio: 0.0,
+    };
+    timed_check("hot key, no versions", workload, 22);
+}
+
+#[test]
+fn t30_input_helpers_round_trip_keys() {
+    assert_eq!(Input::put("k", "v").key(), b"k");
+    assert_eq!(Input::get(b"k".to_vec()).key(), b"k");
+}
