@@ -7,13 +7,19 @@
 //! small ids so a model state is a `Copy` pair (value id, version) that hashes cheaply in the
 //! search's cache.
 //!
+//! Without versions, unknown puts whose value no get read are dropped: never applying them
+//! explains the history as well as anything else.
+//!
+//! Without versions, unknown puts whose value no get read are dropped: never applying them
+//! explains the history as well as anything else.
+//!
 //! Invariants: `step` is a pure function of (state, operation); a state's version counts the
 //! puts applied to it. When no operation of the key carries a version, versions are not
 //! tracked at all (always 0), so states that differ only in an unobservable version count merge
 //! in the cache.
 
 use crate::history::{Input, OpResult, Operation, Output, Shown};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 
 /// Index into [`KeyHistory::values`].
@@ -212,12 +218,36 @@ impl Builder {
         id
     }
 
-    fn finish(self) -> KeyHistory {
+    fn finish(mut self) -> KeyHistory {
+        if !self.tracks_versions {
+            self.drop_unobserved_unknown_puts();
+        }
         KeyHistory {
             ops: self.ops,
             values: self.values,
             tracks_versions: self.tracks_versions,
         }
+    }
+
+    /// Comparing values only, an unknown put whose value no get read changes nothing anyone
+    /// saw: "never applied" explains the history as well as any other choice. Dropping it
+    /// spares the search a branch per pending put (2^n subsets when the history fails).
+    /// With versions it must stay: applied, it shifts the versions of later operations.
+    fn drop_unobserved_unknown_puts(&mut self) {
+        let read: HashSet<ValueId> = self
+            .ops
+            .iter()
+            .filter_map(|op| match op.step {
+                Step::Get {
+                    read: Some((value, _)),
+                } => Some(value),
+                _ => None,
+            })
+            .collect();
+        self.ops.retain(|op| match op.step {
+            Step::Put { value, .. } => op.return_ns.is_some() || read.contains(&value),
+            Step::Get { .. } => true,
+        });
     }
 }
 
@@ -285,9 +315,25 @@ mod tests {
             Operation::new(1, Input::put("k", "a"), 0, OpResult::Failed, 1),
             Operation::new(2, Input::get("k"), 0, OpResult::Unknown, 0),
             Operation::new(3, Input::put("k", "b"), 5, OpResult::Unknown, 0),
+            ok(4, Input::get("k"), Output::found_unversioned("b")),
         ]);
-        assert_eq!(h.ops.len(), 1);
+        assert_eq!(h.ops.len(), 2);
         assert_eq!(h.ops[0].source, 2);
-        assert_eq!(h.ops[0].return_ns, None);
+        assert_eq!(h.ops[0].return_ns, None, "unknown put: no return");
+    }
+
+    #[test]
+    fn unobserved_unknown_puts_are_dropped_only_without_versions() {
+        let history = |get: Output| {
+            key_history(&[
+                Operation::new(1, Input::put("k", "a"), 0, OpResult::Unknown, 0),
+                ok(2, Input::get("k"), get),
+            ])
+        };
+        assert_eq!(history(Output::absent()).ops.len(), 1, "nothing read \"a\"");
+        assert_eq!(history(Output::found_unversioned("a")).ops.len(), 2);
+        let versioned = history(Output::found("b", 1));
+        assert!(versioned.tracks_versions);
+        assert_eq!(versioned.ops.len(), 2, "applied, it would shift versions");
     }
 }

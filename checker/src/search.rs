@@ -27,6 +27,7 @@
 
 use crate::model::{KeyHistory, Register};
 use std::collections::HashSet;
+use std::hash::{Hash, Hasher};
 use std::time::Instant;
 
 /// Memory the cache may use before the search gives up: a key whose history needs more is
@@ -156,18 +157,45 @@ fn sorted_events(history: &KeyHistory) -> Vec<Node> {
         .collect()
 }
 
-/// A set of operations, one bit each.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct Bitset(Box<[u64]>);
+/// A configuration of the search: the set of linearized operations (one bit each) and the
+/// model state after them. The hash of the set is kept incrementally (Zobrist hashing: the XOR
+/// of a pseudo-random word per member), so probing the cache does not rehash the whole bitset.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Config {
+    bits: Box<[u64]>,
+    bits_hash: u64,
+    state: Register,
+}
 
-impl Bitset {
-    fn new(bits: usize) -> Bitset {
-        Bitset(vec![0; bits.div_ceil(64)].into_boxed_slice())
+impl Config {
+    fn new(ops: usize) -> Config {
+        let bits = vec![0; ops.div_ceil(64)].into_boxed_slice();
+        Config {
+            bits,
+            bits_hash: 0,
+            state: Register::ABSENT,
+        }
     }
 
-    fn flip(&mut self, bit: usize) {
-        self.0[bit / 64] ^= 1 << (bit % 64);
+    fn flip(&mut self, op: usize) {
+        self.bits[op / 64] ^= 1 << (op % 64);
+        self.bits_hash ^= mix(op as u64);
     }
+}
+
+impl Hash for Config {
+    fn hash<H: Hasher>(&self, hasher: &mut H) {
+        let value = self.state.value.map_or(0, |id| u64::from(id) + 1);
+        hasher.write_u64(self.bits_hash ^ mix(mix(value) ^ self.state.version));
+    }
+}
+
+/// SplitMix64's finalizer: a fixed pseudo-random word per input, for Zobrist hashing.
+fn mix(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 struct Frame {
@@ -180,8 +208,9 @@ struct Search<'a> {
     list: EventList,
     stack: Vec<Frame>,
     state: Register,
-    linearized: Bitset,
-    cache: HashSet<(Bitset, Register)>,
+    /// The linearized set, and the state of the configuration being probed.
+    probe: Config,
+    cache: HashSet<Config>,
     /// Completed operations not yet on the stack: the search succeeds when it reaches 0.
     required_left: usize,
     steps: u64,
@@ -197,7 +226,7 @@ impl<'a> Search<'a> {
             list: EventList::new(history),
             stack: Vec::new(),
             state: Register::ABSENT,
-            linearized: Bitset::new(history.ops.len()),
+            probe: Config::new(history.ops.len()),
             cache: HashSet::new(),
             required_left: history
                 .ops
@@ -240,11 +269,13 @@ impl<'a> Search<'a> {
     /// returns where to continue (the head of the list).
     fn try_linearize(&mut self, op: usize) -> Option<usize> {
         let next = self.history.step(self.state, op)?;
-        self.linearized.flip(op);
-        if !self.cache.insert((self.linearized.clone(), next)) {
-            self.linearized.flip(op);
+        self.probe.flip(op);
+        self.probe.state = next;
+        if self.cache.contains(&self.probe) {
+            self.probe.flip(op);
             return None;
         }
+        self.cache.insert(self.probe.clone());
         self.stack.push(Frame {
             op,
             before: self.state,
@@ -262,7 +293,7 @@ impl<'a> Search<'a> {
             self.note_dead_end(blocked);
         }
         let Frame { op, before } = self.stack.pop()?;
-        self.linearized.flip(op);
+        self.probe.flip(op);
         self.state = before;
         self.list.unlift(op);
         self.required_left += usize::from(self.history.ops[op].return_ns.is_some());
@@ -289,7 +320,7 @@ impl<'a> Search<'a> {
         if !self.steps.is_multiple_of(STEPS_PER_CLOCK_CHECK) {
             return None;
         }
-        let entry_bytes = self.linearized.0.len() * 8 + CACHE_ENTRY_OVERHEAD_BYTES;
+        let entry_bytes = self.probe.bits.len() * 8 + CACHE_ENTRY_OVERHEAD_BYTES;
         if self.cache.len().saturating_mul(entry_bytes) > CACHE_BYTES_MAX {
             return Some(format!(
                 "search cache reached {} MiB after {} steps",

@@ -264,3 +264,20 @@ fn t51_malformed_history_is_inconclusive_and_named() {
         other => panic!("expected inconclusive, got {}", summarize(&other)),
     }
 }
+
+#[test]
+fn t52_many_unobserved_unknown_puts_do_not_blow_up_a_failing_search() {
+    // Without versions, 40 pending puts nobody read would give 2^40 configurations to refute.
+    let mut history: Vec<Operation> = (0..40)
+        .map(|c| put_with(10 + c, &format!("lost{c}"), c, OpResult::Unknown))
+        .collect();
+    history.extend([
+        put_nv(1, "v1", 0, 10),
+        put_nv(1, "v2", 20, 30),
+        get_nv(2, "v1", 40, 50),
+    ]);
+    match check_with_budget(&history, Duration::from_secs(5)) {
+        CheckResult::Violation(violation) => assert_eq!(violation.ops.len(), 3, "{violation}"),
+        other => panic!("expected a violation, got {}", summarize(&other)),
+    }
+}
