@@ -7,8 +7,11 @@
 //! small ids so a model state is a `Copy` pair (value id, version) that hashes cheaply in the
 //! search's cache.
 //!
-//! Without versions, unknown puts whose value no get read are dropped: never applying them
-//! explains the history as well as anything else.
+//! Unknown puts whose value no get read: without versions they are dropped (never applying
+//! them explains the history as well as anything else); with versions they stay, share one
+//! value id ([`UNREAD`]) and are ranked in call order, since any two are interchangeable (the
+//! search applies them only just before a put, see `search`). A put without a version whose
+//! value is unique takes the version a get saw with it.
 //!
 //! Without versions, unknown puts whose value no get read are dropped: never applying them
 //! explains the history as well as anything else.
@@ -22,8 +25,12 @@ use crate::history::{Input, OpResult, Operation, Output, Shown};
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 
-/// Index into [`KeyHistory::values`].
+/// Index into [`KeyHistory::values`], or [`UNREAD`].
 pub(crate) type ValueId = u32;
+
+/// The value of every unknown put that no get read: no get can tell them apart, so sharing
+/// one id lets the cache merge states that differ only in which of them was applied last.
+pub(crate) const UNREAD: ValueId = ValueId::MAX;
 
 /// The state of one register.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -61,6 +68,10 @@ pub(crate) struct KeyOp {
     pub return_ns: Option<u64>,
     /// Index of the operation in the history the caller checked.
     pub source: usize,
+    /// For an unknown put whose value no get read (kept only when versions are compared):
+    /// its rank in call order among those puts. They are interchangeable, so the search applies
+    /// them in this order only.
+    pub unread_rank: Option<usize>,
 }
 
 /// The operations of one key, ready for the search.
@@ -84,10 +95,19 @@ impl KeyHistory {
         Ok(builder.finish())
     }
 
-    /// The same key restricted to the operations at positions `keep` of `self.ops`.
+    /// The same key restricted to the operations at positions `keep` of `self.ops` (unread
+    /// unknown puts ranked again, so their ranks stay 0, 1, 2, ...).
     pub fn subset(&self, keep: &[usize]) -> KeyHistory {
+        let mut ops: Vec<KeyOp> = keep.iter().map(|&i| self.ops[i].clone()).collect();
+        let mut ranked: Vec<usize> = (0..ops.len())
+            .filter(|&op| ops[op].unread_rank.is_some())
+            .collect();
+        ranked.sort_by_key(|&op| ops[op].unread_rank);
+        for (rank, op) in ranked.into_iter().enumerate() {
+            ops[op].unread_rank = Some(rank);
+        }
         KeyHistory {
-            ops: keep.iter().map(|&i| self.ops[i].clone()).collect(),
+            ops,
             values: self.values.clone(),
             tracks_versions: self.tracks_versions,
         }
@@ -145,6 +165,7 @@ impl fmt::Display for ShowState<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.state.value {
             None => write!(f, "absent")?,
+            Some(UNREAD) => write!(f, "holding a value no get read")?,
             Some(id) => write!(f, "{}", Shown(&self.history.values[id as usize]))?,
         }
         if self.history.tracks_versions {
@@ -179,6 +200,7 @@ impl Builder {
             call_ns: op.call_ns,
             return_ns,
             source,
+            unread_rank: None,
         });
         Ok(())
     }
@@ -219,8 +241,12 @@ impl Builder {
     }
 
     fn finish(mut self) -> KeyHistory {
-        if !self.tracks_versions {
-            self.drop_unobserved_unknown_puts();
+        let read = self.read_values();
+        if self.tracks_versions {
+            self.infer_put_versions();
+            self.rank_unread_unknown_puts(&read);
+        } else {
+            self.drop_unread_unknown_puts(&read);
         }
         KeyHistory {
             ops: self.ops,
@@ -229,25 +255,79 @@ impl Builder {
         }
     }
 
+    fn read_values(&self) -> HashSet<ValueId> {
+        let read = |op: &KeyOp| match op.step {
+            Step::Get {
+                read: Some((value, _)),
+            } => Some(value),
+            _ => None,
+        };
+        self.ops.iter().filter_map(read).collect()
+    }
+
+    fn is_unread_unknown_put(op: &KeyOp, read: &HashSet<ValueId>) -> bool {
+        let Step::Put { value, .. } = op.step else {
+            return false;
+        };
+        op.return_ns.is_none() && !read.contains(&value)
+    }
+
+    /// A put without a version (unknown, or a source that does not report put versions) whose
+    /// value no other put writes takes the version a get saw with that value: in any
+    /// linearization that get reads the state this put left. Knowing it, the search places
+    /// the put (and the unread puts before it) exactly instead of trying every count.
+    fn infer_put_versions(&mut self) {
+        let mut writers: HashMap<ValueId, usize> = HashMap::new();
+        let mut seen: HashMap<ValueId, u64> = HashMap::new();
+        for op in &self.ops {
+            match op.step {
+                Step::Put { value, .. } => *writers.entry(value).or_default() += 1,
+                Step::Get {
+                    read: Some((value, Some(version))),
+                } => {
+                    seen.entry(value).or_insert(version);
+                }
+                Step::Get { .. } => {}
+            }
+        }
+        for op in &mut self.ops {
+            if let Step::Put {
+                value,
+                version: version @ None,
+            } = &mut op.step
+            {
+                if writers[value] == 1 {
+                    *version = seen.get(value).copied();
+                }
+            }
+        }
+    }
+
     /// Comparing values only, an unknown put whose value no get read changes nothing anyone
     /// saw: "never applied" explains the history as well as any other choice. Dropping it
     /// spares the search a branch per pending put (2^n subsets when the history fails).
-    /// With versions it must stay: applied, it shifts the versions of later operations.
-    fn drop_unobserved_unknown_puts(&mut self) {
-        let read: HashSet<ValueId> = self
-            .ops
-            .iter()
-            .filter_map(|op| match op.step {
-                Step::Get {
-                    read: Some((value, _)),
-                } => Some(value),
-                _ => None,
-            })
+    fn drop_unread_unknown_puts(&mut self, read: &HashSet<ValueId>) {
+        self.ops.retain(|op| !Self::is_unread_unknown_put(op, read));
+    }
+
+    /// With versions such a put must stay (applied, it shifts later versions), but any two of
+    /// them are interchangeable once both are called: give them one value ([`UNREAD`]) and a
+    /// call-order rank, so the search applies the earliest pending one only. Any
+    /// linearization maps to one of that shape: the i-th applied is replaced by the i-th
+    /// called, which was called no later.
+    fn rank_unread_unknown_puts(&mut self, read: &HashSet<ValueId>) {
+        let mut unread: Vec<usize> = (0..self.ops.len())
+            .filter(|&op| Self::is_unread_unknown_put(&self.ops[op], read))
             .collect();
-        self.ops.retain(|op| match op.step {
-            Step::Put { value, .. } => op.return_ns.is_some() || read.contains(&value),
-            Step::Get { .. } => true,
-        });
+        unread.sort_by_key(|&op| (self.ops[op].call_ns, op));
+        for (rank, op) in unread.into_iter().enumerate() {
+            let key_op = &mut self.ops[op];
+            key_op.step = Step::Put {
+                value: UNREAD,
+                version: None,
+            };
+            key_op.unread_rank = Some(rank);
+        }
     }
 }
 
@@ -323,7 +403,7 @@ mod tests {
     }
 
     #[test]
-    fn unobserved_unknown_puts_are_dropped_only_without_versions() {
+    fn unread_unknown_puts_are_dropped_without_versions_and_ranked_with() {
         let history = |get: Output| {
             key_history(&[
                 Operation::new(1, Input::put("k", "a"), 0, OpResult::Unknown, 0),
@@ -335,5 +415,80 @@ mod tests {
         let versioned = history(Output::found("b", 1));
         assert!(versioned.tracks_versions);
         assert_eq!(versioned.ops.len(), 2, "applied, it would shift versions");
+        assert_eq!(versioned.ops[0].unread_rank, Some(0));
+        assert!(matches!(
+            versioned.ops[0].step,
+            Step::Put { value: UNREAD, .. }
+        ));
+    }
+}
+
+#[cfg(test)]
+mod subset_tests {
+    use super::*;
+
+    #[test]
+    fn put_versions_are_inferred_from_reads_of_unique_values() {
+        let ops = [
+            Operation::new(1, Input::put("k", "a"), 0, OpResult::Unknown, 0),
+            Operation::new(
+                2,
+                Input::put("k", "b"),
+                0,
+                OpResult::Ok(Output::put_unversioned()),
+                5,
+            ),
+            Operation::new(
+                3,
+                Input::put("k", "b"),
+                0,
+                OpResult::Ok(Output::put_unversioned()),
+                5,
+            ),
+            Operation::new(
+                4,
+                Input::get("k"),
+                0,
+                OpResult::Ok(Output::found("a", 4)),
+                9,
+            ),
+            Operation::new(
+                4,
+                Input::get("k"),
+                0,
+                OpResult::Ok(Output::found("b", 2)),
+                9,
+            ),
+        ];
+        let h = KeyHistory::build(&ops, &[0, 1, 2, 3, 4]).expect("well formed");
+        let versions: Vec<Option<u64>> = h.ops[..3]
+            .iter()
+            .map(|op| match op.step {
+                Step::Put { version, .. } => version,
+                Step::Get { .. } => unreachable!("puts first"),
+            })
+            .collect();
+        assert_eq!(versions, [Some(4), None, None], "\"b\" has two writers");
+    }
+
+    #[test]
+    fn subset_ranks_unread_unknown_puts_again() {
+        let unknown = |client: u64, value: &str| {
+            Operation::new(client, Input::put("k", value), client, OpResult::Unknown, 0)
+        };
+        let get = Operation::new(
+            9,
+            Input::get("k"),
+            0,
+            OpResult::Ok(Output::found("x", 3)),
+            1,
+        );
+        let ops = [unknown(1, "a"), unknown(2, "b"), unknown(3, "c"), get];
+        let h = KeyHistory::build(&ops, &[0, 1, 2, 3]).expect("well formed");
+        let ranks: Vec<Option<usize>> = h.ops.iter().map(|op| op.unread_rank).collect();
+        assert_eq!(ranks, [Some(0), Some(1), Some(2), None]);
+        let piece = h.subset(&[0, 2, 3]);
+        let ranks: Vec<Option<usize>> = piece.ops.iter().map(|op| op.unread_rank).collect();
+        assert_eq!(ranks, [Some(0), Some(1), None]);
     }
 }

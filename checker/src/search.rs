@@ -18,16 +18,27 @@
 //! depend on the path that reached it, so a configuration already in the cache is not explored
 //! again. Unknown puts have no return event: the search may linearize them or walk past them.
 //!
+//! Unknown puts whose value no get read ("unread", see the model) are not walked at all. Such
+//! a put can only matter through the version it adds, and no get can follow it directly (it
+//! would read its value), so in any linearization it can be moved to just before the next put,
+//! and any two are interchangeable once called. The search therefore applies them only in a
+//! block right before a put, in call order: exactly as many as the put's version needs, or,
+//! when the put's version is unknown, each possible count in turn (just-in-time linearization
+//! in the spirit of Lowe 2017). Without this, every pending unread put is a branch at every
+//! step, and histories with timeouts on a hot key grow quadratically or worse.
+//!
 //! Ties: at equal times calls sort before returns, so operations whose times touch are
 //! treated as concurrent (a clock cannot order them; this never rejects a valid history).
 //!
-//! Invariants: the stack holds the linearized operations in order and the state is the model
-//! applied to them; a node is in the list exactly when its operation is not on the stack; the
+//! Invariants: the stack holds the linearized operations in order (each with the unread puts
+//! applied just before it; those applied are always the lowest ranks) and the state is the
+//! model applied to them; a node is in the list exactly when its operation is not on the stack; the
 //! search stops at the deadline or when the cache reaches [`CACHE_BYTES_MAX`].
 
-use crate::model::{KeyHistory, Register};
+use crate::model::{KeyHistory, KeyOp, Register, Step, UNREAD};
 use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
+use std::ops::Range;
 use std::time::Instant;
 
 /// Memory the cache may use before the search gives up: a key whose history needs more is
@@ -76,7 +87,8 @@ struct EventList {
     kind: Vec<Node>,
     prev: Vec<usize>,
     next: Vec<usize>,
-    /// Node of each operation's call and (if it has one) return.
+    /// Node of each operation's call and (if it has one) return; unread unknown puts have no
+    /// nodes (their entry is the head, never lifted).
     call_node: Vec<usize>,
     return_node: Vec<Option<usize>>,
 }
@@ -138,6 +150,9 @@ impl EventList {
 fn sorted_events(history: &KeyHistory) -> Vec<Node> {
     let mut events: Vec<(u64, u8, usize)> = Vec::with_capacity(2 * history.ops.len());
     for (op, key_op) in history.ops.iter().enumerate() {
+        if key_op.unread_rank.is_some() {
+            continue; // not walked: the search applies them right before a put (see Search)
+        }
         events.push((key_op.call_ns, 0, op));
         if let Some(return_ns) = key_op.return_ns {
             events.push((return_ns, 1, op));
@@ -198,8 +213,10 @@ fn mix(x: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// One linearization step: `op`, preceded by `unread` unread unknown puts (the next ranks).
 struct Frame {
     op: usize,
+    unread: usize,
     before: Register,
 }
 
@@ -213,6 +230,12 @@ struct Search<'a> {
     cache: HashSet<Config>,
     /// Completed operations not yet on the stack: the search succeeds when it reaches 0.
     required_left: usize,
+    /// Unread unknown puts by rank (call order); those of rank < `unread_applied` are applied.
+    unread_by_rank: Vec<usize>,
+    unread_applied: usize,
+    /// After backtracking a step with `n` unread puts, the same op is retried with at least
+    /// `n + 1`; 0 otherwise.
+    unread_min: usize,
     steps: u64,
     deadline: Instant,
     deepest: Option<DeadEnd>,
@@ -221,6 +244,7 @@ struct Search<'a> {
 
 impl<'a> Search<'a> {
     fn new(history: &'a KeyHistory, deadline: Instant, explain: bool) -> Search<'a> {
+        let required = |op: &&KeyOp| op.return_ns.is_some();
         Search {
             history,
             list: EventList::new(history),
@@ -228,11 +252,10 @@ impl<'a> Search<'a> {
             state: Register::ABSENT,
             probe: Config::new(history.ops.len()),
             cache: HashSet::new(),
-            required_left: history
-                .ops
-                .iter()
-                .filter(|op| op.return_ns.is_some())
-                .count(),
+            required_left: history.ops.iter().filter(required).count(),
+            unread_by_rank: unread_by_rank(history),
+            unread_applied: 0,
+            unread_min: 0,
             steps: 0,
             deadline,
             deepest: None,
@@ -247,7 +270,9 @@ impl<'a> Search<'a> {
                 return Outcome::Exhausted(reason);
             }
             cursor = match self.list.kind[cursor] {
-                Node::Call(op) => self.try_linearize(op).unwrap_or(self.list.next[cursor]),
+                Node::Call(op) => self
+                    .try_linearize(op, cursor)
+                    .unwrap_or(self.list.next[cursor]),
                 Node::Return(op) => match self.backtrack(op) {
                     Some(next) => next,
                     None => return Outcome::Violation(self.deepest.take()),
@@ -265,39 +290,116 @@ impl<'a> Search<'a> {
         Outcome::Linearizable
     }
 
-    /// Linearizes `op` now if the model allows it and the result is a new configuration;
-    /// returns where to continue (the head of the list).
-    fn try_linearize(&mut self, op: usize) -> Option<usize> {
-        let next = self.history.step(self.state, op)?;
-        self.probe.flip(op);
+    /// Linearizes `op` now (after as few unread puts as its output allows) if the model
+    /// accepts it and the configuration is new; returns where to continue (the list's head).
+    fn try_linearize(&mut self, op: usize, cursor: usize) -> Option<usize> {
+        let unread_min = std::mem::take(&mut self.unread_min);
+        for unread in self.unread_choices(op, cursor, unread_min) {
+            let Some(next) = self.history.step(self.after_unread(self.state, unread), op) else {
+                continue;
+            };
+            if self.enter(op, unread, next) {
+                return Some(self.list.first());
+            }
+        }
+        None
+    }
+
+    /// How many unread puts may go right before `op` at `cursor`: only before a put (nothing
+    /// else can use them: a get cannot read their value), exactly as many as its version
+    /// needs, or any number available if its version is unknown.
+    fn unread_choices(&self, op: usize, cursor: usize, unread_min: usize) -> Range<usize> {
+        const NONE: Range<usize> = 0..0;
+        let Step::Put { version, .. } = self.history.ops[op].step else {
+            return if unread_min == 0 { 0..1 } else { NONE };
+        };
+        if !self.history.tracks_versions {
+            return if unread_min == 0 { 0..1 } else { NONE };
+        }
+        let available = self.unread_available(cursor);
+        match version {
+            None => unread_min..available + 1,
+            Some(version) => {
+                let needed = version.checked_sub(self.state.version + 1);
+                match needed.and_then(|needed| usize::try_from(needed).ok()) {
+                    Some(n) if n >= unread_min && n <= available => n..n + 1,
+                    _ => NONE,
+                }
+            }
+        }
+    }
+
+    /// Unapplied unread puts called no later than the first pending return after `cursor`
+    /// (calls sort before returns at equal times), so they can take effect now.
+    fn unread_available(&self, cursor: usize) -> usize {
+        let mut node = cursor;
+        let limit_ns = loop {
+            match self.list.kind[node] {
+                Node::Return(op) => break self.history.ops[op].return_ns.unwrap_or(u64::MAX),
+                Node::Tail => break u64::MAX,
+                Node::Head | Node::Call(_) => node = self.list.next[node],
+            }
+        };
+        let pending = &self.unread_by_rank[self.unread_applied..];
+        pending
+            .iter()
+            .take_while(|&&op| self.history.ops[op].call_ns <= limit_ns)
+            .count()
+    }
+
+    /// The state after `unread` unread puts: their value is one no get reads.
+    fn after_unread(&self, state: Register, unread: usize) -> Register {
+        match unread {
+            0 => state,
+            n => Register {
+                value: Some(UNREAD),
+                version: state.version + n as u64,
+            },
+        }
+    }
+
+    /// Pushes the step if its configuration is new; whether it did.
+    fn enter(&mut self, op: usize, unread: usize, next: Register) -> bool {
+        self.flip_step(op, unread, self.unread_applied);
         self.probe.state = next;
         if self.cache.contains(&self.probe) {
-            self.probe.flip(op);
-            return None;
+            self.flip_step(op, unread, self.unread_applied);
+            return false;
         }
         self.cache.insert(self.probe.clone());
         self.stack.push(Frame {
             op,
+            unread,
             before: self.state,
         });
         self.state = next;
         self.list.lift(op);
         self.required_left -= usize::from(self.history.ops[op].return_ns.is_some());
-        Some(self.list.first())
+        self.unread_applied += unread;
+        true
     }
 
-    /// Undoes the last linearization after `blocked`'s return was reached; returns the node
-    /// after the undone call, or `None` when nothing is left to undo.
+    fn flip_step(&mut self, op: usize, unread: usize, first_rank: usize) {
+        self.probe.flip(op);
+        for &unread_op in &self.unread_by_rank[first_rank..first_rank + unread] {
+            self.probe.flip(unread_op);
+        }
+    }
+
+    /// Undoes the last step after `blocked`'s return was reached; returns where to continue:
+    /// the undone op again (with more unread puts before it), or `None` if nothing is left.
     fn backtrack(&mut self, blocked: usize) -> Option<usize> {
         if self.explain {
             self.note_dead_end(blocked);
         }
-        let Frame { op, before } = self.stack.pop()?;
-        self.probe.flip(op);
+        let Frame { op, unread, before } = self.stack.pop()?;
+        self.unread_applied -= unread;
+        self.flip_step(op, unread, self.unread_applied);
         self.state = before;
         self.list.unlift(op);
         self.required_left += usize::from(self.history.ops[op].return_ns.is_some());
-        Some(self.list.next[self.list.call_node[op]])
+        self.unread_min = unread + 1;
+        Some(self.list.call_node[op])
     }
 
     fn note_dead_end(&mut self, blocked: usize) {
@@ -322,9 +424,9 @@ impl<'a> Search<'a> {
         }
         let entry_bytes = self.probe.bits.len() * 8 + CACHE_ENTRY_OVERHEAD_BYTES;
         if self.cache.len().saturating_mul(entry_bytes) > CACHE_BYTES_MAX {
+            let mib = CACHE_BYTES_MAX >> 20;
             return Some(format!(
-                "search cache reached {} MiB after {} steps",
-                CACHE_BYTES_MAX >> 20,
+                "search cache reached {mib} MiB after {} steps",
                 self.steps
             ));
         }
@@ -334,11 +436,24 @@ impl<'a> Search<'a> {
 
     fn replay(&self) -> Register {
         self.stack.iter().fold(Register::ABSENT, |state, frame| {
+            let state = self.after_unread(state, frame.unread);
             self.history
                 .step(state, frame.op)
                 .expect("invariant: stacked ops were accepted")
         })
     }
+}
+
+/// Unread unknown puts ordered by rank.
+fn unread_by_rank(history: &KeyHistory) -> Vec<usize> {
+    let mut ranked: Vec<(usize, usize)> = history
+        .ops
+        .iter()
+        .enumerate()
+        .filter_map(|(op, key_op)| key_op.unread_rank.map(|rank| (rank, op)))
+        .collect();
+    ranked.sort_unstable();
+    ranked.into_iter().map(|(_, op)| op).collect()
 }
 
 #[cfg(test)]

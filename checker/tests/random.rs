@@ -3,13 +3,15 @@
 mod common;
 
 use common::{linearizable_history, Workload};
-use kvraft_checker::{check, summarize, CheckResult, Input, OpResult, Output, ReadValue};
+use kvraft_checker::{
+    check, summarize, CheckResult, Input, OpResult, Operation, Output, ReadValue,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::time::Instant;
 
 /// Seeds per randomized test; each history is small, so this runs in well under a second.
-const SEEDS: u64 = 300;
+const SEEDS: u64 = 200;
 
 fn small_workload(rng: &mut StdRng) -> Workload {
     Workload {
@@ -70,6 +72,86 @@ fn t11_generated_histories_with_a_phantom_read_are_rejected() {
     }
 }
 
+/// A get whose value came from a completed put with a known version, unique to that put.
+fn victim_with_known_put(history: &[Operation], rng: &mut StdRng) -> Option<usize> {
+    let put_version = |value: &[u8]| {
+        let writers: Vec<&Operation> = history
+            .iter()
+            .filter(|op| matches!(&op.input, Input::Put { value: v, .. } if v.as_slice() == value))
+            .collect();
+        match writers.as_slice() {
+            [op] => match op.result {
+                OpResult::Ok(Output::Put { version }) => version,
+                _ => None,
+            },
+            _ => None,
+        }
+    };
+    let candidates: Vec<usize> = (0..history.len())
+        .filter(|&i| match &history[i].result {
+            OpResult::Ok(Output::Get(Some(read))) => {
+                read.version.is_some() && put_version(&read.value).is_some()
+            }
+            _ => false,
+        })
+        .collect();
+    candidates
+        .get(rng.random_range(0..candidates.len().max(1)))
+        .copied()
+}
+
+#[test]
+fn t12_generated_histories_with_a_shifted_read_version_are_rejected() {
+    for seed in 0..SEEDS {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let workload = Workload {
+            versions: true,
+            ..small_workload(&mut rng)
+        };
+        let mut history = linearizable_history(&mut rng, workload);
+        let Some(victim) = victim_with_known_put(&history, &mut rng) else {
+            continue;
+        };
+        if let OpResult::Ok(Output::Get(Some(read))) = &mut history[victim].result {
+            let version = read.version.expect("chosen with a version");
+            read.version = Some(if rng.random_bool(0.5) {
+                version + 1
+            } else {
+                version - 1
+            });
+        }
+        let result = check(&history);
+        assert!(
+            matches!(result, CheckResult::Violation(_)),
+            "seed {seed} ({workload:?}): shifted version at op {victim} not rejected: {}",
+            summarize(&result)
+        );
+    }
+}
+
+#[test]
+fn t13_generated_histories_with_many_timeouts_on_one_key_are_accepted() {
+    for seed in 0..SEEDS {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let workload = Workload {
+            clients: rng.random_range(2..=8),
+            keys: 1,
+            ops: rng.random_range(10..=200),
+            versions: rng.random_bool(0.8),
+            unknown_ratio: rng.random_range(0.1..0.4),
+            failed_ratio: 0.05,
+        };
+        let history = linearizable_history(&mut rng, workload);
+        let result = check(&history);
+        assert_eq!(
+            result,
+            CheckResult::Linearizable,
+            "seed {seed} ({workload:?}): {}",
+            summarize(&result)
+        );
+    }
+}
+
 fn timed_check(name: &str, workload: Workload, seed: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
     let history = linearizable_history(&mut rng, workload);
@@ -103,14 +185,14 @@ fn t20_performance_20k_ops_200_keys_8_clients() {
 }
 
 #[test]
-fn t21_performance_one_hot_key_8_clients() {
+fn t21_performance_one_hot_key_8_clients_with_timeouts() {
     let workload = Workload {
         clients: 8,
         keys: 1,
         ops: 5_000,
         versions: true,
-        unknown_ratio: 0.0,
-        failed_ratio: 0.0,
+        unknown_ratio: 0.02,
+        failed_ratio: 0.01,
     };
     timed_check("hot key", workload, 21);
 }
