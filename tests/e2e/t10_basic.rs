@@ -143,3 +143,25 @@ async fn run_command_writes_request_records() {
     let json: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["read"][0]["Response"]["Validate"], false);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_prints_figures() {
+    let cluster = Cluster::start(3);
+    cluster.wait_leader(|_| true).await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bench"))
+        .arg("--config")
+        .arg(&cluster.config_path)
+        .args([
+            "--ops",
+            "300",
+            "--concurrency",
+            "8",
+            "--read-fraction",
+            "0.5",
+        ])
+        .output()
+        .expect("run bench");
+    let text = stdout(&out);
+    assert!(text.contains("bench: ops 300, errors 0"), "{text}");
+    assert!(text.contains("ops/s") && text.contains("get p50"), "{text}");
+}
