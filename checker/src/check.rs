@@ -22,6 +22,14 @@ use std::time::{Duration, Instant};
 /// modest concurrency needs, but a bound, so a pathological history cannot hang a test suite.
 pub const CHECK_BUDGET_DEFAULT: Duration = Duration::from_secs(60);
 
+/// Operations of the longest consistent order quoted in an explanation (the last ones: the
+/// failure is at its end).
+const EXPLAINED_ORDER_MAX: usize = 6;
+
+/// Longest search budget: a day is beyond any useful check, and `Instant + Duration::MAX`
+/// would overflow.
+pub const BUDGET_MAX: Duration = Duration::from_secs(24 * 60 * 60);
+
 /// Time spent shrinking a failing key's history: enough for hundreds of operations; a bigger
 /// history is reported with what remains at the deadline.
 pub const SHRINK_BUDGET_MAX: Duration = Duration::from_secs(2);
@@ -53,12 +61,10 @@ pub fn check(history: &[Operation]) -> CheckResult {
 }
 
 /// Checks `history`, answering [`CheckResult::Inconclusive`] if the search of all keys takes
-/// longer than `budget`.
+/// longer than `budget` (at most [`BUDGET_MAX`]). A violation found in time is then shrunk and
+/// explained in at most twice [`SHRINK_BUDGET_MAX`] more.
 pub fn check_with_budget(history: &[Operation], budget: Duration) -> CheckResult {
-    let started = Instant::now();
-    let deadline = started
-        .checked_add(budget)
-        .unwrap_or(started + CHECK_BUDGET_DEFAULT);
+    let deadline = Instant::now() + budget.min(BUDGET_MAX);
     let mut inconclusive = None;
     for (key, indices) in partition(history) {
         let key_history = match KeyHistory::build(history, &indices) {
@@ -116,21 +122,31 @@ fn report(key: &[u8], history: &[Operation], key_history: &KeyHistory) -> Violat
 
 fn explain(piece: &KeyHistory, history: &[Operation], dead_end: &DeadEnd) -> String {
     let shown = |op: usize| history[piece.ops[op].source].to_string();
-    let order: Vec<String> = dead_end.order.iter().map(|&op| shown(op)).collect();
+    let compared = if piece.tracks_versions {
+        "output"
+    } else {
+        "value read"
+    };
     format!(
-        "no order of these {} operations respects real time and explains every {}; the longest \
-         consistent order found is [{}], leaving the key {}, and from there \"{}\" cannot take \
-         effect before it returns",
+        "no order of these {} operations respects real time and explains every {compared}; the \
+         longest consistent order found is [{}], leaving the key {}, and from there \"{}\" cannot \
+         take effect before it returns",
         piece.ops.len(),
-        if piece.tracks_versions {
-            "output"
-        } else {
-            "value read"
-        },
-        order.join("; "),
+        order_tail(&dead_end.order, shown),
         piece.show(dead_end.state),
         shown(dead_end.blocked),
     )
+}
+
+/// The last [`EXPLAINED_ORDER_MAX`] operations of `order`, so the explanation stays one
+/// readable line.
+fn order_tail(order: &[usize], shown: impl Fn(usize) -> String) -> String {
+    let skipped = order.len().saturating_sub(EXPLAINED_ORDER_MAX);
+    let tail: Vec<String> = order[skipped..].iter().map(|&op| shown(op)).collect();
+    match skipped {
+        0 => tail.join("; "),
+        _ => format!("{skipped} earlier operations; {}", tail.join("; ")),
+    }
 }
 
 /// One line describing `result`.

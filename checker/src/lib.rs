@@ -20,6 +20,25 @@
 //! Porcupine: a cache of (set of linearized operations, model state) pairs already explored.
 //! With modest concurrency per key the search is close to linear in the number of operations.
 //!
+//! Two refinements keep timeouts cheap. Unknown puts whose value no get read are dropped when
+//! versions are not compared; with versions they are interchangeable and are applied only in a
+//! block right before a put, as many as its version needs (just-in-time linearization, Lowe
+//! 2017). A put without a version whose value is unique takes the version a get saw with it.
+//!
+//! ```
+//! use kvraft_checker::{check, CheckResult, Input, OpResult, Operation, Output};
+//!
+//! let acked = OpResult::Ok(Output::put_version(1));
+//! let history = [
+//!     Operation::new(1, Input::put("k", "v1"), 0, acked, 10),
+//!     // Called after the put was acknowledged, yet it misses it: a lost write.
+//!     Operation::new(2, Input::get("k"), 20, OpResult::Ok(Output::absent()), 30),
+//! ];
+//! let CheckResult::Violation(violation) = check(&history) else { panic!("lost write accepted") };
+//! assert_eq!(violation.ops.len(), 2);
+//! println!("{violation}"); // the explanation, then each operation with its times
+//! ```
+//!
 //! Invariants: the checker never accepts a history for which no linearization exists, and a
 //! [`Violation`] always holds a piece of the history that is itself not linearizable. When the
 //! time or memory budget runs out it answers [`CheckResult::Inconclusive`], never a guess.
@@ -32,7 +51,7 @@ mod search;
 mod shrink;
 
 pub use check::{
-    check, check_with_budget, summarize, CheckResult, Violation, CHECK_BUDGET_DEFAULT,
+    check, check_with_budget, summarize, CheckResult, Violation, BUDGET_MAX, CHECK_BUDGET_DEFAULT,
     SHRINK_BUDGET_MAX,
 };
 pub use history::{Input, OpResult, Operation, Output, ReadValue};

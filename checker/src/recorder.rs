@@ -6,6 +6,17 @@
 //! threads and tasks. The recorder is a cheap `Clone` handle over a shared `Mutex`; the lock is
 //! held only to read the clock and push or update one entry, never across an `.await`.
 //!
+//! ```
+//! use kvraft_checker::{check, CheckResult, HistoryRecorder, Input, OpResult, Output};
+//!
+//! let recorder = HistoryRecorder::new();
+//! let handle = recorder.clone(); // one per client task
+//! let id = handle.invoke(7, Input::put("k", "v"));
+//! // ... send the put, wait for the answer ...
+//! handle.complete(id, OpResult::Ok(Output::put_version(1)));
+//! assert_eq!(check(&recorder.history()), CheckResult::Linearizable);
+//! ```
+//!
 //! Invariants: a call time is taken before the operation can take effect and a return time
 //! after (both under the lock, so recorded order matches clock order); an operation never
 //! completed appears as [`OpResult::Unknown`] in [`HistoryRecorder::history`].

@@ -281,3 +281,69 @@ fn t52_many_unobserved_unknown_puts_do_not_blow_up_a_failing_search() {
         other => panic!("expected a violation, got {}", summarize(&other)),
     }
 }
+
+#[test]
+fn t36_unknown_put_seen_only_through_versions() {
+    // X timed out and nobody read it, but the next put's version shows it was applied.
+    let unknown = put_with(2, "x", 5, OpResult::Unknown);
+    assert_linearizable(&[
+        put(1, "v1", 0, 10, 1),
+        unknown.clone(),
+        put(1, "v2", 20, 30, 3),
+        get(3, "v2", 3, 40, 50),
+    ]);
+    // Without it, version 3 is unexplained; with it, version 4 is.
+    assert_violation(&[put(1, "v1", 0, 10, 1), put(1, "v2", 20, 30, 3)]);
+    assert_violation(&[
+        put(1, "v1", 0, 10, 1),
+        unknown.clone(),
+        put(1, "v2", 20, 30, 4),
+    ]);
+    // It cannot take effect before its call.
+    assert_violation(&[
+        put(1, "v1", 0, 10, 1),
+        put(1, "v2", 20, 30, 3),
+        put_with(2, "x", 40, OpResult::Unknown),
+    ]);
+    // A put without a version: the read of its value fixes it (3: one unknown put before it).
+    let unversioned = |read_version| {
+        vec![
+            put(1, "v1", 0, 10, 1),
+            unknown.clone(),
+            put_nv(1, "v2", 20, 30),
+            get(3, "v2", read_version, 40, 50),
+        ]
+    };
+    assert_linearizable(&unversioned(3));
+    assert_linearizable(&unversioned(2));
+    assert_violation(&unversioned(4));
+}
+
+#[test]
+fn t53_unbounded_budget_is_capped_not_overflowed() {
+    assert_eq!(
+        check_with_budget(&[put(1, "v1", 0, 10, 1)], Duration::MAX),
+        CheckResult::Linearizable
+    );
+}
+
+#[test]
+fn t42_explanation_quotes_only_the_end_of_a_long_order() {
+    let mut history: Vec<Operation> = (1..=20)
+        .map(|i| put(1, &format!("v{i}"), i * 100, i * 100 + 10, i))
+        .collect();
+    history.push(put(1, "late", 3_000, 3_010, 22)); // version 21 never happened
+    let CheckResult::Violation(violation) = check(&history) else {
+        panic!("version gap accepted")
+    };
+    assert!(
+        violation
+            .explanation
+            .contains("[14 earlier operations; client 1 put(\"k\", \"v15\")"),
+        "{violation}"
+    );
+    assert!(
+        violation.explanation.contains("\"v20\" (version 20)"),
+        "{violation}"
+    );
+}
