@@ -44,16 +44,43 @@ pub fn init_logging() {
         .try_init();
 }
 
-/// Ports the OS reports free right now. All listeners are held until every port is chosen so
-/// one cluster never gets the same port twice.
+/// Ports handed out so far by this test process, never handed out twice.
+static USED_PORTS: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+
+/// Lowest port of the kernel's ephemeral range (outgoing connections take their local port
+/// from it), 32768 if it cannot be read.
+fn ephemeral_low() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768)
+}
+
+/// Ports free right now, below the ephemeral range: a process restarted on the same port
+/// (coord, server) must not find it taken by some client's outgoing connection, which an
+/// OS-assigned ephemeral port would risk.
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().expect("local addr").port())
-        .collect()
+    let low = 10_000u16;
+    let high = ephemeral_low().max(low + 1_000);
+    let mut used = USED_PORTS.lock().unwrap_or_else(|e| e.into_inner());
+    let mut seed = std::process::id() as u64 ^ (used.len() as u64).wrapping_mul(0x9e37_79b9);
+    let mut ports = Vec::new();
+    for _ in 0..100_000 {
+        if ports.len() == n {
+            break;
+        }
+        seed = seed
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        let port = low + ((seed >> 33) % u64::from(high - low)) as u16;
+        if used.contains(&port) || TcpListener::bind(("127.0.0.1", port)).is_err() {
+            continue;
+        }
+        used.push(port);
+        ports.push(port);
+    }
+    assert_eq!(ports.len(), n, "no free ports below the ephemeral range");
+    ports
 }
 
 /// A cluster config for `n` servers with free ports, data under `dir`.
@@ -176,6 +203,26 @@ impl Cluster {
         let mut child = self.coord.take().expect("coord running");
         let _ = child.kill();
         let _ = child.wait();
+    }
+
+    /// SIGSTOP / SIGCONT of server `id` (by its pid, from our own handle): a process pause
+    /// longer than the failure timeout looks like a crash to the coord, then it wakes up.
+    pub fn signal_server(&self, id: u32, signal: &str) {
+        let pid = self.servers.get(&id).expect("server running").id();
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} {pid}");
+    }
+
+    pub fn is_running(&self, id: u32) -> bool {
+        self.servers.contains_key(&id)
+    }
+
+    pub fn coord_running(&self) -> bool {
+        self.coord.is_some()
     }
 
     /// Whether server `id`'s process has exited (reaping it if so).

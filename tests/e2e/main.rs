@@ -9,5 +9,6 @@ mod t25_random_kills;
 mod t30_exactly_once;
 mod t40_restart;
 mod t50_partition;
+mod t55_campaign;
 mod t60_coord_restart;
 mod t70_bad_input;

@@ -1,0 +1,297 @@
+//! Fault campaign on real processes (issue: prove it). Concurrent kvslib clients record every
+//! invocation and completion; a nemesis driven by a seed kills (SIGKILL) and restarts leaders,
+//! followers and the coord, pauses processes (SIGSTOP/SIGCONT, the leader beyond the failure
+//! timeout), cuts servers from the coord, splits the cluster into a minority and a majority, and
+//! restarts the whole cluster. At the end everything heals, every key is read back, and the
+//! whole history must pass the linearizability checker.
+//!
+//! CI runs a bounded campaign per cluster size; a long one runs by hand:
+//! `KVRAFT_CAMPAIGN_SECS=600 KVRAFT_SEED=42 cargo test --release --test e2e campaign -- --nocapture`
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvraft_checker::{check, summarize, CheckResult, HistoryRecorder, Input, OpResult, Output};
+use kvraft_proto::FaultRequest;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::harness::Cluster;
+
+const KEYS: usize = 6;
+const CLIENTS: u64 = 4;
+/// Campaign length when KVRAFT_CAMPAIGN_SECS is not set: a few seconds per cluster size keeps
+/// CI well under its budget.
+const DEFAULT_SECS: u64 = 12;
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|s| s.parse().ok())
+}
+
+fn seed() -> u64 {
+    env_u64("KVRAFT_SEED").unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn campaign_3_servers() {
+    campaign(3, seed()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn campaign_5_servers() {
+    campaign(5, seed().wrapping_add(1)).await;
+}
+
+/// One client's loop: random puts (unique values) and gets on a few keys, each recorded.
+async fn client_loop(
+    client: kvslib::Client,
+    recorder: HistoryRecorder,
+    me: u64,
+    seed: u64,
+    stop: Arc<AtomicBool>,
+) {
+    let mut rng = StdRng::seed_from_u64(seed ^ me);
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let key = format!("key{}", rng.random_range(0..KEYS));
+        if rng.random_bool(0.5) {
+            n += 1;
+            let value = format!("c{me}-{n}");
+            let id = recorder.invoke(me, Input::put(key.clone(), value.clone()));
+            let result = match client.put(key, value).await {
+                Ok(o) => OpResult::Ok(Output::put_version(o.version)),
+                Err(e) if e.is_definite() => OpResult::Failed,
+                Err(_) => OpResult::Unknown,
+            };
+            recorder.complete(id, result);
+        } else {
+            let id = recorder.invoke(me, Input::get(key.clone()));
+            let result = match client.get_versioned(key).await {
+                Ok(Some(v)) => OpResult::Ok(Output::found(v.value, v.version)),
+                Ok(None) => OpResult::Ok(Output::absent()),
+                Err(e) if e.is_definite() => OpResult::Failed,
+                Err(_) => OpResult::Unknown,
+            };
+            recorder.complete(id, result);
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Fault {
+    KillLeader,
+    KillFollower,
+    PauseLeader,
+    PauseServer,
+    CutLeaderFromCoord,
+    SplitMinority,
+    KillCoord,
+    RestartAll,
+}
+
+const FAULTS: [Fault; 8] = [
+    Fault::KillLeader,
+    Fault::KillFollower,
+    Fault::PauseLeader,
+    Fault::PauseServer,
+    Fault::CutLeaderFromCoord,
+    Fault::SplitMinority,
+    Fault::KillCoord,
+    Fault::RestartAll,
+];
+
+async fn campaign(n: usize, seed: u64) {
+    let secs = env_u64("KVRAFT_CAMPAIGN_SECS").unwrap_or(DEFAULT_SECS);
+    eprintln!("campaign: servers {n}, KVRAFT_SEED={seed}, KVRAFT_CAMPAIGN_SECS={secs}");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut cluster = Cluster::start(n);
+    cluster.wait_leader(|_| true).await;
+    let recorder = HistoryRecorder::new();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for c in 0..CLIENTS {
+        let client = kvslib::Client::connect(&cluster.config, &format!("camp{c}"))
+            .await
+            .unwrap();
+        let (recorder, stop) = (recorder.clone(), stop.clone());
+        tasks.push(tokio::spawn(client_loop(client, recorder, c, seed, stop)));
+    }
+
+    let mut schedule: Vec<(u128, Fault, Vec<u32>, u64)> = Vec::new();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(secs) {
+        let fault = FAULTS[rng.random_range(0..FAULTS.len())];
+        let hold_ms = rng.random_range(200..1500);
+        let targets = inject(&mut cluster, &mut rng, fault).await;
+        schedule.push((
+            started.elapsed().as_millis(),
+            fault,
+            targets.clone(),
+            hold_ms,
+        ));
+        tracing::info!("--- {fault:?} on {targets:?} for {hold_ms} ms");
+        // The fault lasts this long by design (the schedule, not a wait for a condition).
+        tokio::time::sleep(Duration::from_millis(hold_ms)).await;
+        heal(&mut cluster, fault, &targets).await;
+        let gap_ms = rng.random_range(100..800);
+        tokio::time::sleep(Duration::from_millis(gap_ms)).await;
+    }
+
+    tracing::info!("--- healed; writes must make progress again");
+    cluster.wait_leader(|_| true).await;
+    let before = recorder.history().len();
+    Cluster::wait_for("client operations to continue", || {
+        let len = recorder.history().len();
+        async move { len >= before + 40 }
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+
+    tracing::info!("--- final reads of every key, then the checker");
+    let reader = kvslib::Client::connect(&cluster.config, "final")
+        .await
+        .unwrap();
+    for k in 0..KEYS {
+        let key = format!("key{k}");
+        let id = recorder.invoke(CLIENTS, Input::get(key.clone()));
+        let v = reader.get_versioned(key).await.expect("final read");
+        let out = match v {
+            Some(v) => Output::found(v.value, v.version),
+            None => Output::absent(),
+        };
+        recorder.complete(id, OpResult::Ok(out));
+    }
+    reader.close().await;
+    let history = recorder.history();
+    let acked_writes = history
+        .iter()
+        .filter(|o| matches!(o.input, Input::Put { .. }) && matches!(o.result, OpResult::Ok(_)))
+        .count();
+    let mut by_kind: BTreeMap<Fault, usize> = BTreeMap::new();
+    for (_, f, _, _) in &schedule {
+        *by_kind.entry(*f).or_default() += 1;
+    }
+    let result = check(&history);
+    let violations = usize::from(matches!(result, CheckResult::Violation(_)));
+    eprintln!(
+        "campaign: seed {seed}, servers {n}, secs {secs}, operations {}, faults {by_kind:?}, \
+         acknowledged writes checked {acked_writes}, violations {violations}",
+        history.len()
+    );
+    match result {
+        CheckResult::Linearizable => {}
+        other => panic!(
+            "seed {seed}: {}\nfault schedule (ms, fault, targets, hold ms): {schedule:?}\n{}",
+            summarize(&other),
+            match &other {
+                CheckResult::Violation(v) => v.to_string(),
+                _ => String::new(),
+            }
+        ),
+    }
+}
+
+/// Starts `fault`; returns the servers it touched.
+async fn inject(cluster: &mut Cluster, rng: &mut StdRng, fault: Fault) -> Vec<u32> {
+    let leader = cluster.wait_leader(|_| true).await.leader_id;
+    let ids = cluster.ids();
+    let follower = *ids
+        .iter()
+        .filter(|&&i| i != leader)
+        .nth(
+            rng.random_range(0..ids.len() - 1)
+                .min(ids.len().saturating_sub(2)),
+        )
+        .unwrap_or(&leader);
+    let any = ids[rng.random_range(0..ids.len())];
+    match fault {
+        Fault::KillLeader => {
+            cluster.kill_server(leader);
+            vec![leader]
+        }
+        Fault::KillFollower => {
+            cluster.kill_server(follower);
+            vec![follower]
+        }
+        Fault::PauseLeader => {
+            cluster.signal_server(leader, "STOP");
+            vec![leader]
+        }
+        Fault::PauseServer => {
+            cluster.signal_server(any, "STOP");
+            vec![any]
+        }
+        Fault::CutLeaderFromCoord => {
+            let cut = FaultRequest {
+                partition_coord_ms: 60_000,
+                ..FaultRequest::default()
+            };
+            cluster.set_faults(leader, cut).await;
+            vec![leader]
+        }
+        Fault::SplitMinority => {
+            let mut shuffled = ids.clone();
+            for i in (1..shuffled.len()).rev() {
+                shuffled.swap(i, rng.random_range(0..=i));
+            }
+            let minority: Vec<u32> = shuffled[..ids.len() / 2].to_vec();
+            for &m in &minority {
+                let others: Vec<u32> = ids
+                    .iter()
+                    .copied()
+                    .filter(|i| !minority.contains(i))
+                    .collect();
+                let split = FaultRequest {
+                    partition_coord_ms: 60_000,
+                    partition_peers: others,
+                    partition_peers_ms: 60_000,
+                    ..FaultRequest::default()
+                };
+                cluster.set_faults(m, split).await;
+            }
+            minority
+        }
+        Fault::KillCoord => {
+            cluster.kill_coord();
+            Vec::new()
+        }
+        Fault::RestartAll => {
+            for id in ids.clone() {
+                cluster.kill_server(id);
+            }
+            ids
+        }
+    }
+}
+
+async fn heal(cluster: &mut Cluster, fault: Fault, targets: &[u32]) {
+    match fault {
+        Fault::KillLeader | Fault::KillFollower | Fault::RestartAll => {
+            for &id in targets {
+                cluster.start_server(id);
+            }
+        }
+        Fault::PauseLeader | Fault::PauseServer => {
+            for &id in targets {
+                cluster.signal_server(id, "CONT");
+            }
+        }
+        Fault::CutLeaderFromCoord | Fault::SplitMinority => {
+            for &id in targets {
+                if cluster.is_running(id) {
+                    cluster.set_faults(id, FaultRequest::default()).await;
+                }
+            }
+        }
+        Fault::KillCoord => cluster.start_coord(),
+    }
+}
