@@ -135,7 +135,30 @@ fn explain(piece: &KeyHistory, history: &[Operation], dead_end: &DeadEnd) -> Str
         order_tail(&dead_end.order, shown),
         piece.show(dead_end.state),
         shown(dead_end.blocked),
-    )
+    ) + &removed_note(&piece.removed_versions)
+}
+
+/// Says which puts shrinking left out, since the piece's versions are counted without them.
+fn removed_note(removed: &[u64]) -> String {
+    let shown: Vec<String> = removed
+        .iter()
+        .take(EXPLAINED_ORDER_MAX)
+        .map(u64::to_string)
+        .collect();
+    let more = if removed.len() > shown.len() {
+        ", ..."
+    } else {
+        ""
+    };
+    match removed {
+        [] => String::new(),
+        _ => format!(
+            "; versions here are counted without the {} left-out puts of versions {}{more} and \
+             their reads",
+            removed.len(),
+            shown.join(", ")
+        ),
+    }
 }
 
 /// The last [`EXPLAINED_ORDER_MAX`] operations of `order`, so the explanation stays one

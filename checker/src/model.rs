@@ -83,6 +83,9 @@ pub(crate) struct KeyHistory {
     /// Whether versions are compared: some operation carries one, and the caller did not turn
     /// them off (shrinking does, to compare values alone). If not, versions stay 0.
     pub tracks_versions: bool,
+    /// Versions of the puts shrinking took out of this piece, sorted; the piece's versions are
+    /// renumbered to close those gaps (see [`KeyHistory::renumbered`]). Empty otherwise.
+    pub removed_versions: Vec<u64>,
 }
 
 impl KeyHistory {
@@ -110,7 +113,30 @@ impl KeyHistory {
             ops,
             values: self.values.clone(),
             tracks_versions: self.tracks_versions,
+            removed_versions: self.removed_versions.clone(),
         }
+    }
+
+    /// This piece after shrinking took out the puts of versions `removed` (sorted) with every
+    /// get of their values: each version above a removed one drops by one per removed version
+    /// below it. In any linearization a put of known version w is the w-th put applied, so
+    /// deleting it and its readers and shifting what follows leaves a linearization: a
+    /// linearizable history stays linearizable, and a failing piece proves a failing whole.
+    pub fn renumbered(mut self, removed: Vec<u64>) -> KeyHistory {
+        let shift = |v: &mut u64| *v -= removed.partition_point(|&r| r < *v) as u64;
+        for op in &mut self.ops {
+            match &mut op.step {
+                Step::Put {
+                    version: Some(v), ..
+                }
+                | Step::Get {
+                    read: Some((_, Some(v))),
+                } => shift(v),
+                Step::Put { .. } | Step::Get { .. } => {}
+            }
+        }
+        self.removed_versions = removed;
+        self
     }
 
     /// The state after `op` is applied to `state`, if `op`'s output is possible from `state`.
@@ -252,6 +278,7 @@ impl Builder {
             ops: self.ops,
             values: self.values,
             tracks_versions: self.tracks_versions,
+            removed_versions: Vec::new(),
         }
     }
 

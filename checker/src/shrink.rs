@@ -2,13 +2,14 @@
 //! failures the history does not have.
 //!
 //! Removing operations from a history can make it fail for a new reason: a get whose put was
-//! removed now reads a value never written, and removing any put shifts the versions of later
+//! removed now reads a value never written, and removing a put shifts the versions of later
 //! ones. So removal works on *units* whose removal keeps a linearizable history linearizable:
-//!
-//! - if the history fails with values alone (versions ignored), a unit is a value: all puts
-//!   writing it and all gets reading it (a linearization minus such a unit is still one, since
-//!   nothing left read the removed value); gets reading "absent" are units of their own;
-//! - otherwise the failure needs versions, and only gets are removed (puts set the versions).
+//! a unit is a value, all puts writing it and all gets reading it (a linearization minus such
+//! a unit is still one, since nothing left read the removed value); gets reading "absent" are
+//! units of their own. When versions are compared, the versions above a removed put drop by
+//! one ([`KeyHistory::renumbered`]: a put of known version w is the w-th applied in every
+//! linearization), and a value with a put of unknown version is not removable (its gets are,
+//! one by one). When the values alone already conflict, versions are ignored altogether.
 //!
 //! Hence a piece that fails proves the whole history fails. Units are removed by a simplified
 //! delta debugging (Zeller & Hildebrandt 2002): chunks of units, halving the chunk size down to
@@ -30,41 +31,67 @@ pub(crate) fn shrink(history: &KeyHistory, deadline: Instant) -> KeyHistory {
         tracks_versions: false,
         ..history.clone()
     };
-    let (base, units, fixed) = if fails(&values_only, deadline) {
-        (values_only, value_units(history), Vec::new())
+    let base = if fails(&values_only, deadline) {
+        values_only
     } else {
-        get_units(history)
+        history.clone()
     };
+    let (units, fixed) = units(&base);
     let units = remove_units(&base, units, &fixed, deadline);
-    base.subset(&flatten(&units, &fixed))
+    piece(&base, &units, &fixed)
 }
 
-/// One unit per value (its puts and reads) and one per read of "absent".
-fn value_units(history: &KeyHistory) -> Vec<Vec<usize>> {
-    let mut by_value: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+/// Removable units and the operations that stay: one unit per value (its puts and reads), one
+/// per read of "absent". With versions, a value is removable only if all its puts have known
+/// versions (to renumber); otherwise its puts stay and each of its reads is a unit.
+fn units(base: &KeyHistory) -> (Vec<Vec<usize>>, Vec<usize>) {
+    let mut by_value: BTreeMap<u32, (Vec<usize>, bool)> = BTreeMap::new();
     let mut units = Vec::new();
-    for (op, key_op) in history.ops.iter().enumerate() {
+    for (op, key_op) in base.ops.iter().enumerate() {
         match key_op.step {
-            Step::Put { value, .. }
-            | Step::Get {
+            Step::Put { value, version } => {
+                let (group, removable) = by_value.entry(value).or_insert((Vec::new(), true));
+                group.push(op);
+                *removable &= version.is_some() || !base.tracks_versions;
+            }
+            Step::Get {
                 read: Some((value, _)),
-            } => by_value.entry(value).or_default().push(op),
+            } => by_value
+                .entry(value)
+                .or_insert((Vec::new(), true))
+                .0
+                .push(op),
             Step::Get { read: None } => units.push(vec![op]),
         }
     }
-    units.extend(by_value.into_values());
-    units
+    let mut fixed = Vec::new();
+    for (group, removable) in by_value.into_values() {
+        if removable {
+            units.push(group);
+            continue;
+        }
+        let is_put = |op: &usize| matches!(base.ops[*op].step, Step::Put { .. });
+        let (puts, gets): (Vec<usize>, Vec<usize>) = group.into_iter().partition(is_put);
+        fixed.extend(puts);
+        units.extend(gets.into_iter().map(|op| vec![op]));
+    }
+    (units, fixed)
 }
 
-/// With versions, the base history itself, one unit per get, and the puts kept fixed.
-fn get_units(history: &KeyHistory) -> (KeyHistory, Vec<Vec<usize>>, Vec<usize>) {
-    let is_put = |op: &usize| matches!(history.ops[*op].step, Step::Put { .. });
-    let (puts, gets): (Vec<usize>, Vec<usize>) = (0..history.ops.len()).partition(is_put);
-    (
-        history.clone(),
-        gets.into_iter().map(|op| vec![op]).collect(),
-        puts,
-    )
+/// The piece made of `units` and `fixed`, versions renumbered over the removed puts.
+fn piece(base: &KeyHistory, units: &[Vec<usize>], fixed: &[usize]) -> KeyHistory {
+    let keep = flatten(units, fixed);
+    let mut kept = vec![false; base.ops.len()];
+    keep.iter().for_each(|&op| kept[op] = true);
+    let mut removed: Vec<u64> = (0..base.ops.len())
+        .filter(|&op| !kept[op] && base.tracks_versions)
+        .filter_map(|op| match base.ops[op].step {
+            Step::Put { version, .. } => version,
+            Step::Get { .. } => None,
+        })
+        .collect();
+    removed.sort_unstable();
+    base.subset(&keep).renumbered(removed)
 }
 
 fn remove_units(
@@ -100,7 +127,7 @@ fn remove_chunks(
             .chain(&units[end..])
             .cloned()
             .collect();
-        if fails(&base.subset(&flatten(&trial, fixed)), deadline) {
+        if fails(&piece(base, &trial, fixed), deadline) {
             *units = trial;
             removed_any = true;
         } else {

@@ -121,10 +121,20 @@ fn t12_generated_histories_with_a_shifted_read_version_are_rejected() {
             });
         }
         let result = check(&history);
+        let CheckResult::Violation(violation) = result else {
+            panic!(
+                "seed {seed} ({workload:?}): shifted version at op {victim} not rejected: {}",
+                summarize(&result)
+            );
+        };
         assert!(
-            matches!(result, CheckResult::Violation(_)),
-            "seed {seed} ({workload:?}): shifted version at op {victim} not rejected: {}",
-            summarize(&result)
+            violation.ops.contains(&history[victim]),
+            "seed {seed}: piece lacks the shifted read:\n{violation}"
+        );
+        let again = check(&violation.ops);
+        assert!(
+            matches!(again, CheckResult::Violation(_)),
+            "seed {seed}: the reported piece alone is accepted:\n{violation}"
         );
     }
 }
