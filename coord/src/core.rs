@@ -174,6 +174,10 @@ pub enum Command {
     PublishLeader(LeaderView),
 }
 
+/// How long (in failure timeouts) a leader replaced for not leading is passed over when a
+/// quorum without it is available.
+pub const PASS_OVER_FAILURE_TIMEOUTS: u64 = 10;
+
 /// The coordinator's liveness knowledge of one server.
 #[derive(Debug, Default)]
 struct Peer {
@@ -187,6 +191,10 @@ struct Peer {
     misses: u32,
     /// The uuid last reported; a change means the server process restarted.
     uuid: String,
+    /// Until then, this server is not designated again if other servers can form the quorum:
+    /// it was replaced for not leading (typically cut from its peers but not from the coord),
+    /// and its log, longest with the writes it could not commit, would win every election.
+    passed_over_until_ms: u64,
 }
 
 #[derive(Debug)]
@@ -214,6 +222,8 @@ struct Epoch {
     prepared: BTreeMap<NodeId, LogPosition>,
     /// When servers that have not answered get `Prepare` again.
     resend_at_ms: u64,
+    /// When the epoch change started: how long to wait for a quorum without passed-over servers.
+    started_ms: u64,
 }
 
 /// The coordinator state machine. Feed it [`Event`]s with [`CoordCore::step`] and execute the
@@ -321,6 +331,10 @@ impl CoordCore {
         {
             let waited_ms = self.now_ms.saturating_sub(since_ms);
             if waited_ms > self.config.failure_timeout_ms {
+                let pass_over_ms = PASS_OVER_FAILURE_TIMEOUTS * self.config.failure_timeout_ms;
+                if let Some(peer) = self.peers.get_mut(&self.view.leader) {
+                    peer.passed_over_until_ms = self.now_ms + pass_over_ms;
+                }
                 let reason = format!(
                     "leader {} has not reported leading term {} for {waited_ms} ms",
                     self.view.leader, self.view.term
@@ -580,6 +594,7 @@ impl CoordCore {
             term,
             prepared: BTreeMap::new(),
             resend_at_ms: self.now_ms + self.config.heartbeat_interval_ms,
+            started_ms: self.now_ms,
         });
     }
 
@@ -615,6 +630,21 @@ impl CoordCore {
         if responders.len() < self.config.majority() {
             return;
         }
+        let preferred: Vec<(NodeId, LogPosition)> = responders
+            .iter()
+            .copied()
+            .filter(|(id, _)| self.peers[id].passed_over_until_ms <= self.now_ms)
+            .collect();
+        // Any majority of prepared servers is a safe quorum (DESIGN rule 2); prefer one without
+        // passed-over servers, waiting a failure timeout for it before settling for any.
+        let waited_ms = self.now_ms.saturating_sub(epoch.started_ms);
+        let responders = if preferred.len() >= self.config.majority() {
+            preferred
+        } else if waited_ms < self.config.failure_timeout_ms {
+            return;
+        } else {
+            responders
+        };
         let term = epoch.term;
         // Greatest (last_log_term, last_log_index); among equals the lowest id.
         let (leader, position) = responders

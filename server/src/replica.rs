@@ -47,6 +47,11 @@ pub const BATCH_BYTES_MAX: usize = 2 * 1024 * 1024;
 pub const INFLIGHT_ENTRIES_MAX: u64 = 4096;
 /// A probe unanswered for this many heartbeat periods is sent again.
 pub const PROBE_RETRY_HEARTBEATS: u64 = 4;
+/// A leader that has not heard from a majority (itself included) for this many heartbeat
+/// periods reports itself to the coord as not leading. The coord can still reach it, so it
+/// would never be failed; this way a leader cut from its peers is replaced (the coord's
+/// designated-leader check) instead of leaving the cluster without a working leader.
+pub const QUORUM_LOSS_HEARTBEATS: u64 = 6;
 
 /// Opaque handle the runtime uses to route a reply to the waiting gRPC call.
 pub type ReplyTo = u64;
@@ -178,6 +183,8 @@ struct Peer {
     probing: bool,
     probe_outstanding: bool,
     last_sent_ms: u64,
+    /// Last time the peer answered in this term (any answer confirms it follows us).
+    last_ack_ms: u64,
 }
 
 #[derive(Debug)]
@@ -327,7 +334,7 @@ impl Replica {
             server_id: self.cfg.id.0,
             uuid: self.cfg.uuid.clone(),
             term: self.hard.term,
-            role: if self.is_leader() {
+            role: if self.leads_a_majority() {
                 kvraft_proto::Role::Leader as i32
             } else {
                 kvraft_proto::Role::Follower as i32
@@ -337,6 +344,18 @@ impl Replica {
             last_log_index: durable,
             commit_index: self.commit_index,
         }
+    }
+
+    /// Leader of its term and heard from a majority within [`QUORUM_LOSS_HEARTBEATS`].
+    pub fn leads_a_majority(&self) -> bool {
+        let Some(leader) = &self.leader else {
+            return false;
+        };
+        let mut acks: Vec<u64> = leader.peers.values().map(|p| p.last_ack_ms).collect();
+        acks.push(self.now_ms);
+        acks.sort_unstable_by(|a, b| b.cmp(a));
+        let window = self.cfg.heartbeat_ms * QUORUM_LOSS_HEARTBEATS;
+        self.now_ms <= acks[self.majority - 1] + window
     }
 
     // ------------------------------------------------------------------ step
@@ -502,6 +521,7 @@ impl Replica {
                     probing: true,
                     probe_outstanding: false,
                     last_sent_ms: 0,
+                    last_ack_ms: self.now_ms,
                 };
                 (p, peer)
             })
@@ -628,6 +648,7 @@ impl Replica {
             return;
         };
         peer.acked_round = peer.acked_round.max(resp.read_round);
+        peer.last_ack_ms = peer.last_ack_ms.max(self.now_ms);
         if resp.success {
             peer.match_index = peer.match_index.max(resp.match_index);
             peer.next_index = peer.next_index.max(peer.match_index + 1);
@@ -757,13 +778,10 @@ impl Replica {
                 };
                 return self.reply(reply, reply_msg);
             }
-            if !self.sm.has_session(cmd.session_id) {
-                let reply_msg = Reply::Put {
-                    result: Err(ClientError::SessionExpired),
-                    duplicate: false,
-                };
-                return self.reply(reply, reply_msg);
-            }
+            // An unknown session is not refused here: a leader deposed without knowing it
+            // has not seen sessions registered under the newer leader, and a SESSION_EXPIRED
+            // from that stale view makes kvslib drop a valid session. The put goes to the
+            // log; applying it answers SESSION_EXPIRED once committed, a confirmed verdict.
         }
         let leader = self.leader.as_mut().expect("invariant: checked above");
         if let Some(waiters) = leader.put_waiters.get_mut(&key) {

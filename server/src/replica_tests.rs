@@ -523,6 +523,36 @@ fn put_of_unknown_session_is_refused() {
     assert!(net.node(1).state_machine().get(b"k").is_none());
 }
 
+/// Rule 7 with a deposed leader: a leader cut off from a newer term has not seen sessions
+/// registered under the newer leader. It must not answer SESSION_EXPIRED from that stale view
+/// (kvslib would give up a valid session and fail the put), only NotLeader once it learns the
+/// new term. Found by the simulator (kvraft-sim seed 908).
+#[test]
+fn deposed_leader_does_not_refuse_a_session_it_has_not_seen() {
+    let (mut net, _) = Net::with_leader(3);
+    net.nodes.get_mut(&1).unwrap().isolated = true;
+    net.elect(2, 2, &[2, 3]);
+    net.settle();
+    let r = net.register(2);
+    net.settle();
+    let Some(Reply::Registered(Ok(session))) = net.take(2, r) else {
+        panic!("session registered at the new leader")
+    };
+    assert!(net.node(1).is_leader(), "node 1 still believes it leads term 1");
+    let put = net.put(1, session, 1, "k", "v");
+    assert!(net.take(1, put).is_none(), "no verdict from a stale view");
+    net.nodes.get_mut(&1).unwrap().isolated = false;
+    net.step(2, Event::Tick { now_ms: 1_000_000 });
+    net.settle();
+    match net.take(1, put) {
+        Some(Reply::Put {
+            result: Err(ClientError::NotLeader { term: 2, .. }),
+            ..
+        }) => {}
+        other => panic!("expected NotLeader of term 2, got {other:?}"),
+    }
+}
+
 /// Rule 6: a leader that restarts within its term never leads that term again (a second no-op
 /// at an index followers already hold with the same term would break log matching).
 #[test]
@@ -544,4 +574,30 @@ fn restarted_leader_does_not_resume_its_term() {
     });
     assert!(!restarted.is_leader());
     assert!(!cmds.iter().any(|c| matches!(c, Command::AppendLog(_))));
+}
+
+/// Liveness under a partition the coord cannot see: a leader cut from its peers (but not from
+/// the coord) stops reporting itself leader, so the coord replaces it; it reports leader again
+/// once a majority answers.
+#[test]
+fn leader_cut_from_majority_stops_reporting_leadership() {
+    let (mut net, _) = Net::with_leader(3);
+    let leader_role = kvraft_proto::Role::Leader as i32;
+    net.step(1, Event::Tick { now_ms: 1_000 });
+    net.settle();
+    assert_eq!(net.node(1).report().role, leader_role);
+    net.nodes.get_mut(&2).unwrap().isolated = true;
+    net.nodes.get_mut(&3).unwrap().isolated = true;
+    let window = 50 * crate::replica::QUORUM_LOSS_HEARTBEATS;
+    net.step(1, Event::Tick { now_ms: 1_000 + window });
+    net.settle();
+    assert_eq!(net.node(1).report().role, leader_role, "still within the window");
+    net.step(1, Event::Tick { now_ms: 1_001 + window });
+    net.settle();
+    assert!(net.node(1).is_leader());
+    assert_ne!(net.node(1).report().role, leader_role);
+    net.nodes.get_mut(&3).unwrap().isolated = false;
+    net.step(1, Event::Tick { now_ms: 2_000 + window });
+    net.settle();
+    assert_eq!(net.node(1).report().role, leader_role);
 }

@@ -117,3 +117,43 @@ async fn leader_cut_from_coord_is_replaced_by_most_up_to_date_and_fenced() {
     client.close().await;
     fresh.close().await;
 }
+
+/// A leader cut from every peer but still answering the coord: it stops reporting itself
+/// leader (it hears no majority), the coord replaces it with a server that can commit, and
+/// writes continue; after healing it follows the new leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_cut_from_peers_only_is_replaced() {
+    let cluster = Cluster::start(3);
+    let old = cluster.wait_leader(|_| true).await;
+    let l = old.leader_id;
+    let client = kvslib::Client::connect(&cluster.config, "iso")
+        .await
+        .unwrap();
+    client.put("before", "1").await.unwrap();
+    let peers: Vec<u32> = cluster.ids().into_iter().filter(|&id| id != l).collect();
+    tracing::info!("--- cut leader {l} from its peers {peers:?}, not from the coord");
+    let cut = FaultRequest {
+        partition_peers: peers,
+        partition_peers_ms: LONG_MS,
+        ..FaultRequest::default()
+    };
+    cluster.set_faults(l, cut).await;
+    let new = cluster
+        .wait_leader(|info| info.term > old.term && info.leader_id != l)
+        .await;
+    client.put("after", "2").await.unwrap();
+    assert_eq!(client.get("before").await.unwrap(), Some(b"1".to_vec()));
+    tracing::info!("--- heal: the old leader follows term {}", new.term);
+    cluster.set_faults(l, FaultRequest::default()).await;
+    Cluster::wait_for("the old leader to follow the new one", || {
+        let c = &cluster;
+        async move {
+            c.status(l).await.is_some_and(|s| {
+                let r = s.report.unwrap();
+                r.term >= new.term && r.role == kvraft_proto::Role::Follower as i32
+            })
+        }
+    })
+    .await;
+    client.close().await;
+}

@@ -90,17 +90,19 @@ enum Fault {
     PauseLeader,
     PauseServer,
     CutLeaderFromCoord,
+    IsolateLeaderFromPeers,
     SplitMinority,
     KillCoord,
     RestartAll,
 }
 
-const FAULTS: [Fault; 8] = [
+const FAULTS: [Fault; 9] = [
     Fault::KillLeader,
     Fault::KillFollower,
     Fault::PauseLeader,
     Fault::PauseServer,
     Fault::CutLeaderFromCoord,
+    Fault::IsolateLeaderFromPeers,
     Fault::SplitMinority,
     Fault::KillCoord,
     Fault::RestartAll,
@@ -238,6 +240,15 @@ async fn inject(cluster: &mut Cluster, rng: &mut StdRng, fault: Fault) -> Vec<u3
             cluster.set_faults(leader, cut).await;
             vec![leader]
         }
+        Fault::IsolateLeaderFromPeers => {
+            let cut = FaultRequest {
+                partition_peers: ids.iter().copied().filter(|&i| i != leader).collect(),
+                partition_peers_ms: 60_000,
+                ..FaultRequest::default()
+            };
+            cluster.set_faults(leader, cut).await;
+            vec![leader]
+        }
         Fault::SplitMinority => {
             let mut shuffled = ids.clone();
             for i in (1..shuffled.len()).rev() {
@@ -285,7 +296,7 @@ async fn heal(cluster: &mut Cluster, fault: Fault, targets: &[u32]) {
                 cluster.signal_server(id, "CONT");
             }
         }
-        Fault::CutLeaderFromCoord | Fault::SplitMinority => {
+        Fault::CutLeaderFromCoord | Fault::IsolateLeaderFromPeers | Fault::SplitMinority => {
             for &id in targets {
                 if cluster.is_running(id) {
                     cluster.set_faults(id, FaultRequest::default()).await;

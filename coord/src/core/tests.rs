@@ -357,6 +357,61 @@ fn leader_that_keeps_denying_leadership_is_replaced() {
     );
 }
 
+/// Liveness: a leader replaced for not leading (cut from its peers, not from the coord) has the
+/// longest log, with the writes it could not commit. It is passed over while a quorum without
+/// it can form, and chosen from any majority only after a failure timeout (DESIGN rule 2 holds
+/// either way: the choice is the best of a majority of prepared servers).
+#[test]
+fn replaced_leader_is_passed_over_while_others_form_a_quorum() {
+    let mut core = stable_cluster(3);
+    let mut t = 0;
+    while t < 400 {
+        t += HEARTBEAT_MS;
+        core.step(tick(t));
+        for id in 1..=3 {
+            core.step(heartbeat_ok(id, 1, Role::Follower, t));
+        }
+    }
+    assert_eq!(core.epoch_term(), Some(Term(2)), "leader 1 replaced");
+    // The old leader answers first, with the longest log; server 2 next.
+    assert_eq!(core.step(prepare_ok(1, 2, (1, 9))), vec![]);
+    assert_eq!(
+        core.step(prepare_ok(2, 2, (1, 5))),
+        vec![],
+        "no quorum without server 1 yet"
+    );
+    assert_eq!(core.step(prepare_ok(3, 2, (1, 5))), designation(2, 2, 3));
+}
+
+/// ...and when the others cannot form a quorum without it, it is chosen after a failure timeout.
+#[test]
+fn replaced_leader_is_chosen_when_no_other_quorum_forms() {
+    let mut core = stable_cluster(3);
+    let mut t = 0;
+    while t < 400 {
+        t += HEARTBEAT_MS;
+        core.step(tick(t));
+        for id in 1..=3 {
+            core.step(heartbeat_ok(id, 1, Role::Follower, t));
+        }
+    }
+    assert_eq!(core.epoch_term(), Some(Term(2)));
+    core.step(prepare_ok(1, 2, (1, 9)));
+    core.step(prepare_ok(2, 2, (1, 5)));
+    let mut designated = false;
+    while t < 1_000 && !designated {
+        t += HEARTBEAT_MS;
+        let cmds = core.step(tick(t));
+        for id in [1, 2] {
+            core.step(heartbeat_ok(id, 2, Role::Follower, t));
+        }
+        designated = cmds
+            .iter()
+            .any(|c| matches!(c, Command::PublishLeader(v) if v.leader == NodeId(1)));
+    }
+    assert!(designated && t >= 400 + 300, "designated at {t}");
+}
+
 /// DESIGN section 4 (coord restart) and rule 1: a running leader of the persisted term is
 /// adopted without a new term.
 #[test]
