@@ -151,3 +151,38 @@ async fn corrupt_log_record_refuses_start_and_torn_tail_is_truncated() {
     );
     assert!(err.contains("byte offset"), "{err}");
 }
+
+/// Garbage bytes on every gRPC port (server and both coord ports) are rejected without harm:
+/// the processes keep serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_grpc_ports_does_not_harm_the_cluster() {
+    use std::io::Write;
+    let cluster = Cluster::start(3);
+    cluster.wait_leader(|_| true).await;
+    let mut addrs: Vec<String> = cluster.ids().iter().map(|&id| cluster.addr(id)).collect();
+    addrs.push(cluster.config.coord.server_api_addr.clone());
+    addrs.push(cluster.config.coord.client_api_addr.clone());
+    let mut junk = Vec::new();
+    for i in 0..4096u32 {
+        junk.push((i.wrapping_mul(2_654_435_761) >> 13) as u8);
+    }
+    for addr in &addrs {
+        for chunk in [
+            &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+            &junk[..],
+            &[0u8; 64][..],
+        ] {
+            let mut conn = std::net::TcpStream::connect(addr).expect("connect");
+            let _ = conn.write_all(chunk);
+        }
+    }
+    let client = kvslib::Client::connect(&cluster.config, "after-junk")
+        .await
+        .unwrap();
+    client.put("still", "serving").await.unwrap();
+    assert_eq!(
+        client.get("still").await.unwrap(),
+        Some(b"serving".to_vec())
+    );
+    client.close().await;
+}
