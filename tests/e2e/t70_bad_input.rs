@@ -186,3 +186,36 @@ async fn garbage_on_grpc_ports_does_not_harm_the_cluster() {
     );
     client.close().await;
 }
+
+/// A data directory written by another server id is refused, naming the directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_directory_of_another_server_is_refused() {
+    let mut cluster = Cluster::start(1);
+    cluster.wait_leader(|_| true).await;
+    cluster.kill_server(1);
+    let dir = cluster.config.servers[0].data_dir.clone();
+    // Point a three-server config's server 2 at server 1's directory.
+    let text = std::fs::read_to_string(&cluster.config_path).unwrap();
+    let ports = crate::harness::free_ports(2);
+    let extra = format!(
+        "\n[[servers]]\nid = 2\naddr = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\n\
+         \n[[servers]]\nid = 3\naddr = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\n",
+        ports[0],
+        dir.display(),
+        ports[1],
+        cluster.dir.path().join("s3").display()
+    );
+    let renamed = text.replace(
+        &format!("data_dir = \"{}\"", dir.display()),
+        &format!("data_dir = \"{}\"", cluster.dir.path().join("s1").display()),
+    );
+    let path = cluster.dir.path().join("swapped.toml");
+    std::fs::write(&path, renamed + &extra).unwrap();
+    let p = path.to_str().unwrap();
+    let err = stderr_of(&run_to_exit(
+        env!("CARGO_BIN_EXE_server"),
+        &["2", "--config", p],
+    ));
+    assert!(err.contains("belongs to server 1, not server 2"), "{err}");
+    assert!(err.contains(dir.to_str().unwrap()), "{err}");
+}
