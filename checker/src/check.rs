@@ -71,10 +71,10 @@ pub fn check_with_budget(history: &[Operation], budget: Duration) -> CheckResult
             Ok(key_history) => key_history,
             Err(reason) => return CheckResult::Inconclusive { reason },
         };
-        match search(&key_history, deadline, false) {
+        match search(&key_history, deadline, true) {
             Outcome::Linearizable => {}
-            Outcome::Violation(_) => {
-                return CheckResult::Violation(report(key, history, &key_history))
+            Outcome::Violation(dead_end) => {
+                return CheckResult::Violation(report(key, history, &key_history, dead_end))
             }
             Outcome::Exhausted(reason) => {
                 inconclusive.get_or_insert_with(|| format!("key {}: {reason}", Shown(key)));
@@ -97,9 +97,14 @@ fn partition(history: &[Operation]) -> BTreeMap<&[u8], Vec<usize>> {
 }
 
 /// Shrinks the failing `key_history` and explains the piece that remains.
-fn report(key: &[u8], history: &[Operation], key_history: &KeyHistory) -> Violation {
+fn report(
+    key: &[u8],
+    history: &[Operation],
+    key_history: &KeyHistory,
+    hint: Option<DeadEnd>,
+) -> Violation {
     let deadline = Instant::now() + SHRINK_BUDGET_MAX;
-    let piece = shrink(key_history, deadline);
+    let piece = shrink(key_history, hint.as_ref(), deadline);
     let explanation = match search(&piece, deadline + SHRINK_BUDGET_MAX, true) {
         Outcome::Violation(Some(dead_end)) => explain(&piece, history, &dead_end),
         _ => format!(
@@ -132,7 +137,7 @@ fn explain(piece: &KeyHistory, history: &[Operation], dead_end: &DeadEnd) -> Str
          longest consistent order found is [{}], leaving the key {}, and from there \"{}\" cannot \
          take effect before it returns",
         piece.ops.len(),
-        order_tail(&dead_end.order, shown),
+        order_tail(dead_end, shown),
         piece.show(dead_end.state),
         shown(dead_end.blocked),
     ) + &removed_note(&piece.removed_versions)
@@ -161,14 +166,14 @@ fn removed_note(removed: &[u64]) -> String {
     }
 }
 
-/// The last [`EXPLAINED_ORDER_MAX`] operations of `order`, so the explanation stays one
-/// readable line.
-fn order_tail(order: &[usize], shown: impl Fn(usize) -> String) -> String {
-    let skipped = order.len().saturating_sub(EXPLAINED_ORDER_MAX);
-    let tail: Vec<String> = order[skipped..].iter().map(|&op| shown(op)).collect();
-    match skipped {
+/// The last [`EXPLAINED_ORDER_MAX`] operations of the dead end's order, so the explanation
+/// stays one readable line.
+fn order_tail(dead_end: &DeadEnd, shown: impl Fn(usize) -> String) -> String {
+    let from = dead_end.tail.len().saturating_sub(EXPLAINED_ORDER_MAX);
+    let tail: Vec<String> = dead_end.tail[from..].iter().map(|&op| shown(op)).collect();
+    match dead_end.depth - (dead_end.tail.len() - from) {
         0 => tail.join("; "),
-        _ => format!("{skipped} earlier operations; {}", tail.join("; ")),
+        skipped => format!("{skipped} earlier operations; {}", tail.join("; ")),
     }
 }
 

@@ -13,9 +13,6 @@
 //! search applies them only just before a put, see `search`). A put without a version whose
 //! value is unique takes the version a get saw with it.
 //!
-//! Without versions, unknown puts whose value no get read are dropped: never applying them
-//! explains the history as well as anything else.
-//!
 //! Invariants: `step` is a pure function of (state, operation); a state's version counts the
 //! puts applied to it. When no operation of the key carries a version, versions are not
 //! tracked at all (always 0), so states that differ only in an unobservable version count merge
@@ -72,6 +69,8 @@ pub(crate) struct KeyOp {
     /// its rank in call order among those puts. They are interchangeable, so the search applies
     /// them in this order only.
     pub unread_rank: Option<usize>,
+    /// Whether this put's version was inferred from a get (which must then be shown with it).
+    pub version_inferred: bool,
 }
 
 /// The operations of one key, ready for the search.
@@ -227,6 +226,7 @@ impl Builder {
             return_ns,
             source,
             unread_rank: None,
+            version_inferred: false,
         });
         Ok(())
     }
@@ -325,6 +325,7 @@ impl Builder {
             {
                 if writers[value] == 1 {
                     *version = seen.get(value).copied();
+                    op.version_inferred = version.is_some();
                 }
             }
         }

@@ -14,7 +14,7 @@
 //! ```
 //!
 //! Lowe (2017) memoization, as in Porcupine: a configuration is the set of linearized
-//! operations (a bitset) and the model state; whatever was found from a configuration does not
+//! operations (a 128-bit fingerprint of it, see [`Config`]) and the model state; whatever was found from a configuration does not
 //! depend on the path that reached it, so a configuration already in the cache is not explored
 //! again. Unknown puts have no return event: the search may linearize them or walk past them.
 //!
@@ -32,8 +32,9 @@
 //!
 //! Invariants: the stack holds the linearized operations in order (each with the unread puts
 //! applied just before it; those applied are always the lowest ranks) and the state is the
-//! model applied to them; a node is in the list exactly when its operation is not on the stack; the
-//! search stops at the deadline or when the cache reaches [`CACHE_BYTES_MAX`].
+//! model applied to them; a node is in the list exactly when its operation (never an unread
+//! put) is not on the stack; the search stops at the deadline or when the cache reaches
+//! [`CACHE_BYTES_MAX`].
 
 use crate::model::{KeyHistory, KeyOp, Register, Step, UNREAD};
 use std::collections::HashSet;
@@ -48,8 +49,8 @@ pub(crate) const CACHE_BYTES_MAX: usize = 512 << 20;
 /// Steps between two looks at the clock: reading it every step would dominate small searches.
 const STEPS_PER_CLOCK_CHECK: u64 = 1 << 10;
 
-/// Estimated bytes of a cache entry besides its bitset words (hash slot, box, state).
-const CACHE_ENTRY_OVERHEAD_BYTES: usize = 48;
+/// Estimated bytes of a cache entry besides the configuration (hash table slack and control).
+const CACHE_ENTRY_OVERHEAD_BYTES: usize = 16;
 
 pub(crate) enum Outcome {
     Linearizable,
@@ -59,11 +60,17 @@ pub(crate) enum Outcome {
     Exhausted(String),
 }
 
+/// Operations kept of a dead end's order: its end is where the failure is (and copying a whole
+/// 20 000-operation stack at each new depth would be quadratic).
+pub(crate) const DEAD_END_TAIL_MAX: usize = 64;
+
 /// The longest order consistent with real time and the model that the search built, and the
 /// operation whose return it could not get past.
 pub(crate) struct DeadEnd {
-    /// Positions in [`KeyHistory::ops`], in linearization order.
-    pub order: Vec<usize>,
+    /// Length of the order.
+    pub depth: usize,
+    /// Its last [`DEAD_END_TAIL_MAX`] operations (positions in [`KeyHistory::ops`]), in order.
+    pub tail: Vec<usize>,
     pub state: Register,
     /// The completed operation that could not be linearized before its return.
     pub blocked: usize,
@@ -172,36 +179,38 @@ fn sorted_events(history: &KeyHistory) -> Vec<Node> {
         .collect()
 }
 
-/// A configuration of the search: the set of linearized operations (one bit each) and the
-/// model state after them. The hash of the set is kept incrementally (Zobrist hashing: the XOR
-/// of a pseudo-random word per member), so probing the cache does not rehash the whole bitset.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A configuration of the search: the set of linearized operations and the model state after
+/// them. The set is kept as a 128-bit Zobrist fingerprint, the XOR of two pseudo-random words
+/// per member, updated in O(1) per step, instead of a bitset: an entry costs 32 bytes whatever
+/// the history's length (a bitset of a 20 000-operation key costs 2.5 KB, and a failing search
+/// stores one per configuration). This is hash compaction (Wolper & Leroy 1993): two distinct
+/// sets share a fingerprint with probability 2^-128, so over even 10^7 cached configurations
+/// the chance that the search skips one it never explored is below 10^-24.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Config {
-    bits: Box<[u64]>,
-    bits_hash: u64,
+    low: u64,
+    high: u64,
     state: Register,
 }
 
 impl Config {
-    fn new(ops: usize) -> Config {
-        let bits = vec![0; ops.div_ceil(64)].into_boxed_slice();
-        Config {
-            bits,
-            bits_hash: 0,
-            state: Register::ABSENT,
-        }
-    }
+    const EMPTY: Config = Config {
+        low: 0,
+        high: 0,
+        state: Register::ABSENT,
+    };
 
     fn flip(&mut self, op: usize) {
-        self.bits[op / 64] ^= 1 << (op % 64);
-        self.bits_hash ^= mix(op as u64);
+        let op = op as u64;
+        self.low ^= mix(2 * op);
+        self.high ^= mix(2 * op + 1);
     }
 }
 
 impl Hash for Config {
     fn hash<H: Hasher>(&self, hasher: &mut H) {
         let value = self.state.value.map_or(0, |id| u64::from(id) + 1);
-        hasher.write_u64(self.bits_hash ^ mix(mix(value) ^ self.state.version));
+        hasher.write_u64(self.low ^ mix(mix(value) ^ self.state.version));
     }
 }
 
@@ -250,7 +259,7 @@ impl<'a> Search<'a> {
             list: EventList::new(history),
             stack: Vec::new(),
             state: Register::ABSENT,
-            probe: Config::new(history.ops.len()),
+            probe: Config::EMPTY,
             cache: HashSet::new(),
             required_left: history.ops.iter().filter(required).count(),
             unread_by_rank: unread_by_rank(history),
@@ -366,7 +375,7 @@ impl<'a> Search<'a> {
             self.flip_step(op, unread, self.unread_applied);
             return false;
         }
-        self.cache.insert(self.probe.clone());
+        self.cache.insert(self.probe);
         self.stack.push(Frame {
             op,
             unread,
@@ -403,15 +412,15 @@ impl<'a> Search<'a> {
     }
 
     fn note_dead_end(&mut self, blocked: usize) {
-        let depth = self
-            .deepest
-            .as_ref()
-            .map_or(0, |dead_end| dead_end.order.len());
-        if self.deepest.is_none() || self.stack.len() > depth {
-            let order = self.stack.iter().map(|frame| frame.op).collect();
+        let deepest = self.deepest.as_ref().map(|dead_end| dead_end.depth);
+        if deepest.is_none_or(|depth| self.stack.len() > depth) {
+            let skipped = self.stack.len().saturating_sub(DEAD_END_TAIL_MAX);
+            let tail = self.stack[skipped..].iter().map(|frame| frame.op).collect();
+            let (depth, state) = (self.stack.len(), self.state);
             self.deepest = Some(DeadEnd {
-                order,
-                state: self.state,
+                depth,
+                tail,
+                state,
                 blocked,
             });
         }
@@ -422,7 +431,7 @@ impl<'a> Search<'a> {
         if !self.steps.is_multiple_of(STEPS_PER_CLOCK_CHECK) {
             return None;
         }
-        let entry_bytes = self.probe.bits.len() * 8 + CACHE_ENTRY_OVERHEAD_BYTES;
+        let entry_bytes = std::mem::size_of::<Config>() + CACHE_ENTRY_OVERHEAD_BYTES;
         if self.cache.len().saturating_mul(entry_bytes) > CACHE_BYTES_MAX {
             let mib = CACHE_BYTES_MAX >> 20;
             return Some(format!(
@@ -522,7 +531,7 @@ mod tests {
         let Outcome::Violation(Some(dead_end)) = run(&ops) else {
             panic!("stale read accepted")
         };
-        assert_eq!(dead_end.order, vec![0]);
+        assert_eq!((dead_end.depth, dead_end.tail), (1, vec![0]));
         assert_eq!(dead_end.blocked, 1);
         assert_eq!(
             dead_end.state,

@@ -11,6 +11,12 @@
 //! linearization), and a value with a put of unknown version is not removable (its gets are,
 //! one by one). When the values alone already conflict, versions are ignored altogether.
 //!
+//! A long history is first narrowed with the search's dead end: the units of the operation it
+//! could not place and of the last few it had placed often fail on their own.
+//!
+//! Once no unit can go, the remaining gets are tried one by one (removing a get is always
+//! safe), so legitimate reads of the value a stale read saw go too.
+//!
 //! Hence a piece that fails proves the whole history fails. Units are removed by a simplified
 //! delta debugging (Zeller & Hildebrandt 2002): chunks of units, halving the chunk size down to
 //! single units, repeated until nothing more can go. Each trial is a full search bounded by
@@ -20,13 +26,17 @@
 //! input (which the caller found non-linearizable). At the deadline shrinking stops early.
 
 use crate::model::{KeyHistory, Step};
-use crate::search::{search, Outcome};
+use crate::search::{search, DeadEnd, Outcome};
 use std::collections::BTreeMap;
 use std::time::Instant;
 
 /// A piece of `history` that is still not linearizable. It compares values only (versions
 /// off) when the values alone already conflict.
-pub(crate) fn shrink(history: &KeyHistory, deadline: Instant) -> KeyHistory {
+pub(crate) fn shrink(
+    history: &KeyHistory,
+    hint: Option<&DeadEnd>,
+    deadline: Instant,
+) -> KeyHistory {
     let values_only = KeyHistory {
         tracks_versions: false,
         ..history.clone()
@@ -37,8 +47,69 @@ pub(crate) fn shrink(history: &KeyHistory, deadline: Instant) -> KeyHistory {
         history.clone()
     };
     let (units, fixed) = units(&base);
+    let units = match hint {
+        Some(dead_end) => focus(&base, units, &fixed, dead_end, deadline),
+        None => units,
+    };
     let units = remove_units(&base, units, &fixed, deadline);
-    piece(&base, &units, &fixed)
+    let (reads, fixed) = split_reads(&base, units, fixed);
+    let reads = remove_units(&base, reads, &fixed, deadline);
+    piece(&base, &reads, &fixed)
+}
+
+/// The units of the blocked operation and of the last k operations of the dead end's order,
+/// for k = 1, 2, 4, ...: the first that fails (or all units). On a long history this finds a
+/// small failing core with a few small searches, before delta debugging's halving.
+fn focus(
+    base: &KeyHistory,
+    units: Vec<Vec<usize>>,
+    fixed: &[usize],
+    dead_end: &DeadEnd,
+    deadline: Instant,
+) -> Vec<Vec<usize>> {
+    let mut unit_of = vec![None; base.ops.len()];
+    for (index, unit) in units.iter().enumerate() {
+        unit.iter().for_each(|&op| unit_of[op] = Some(index));
+    }
+    let mut k = 1;
+    while k < dead_end.tail.len() && Instant::now() < deadline {
+        let ops = dead_end.tail[dead_end.tail.len() - k..]
+            .iter()
+            .chain([&dead_end.blocked]);
+        let mut chosen: Vec<usize> = ops.filter_map(|&op| unit_of[op]).collect();
+        chosen.sort_unstable();
+        chosen.dedup();
+        let candidate: Vec<Vec<usize>> = chosen
+            .into_iter()
+            .map(|index| units[index].clone())
+            .collect();
+        if fails(&piece(base, &candidate, fixed), deadline) {
+            return candidate;
+        }
+        k *= 2;
+    }
+    units
+}
+
+/// The surviving units' gets as units of their own (a get can always go alone: nothing
+/// depends on it), their puts kept. Gets of a value whose put took its version from a get
+/// stay too: without them the piece would not show why that version is required.
+fn split_reads(
+    base: &KeyHistory,
+    units: Vec<Vec<usize>>,
+    mut fixed: Vec<usize>,
+) -> (Vec<Vec<usize>>, Vec<usize>) {
+    let mut reads = Vec::new();
+    for unit in units {
+        let inferred = unit.iter().any(|&op| base.ops[op].version_inferred);
+        for op in unit {
+            match base.ops[op].step {
+                Step::Get { .. } if !inferred => reads.push(vec![op]),
+                _ => fixed.push(op),
+            }
+        }
+    }
+    (reads, fixed)
 }
 
 /// Removable units and the operations that stay: one unit per value (its puts and reads), one

@@ -225,3 +225,53 @@ fn t30_input_helpers_round_trip_keys() {
     assert_eq!(Input::put("k", "v").key(), b"k");
     assert_eq!(Input::get(b"k".to_vec()).key(), b"k");
 }
+
+#[test]
+fn t23_stale_read_in_a_long_hot_key_shrinks_to_a_small_piece() {
+    let seed = 23;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let workload = Workload {
+        clients: 8,
+        keys: 1,
+        ops: 3_000,
+        versions: true,
+        unknown_ratio: 0.02,
+        failed_ratio: 0.01,
+    };
+    let mut history = linearizable_history(&mut rng, workload);
+    // The last read returns the first acknowledged put's value, long overwritten.
+    let first_put = history
+        .iter()
+        .find(|op| matches!(op.input, Input::Put { .. }) && matches!(op.result, OpResult::Ok(_)))
+        .cloned()
+        .expect("some put completed");
+    let victim = (0..history.len())
+        .rev()
+        .find(|&i| matches!(history[i].result, OpResult::Ok(Output::Get(Some(_)))))
+        .expect("some get completed");
+    let Input::Put { value, .. } = first_put.input else {
+        unreachable!("chosen as a put")
+    };
+    history[victim].result = OpResult::Ok(Output::Get(Some(ReadValue {
+        value,
+        version: Some(1),
+    })));
+    let started = Instant::now();
+    let CheckResult::Violation(violation) = check(&history) else {
+        panic!("seed {seed}: stale read accepted")
+    };
+    println!(
+        "3000-op hot key, stale read: piece of {} ops in {:?}\n{violation}",
+        violation.ops.len(),
+        started.elapsed()
+    );
+    assert!(
+        violation.ops.contains(&history[victim]),
+        "seed {seed}: piece lacks the stale read:\n{violation}"
+    );
+    assert!(
+        violation.ops.len() <= 4,
+        "seed {seed}: piece of {} ops:\n{violation}",
+        violation.ops.len()
+    );
+}
