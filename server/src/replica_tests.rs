@@ -538,7 +538,7 @@ fn deposed_leader_does_not_refuse_a_session_it_has_not_seen() {
     let Some(Reply::Registered(Ok(session))) = net.take(2, r) else {
         panic!("session registered at the new leader")
     };
-    assert!(net.node(1).is_leader(), "node 1 still believes it leads term 1");
+    assert!(net.node(1).is_leader(), "node 1 still leads term 1");
     let put = net.put(1, session, 1, "k", "v");
     assert!(net.take(1, put).is_none(), "no verdict from a stale view");
     net.nodes.get_mut(&1).unwrap().isolated = false;

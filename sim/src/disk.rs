@@ -1,0 +1,162 @@
+//! [`Disk`]: one server's storage as the runtime uses it, with what a crash keeps.
+//!
+//! ```text
+//!   AppendLog ──▶ log (written, in the page cache) ──fsync──▶ durable prefix
+//!   TruncateLog ─▶ set_len + sync_data: everything written so far is durable at once
+//!   SaveHardState ─▶ durable at once (the runtime fsyncs it before the next command)
+//!   crash ─▶ durable prefix + (maybe) a random part of the unsynced tail survives
+//! ```
+//!
+//! Group commit as in `server/src/runtime.rs` (`start_sync`): one fsync at a time, covering
+//! every log write issued before it started; its completion is `Event::Persisted { write_id }`
+//! where write ids count `AppendLog` commands from 1 per incarnation. Between two truncations
+//! the log only grows, so "durable" is always a prefix of the written log; a truncation clamps
+//! the target of an fsync in flight (it cannot vouch for entries written after the truncation).
+
+use kvraft_proto::LogEntry;
+use kvraft_server::storage::HardState;
+
+/// An fsync the simulator will complete later.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SyncStart {
+    /// What `Event::Persisted` reports when it completes.
+    pub write_id: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct Disk {
+    /// Saved with fsync before the next command ran.
+    pub hard: HardState,
+    /// Every entry written (the file as the OS sees it).
+    log: Vec<LogEntry>,
+    /// `log[..durable_len]` survives any crash.
+    durable_len: usize,
+    /// `AppendLog` commands of this incarnation (the replica counts the same way).
+    written: u64,
+    /// Write id and log length covered by the fsync in flight.
+    in_flight: Option<(u64, usize)>,
+    /// Highest write id an fsync was started for.
+    sync_requested: u64,
+}
+
+impl Disk {
+    /// A fresh disk holding `entries` durably (a restart, after recovery's own fsync).
+    pub fn recovered(hard: HardState, entries: Vec<LogEntry>) -> Disk {
+        Disk {
+            hard,
+            durable_len: entries.len(),
+            log: entries,
+            ..Disk::default()
+        }
+    }
+
+    pub fn log(&self) -> &[LogEntry] {
+        &self.log
+    }
+
+    pub fn durable_len(&self) -> usize {
+        self.durable_len
+    }
+
+    pub fn append(&mut self, entries: &[LogEntry]) {
+        for e in entries {
+            assert_eq!(
+                e.index,
+                self.log.len() as u64 + 1,
+                "invariant: appends continue the log densely"
+            );
+            self.log.push(e.clone());
+        }
+        self.written += 1;
+    }
+
+    /// `FileLogStore::truncate_from`: `set_len` then `sync_data`, so every write issued before
+    /// it is durable too.
+    pub fn truncate(&mut self, from: u64) {
+        let keep = (from.max(1) - 1) as usize;
+        self.log.truncate(keep);
+        self.durable_len = self.log.len();
+        if let Some((_, len)) = self.in_flight.as_mut() {
+            *len = (*len).min(keep);
+        }
+    }
+
+    /// Starts the next group fsync if none is running and writes wait for one.
+    pub fn start_sync(&mut self) -> Option<SyncStart> {
+        if self.in_flight.is_some() || self.sync_requested >= self.written {
+            return None;
+        }
+        self.sync_requested = self.written;
+        self.in_flight = Some((self.written, self.log.len()));
+        Some(SyncStart {
+            write_id: self.written,
+        })
+    }
+
+    /// The fsync in flight completed; returns its write id.
+    pub fn complete_sync(&mut self) -> u64 {
+        let (write_id, len) = self
+            .in_flight
+            .take()
+            .expect("invariant: a completion matches a started fsync");
+        self.durable_len = self.durable_len.max(len.min(self.log.len()));
+        write_id
+    }
+
+    /// What survives a crash: the durable prefix plus `extra` entries of the unsynced tail
+    /// (clamped), as the hard state and the log a restarted server recovers.
+    pub fn crash(&self, extra: usize) -> (HardState, Vec<LogEntry>) {
+        let keep = (self.durable_len + extra).min(self.log.len());
+        (self.hard, self.log[..keep].to_vec())
+    }
+
+    /// Entries written but not yet durable.
+    pub fn unsynced(&self) -> usize {
+        self.log.len() - self.durable_len
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(index: u64, term: u64) -> LogEntry {
+        LogEntry {
+            term,
+            index,
+            time_ms: 0,
+            payload: None,
+        }
+    }
+
+    #[test]
+    fn fsync_covers_writes_issued_before_it_started() {
+        let mut disk = Disk::default();
+        disk.append(&[entry(1, 1)]);
+        let sync = disk.start_sync().expect("a write waits");
+        assert_eq!(sync.write_id, 1);
+        disk.append(&[entry(2, 1)]);
+        assert_eq!(disk.start_sync(), None, "one fsync at a time");
+        assert_eq!(disk.complete_sync(), 1);
+        assert_eq!(disk.durable_len(), 1);
+        assert_eq!(disk.crash(0).1.len(), 1);
+        assert_eq!(disk.start_sync(), Some(SyncStart { write_id: 2 }));
+    }
+
+    #[test]
+    fn truncation_is_durable_and_clamps_the_fsync_in_flight() {
+        let mut disk = Disk::default();
+        disk.append(&[entry(1, 1), entry(2, 1), entry(3, 1)]);
+        disk.start_sync().expect("started");
+        disk.truncate(2);
+        assert_eq!(disk.durable_len(), 1);
+        disk.append(&[entry(2, 2), entry(3, 2)]);
+        disk.complete_sync();
+        assert_eq!(
+            disk.durable_len(),
+            1,
+            "the old fsync vouches for nothing new"
+        );
+        assert_eq!(disk.crash(1).1.last().map(|e| e.term), Some(2));
+    }
+}

@@ -1,0 +1,287 @@
+//! [`Invariants`]: the safety properties, checked after every simulation step.
+//!
+//! ```text
+//!   replica commands (AppendLog, TruncateLog, RoleChanged) ──▶ shadow logs (prefix hashes)
+//!   replica state after the step (commit index, state machine) ──▶ committed record,
+//!                                                                  reference replay
+//! ```
+//!
+//! - **One leader per term**: from `RoleChanged { leader: true, term }`.
+//! - **Log matching**: every node's log is shadowed as a chain of prefix hashes
+//!   (`h[i] = H(h[i-1], entry i)`); all entries anywhere with the same `(index, term)` must have
+//!   the same prefix hash, i.e. the logs are identical up to there.
+//! - **Committed entries are never lost or changed**: the longest committed prefix any node has
+//!   reported is recorded; every node's log must match it up to its own commit index, and a node
+//!   becoming leader must hold all of it.
+//! - **Applied state machines agree**: the committed log is replayed through a reference
+//!   [`StateMachine`]; each node's key-value digest at its `last_applied` must equal the
+//!   reference's digest at that index.
+//! - **Exactly once**: in the replay, each `(session, seq)` and each (unique) value changes the
+//!   map at most once, and each key's versions count its applied puts.
+//!
+//! The checks are incremental (a step touches one node), so they run after every step.
+
+use std::collections::BTreeMap;
+
+use kvraft_proto::log_entry::Payload;
+use kvraft_proto::LogEntry;
+use kvraft_server::replica::Replica;
+use kvraft_server::state_machine::{Outcome, StateMachine};
+use prost::Message;
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+fn fnv(mut h: u64, bytes: &[u8]) -> u64 {
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(FNV_PRIME);
+    }
+    h
+}
+
+/// Hash of the log prefix ending with `entry`, given the hash of the prefix before it.
+fn chain(prev: u64, entry: &LogEntry) -> u64 {
+    fnv(fnv(FNV_OFFSET, &prev.to_le_bytes()), &entry.encode_to_vec())
+}
+
+#[derive(Debug)]
+pub struct Invariants {
+    /// Leader of each term seen so far.
+    leaders: BTreeMap<u64, u32>,
+    /// Prefix hash of every `(index, term)` any node has held.
+    prefixes: BTreeMap<(u64, u64), u64>,
+    /// Per node: prefix hash at each index of its current log (`[0]` is index 1).
+    shadows: BTreeMap<u32, Vec<u64>>,
+    /// The longest committed prefix reported by any node, and its prefix hashes.
+    committed: Vec<LogEntry>,
+    committed_chain: Vec<u64>,
+    /// Replays `committed`; its digests by applied index (`[0]` = nothing applied).
+    reference: StateMachine,
+    digests: Vec<u64>,
+    /// value -> (key, version) of every applied put.
+    pub applied: BTreeMap<String, (String, u64)>,
+    applications: BTreeMap<(u64, u64), u32>,
+    versions: BTreeMap<String, u64>,
+    /// Per node: `last_applied` when last checked.
+    node_applied: BTreeMap<u32, u64>,
+    keys: Vec<String>,
+}
+
+impl Invariants {
+    pub fn new(keys: Vec<String>, session_ttl_ms: u64, sessions_max: usize) -> Invariants {
+        let reference = StateMachine::new(session_ttl_ms, sessions_max);
+        let mut inv = Invariants {
+            leaders: BTreeMap::new(),
+            prefixes: BTreeMap::new(),
+            shadows: BTreeMap::new(),
+            committed: Vec::new(),
+            committed_chain: Vec::new(),
+            reference,
+            digests: Vec::new(),
+            applied: BTreeMap::new(),
+            applications: BTreeMap::new(),
+            versions: BTreeMap::new(),
+            node_applied: BTreeMap::new(),
+            keys,
+        };
+        let empty = inv.digest(&inv.reference);
+        inv.digests.push(empty);
+        inv
+    }
+
+    pub fn committed_len(&self) -> u64 {
+        self.committed.len() as u64
+    }
+
+    /// A node (re)started with `entries` as its log.
+    pub fn restart(&mut self, node: u32, entries: &[LogEntry]) -> Result<(), String> {
+        self.shadows.insert(node, Vec::new());
+        self.node_applied.insert(node, 0);
+        self.on_append(node, entries)
+    }
+
+    pub fn on_append(&mut self, node: u32, entries: &[LogEntry]) -> Result<(), String> {
+        let shadow = self.shadows.entry(node).or_default();
+        for e in entries {
+            if e.index != shadow.len() as u64 + 1 {
+                return Err(format!(
+                    "node {node} appended index {} after index {}",
+                    e.index,
+                    shadow.len()
+                ));
+            }
+            let h = chain(shadow.last().copied().unwrap_or(0), e);
+            shadow.push(h);
+            let known = *self.prefixes.entry((e.index, e.term)).or_insert(h);
+            if known != h {
+                return Err(format!(
+                    "log matching: node {node} holds entry {}/{} (term/index) with a log \
+                     prefix different from another node's entry {}/{}",
+                    e.term, e.index, e.term, e.index
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn on_truncate(&mut self, node: u32, from: u64) {
+        let shadow = self.shadows.entry(node).or_default();
+        shadow.truncate((from.max(1) - 1) as usize);
+    }
+
+    /// `RoleChanged { leader: true, term }` from `node`, whose state is `replica`.
+    pub fn on_leader(&mut self, node: u32, term: u64, replica: &Replica) -> Result<(), String> {
+        let first = *self.leaders.entry(term).or_insert(node);
+        if first != node {
+            return Err(format!(
+                "two leaders in term {term}: node {first} and node {node}"
+            ));
+        }
+        let n = self.committed.len() as u64;
+        if n == 0 {
+            return Ok(());
+        }
+        let holds = self
+            .shadows
+            .get(&node)
+            .and_then(|s| s.get(n as usize - 1))
+            .is_some_and(|&h| h == self.committed_chain[n as usize - 1]);
+        if !holds {
+            return Err(format!(
+                "node {node} became leader of term {term} without every committed entry \
+                 (committed up to {n}, its log ends at {})",
+                replica.last_index()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks `node` after a step that touched it.
+    pub fn after_step(&mut self, node: u32, replica: &Replica) -> Result<(), String> {
+        let shadow_len = self.shadows.get(&node).map_or(0, |s| s.len() as u64);
+        if shadow_len != replica.last_index() {
+            return Err(format!(
+                "simulator wiring: node {node}'s log has {} entries but its commands wrote {}",
+                replica.last_index(),
+                shadow_len
+            ));
+        }
+        self.check_commit(node, replica)?;
+        self.check_applied(node, replica)
+    }
+
+    fn check_commit(&mut self, node: u32, replica: &Replica) -> Result<(), String> {
+        let commit = replica.commit_index();
+        if commit == 0 {
+            return Ok(());
+        }
+        let known = self.committed.len() as u64;
+        let overlap = commit.min(known);
+        if overlap > 0
+            && self.shadows[&node][overlap as usize - 1]
+                != self.committed_chain[overlap as usize - 1]
+        {
+            return Err(format!(
+                "committed entry changed: node {node} (commit index {commit}) disagrees with \
+                 the committed log at or below index {overlap}"
+            ));
+        }
+        for index in known + 1..=commit {
+            let entry = replica
+                .entry(index)
+                .expect("invariant: commit index within the log")
+                .clone();
+            let h = self.shadows[&node][index as usize - 1];
+            self.committed_chain.push(h);
+            self.replay(&entry)?;
+            self.committed.push(entry);
+        }
+        Ok(())
+    }
+
+    /// Applies the newly committed `entry` to the reference state machine.
+    fn replay(&mut self, entry: &LogEntry) -> Result<(), String> {
+        let outcomes = self.reference.apply(entry);
+        for outcome in outcomes {
+            let Outcome::Put {
+                session_id,
+                seq,
+                result: Ok(result),
+                duplicate: false,
+            } = outcome
+            else {
+                continue;
+            };
+            let count = self.applications.entry((session_id, seq)).or_insert(0);
+            *count += 1;
+            if *count > 1 {
+                return Err(format!(
+                    "exactly once: put (session {session_id}, seq {seq}) applied {count} times"
+                ));
+            }
+            let carrier = if result.index == entry.index {
+                entry
+            } else {
+                &self.committed[result.index as usize - 1]
+            };
+            let Some(Payload::Put(put)) = &carrier.payload else {
+                return Err(format!(
+                    "put result names entry {}, not a put",
+                    result.index
+                ));
+            };
+            let key = String::from_utf8_lossy(&put.key).into_owned();
+            let value = String::from_utf8_lossy(&put.value).into_owned();
+            let version = self.versions.entry(key.clone()).or_insert(0);
+            *version += 1;
+            if result.version != *version {
+                return Err(format!(
+                    "put {key}={value} applied as version {} but it is put number {version}",
+                    result.version
+                ));
+            }
+            if let Some(before) = self.applied.insert(value.clone(), (key, result.version)) {
+                return Err(format!("value {value} applied twice (first as {before:?})"));
+            }
+        }
+        let digest = self.digest(&self.reference);
+        self.digests.push(digest);
+        Ok(())
+    }
+
+    fn check_applied(&mut self, node: u32, replica: &Replica) -> Result<(), String> {
+        let applied = replica.last_applied();
+        let before = self.node_applied.insert(node, applied).unwrap_or(0);
+        if applied == before {
+            return Ok(());
+        }
+        let Some(&want) = self.digests.get(applied as usize) else {
+            return Err(format!(
+                "node {node} applied up to {applied}, beyond the committed log ({})",
+                self.committed.len()
+            ));
+        };
+        if self.digest(replica.state_machine()) != want {
+            return Err(format!(
+                "state machines diverge: node {node} at applied index {applied} differs from \
+                 the replay of the committed log"
+            ));
+        }
+        Ok(())
+    }
+
+    fn digest(&self, sm: &StateMachine) -> u64 {
+        let mut h = FNV_OFFSET;
+        for key in &self.keys {
+            match sm.get(key.as_bytes()) {
+                Some(v) => {
+                    h = fnv(h, &v.version.to_le_bytes());
+                    h = fnv(h, &v.value);
+                }
+                None => h = fnv(h, b"-"),
+            }
+        }
+        fnv(h, &(sm.len() as u64).to_le_bytes())
+    }
+}

@@ -1,0 +1,1148 @@
+//! [`World`]: the whole simulated cluster and its event loop.
+//!
+//! ```text
+//!   queue: BTreeMap<(time_ms, seq), Item>        one StdRng from the seed decides everything
+//!     │ pop the earliest item, now = its time
+//!     ▼
+//!   Tick ──▶ Replica::step(Tick) on every live node, CoordCore::step(Tick)
+//!   Deliver(msg) ──▶ the receiving core's step; what it returns is executed:
+//!        Replica: SaveHardState → disk (durable at once)   AppendLog/TruncateLog → disk
+//!                 SendAppend / SendAppendResponse / Reply → Network::plan → Deliver items
+//!        Coord:   PersistTerm → durable term   SendHeartbeat/SendPrepare → RPC + timeout item
+//!                 PublishLeader → a view message to every client
+//!   Fsync ──▶ Disk::complete_sync ──▶ Replica::step(Persisted { write_id })
+//!   Fault ──▶ partition / crash a node / crash the coord (each heals later)
+//!   Client timers ──▶ Client (attempt timeouts, retries, next operation)
+//!     │
+//!     └─▶ after every step: Invariants on the node touched; the first violation ends the run
+//! ```
+//!
+//! Phases: faults for `fault_ms`; then everything heals (partitions removed, crashed processes
+//! restarted, no random message faults) and clients keep working for `quiet_ms`; then clients
+//! stop issuing, and once all are idle one final put must succeed and a leader must be known.
+//!
+//! Wiring mirrors the runtimes: a coord RPC that gets no answer within two heartbeat periods
+//! is `HeartbeatFailed` (a Prepare is silently resent by the core); a lost replication message
+//! breaks its stream, the leader hears `PeerDisconnected`, and later messages of the broken
+//! stream are lost; each replica batch is `step` then `flush`, then a group fsync starts if
+//! writes wait for one.
+
+use std::collections::BTreeMap;
+
+use kvraft_common::config::WaitFor;
+use kvraft_common::{LogIndex, NodeId, Term};
+use kvraft_coord::core::{self as coord, CoordCore, CoreConfig, LogPosition};
+use kvraft_proto::{AppendEntriesRequest, AppendEntriesResponse, PutCommand};
+use kvraft_server::replica::{Command, Event, Reply, ReplyTo};
+use prost::bytes::Bytes;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::client::{Client, ClientAction, ClientTimer, ClientTiming, Request};
+use crate::config::SimConfig;
+use crate::history::History;
+use crate::invariants::Invariants;
+use crate::network::{chance, Endpoint, Network};
+use crate::node::{SimNode, SESSIONS_MAX, SESSION_TTL_MS};
+use crate::{FaultCounts, SimStats};
+
+/// A coord RPC answered later than this many heartbeat periods counts as failed (the coord
+/// runtime's `RPC_TIMEOUT_HEARTBEATS`).
+const RPC_TIMEOUT_HEARTBEATS: u64 = 2;
+/// Normal fsync latency (ms), and the occasional slow one.
+const FSYNC_MS: std::ops::RangeInclusive<u64> = 1..=8;
+const FSYNC_SLOW_MS: std::ops::RangeInclusive<u64> = 20..=120;
+const FSYNC_SLOW_PERMILLE: u32 = 50;
+/// How long a partition lasts, and how long a crashed process stays down (ms).
+const PARTITION_MS: std::ops::RangeInclusive<u64> = 100..=1_500;
+const DOWN_MS: std::ops::RangeInclusive<u64> = 50..=1_500;
+/// Delay before the leader's peer link reports a broken stream (ms).
+const DISCONNECT_NOTICE_MS: std::ops::RangeInclusive<u64> = 1..=20;
+/// Share of randomly dropped replication messages that break their stream (‰); the rest are
+/// lost silently, which the leader must survive through probes and heartbeats.
+const DROP_BREAKS_STREAM_PERMILLE: u32 = 500;
+
+#[derive(Clone, Debug)]
+enum Msg {
+    Heartbeat {
+        rpc: u64,
+        term: u64,
+        leader: u32,
+    },
+    Prepare {
+        rpc: u64,
+        term: u64,
+    },
+    HeartbeatReply {
+        rpc: u64,
+        report: kvraft_proto::ServerReport,
+    },
+    PrepareReply {
+        rpc: u64,
+        ok: bool,
+        term: u64,
+        last_log_term: u64,
+        last_log_index: u64,
+    },
+    Append {
+        leader: u32,
+        follower: u32,
+        generation: u64,
+        req: AppendEntriesRequest,
+    },
+    AppendResp {
+        leader: u32,
+        follower: u32,
+        generation: u64,
+        resp: AppendEntriesResponse,
+    },
+    Request {
+        client: u32,
+        attempt: u64,
+        request: Request,
+    },
+    Response {
+        attempt: u64,
+        reply: Reply,
+    },
+    View {
+        term: u64,
+        leader: u32,
+    },
+}
+
+#[derive(Debug)]
+enum Item {
+    Deliver {
+        from: Endpoint,
+        to: Endpoint,
+        from_life: u64,
+        to_life: u64,
+        msg: Msg,
+    },
+    Fsync {
+        node: u32,
+        life: u64,
+    },
+    Tick,
+    RpcTimeout {
+        rpc: u64,
+    },
+    Disconnected {
+        leader: u32,
+        life: u64,
+        peer: u32,
+    },
+    Client {
+        client: u32,
+        timer: ClientTimer,
+    },
+    Fault,
+    Heal {
+        partition: u64,
+    },
+    RestartNode {
+        node: u32,
+    },
+    RestartCoord,
+    EndFaults,
+    EndQuiet,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Faults,
+    Quiet,
+    Drain,
+    Final,
+}
+
+/// Where a replica's `Reply { to }` goes.
+#[derive(Clone, Copy, Debug)]
+enum Route {
+    Coord { rpc: u64 },
+    Client { client: u32, attempt: u64 },
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Rpc {
+    to: u32,
+    heartbeat: bool,
+}
+
+pub struct World {
+    cfg: SimConfig,
+    rng: StdRng,
+    now_ms: u64,
+    /// Rank of the current step within `now_ms`, for unique nanosecond timestamps.
+    rank: u64,
+    queue: BTreeMap<(u64, u64), Item>,
+    next_item: u64,
+    pub step: u64,
+    phase: Phase,
+    nodes: Vec<SimNode>,
+    coord: Option<CoordCore>,
+    coord_config: CoreConfig,
+    coord_life: u64,
+    /// The coord's durable highest term (its term file).
+    coord_term: u64,
+    rpcs: BTreeMap<u64, Rpc>,
+    next_rpc: u64,
+    replies: BTreeMap<(u32, ReplyTo), Route>,
+    next_reply: ReplyTo,
+    network: Network,
+    clients: Vec<Client>,
+    pub history: History,
+    pub inv: Invariants,
+    faults: FaultCounts,
+    /// Time by which the final put must have succeeded.
+    deadline_ms: u64,
+}
+
+impl World {
+    pub fn new(seed: u64, cfg: &SimConfig) -> Result<World, String> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let n = cfg
+            .servers
+            .unwrap_or(if rng.random_bool(0.5) { 3 } else { 5 });
+        let c = cfg.clients.unwrap_or(rng.random_range(2..=4));
+        let ids: Vec<NodeId> = (1..=n as u32).map(NodeId).collect();
+        let nodes: Vec<SimNode> = ids
+            .iter()
+            .map(|id| SimNode::new(id.0, ids.clone(), cfg.replication_heartbeat_ms))
+            .collect();
+        let coord_config = CoreConfig {
+            servers: ids.clone(),
+            heartbeat_interval_ms: cfg.coord_heartbeat_ms,
+            failure_timeout_ms: cfg.coord_failure_timeout_ms,
+            wait_for: WaitFor::All,
+        };
+        let keys: Vec<String> = (0..cfg.keys).map(|k| format!("k{k}")).collect();
+        let timing = ClientTiming {
+            op_timeout_ms: cfg.op_timeout_ms,
+            attempt_timeout_ms: cfg.attempt_timeout_ms,
+        };
+        let servers: Vec<u32> = ids.iter().map(|id| id.0).collect();
+        let clients = (1..=c as u32)
+            .map(|id| {
+                let slots = rng.random_range(1..=cfg.client_slots_max);
+                Client::new(id, servers.clone(), keys.clone(), timing, slots)
+            })
+            .collect();
+        let deadline_ms = cfg.fault_ms + cfg.quiet_ms + 2 * cfg.op_timeout_ms + 100;
+        let mut world = World {
+            cfg: cfg.clone(),
+            rng,
+            now_ms: 0,
+            rank: 0,
+            queue: BTreeMap::new(),
+            next_item: 0,
+            step: 0,
+            phase: Phase::Faults,
+            nodes,
+            coord: Some(CoordCore::new(coord_config.clone(), Term(0), 0)),
+            coord_config,
+            coord_life: 0,
+            coord_term: 0,
+            rpcs: BTreeMap::new(),
+            next_rpc: 1,
+            replies: BTreeMap::new(),
+            next_reply: 1,
+            network: Network::new(cfg),
+            clients,
+            history: History::default(),
+            inv: Invariants::new(keys, SESSION_TTL_MS, SESSIONS_MAX),
+            faults: FaultCounts::default(),
+            deadline_ms,
+        };
+        for id in 1..=n as u32 {
+            world.inv.restart(id, &[])?;
+        }
+        world.schedule(0, Item::Tick);
+        world.schedule(cfg.fault_ms, Item::EndFaults);
+        world.schedule(cfg.fault_ms + cfg.quiet_ms, Item::EndQuiet);
+        if cfg.faults {
+            let at = world.next_fault_delay();
+            world.schedule(at, Item::Fault);
+        }
+        for i in 0..world.clients.len() {
+            world.clients[i].boot(0, &mut world.rng);
+            world.client_actions(i);
+        }
+        Ok(world)
+    }
+
+    pub fn servers(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn clients(&self) -> usize {
+        self.clients.len()
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.now_ms
+    }
+
+    pub fn faults(&self) -> FaultCounts {
+        let mut f = self.faults;
+        f.dropped = self.network.faults.dropped;
+        f.duplicated = self.network.faults.duplicated;
+        f.reordered = self.network.faults.reordered;
+        f
+    }
+
+    /// Runs until the final put succeeds; `Err` describes the first violation.
+    pub fn run(&mut self) -> Result<(), String> {
+        while let Some(((at, _), item)) = self.queue.pop_first() {
+            if at > self.deadline_ms {
+                return Err(format!(
+                    "liveness: no successful final put by {} ms after healing everything \
+                     (phase {:?}, leader {:?})",
+                    self.deadline_ms - self.cfg.fault_ms,
+                    self.phase,
+                    self.leader()
+                ));
+            }
+            if at != self.now_ms {
+                self.rank = 0;
+            }
+            self.now_ms = at;
+            self.rank += 1;
+            self.step += 1;
+            if self.cfg.verbose {
+                println!(
+                    "{:>6} ms #{:<7} {}",
+                    self.now_ms,
+                    self.step,
+                    describe(&item)
+                );
+            }
+            self.handle(item)?;
+            for c in &mut self.clients {
+                if let Some(v) = c.violations.pop() {
+                    return Err(v);
+                }
+                self.history.ops.append(&mut c.done);
+            }
+            if self.phase == Phase::Drain && self.clients.iter().all(Client::idle) {
+                self.phase = Phase::Final;
+                let now_ns = self.now_ns();
+                self.clients[0].start_final(self.now_ms, now_ns, &mut self.rng);
+                self.client_actions(0);
+            }
+            if self.phase == Phase::Final {
+                if let Some(ok) = self.clients[0].final_ok {
+                    if !ok {
+                        return Err("liveness: the final put after healing did not succeed".into());
+                    }
+                    return self.finish();
+                }
+            }
+        }
+        Err("simulator: event queue ran dry".into())
+    }
+
+    /// End of run: a leader is known and agreed, and the history is linearizable.
+    fn finish(&mut self) -> Result<(), String> {
+        let Some(leader) = self.leader() else {
+            return Err("liveness: no leader at the end".into());
+        };
+        if let Some(coord) = &self.coord {
+            let view = coord.view();
+            if view.leader != NodeId(leader) {
+                return Err(format!(
+                    "at the end the coord names leader {} of term {} but node {leader} leads",
+                    view.leader, view.term
+                ));
+            }
+        }
+        self.history.check(&self.inv.applied).map(|_| ())
+    }
+
+    /// The live node that leads the highest term, if any.
+    fn leader(&self) -> Option<u32> {
+        self.nodes
+            .iter()
+            .filter_map(|n| n.replica.as_ref())
+            .filter(|r| r.is_leader())
+            .max_by_key(|r| r.term())
+            .map(|r| r.id().0)
+    }
+
+    pub fn stats(&self, acked_checked: u64) -> SimStats {
+        let mut stats = SimStats {
+            seeds: 1,
+            steps: self.step,
+            sim_ms: self.now_ms,
+            faults: self.faults(),
+            acked_writes_checked: acked_checked,
+            committed_entries: self.inv.committed_len(),
+            ..SimStats::default()
+        };
+        for op in &self.history.ops {
+            use crate::history::{Input, OpResult};
+            match (&op.input, &op.result) {
+                (Input::Put { .. }, OpResult::Ok(_)) => stats.puts_ok += 1,
+                (Input::Get { .. }, OpResult::Ok(_)) => stats.gets_ok += 1,
+                _ => stats.ops_unknown += 1,
+            }
+        }
+        stats
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.now_ms * 1_000_000 + self.rank
+    }
+
+    fn schedule(&mut self, at_ms: u64, item: Item) {
+        self.next_item += 1;
+        self.queue.insert((at_ms, self.next_item), item);
+    }
+
+    fn next_fault_delay(&mut self) -> u64 {
+        let every = self.cfg.fault_every_ms.max(2);
+        self.now_ms + self.rng.random_range(every / 2..=every * 3 / 2)
+    }
+
+    fn life(&self, e: Endpoint) -> Option<u64> {
+        match e {
+            Endpoint::Coord => self.coord.as_ref().map(|_| self.coord_life),
+            Endpoint::Node(id) => {
+                let node = &self.nodes[id as usize - 1];
+                node.is_up().then_some(node.incarnation)
+            }
+            Endpoint::Client(_) => Some(0),
+        }
+    }
+
+    // ------------------------------------------------------------------ items
+
+    fn handle(&mut self, item: Item) -> Result<(), String> {
+        match item {
+            Item::Tick => {
+                let now_ms = self.now_ms;
+                for id in 1..=self.nodes.len() as u32 {
+                    self.step_node(id, Event::Tick { now_ms })?;
+                }
+                self.step_coord(coord::Event::Tick { now_ms });
+                self.schedule(now_ms + self.cfg.tick_ms, Item::Tick);
+            }
+            Item::Deliver {
+                from,
+                to,
+                from_life,
+                to_life,
+                msg,
+            } => {
+                let alive = self.life(from) == Some(from_life) && self.life(to) == Some(to_life);
+                if !alive || !self.network.reachable(from, to) {
+                    self.lost(&msg);
+                    return Ok(());
+                }
+                self.deliver(to, msg)?;
+            }
+            Item::Fsync { node, life } => {
+                let n = &mut self.nodes[node as usize - 1];
+                if n.is_up() && n.incarnation == life {
+                    let write_id = n.disk.complete_sync();
+                    self.step_node(node, Event::Persisted { write_id })?;
+                }
+            }
+            Item::RpcTimeout { rpc } => {
+                if let Some(r) = self.rpcs.remove(&rpc) {
+                    if r.heartbeat {
+                        let id = NodeId(r.to);
+                        self.step_coord(coord::Event::HeartbeatFailed { id });
+                    }
+                }
+            }
+            Item::Disconnected { leader, life, peer } => {
+                if self.life(Endpoint::Node(leader)) == Some(life) {
+                    let peer = NodeId(peer);
+                    self.step_node(leader, Event::PeerDisconnected { peer })?;
+                }
+            }
+            Item::Client { client, timer } => {
+                let (now_ms, now_ns) = (self.now_ms, self.now_ns());
+                let i = client as usize - 1;
+                self.clients[i].on_timer(timer, now_ms, now_ns, &mut self.rng);
+                self.client_actions(i);
+            }
+            Item::Fault => {
+                if self.phase == Phase::Faults {
+                    self.inject_fault()?;
+                    let at = self.next_fault_delay();
+                    self.schedule(at, Item::Fault);
+                }
+            }
+            Item::Heal { partition } => self.network.heal(partition),
+            Item::RestartNode { node } => self.restart_node(node)?,
+            Item::RestartCoord => self.restart_coord(),
+            Item::EndFaults => {
+                self.phase = Phase::Quiet;
+                self.network.heal_all();
+                for id in 1..=self.nodes.len() as u32 {
+                    self.restart_node(id)?;
+                }
+                self.restart_coord();
+            }
+            Item::EndQuiet => {
+                self.phase = Phase::Drain;
+                for c in &mut self.clients {
+                    c.issuing = false;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn deliver(&mut self, to: Endpoint, msg: Msg) -> Result<(), String> {
+        match (to, msg) {
+            (Endpoint::Node(id), Msg::Heartbeat { rpc, term, leader }) => {
+                let reply = self.route(id, Route::Coord { rpc });
+                let leader = NodeId(leader);
+                self.step_node(
+                    id,
+                    Event::CoordHeartbeat {
+                        term,
+                        leader,
+                        reply,
+                    },
+                )
+            }
+            (Endpoint::Node(id), Msg::Prepare { rpc, term }) => {
+                let reply = self.route(id, Route::Coord { rpc });
+                self.step_node(id, Event::Prepare { term, reply })
+            }
+            (
+                Endpoint::Node(id),
+                Msg::Append {
+                    leader,
+                    generation,
+                    req,
+                    ..
+                },
+            ) => {
+                if self.network.stream(leader, id) != generation {
+                    return Ok(()); // the stream broke: later messages on it are lost too
+                }
+                let stream = (u64::from(leader) << 32) | generation;
+                self.step_node(id, Event::AppendEntries { stream, req })
+            }
+            (
+                Endpoint::Node(id),
+                Msg::AppendResp {
+                    follower,
+                    generation,
+                    resp,
+                    ..
+                },
+            ) => {
+                if self.network.stream(id, follower) != generation {
+                    return Ok(());
+                }
+                self.step_node(id, Event::AppendEntriesResponse { resp })
+            }
+            (
+                Endpoint::Node(id),
+                Msg::Request {
+                    client,
+                    attempt,
+                    request,
+                },
+            ) => {
+                let reply = self.route(id, Route::Client { client, attempt });
+                let event = match request {
+                    Request::Register { client_id } => Event::RegisterSession { client_id, reply },
+                    Request::Put {
+                        session_id,
+                        seq,
+                        ack_seq,
+                        key,
+                        value,
+                    } => Event::Put {
+                        cmd: PutCommand {
+                            session_id,
+                            seq,
+                            ack_seq,
+                            key: Bytes::from(key),
+                            value: Bytes::from(value),
+                        },
+                        reply,
+                    },
+                    Request::Get { key } => Event::Get {
+                        key: Bytes::from(key),
+                        reply,
+                    },
+                };
+                self.step_node(id, event)
+            }
+            (Endpoint::Coord, Msg::HeartbeatReply { rpc, report }) => {
+                if let Some(r) = self.rpcs.remove(&rpc) {
+                    let event = coord::Event::HeartbeatOk {
+                        id: NodeId(r.to),
+                        report: report_from_proto(report),
+                        now_ms: self.now_ms,
+                    };
+                    self.step_coord(event);
+                }
+                Ok(())
+            }
+            (
+                Endpoint::Coord,
+                Msg::PrepareReply {
+                    rpc,
+                    ok,
+                    term,
+                    last_log_term,
+                    last_log_index,
+                },
+            ) => {
+                if let Some(r) = self.rpcs.remove(&rpc) {
+                    let id = NodeId(r.to);
+                    let event = if ok {
+                        coord::Event::PrepareOk {
+                            id,
+                            term: Term(term),
+                            last_log_term: Term(last_log_term),
+                            last_log_index: LogIndex(last_log_index),
+                        }
+                    } else {
+                        coord::Event::PrepareRejected {
+                            id,
+                            term: Term(term),
+                        }
+                    };
+                    self.step_coord(event);
+                }
+                Ok(())
+            }
+            (Endpoint::Client(c), Msg::Response { attempt, reply }) => {
+                let (now_ms, now_ns) = (self.now_ms, self.now_ns());
+                let i = c as usize - 1;
+                self.clients[i].on_reply(attempt, reply, now_ms, now_ns, &mut self.rng);
+                self.client_actions(i);
+                Ok(())
+            }
+            (Endpoint::Client(c), Msg::View { term, leader }) => {
+                self.clients[c as usize - 1].on_view(term, leader);
+                Ok(())
+            }
+            (to, msg) => Err(format!("simulator wiring: {msg:?} delivered to {to:?}")),
+        }
+    }
+
+    fn route(&mut self, node: u32, route: Route) -> ReplyTo {
+        let reply = self.next_reply;
+        self.next_reply += 1;
+        self.replies.insert((node, reply), route);
+        reply
+    }
+
+    /// A message was lost: a replication message breaks its stream.
+    fn lost(&mut self, msg: &Msg) {
+        let (leader, follower, generation) = match *msg {
+            Msg::Append {
+                leader,
+                follower,
+                generation,
+                ..
+            }
+            | Msg::AppendResp {
+                leader,
+                follower,
+                generation,
+                ..
+            } => (leader, follower, generation),
+            _ => return,
+        };
+        if self.network.break_stream(leader, follower, generation) {
+            if let Some(life) = self.life(Endpoint::Node(leader)) {
+                let at = self.now_ms + self.rng.random_range(DISCONNECT_NOTICE_MS);
+                self.schedule(
+                    at,
+                    Item::Disconnected {
+                        leader,
+                        life,
+                        peer: follower,
+                    },
+                );
+            }
+        }
+    }
+
+    fn send(&mut self, from: Endpoint, to: Endpoint, msg: Msg) {
+        let random = self.phase == Phase::Faults;
+        let delays = self.network.plan(&mut self.rng, from, to, random);
+        if delays.is_empty() {
+            let partitioned = !self.network.reachable(from, to);
+            if partitioned || chance(&mut self.rng, DROP_BREAKS_STREAM_PERMILLE) {
+                self.lost(&msg);
+            }
+            return;
+        }
+        let (Some(from_life), Some(to_life)) = (self.life(from), self.life(to)) else {
+            self.lost(&msg);
+            return;
+        };
+        for d in delays {
+            let item = Item::Deliver {
+                from,
+                to,
+                from_life,
+                to_life,
+                msg: msg.clone(),
+            };
+            self.schedule(self.now_ms + d, item);
+        }
+    }
+
+    // ------------------------------------------------------------------ replicas
+
+    fn step_node(&mut self, id: u32, event: Event) -> Result<(), String> {
+        let i = id as usize - 1;
+        let Some(replica) = self.nodes[i].replica.as_mut() else {
+            return Ok(());
+        };
+        let mut cmds = replica.step(event);
+        cmds.extend(replica.flush());
+        canonical_order(&mut cmds);
+        if self.cfg.verbose {
+            trace_node(id, replica, &cmds);
+        }
+        for cmd in cmds {
+            self.execute(id, cmd)?;
+        }
+        let node = &mut self.nodes[i];
+        if let Some(start) = node.disk.start_sync() {
+            let _ = start.write_id;
+            let ms = if chance(&mut self.rng, FSYNC_SLOW_PERMILLE) {
+                self.rng.random_range(FSYNC_SLOW_MS)
+            } else {
+                self.rng.random_range(FSYNC_MS)
+            };
+            let life = node.incarnation;
+            self.schedule(self.now_ms + ms, Item::Fsync { node: id, life });
+        }
+        let node = &self.nodes[i];
+        let replica = node.replica.as_ref().expect("invariant: stepped above");
+        if node.disk.log().len() as u64 != replica.last_index()
+            || (node.disk.durable_len() as u64) < replica.durable_index()
+        {
+            return Err(format!(
+                "simulator wiring: node {id}'s disk ({} written, {} durable) disagrees with its \
+                 replica ({} entries, {} durable)",
+                node.disk.log().len(),
+                node.disk.durable_len(),
+                replica.last_index(),
+                replica.durable_index()
+            ));
+        }
+        self.inv.after_step(id, replica)
+    }
+
+    fn execute(&mut self, id: u32, cmd: Command) -> Result<(), String> {
+        let i = id as usize - 1;
+        match cmd {
+            Command::SaveHardState(hs) => {
+                let old = self.nodes[i].disk.hard;
+                let ok = hs.term > old.term
+                    || (hs.term == old.term && (old.leader == 0 || old.leader == hs.leader));
+                if !ok {
+                    return Err(format!("node {id} saved hard state {hs:?} over {old:?}"));
+                }
+                self.nodes[i].disk.hard = hs;
+            }
+            Command::AppendLog(entries) => {
+                self.nodes[i].disk.append(&entries);
+                self.inv.on_append(id, &entries)?;
+            }
+            Command::TruncateLog(from) => {
+                self.nodes[i].disk.truncate(from);
+                self.inv.on_truncate(id, from);
+            }
+            Command::SendAppend { to, req } => {
+                let generation = self.network.stream(id, to.0);
+                let msg = Msg::Append {
+                    leader: id,
+                    follower: to.0,
+                    generation,
+                    req,
+                };
+                self.send(Endpoint::Node(id), Endpoint::Node(to.0), msg);
+            }
+            Command::SendAppendResponse { stream, resp } => {
+                let leader = (stream >> 32) as u32;
+                let generation = stream & 0xffff_ffff;
+                let msg = Msg::AppendResp {
+                    leader,
+                    follower: id,
+                    generation,
+                    resp,
+                };
+                self.send(Endpoint::Node(id), Endpoint::Node(leader), msg);
+            }
+            Command::Reply { to, reply } => match self.replies.remove(&(id, to)) {
+                Some(Route::Coord { rpc }) => {
+                    let msg = match reply {
+                        Reply::Report(report) => Msg::HeartbeatReply { rpc, report },
+                        Reply::Prepare {
+                            ok,
+                            term,
+                            last_log_term,
+                            last_log_index,
+                        } => Msg::PrepareReply {
+                            rpc,
+                            ok,
+                            term,
+                            last_log_term,
+                            last_log_index,
+                        },
+                        other => return Err(format!("coord RPC answered with {other:?}")),
+                    };
+                    self.send(Endpoint::Node(id), Endpoint::Coord, msg);
+                }
+                Some(Route::Client { client, attempt }) => {
+                    let msg = Msg::Response { attempt, reply };
+                    self.send(Endpoint::Node(id), Endpoint::Client(client), msg);
+                }
+                None => return Err(format!("node {id} answered unknown reply handle {to}")),
+            },
+            Command::RoleChanged { leader, term } => {
+                if leader {
+                    self.faults.leaders_elected += 1;
+                    let replica = self.nodes[i].replica.as_ref().expect("invariant: stepping");
+                    self.inv.on_leader(id, term, replica)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------ coord
+
+    fn step_coord(&mut self, event: coord::Event) {
+        let Some(core) = self.coord.as_mut() else {
+            return;
+        };
+        let cmds = core.step(event);
+        for cmd in cmds {
+            match cmd {
+                coord::Command::PersistTerm(t) => self.coord_term = t.0,
+                coord::Command::SendHeartbeat {
+                    to,
+                    term,
+                    leader_id,
+                } => {
+                    let rpc = self.new_rpc(to.0, true);
+                    let msg = Msg::Heartbeat {
+                        rpc,
+                        term: term.0,
+                        leader: leader_id.0,
+                    };
+                    self.send(Endpoint::Coord, Endpoint::Node(to.0), msg);
+                }
+                coord::Command::SendPrepare { to, term } => {
+                    let rpc = self.new_rpc(to.0, false);
+                    let msg = Msg::Prepare { rpc, term: term.0 };
+                    self.send(Endpoint::Coord, Endpoint::Node(to.0), msg);
+                }
+                coord::Command::PublishLeader(view) => {
+                    for c in 1..=self.clients.len() as u32 {
+                        let msg = Msg::View {
+                            term: view.term.0,
+                            leader: view.leader.0,
+                        };
+                        self.send(Endpoint::Coord, Endpoint::Client(c), msg);
+                    }
+                }
+            }
+        }
+    }
+
+    fn new_rpc(&mut self, to: u32, heartbeat: bool) -> u64 {
+        let rpc = self.next_rpc;
+        self.next_rpc += 1;
+        self.rpcs.insert(rpc, Rpc { to, heartbeat });
+        let at = self.now_ms + RPC_TIMEOUT_HEARTBEATS * self.cfg.coord_heartbeat_ms;
+        self.schedule(at, Item::RpcTimeout { rpc });
+        rpc
+    }
+
+    // ------------------------------------------------------------------ clients
+
+    fn client_actions(&mut self, i: usize) {
+        let actions = std::mem::take(&mut self.clients[i].out);
+        let client = self.clients[i].id;
+        for action in actions {
+            match action {
+                ClientAction::Send {
+                    node,
+                    attempt,
+                    request,
+                } => {
+                    let msg = Msg::Request {
+                        client,
+                        attempt,
+                        request,
+                    };
+                    self.send(Endpoint::Client(client), Endpoint::Node(node), msg);
+                }
+                ClientAction::Timer { at_ms, timer } => {
+                    self.schedule(at_ms, Item::Client { client, timer });
+                }
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------ faults
+
+    fn inject_fault(&mut self) -> Result<(), String> {
+        let n = self.nodes.len() as u32;
+        let kind = self.rng.random_range(0..6);
+        match kind {
+            0 => {
+                // One node cut from everyone (servers, coord, clients), both ways.
+                let node = self.rng.random_range(1..=n);
+                let mut pairs = Vec::new();
+                let mut others: Vec<Endpoint> =
+                    (1..=n).filter(|&o| o != node).map(Endpoint::Node).collect();
+                others.push(Endpoint::Coord);
+                others.extend((1..=self.clients.len() as u32).map(Endpoint::Client));
+                for o in others {
+                    pairs.push((Endpoint::Node(node), o));
+                    pairs.push((o, Endpoint::Node(node)));
+                }
+                self.partition(pairs);
+                self.faults.isolations += 1;
+            }
+            1 => {
+                // A node and the coord cannot talk; the data path is intact.
+                let node = Endpoint::Node(self.rng.random_range(1..=n));
+                self.partition(vec![(node, Endpoint::Coord), (Endpoint::Coord, node)]);
+                self.faults.coord_partitions += 1;
+            }
+            2 => {
+                // A split of the servers; the coord sits on one side.
+                let size = self.rng.random_range(1..n.max(2));
+                let mut side: Vec<u32> = (1..=n).collect();
+                for k in (1..side.len()).rev() {
+                    let j = self.rng.random_range(0..=k);
+                    side.swap(k, j);
+                }
+                let (a, b) = side.split_at(size as usize);
+                let coord_with_a = self.rng.random_bool(0.5);
+                let mut pairs = Vec::new();
+                for &x in a {
+                    for &y in b {
+                        pairs.push((Endpoint::Node(x), Endpoint::Node(y)));
+                        pairs.push((Endpoint::Node(y), Endpoint::Node(x)));
+                    }
+                }
+                for &x in if coord_with_a { b } else { a } {
+                    pairs.push((Endpoint::Node(x), Endpoint::Coord));
+                    pairs.push((Endpoint::Coord, Endpoint::Node(x)));
+                }
+                self.partition(pairs);
+                self.faults.splits += 1;
+            }
+            3 => {
+                // One direction of one link drops everything.
+                let x = self.rng.random_range(1..=n);
+                let to = if self.rng.random_bool(0.7) && n > 1 {
+                    let mut y = self.rng.random_range(1..n);
+                    if y >= x {
+                        y += 1;
+                    }
+                    Endpoint::Node(y)
+                } else {
+                    Endpoint::Coord
+                };
+                let pair = if self.rng.random_bool(0.5) {
+                    (Endpoint::Node(x), to)
+                } else {
+                    (to, Endpoint::Node(x))
+                };
+                self.partition(vec![pair]);
+                self.faults.one_way += 1;
+            }
+            4 => {
+                let node = self.rng.random_range(1..=n);
+                if self.nodes[node as usize - 1].is_up() {
+                    self.crash_node(node);
+                    let at = self.now_ms + self.rng.random_range(DOWN_MS);
+                    self.schedule(at, Item::RestartNode { node });
+                }
+            }
+            _ => {
+                if self.coord.is_some() {
+                    self.coord = None;
+                    self.coord_life += 1;
+                    self.rpcs.clear();
+                    self.faults.coord_crashes += 1;
+                    let at = self.now_ms + self.rng.random_range(DOWN_MS);
+                    self.schedule(at, Item::RestartCoord);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn partition(&mut self, pairs: Vec<(Endpoint, Endpoint)>) {
+        let id = self.network.partition(pairs);
+        let at = self.now_ms + self.rng.random_range(PARTITION_MS);
+        self.schedule(at, Item::Heal { partition: id });
+    }
+
+    fn crash_node(&mut self, id: u32) {
+        let node = &mut self.nodes[id as usize - 1];
+        let unsynced = node.disk.unsynced();
+        let extra = if unsynced > 0 && chance(&mut self.rng, self.cfg.torn_tail_permille) {
+            self.faults.torn_tails += 1;
+            self.rng.random_range(0..=unsynced)
+        } else {
+            0
+        };
+        node.crash(extra);
+        self.replies.retain(|(n, _), _| *n != id);
+        self.faults.crashes += 1;
+    }
+
+    fn restart_node(&mut self, id: u32) -> Result<(), String> {
+        let node = &mut self.nodes[id as usize - 1];
+        if node.is_up() {
+            return Ok(());
+        }
+        node.start();
+        let entries = node.disk.log().to_vec();
+        self.inv.restart(id, &entries)
+    }
+
+    fn restart_coord(&mut self) {
+        if self.coord.is_none() {
+            let core = CoordCore::new(
+                self.coord_config.clone(),
+                Term(self.coord_term),
+                self.now_ms,
+            );
+            self.coord = Some(core);
+        }
+    }
+}
+
+/// The `-v` trace of a node step: its state and what it did besides sending.
+fn trace_node(id: u32, r: &kvraft_server::replica::Replica, cmds: &[Command]) {
+    let mut did = Vec::new();
+    for c in cmds {
+        match c {
+            Command::SaveHardState(hs) => did.push(format!("save(t{} l{})", hs.term, hs.leader)),
+            Command::AppendLog(es) => did.push(format!(
+                "append({}..={} t{})",
+                es[0].index,
+                es[es.len() - 1].index,
+                es[0].term
+            )),
+            Command::TruncateLog(i) => did.push(format!("truncate({i}..)")),
+            Command::RoleChanged { leader, term } => {
+                did.push(format!("role(leader={leader} t{term})"))
+            }
+            Command::Reply { reply, .. } => did.push(format!("reply({reply:?})")),
+            _ => {}
+        }
+    }
+    println!(
+        "         node {id}: t{} leader={} hint={} last={} durable={} commit={} applied={} {}",
+        r.term(),
+        r.is_leader(),
+        r.leader_hint(),
+        r.last_index(),
+        r.durable_index(),
+        r.commit_index(),
+        r.last_applied(),
+        did.join(" ")
+    );
+}
+
+/// Sorts each run of consecutive sends and replies by destination (stable, so messages to one
+/// destination keep their order). The replica iterates `HashMap`s (peers, waiting clients)
+/// when it emits them, so their order differs from process to process; messages to different
+/// destinations commute, and sorting makes the run independent of the hasher's seed.
+fn canonical_order(cmds: &mut [Command]) {
+    fn key(c: &Command) -> Option<(u8, u64)> {
+        match c {
+            Command::SendAppend { to, .. } => Some((0, u64::from(to.0))),
+            Command::SendAppendResponse { stream, .. } => Some((1, *stream)),
+            Command::Reply { to, .. } => Some((2, *to)),
+            _ => None,
+        }
+    }
+    let mut i = 0;
+    while i < cmds.len() {
+        if key(&cmds[i]).is_none() {
+            i += 1;
+            continue;
+        }
+        let mut j = i;
+        while j < cmds.len() && key(&cmds[j]).is_some() {
+            j += 1;
+        }
+        cmds[i..j].sort_by_key(|c| key(c).expect("invariant: a send or reply"));
+        i = j;
+    }
+}
+
+/// The coord's view of a server report (`kvraft_coord::convert` is private to the coord).
+fn report_from_proto(report: kvraft_proto::ServerReport) -> coord::ServerReport {
+    let role = match kvraft_proto::Role::try_from(report.role) {
+        Ok(kvraft_proto::Role::Leader) => coord::Role::Leader,
+        Ok(kvraft_proto::Role::Follower) => coord::Role::Follower,
+        _ => coord::Role::Unknown,
+    };
+    coord::ServerReport {
+        id: NodeId(report.server_id),
+        uuid: report.uuid,
+        term: Term(report.term),
+        role,
+        leader: NodeId(report.leader_id),
+        last_log: LogPosition {
+            term: Term(report.last_log_term),
+            index: LogIndex(report.last_log_index),
+        },
+        commit_index: LogIndex(report.commit_index),
+    }
+}
+
+fn describe(item: &Item) -> String {
+    match item {
+        Item::Deliver { from, to, msg, .. } => {
+            let what = match msg {
+                Msg::Append { req, .. } => format!(
+                    "AppendEntries t{} prev {}/{} n={} commit {} round {}",
+                    req.term,
+                    req.prev_log_term,
+                    req.prev_log_index,
+                    req.entries.len(),
+                    req.leader_commit,
+                    req.read_round
+                ),
+                Msg::AppendResp { resp, .. } => format!(
+                    "AppendResp t{} ok={} match {} conflict {} round {}",
+                    resp.term, resp.success, resp.match_index, resp.conflict_index, resp.read_round
+                ),
+                Msg::HeartbeatReply { report, .. } => format!(
+                    "HeartbeatReply t{} role {} leader {} last {}/{} commit {}",
+                    report.term,
+                    report.role,
+                    report.leader_id,
+                    report.last_log_term,
+                    report.last_log_index,
+                    report.commit_index
+                ),
+                other => format!("{other:?}"),
+            };
+            format!("{from:?} -> {to:?}: {what}")
+        }
+        other => format!("{other:?}"),
+    }
+}
