@@ -73,6 +73,18 @@ pub async fn server(
     kvraft_server::run(config, id, listener, shared, shutdown_signal()).await
 }
 
+/// Runs the tracing server of the cluster described by `config_path`.
+pub async fn tracing_server(config_path: &Path, fresh: bool) -> anyhow::Result<()> {
+    let config = ClusterConfig::load(config_path)?;
+    let t = &config.tracing;
+    let listener = bind(&t.server_addr, "tracing.server_addr", config_path).await?;
+    let paths = kvraft_tracing::server::OutputPaths {
+        json: t.output_file.clone(),
+        shiviz: t.shiviz_output_file.clone(),
+    };
+    kvraft_tracing::server::run(paths, fresh, listener, shutdown_signal()).await
+}
+
 /// Completes on Ctrl-C or, on Unix, SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {

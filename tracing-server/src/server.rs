@@ -1,0 +1,338 @@
+//! The tracing server: stores the event batches every tracer ships in two logs, and tells a
+//! restarted tracer where its clock left off.
+//!
+//! ```text
+//!  tracers ──Ship(batch)──▶ LogFiles ──▶ output_file        {"TracerIdentity":..,"TraceID":..,
+//!          ◀──ack (after both logs are written and flushed)   "Tag":..,"Body":{..},"VectorClock":{..}}
+//!                                 └──▶ shiviz_output_file   <identity> <clock JSON>
+//!  tracer start ──Resume──▶ last stored clock of the identity   <trace id> <Tag> <body JSON>
+//! ```
+//!
+//! Invariants:
+//! - A batch is acknowledged only once written to both files and flushed to the OS, so a crash
+//!   of this process loses no acknowledged event; the tracer resends an unacknowledged batch.
+//! - Per identity, stored events have own counters 1, 2, 3, ... in file order: an event whose
+//!   counter is not above the last stored one is a resend and is skipped.
+//! - The JSON-lines log is the source of truth. On start (unless `fresh`) it is read back, a
+//!   torn last line (crash mid-write) is cut, and the ShiViz log is rewritten from it; both are
+//!   then appended to. So a restart of the tracing server continues the same logs.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions};
+use std::future::Future;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use kvraft_proto::tracing_server::{Tracing, TracingServer};
+use kvraft_proto::{EventBatch, EventBatchAck, ResumeRequest, ResumeResponse, TraceEvent};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tonic::{Request, Response, Status};
+
+use crate::vclock::VClock;
+
+/// The first line of every ShiViz log: how ShiViz splits it into events.
+pub const SHIVIZ_REGEX: &str = r"(?<host>\S*) (?<clock>{.*})\n(?<event>.*)";
+/// How long shutdown waits for connected tracers to hang up. Batches already answered are
+/// stored; a batch cut off is resent by its tracer to the next instance.
+const SHUTDOWN_DRAIN_MS: u64 = 2_000;
+/// Largest batch accepted (the tracer sends at most ~1 MiB).
+const MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
+
+/// One line of the JSON-lines log.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JsonEvent {
+    #[serde(rename = "TracerIdentity")]
+    pub identity: String,
+    #[serde(rename = "TraceID")]
+    pub trace_id: u64,
+    #[serde(rename = "Tag")]
+    pub tag: String,
+    #[serde(rename = "Body")]
+    pub body: serde_json::Value,
+    #[serde(rename = "VectorClock")]
+    pub clock: VClock,
+}
+
+/// Where the logs go.
+#[derive(Debug, Clone)]
+pub struct OutputPaths {
+    pub json: PathBuf,
+    pub shiviz: PathBuf,
+}
+
+/// Both log files and the last clock stored per identity.
+pub struct LogFiles {
+    paths: OutputPaths,
+    json: BufWriter<File>,
+    shiviz: BufWriter<File>,
+    last: HashMap<String, VClock>,
+    stored: u64,
+}
+
+impl LogFiles {
+    /// Opens the logs: truncated when `fresh`, else recovered and continued.
+    pub fn open(paths: OutputPaths, fresh: bool) -> anyhow::Result<LogFiles> {
+        let events = if fresh {
+            Vec::new()
+        } else {
+            recover_json(&paths.json)?
+        };
+        let mut last = HashMap::new();
+        for e in &events {
+            last.insert(e.identity.clone(), e.clock.clone());
+        }
+        // Rewrite the ShiViz log from the JSON log: it may have been cut mid-event.
+        let shiviz_file = File::create(&paths.shiviz)
+            .with_context(|| format!("cannot create {}", paths.shiviz.display()))?;
+        let mut shiviz = BufWriter::new(shiviz_file);
+        writeln!(shiviz, "{SHIVIZ_REGEX}\n")
+            .and_then(|_| events.iter().try_for_each(|e| write_shiviz(&mut shiviz, e)))
+            .and_then(|_| shiviz.flush())
+            .with_context(|| format!("cannot write {}", paths.shiviz.display()))?;
+        let json_file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .truncate(false)
+            .open(&paths.json)
+            .with_context(|| format!("cannot open {}", paths.json.display()))?;
+        if fresh {
+            json_file
+                .set_len(0)
+                .with_context(|| format!("cannot truncate {}", paths.json.display()))?;
+        }
+        tracing::info!(
+            events = events.len(),
+            identities = last.len(),
+            "trace logs {} and {} {}",
+            paths.json.display(),
+            paths.shiviz.display(),
+            if fresh || events.is_empty() {
+                "started"
+            } else {
+                "continued"
+            }
+        );
+        Ok(LogFiles {
+            paths,
+            json: BufWriter::new(json_file),
+            shiviz,
+            last,
+            stored: events.len() as u64,
+        })
+    }
+
+    /// The clock of `identity`'s last stored event.
+    pub fn last_clock(&self, identity: &str) -> VClock {
+        self.last.get(identity).cloned().unwrap_or_default()
+    }
+
+    /// Events stored so far (recovered ones included).
+    pub fn stored(&self) -> u64 {
+        self.stored
+    }
+
+    /// Writes a batch of `identity`'s events and flushes both files to the OS.
+    pub fn store(&mut self, identity: &str, events: &[TraceEvent]) -> anyhow::Result<()> {
+        for event in events {
+            let clock = VClock::from_proto(&event.clock);
+            let own = clock.get(identity);
+            let last_own = self.last.get(identity).map_or(0, |c| c.get(identity));
+            if own <= last_own {
+                continue; // a resend of a batch whose answer was lost
+            }
+            if own != last_own + 1 {
+                tracing::warn!(
+                    identity,
+                    own,
+                    last_own,
+                    "events {}..{own} of {identity} are missing (was this log started afresh \
+                     while {identity} kept running?); ShiViz will reject the log",
+                    last_own + 1
+                );
+            }
+            let body = serde_json::from_str(&event.body)
+                .unwrap_or_else(|_| serde_json::Value::String(event.body.clone()));
+            let line = JsonEvent {
+                identity: identity.to_string(),
+                trace_id: event.trace_id,
+                tag: event.tag.clone(),
+                body,
+                clock: clock.clone(),
+            };
+            let text = serde_json::to_string(&line).context("cannot encode an event")?;
+            writeln!(self.json, "{text}")
+                .with_context(|| format!("cannot write {}", self.paths.json.display()))?;
+            write_shiviz(&mut self.shiviz, &line)
+                .with_context(|| format!("cannot write {}", self.paths.shiviz.display()))?;
+            self.last.insert(identity.to_string(), clock);
+            self.stored += 1;
+        }
+        self.flush()
+    }
+
+    pub fn flush(&mut self) -> anyhow::Result<()> {
+        self.json
+            .flush()
+            .with_context(|| format!("cannot write {}", self.paths.json.display()))?;
+        self.shiviz
+            .flush()
+            .with_context(|| format!("cannot write {}", self.paths.shiviz.display()))
+    }
+
+    /// Flushes and fsyncs both files (at shutdown).
+    pub fn sync(&mut self) -> anyhow::Result<()> {
+        self.flush()?;
+        self.json.get_ref().sync_all()?;
+        self.shiviz.get_ref().sync_all()?;
+        Ok(())
+    }
+}
+
+fn write_shiviz(out: &mut impl Write, e: &JsonEvent) -> std::io::Result<()> {
+    writeln!(out, "{} {}", e.identity, e.clock.to_json())?;
+    writeln!(out, "{} {} {}", e.trace_id, e.tag, e.body)
+}
+
+/// Reads the JSON-lines log back, cutting a torn last line; an unreadable complete line is an
+/// error naming the file and line.
+fn recover_json(path: &Path) -> anyhow::Result<Vec<JsonEvent>> {
+    let text = match std::fs::read(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let complete = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    if complete < text.len() {
+        tracing::warn!(
+            "{}: cutting a torn last line of {} bytes (the tracing server crashed mid-write)",
+            path.display(),
+            text.len() - complete
+        );
+        let file = OpenOptions::new()
+            .write(true)
+            .open(path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        file.set_len(complete as u64)
+            .with_context(|| format!("cannot truncate {}", path.display()))?;
+    }
+    let text = std::str::from_utf8(&text[..complete])
+        .with_context(|| format!("{} is not UTF-8", path.display()))?;
+    text.lines()
+        .enumerate()
+        .map(|(i, line)| {
+            serde_json::from_str(line)
+                .with_context(|| format!("{} line {}: not a trace event", path.display(), i + 1))
+        })
+        .collect()
+}
+
+/// The `Tracing` gRPC service.
+#[derive(Clone)]
+pub struct TracingService {
+    files: Arc<Mutex<LogFiles>>,
+}
+
+impl TracingService {
+    pub fn new(files: LogFiles) -> TracingService {
+        TracingService {
+            files: Arc::new(Mutex::new(files)),
+        }
+    }
+
+    fn files(&self) -> std::sync::MutexGuard<'_, LogFiles> {
+        self.files.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[tonic::async_trait]
+impl Tracing for TracingService {
+    async fn resume(
+        &self,
+        request: Request<ResumeRequest>,
+    ) -> Result<Response<ResumeResponse>, Status> {
+        let identity = request.into_inner().identity;
+        let clock = self.files().last_clock(&identity);
+        tracing::info!(identity, own = clock.get(&identity), "tracer (re)started");
+        Ok(Response::new(ResumeResponse {
+            clock: clock.to_proto(),
+        }))
+    }
+
+    async fn ship(&self, request: Request<EventBatch>) -> Result<Response<EventBatchAck>, Status> {
+        let batch = request.into_inner();
+        if batch.identity.is_empty() || batch.identity.contains(char::is_whitespace) {
+            return Err(Status::invalid_argument(format!(
+                "tracer identity {:?} must be non-empty without spaces",
+                batch.identity
+            )));
+        }
+        let files = Arc::clone(&self.files);
+        // File writes block: keep them off the async workers.
+        let result = tokio::task::spawn_blocking(move || {
+            let mut files = files.lock().unwrap_or_else(|p| p.into_inner());
+            files.store(&batch.identity, &batch.events)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("storing task failed: {e}")))?;
+        result.map_err(|e| {
+            tracing::error!("{e:#}");
+            Status::unavailable(format!("cannot store events: {e:#}"))
+        })?;
+        Ok(Response::new(EventBatchAck {}))
+    }
+}
+
+/// Serves `Tracing` on `listener` until `shutdown` completes, then flushes and fsyncs the logs.
+pub async fn run(
+    paths: OutputPaths,
+    fresh: bool,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let files = LogFiles::open(paths, fresh)?;
+    let service = TracingService::new(files);
+    let addr = listener.local_addr()?;
+    tracing::info!("tracing server listening on {addr}");
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let serve = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(
+            TracingServer::new(service.clone())
+                .max_decoding_message_size(MESSAGE_BYTES_MAX)
+                .max_encoding_message_size(MESSAGE_BYTES_MAX),
+        )
+        .serve_with_incoming_shutdown(kvraft_common::net::nodelay_incoming(listener), async move {
+            let _ = stop_rx.wait_for(|&s| s).await;
+        });
+    tokio::pin!(serve);
+    tokio::pin!(shutdown);
+    tokio::select! {
+        result = &mut serve => result.with_context(|| format!("serving the tracing API on {addr}"))?,
+        () = &mut shutdown => {
+            let _ = stop_tx.send(true);
+            let drain = Duration::from_millis(SHUTDOWN_DRAIN_MS);
+            if tokio::time::timeout(drain, &mut serve).await.is_err() {
+                tracing::warn!("tracers still connected after {SHUTDOWN_DRAIN_MS} ms; stopping anyway");
+            }
+        }
+    }
+    let mut files = service.files();
+    files.sync()?;
+    tracing::info!(
+        events = files.stored(),
+        "tracing server stopped; logs flushed"
+    );
+    Ok(())
+}
+
+/// Last clock per identity, from a JSON-lines log (for tests).
+pub fn last_clocks(events: &[JsonEvent]) -> BTreeMap<String, VClock> {
+    events
+        .iter()
+        .map(|e| (e.identity.clone(), e.clock.clone()))
+        .collect()
+}

@@ -1,0 +1,449 @@
+//! The tracer a process links: records actions stamped with its vector clock and ships them,
+//! in batches, to the tracing server.
+//!
+//! ```text
+//!  record_action / generate_token / receive_token        shipper thread (own tokio runtime)
+//!        │  (tick clock, push event)                            │
+//!        ▼                                                      ▼
+//!   bounded queue (EVENTS_BUFFERED_MAX) ──── batch ≤ BATCH_EVENTS_MAX ──▶ Tracing.Ship (gRPC)
+//!        ▲ full: the recorder waits (backpressure)              │ retried until stored
+//!        └──────────────── space ◀──────────────────────────────┘ shipped watermark ──▶ flush()
+//! ```
+//!
+//! Invariants:
+//! - Every event is shipped, in recording order, exactly once as far as the log is concerned
+//!   (the server drops a resent event it already stored). Nothing is ever dropped: a full queue
+//!   blocks the recording thread until the shipper makes room.
+//! - Clock updates and queueing happen under one lock, so queue order is clock order.
+//! - A token must only leave the process once the events it covers are stored
+//!   ([`Tracer::flush`]): a process killed with SIGKILL then loses only events no other process
+//!   has seen, and its next incarnation resumes its clock from the server without reusing a
+//!   counter anyone refers to.
+//! - The shipper runs on its own OS thread, so a recorder blocked on a full queue never stalls
+//!   the shipping it waits for, whatever runtime the caller uses.
+
+use std::collections::VecDeque;
+use std::fmt::Write as _;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use kvraft_proto::tracing_client::TracingClient;
+use kvraft_proto::{EventBatch, ResumeRequest, TraceEvent, TraceToken};
+use prost::bytes::Bytes;
+use prost::Message;
+use tokio::sync::{oneshot, watch, Notify};
+
+use crate::action::{Action, GenerateTokenTrace, ReceiveTokenTrace};
+use crate::vclock::VClock;
+
+/// Events recorded but not yet handed to the shipper. At ~200 bytes an event this bounds the
+/// memory to a few MiB; a recorder finding it full waits (events are never dropped).
+pub const EVENTS_BUFFERED_MAX: usize = 16 * 1024;
+/// Most events in one `Ship` call: bounds the message size (~1 MiB) and the work repeated when
+/// an answer is lost.
+pub const BATCH_EVENTS_MAX: usize = 4096;
+/// How long a starting tracer keeps trying to reach the tracing server for its clock.
+pub const RESUME_DEADLINE_MS: u64 = 10_000;
+/// Retry pacing when the tracing server cannot be reached.
+const RETRY_INITIAL_MS: u64 = 20;
+const RETRY_MAX_MS: u64 = 1_000;
+/// Largest gRPC message to the tracing server.
+const MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TracerError {
+    #[error("tracing.server_addr {addr:?} is not usable: {message}")]
+    BadAddress { addr: String, message: String },
+    #[error(
+        "cannot reach the tracing server at {addr} within {RESUME_DEADLINE_MS} ms to resume the \
+         clock of {identity} (start tracing-server first, or set tracing.enabled = false): {message}"
+    )]
+    Unreachable {
+        addr: String,
+        identity: String,
+        message: String,
+    },
+    #[error("cannot start the trace shipping thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// One process's tracer. Cheap to clone; all clones share the clock and the queue.
+#[derive(Clone)]
+pub struct Tracer {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Tracer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tracer")
+            .field("identity", &self.inner.identity)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    identity: String,
+    state: Mutex<State>,
+    /// Recorders wait here while the queue is full.
+    space: Condvar,
+    /// The shipper waits here while the queue is empty (a tokio `Notify`, so its runtime keeps
+    /// serving the connection meanwhile).
+    work: Notify,
+    /// Sequence number of the last event the tracing server has stored.
+    shipped: watch::Sender<u64>,
+}
+
+struct State {
+    clock: VClock,
+    queue: VecDeque<TraceEvent>,
+    /// Events recorded so far by this incarnation (the sequence number of the last one).
+    recorded: u64,
+    /// Set by `close`: the shipper drains the queue and exits.
+    closed: bool,
+}
+
+/// A trace: a random id naming one causal story (a client operation, an epoch change), and
+/// the tracer that records its events.
+#[derive(Clone, Debug)]
+pub struct Trace {
+    id: u64,
+    tracer: Tracer,
+}
+
+impl Tracer {
+    /// Starts a tracer named `identity` (`coord`, `server1`, `client1`): asks the tracing
+    /// server at `addr` where this identity's clock left off (a restarted process continues
+    /// it) and starts the shipper.
+    pub async fn connect(identity: &str, addr: &str) -> Result<Tracer, TracerError> {
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| TracerError::BadAddress {
+                addr: addr.to_string(),
+                message: e.to_string(),
+            })?
+            .connect_timeout(Duration::from_millis(500))
+            .tcp_nodelay(true);
+        let (shipped, _) = watch::channel(0);
+        let inner = Arc::new(Inner {
+            identity: identity.to_string(),
+            state: Mutex::new(State {
+                clock: VClock::new(),
+                queue: VecDeque::new(),
+                recorded: 0,
+                closed: false,
+            }),
+            space: Condvar::new(),
+            work: Notify::new(),
+            shipped,
+        });
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let shipper = Arc::clone(&inner);
+        let addr_owned = addr.to_string();
+        std::thread::Builder::new()
+            .name(format!("trace-shipper-{identity}"))
+            .spawn(move || shipper.run_shipper(endpoint, addr_owned, ready_tx))
+            .map_err(TracerError::Thread)?;
+        let resumed = ready_rx.await.unwrap_or_else(|_| {
+            Err(TracerError::Unreachable {
+                addr: addr.to_string(),
+                identity: identity.to_string(),
+                message: "the shipping thread stopped".into(),
+            })
+        })?;
+        tracing::debug!(identity, clock = %resumed.to_json(), "tracer resumed its clock");
+        inner.lock().clock = resumed;
+        Ok(Tracer { inner })
+    }
+
+    pub fn identity(&self) -> &str {
+        &self.inner.identity
+    }
+
+    /// A new trace with a random 64-bit id.
+    pub fn create_trace(&self) -> Trace {
+        self.trace(rand::random::<u64>())
+    }
+
+    /// Continues trace `id` (which may have been created by another process).
+    pub fn trace(&self, id: u64) -> Trace {
+        Trace {
+            id,
+            tracer: self.clone(),
+        }
+    }
+
+    /// Merges the clock of a token another process generated, records the receipt, and
+    /// returns the sender's trace to continue. An empty or unreadable token (the sender does
+    /// not trace) starts a new trace instead.
+    pub fn receive_token(&self, token: &[u8]) -> Trace {
+        if token.is_empty() {
+            return self.create_trace();
+        }
+        let token = match TraceToken::decode(token) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(identity = %self.inner.identity, "unreadable trace token: {e}");
+                return self.create_trace();
+            }
+        };
+        let trace = self.trace(token.trace_id);
+        let action = ReceiveTokenTrace {
+            from: token.identity,
+        };
+        let theirs = VClock::from_proto(&token.clock);
+        self.inner.record(trace.id, &action, Some(&theirs));
+        trace
+    }
+
+    /// Waits until every event recorded so far (by any clone) is stored by the tracing server.
+    /// Call it before a token leaves the process (see the module invariants).
+    pub async fn flush(&self) {
+        let target = self.inner.lock().recorded;
+        let mut rx = self.inner.shipped.subscribe();
+        // The sender lives in `inner`, which `self` keeps alive: this only ends at the target.
+        let _ = rx.wait_for(|&shipped| shipped >= target).await;
+    }
+
+    /// Flushes, then stops the shipper. Events recorded afterwards are queued but never sent.
+    pub async fn close(&self) {
+        self.flush().await;
+        self.inner.lock().closed = true;
+        self.inner.work.notify_one();
+    }
+
+    /// The current clock (for tests and diagnostics).
+    pub fn clock(&self) -> VClock {
+        self.inner.lock().clock.clone()
+    }
+}
+
+impl Trace {
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub fn tracer(&self) -> &Tracer {
+        &self.tracer
+    }
+
+    /// Records `action` in this trace: ticks the local clock by exactly one.
+    pub fn record_action(&self, action: &impl Action) {
+        self.tracer.inner.record(self.id, action, None);
+    }
+
+    /// Records a `GenerateTokenTrace` event and returns the token carrying its clock, for the
+    /// `trace_token` field of an outgoing message. Flush the tracer before sending it.
+    pub fn generate_token(&self) -> Bytes {
+        self.generate_token_for("")
+    }
+
+    /// [`Trace::generate_token`], naming the message the token rides on.
+    pub fn generate_token_for(&self, message: &str) -> Bytes {
+        let action = GenerateTokenTrace {
+            token_for: message.to_string(),
+        };
+        let clock = self.tracer.inner.record(self.id, &action, None);
+        let token = TraceToken {
+            identity: self.tracer.inner.identity.clone(),
+            trace_id: self.id,
+            clock: clock.to_proto(),
+        };
+        Bytes::from(token.encode_to_vec())
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves a consistent state (each step is one push).
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Ticks the clock (after merging `merge`), queues the event and returns the new clock.
+    fn record(&self, trace_id: u64, action: &impl Action, merge: Option<&VClock>) -> VClock {
+        let body =
+            serde_json::to_string(action).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
+        let tag = action.tag();
+        let clock = {
+            let mut state = self.lock();
+            while state.queue.len() >= EVENTS_BUFFERED_MAX && !state.closed {
+                state = self.space.wait(state).unwrap_or_else(|p| p.into_inner());
+            }
+            if let Some(theirs) = merge {
+                state.clock.merge(theirs);
+            }
+            state.clock.tick(&self.identity);
+            state.recorded += 1;
+            let clock = state.clock.clone();
+            state.queue.push_back(TraceEvent {
+                trace_id,
+                tag: tag.to_string(),
+                body: body.clone(),
+                clock: clock.to_proto(),
+            });
+            clock
+        };
+        self.work.notify_one();
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            tracing::debug!("{}", console_line(&self.identity, trace_id, tag, &body));
+        }
+        clock
+    }
+
+    /// The shipper thread: resume the clock, report it, then ship batches until closed.
+    fn run_shipper(
+        self: Arc<Self>,
+        endpoint: tonic::transport::Endpoint,
+        addr: String,
+        ready: oneshot::Sender<Result<VClock, TracerError>>,
+    ) {
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = ready.send(Err(TracerError::Thread(e)));
+                return;
+            }
+        };
+        runtime.block_on(async move {
+            let mut client = TracingClient::new(endpoint.connect_lazy())
+                .max_encoding_message_size(MESSAGE_BYTES_MAX)
+                .max_decoding_message_size(MESSAGE_BYTES_MAX);
+            match self.resume(&mut client, &addr).await {
+                Ok(clock) => {
+                    if ready.send(Ok(clock)).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = ready.send(Err(e));
+                    return;
+                }
+            }
+            while let Some((batch, last_seq)) = self.next_batch().await {
+                self.ship(&mut client, batch, &addr).await;
+                self.shipped.send_replace(last_seq);
+            }
+        });
+    }
+
+    async fn resume(
+        &self,
+        client: &mut TracingClient<tonic::transport::Channel>,
+        addr: &str,
+    ) -> Result<VClock, TracerError> {
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(RESUME_DEADLINE_MS);
+        let mut delay = RETRY_INITIAL_MS;
+        loop {
+            let request = ResumeRequest {
+                identity: self.identity.clone(),
+            };
+            match client.resume(request).await {
+                Ok(resp) => return Ok(VClock::from_proto(&resp.into_inner().clock)),
+                Err(status) if tokio::time::Instant::now() >= deadline => {
+                    return Err(TracerError::Unreachable {
+                        addr: addr.to_string(),
+                        identity: self.identity.clone(),
+                        message: status.message().to_string(),
+                    })
+                }
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(delay)).await;
+                    delay = (delay * 2).min(RETRY_MAX_MS);
+                }
+            }
+        }
+    }
+
+    /// Takes the next batch off the queue, waiting for one; `None` once closed and drained.
+    async fn next_batch(&self) -> Option<(Vec<TraceEvent>, u64)> {
+        let mut state = loop {
+            {
+                let state = self.lock();
+                if !state.queue.is_empty() {
+                    break state;
+                }
+                if state.closed {
+                    return None;
+                }
+            }
+            // `notify_one` leaves a permit when nobody waits, so no wakeup is missed here.
+            self.work.notified().await;
+        };
+        let n = state.queue.len().min(BATCH_EVENTS_MAX);
+        let batch: Vec<TraceEvent> = state.queue.drain(..n).collect();
+        let last_seq = state.recorded - state.queue.len() as u64;
+        drop(state);
+        self.space.notify_all();
+        Some((batch, last_seq))
+    }
+
+    /// Sends one batch until the tracing server has stored it (it ignores events it already
+    /// has, so resending after a lost answer is harmless).
+    async fn ship(
+        &self,
+        client: &mut TracingClient<tonic::transport::Channel>,
+        events: Vec<TraceEvent>,
+        addr: &str,
+    ) {
+        let batch = EventBatch {
+            identity: self.identity.clone(),
+            events,
+        };
+        let mut delay = RETRY_INITIAL_MS;
+        let mut warned = false;
+        loop {
+            match client.ship(batch.clone()).await {
+                Ok(_) => {
+                    if warned {
+                        tracing::info!(identity = %self.identity, "tracing server {addr} reachable again");
+                    }
+                    return;
+                }
+                Err(status) => {
+                    if !warned {
+                        tracing::warn!(
+                            identity = %self.identity,
+                            "cannot ship trace events to {addr} ({}); retrying, and RPCs that carry \
+                             trace tokens wait meanwhile",
+                            status.message()
+                        );
+                        warned = true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(delay)).await;
+                    delay = (delay * 2).min(RETRY_MAX_MS);
+                }
+            }
+        }
+    }
+}
+
+/// `[identity] TraceID=<id> <Tag> Field=value, ...`: the console form of an event.
+pub fn console_line(identity: &str, trace_id: u64, tag: &str, body: &str) -> String {
+    let mut line = format!("[{identity}] TraceID={trace_id} {tag}");
+    if let Ok(serde_json::Value::Object(fields)) = serde_json::from_str(body) {
+        for (i, (name, value)) in fields.iter().enumerate() {
+            let sep = if i == 0 { " " } else { ", " };
+            let _ = match value {
+                serde_json::Value::String(s) => write!(line, "{sep}{name}={s}"),
+                other => write!(line, "{sep}{name}={other}"),
+            };
+        }
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_line_lists_fields_in_order() {
+        let line = console_line("server1", 7, "PutRecvd", r#"{"ClientId":"c1","Seq":3}"#);
+        assert_eq!(line, "[server1] TraceID=7 PutRecvd ClientId=c1, Seq=3");
+        assert_eq!(
+            console_line("coord", 1, "AllServersJoined", "{}"),
+            "[coord] TraceID=1 AllServersJoined"
+        );
+    }
+}

@@ -1,0 +1,171 @@
+//! The tracer against a real tracing server on loopback: tokens merge clocks, a restarted
+//! tracer continues its clock, a restarted tracing server continues its logs, and the ShiViz
+//! log passes the checker throughout.
+
+use std::path::Path;
+use std::time::Duration;
+
+use kvraft_tracing::action::{KvslibStart, PutRecvd};
+use kvraft_tracing::server::{self, OutputPaths};
+use kvraft_tracing::{shiviz, Tracer};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+struct Running {
+    addr: String,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+async fn start_server(dir: &Path, fresh: bool, addr: Option<&str>) -> Running {
+    let listener = TcpListener::bind(addr.unwrap_or("127.0.0.1:0"))
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let paths = OutputPaths {
+        json: dir.join("trace_output.log"),
+        shiviz: dir.join("shiviz_output.log"),
+    };
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(server::run(paths, fresh, listener, async move {
+        let _ = stopped.await;
+    }));
+    Running { addr, stop, task }
+}
+
+async fn stop_server(r: Running) {
+    let _ = r.stop.send(());
+    r.task.await.unwrap().unwrap();
+}
+
+fn put(seq: u64) -> PutRecvd {
+    PutRecvd {
+        client_id: "client1".into(),
+        session_id: 1,
+        seq,
+        key: "k".into(),
+        value: "v".into(),
+    }
+}
+
+fn read_log(dir: &Path) -> Vec<shiviz::Event> {
+    let text = std::fs::read_to_string(dir.join("shiviz_output.log")).unwrap();
+    let events = shiviz::parse(&text).unwrap();
+    shiviz::check(&events).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    events
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_round_trip_merges_and_restarts_continue() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = start_server(dir.path(), true, None).await;
+
+    // --- a token from client1 to server1 and back merges both ways, one trace id throughout
+    let client = Tracer::connect("client1", &srv.addr).await.unwrap();
+    let server = Tracer::connect("server1", &srv.addr).await.unwrap();
+    let trace = client.create_trace();
+    trace.record_action(&KvslibStart {
+        client_id: "client1".into(),
+    });
+    let token = trace.generate_token();
+    client.flush().await;
+    let at_server = server.receive_token(&token);
+    assert_eq!(at_server.id(), trace.id());
+    at_server.record_action(&put(1));
+    let back = at_server.generate_token();
+    server.flush().await;
+    let again = client.receive_token(&back);
+    assert_eq!(again.id(), trace.id());
+    assert_eq!(client.clock().get("client1"), 3);
+    assert_eq!(client.clock().get("server1"), 3);
+    assert_eq!(server.clock().get("client1"), 2);
+    client.close().await;
+    server.close().await;
+    let events = read_log(dir.path());
+    assert_eq!(events.len(), 6);
+    let sent = events
+        .iter()
+        .find(|e| e.tag == "GenerateTokenTrace" && e.host == "client1");
+    let recvd = events.iter().find(|e| e.tag == "PutRecvd").unwrap();
+    assert!(sent.unwrap().happens_before(recvd));
+    assert!(events.iter().all(|e| e.trace_id == trace.id()));
+
+    // --- a restarted tracer continues its clock (and keeps what it had merged)
+    let client = Tracer::connect("client1", &srv.addr).await.unwrap();
+    assert_eq!(client.clock().get("client1"), 3);
+    assert_eq!(client.clock().get("server1"), 3);
+    client.create_trace().record_action(&KvslibStart {
+        client_id: "client1".into(),
+    });
+    client.flush().await;
+    assert_eq!(client.clock().get("client1"), 4);
+
+    // --- a restarted tracing server continues its logs; a tracer shipping meanwhile waits
+    let addr = srv.addr.clone();
+    stop_server(srv).await;
+    let t = client.create_trace();
+    t.record_action(&put(2));
+    let flushed = tokio::spawn({
+        let client = client.clone();
+        async move { client.flush().await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !flushed.is_finished(),
+        "nothing can be shipped while the server is down"
+    );
+    let srv = start_server(dir.path(), false, Some(&addr)).await;
+    tokio::time::timeout(Duration::from_secs(10), flushed)
+        .await
+        .expect("the shipper resends once the server is back")
+        .unwrap();
+    client.close().await;
+    let events = read_log(dir.path());
+    assert_eq!(events.len(), 8);
+    assert_eq!(events.last().unwrap().own(), 5);
+    stop_server(srv).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_events_are_all_shipped_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = start_server(dir.path(), true, None).await;
+    let tracer = Tracer::connect("server2", &srv.addr).await.unwrap();
+    // More than the buffer holds: recorders wait for the shipper rather than drop events.
+    let n = kvraft_tracing::tracer::EVENTS_BUFFERED_MAX as u64 + 1000;
+    let recorder = {
+        let tracer = tracer.clone();
+        tokio::task::spawn_blocking(move || {
+            let trace = tracer.create_trace();
+            for seq in 1..=n {
+                trace.record_action(&put(seq));
+            }
+        })
+    };
+    recorder.await.unwrap();
+    tracer.close().await;
+    let events = read_log(dir.path());
+    assert_eq!(events.len() as u64, n);
+    stop_server(srv).await;
+}
+
+#[test]
+fn checker_rejects_what_shiviz_rejects() {
+    let header = format!("{}\n\n", server::SHIVIZ_REGEX);
+    let ok = format!("{header}a {{\"a\":1}}\n1 X {{}}\nb {{\"a\":1,\"b\":1}}\n1 Y {{}}\n");
+    shiviz::check(&shiviz::parse(&ok).unwrap()).unwrap();
+    let gap = format!("{header}a {{\"a\":2}}\n1 X {{}}\n");
+    assert!(shiviz::check(&shiviz::parse(&gap).unwrap())
+        .unwrap_err()
+        .contains("expected 1"));
+    let dangling = format!("{header}b {{\"a\":1,\"b\":1}}\n1 Y {{}}\n");
+    assert!(shiviz::check(&shiviz::parse(&dangling).unwrap())
+        .unwrap_err()
+        .contains("no events"));
+    let lost = format!("{header}a {{\"a\":1}}\n1 X {{}}\nb {{\"a\":2,\"b\":1}}\n1 Y {{}}\n");
+    assert!(shiviz::check(&shiviz::parse(&lost).unwrap())
+        .unwrap_err()
+        .contains("only 1"));
+    assert!(shiviz::parse("nope\n\n").is_err());
+}
