@@ -5,7 +5,8 @@
 //! - partition from peers: replication to and from them is dropped (the stream is closed);
 //! - crash after commit: the process exits as leader once the commit index reaches an index,
 //!   before any reply for it is sent;
-//! - delay: every outgoing replication message waits this long.
+//! - delay: every outgoing replication message waits this long;
+//! - disk full: log writes fail with ENOSPC until cleared (a storage fault hook).
 //!
 //! Shared by the gRPC handlers and the runtime; the lock is never held across an `.await`.
 
@@ -21,6 +22,7 @@ struct State {
     peers_until: HashMap<NodeId, Instant>,
     crash_after_commit: u64,
     delay: Duration,
+    disk_full: bool,
 }
 
 #[derive(Debug, Default)]
@@ -36,6 +38,7 @@ pub struct FaultSpec {
     pub partition_peers_for: Duration,
     pub crash_after_commit: u64,
     pub delay: Duration,
+    pub disk_full: bool,
 }
 
 impl Faults {
@@ -58,6 +61,7 @@ impl Faults {
             .collect();
         s.crash_after_commit = spec.crash_after_commit;
         s.delay = spec.delay;
+        s.disk_full = spec.disk_full;
     }
 
     pub fn coord_partitioned(&self) -> bool {
@@ -78,6 +82,10 @@ impl Faults {
 
     pub fn delay(&self) -> Duration {
         self.lock().delay
+    }
+
+    pub fn disk_full(&self) -> bool {
+        self.lock().disk_full
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {

@@ -12,11 +12,15 @@
 //! issued before it started (group commit: all writes that arrive while an fsync runs share the
 //! next one); the core learns of it through `Event::Persisted`.
 //!
-//! A storage error is fatal: the server stops rather than limp on without durability.
+//! A full disk is survived: entries that cannot be written wait in a backlog (never fsynced,
+//! so never acknowledged), the server refuses new client writes with a clear error and tells
+//! the coord it does not lead (so a healthy server takes over), and retries the backlog until
+//! space returns. Any other storage error, and any fsync error, is fatal: the server stops
+//! rather than limp on without durability.
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -96,6 +100,8 @@ pub(crate) struct CoreHandle {
     pub next_stream: Arc<AtomicU64>,
     /// Milliseconds since the Unix epoch of the last coord heartbeat answered.
     pub last_coord_contact_ms: Arc<AtomicU64>,
+    /// The log cannot be written (disk full): client writes are refused.
+    pub disk_full: Arc<AtomicBool>,
 }
 
 impl CoreHandle {
@@ -155,6 +161,7 @@ pub async fn run(
         id: NodeId(id),
         next_stream: Arc::new(AtomicU64::new(1)),
         last_coord_contact_ms: Arc::new(AtomicU64::new(0)),
+        disk_full: Arc::new(AtomicBool::new(false)),
     };
     let peers = spawn_peer_links(&config, NodeId(id), tx.clone(), faults.clone())?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -171,6 +178,9 @@ pub async fn run(
         faults,
         tx,
         written: 0,
+        written_ok: 0,
+        backlog: Vec::new(),
+        disk_full: handle.disk_full.clone(),
         sync_requested: 0,
         sync_in_flight: false,
         heartbeat_ms: config.server.replication_heartbeat_ms,
@@ -194,6 +204,13 @@ struct Core {
     tx: mpsc::Sender<Input>,
     /// Log-write commands executed (the core counts the same way).
     written: u64,
+    /// Log-write commands whose entries reached the OS; only these may be fsynced and
+    /// reported as `Persisted`.
+    written_ok: u64,
+    /// Entries that could not be written (disk full), in order, to retry.
+    backlog: Vec<kvraft_proto::LogEntry>,
+    /// Set while the backlog is not empty; the client services refuse writes meanwhile.
+    disk_full: Arc<AtomicBool>,
     sync_requested: u64,
     sync_in_flight: bool,
     heartbeat_ms: u64,
@@ -232,6 +249,7 @@ impl Core {
             cmds.extend(self.replica.flush());
             self.check_crash_fault();
             self.execute(cmds)?;
+            self.flush_backlog()?;
             self.start_sync();
         }
         tracing::info!(server = %self.replica.id(), "server stopping");
@@ -313,8 +331,54 @@ impl Core {
 
     fn write_batch(&mut self, batch: &mut Vec<kvraft_proto::LogEntry>) -> anyhow::Result<()> {
         if !batch.is_empty() {
-            self.store.append(batch)?;
-            batch.clear();
+            self.backlog.append(batch);
+        }
+        self.flush_backlog()
+    }
+
+    /// Writes the backlog if the disk takes it; a full disk leaves it for a later retry.
+    fn flush_backlog(&mut self) -> anyhow::Result<()> {
+        if self.backlog.is_empty() {
+            self.written_ok = self.written;
+            return Ok(());
+        }
+        let result = if self.faults.disk_full() {
+            Err(StorageError::Io {
+                path: "log (fault injection)".into(),
+                source: std::io::Error::from_raw_os_error(28),
+            })
+        } else {
+            self.store.append(&self.backlog)
+        };
+        match result {
+            Ok(()) => {
+                if self.disk_full.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(server = %self.replica.id(), "log writable again; writes resume");
+                }
+                self.backlog.clear();
+                self.written_ok = self.written;
+                Ok(())
+            }
+            Err(e) if is_disk_full(&e) => {
+                if !self.disk_full.swap(true, Ordering::Relaxed) {
+                    tracing::error!(
+                        server = %self.replica.id(),
+                        "{e}: disk full; client writes refused, nothing unwritten is acknowledged, \
+                         retrying until space returns"
+                    );
+                }
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Truncation reaches the backlog first, then the file.
+    fn truncate(&mut self, from: u64) -> anyhow::Result<()> {
+        self.backlog.retain(|e| e.index < from);
+        self.store.truncate_from(from)?;
+        if self.backlog.is_empty() {
+            self.flush_backlog()?;
         }
         Ok(())
     }
@@ -325,7 +389,7 @@ impl Core {
             Command::SaveHardState(hs) => {
                 tokio::task::block_in_place(|| self.hard_file.save(hs))?;
             }
-            Command::TruncateLog(from) => self.store.truncate_from(from)?,
+            Command::TruncateLog(from) => self.truncate(from)?,
             Command::SendAppend { to, req } => {
                 if let Some(peer) = self.peers.get(&to) {
                     if peer.try_send(req).is_err() {
@@ -338,7 +402,13 @@ impl Core {
                     let _ = s.try_send(Ok(resp));
                 }
             }
-            Command::Reply { to, reply } => {
+            Command::Reply { to, mut reply } => {
+                if let Reply::Report(report) = &mut reply {
+                    if self.disk_full.load(Ordering::Relaxed) {
+                        // Cannot store entries: do not claim to lead, so the coord replaces us.
+                        report.role = kvraft_proto::Role::Follower as i32;
+                    }
+                }
                 if let Some(tx) = self.replies.remove(&to) {
                     let _ = tx.send(reply);
                 }
@@ -357,12 +427,12 @@ impl Core {
 
     /// Group commit: one fsync at a time, covering every write issued before it starts.
     fn start_sync(&mut self) {
-        if self.sync_in_flight || self.sync_requested >= self.written {
+        if self.sync_in_flight || self.sync_requested >= self.written_ok {
             return;
         }
         self.sync_in_flight = true;
-        self.sync_requested = self.written;
-        let target = self.written;
+        self.sync_requested = self.written_ok;
+        let target = self.written_ok;
         let syncer: Arc<dyn Syncer> = self.store.syncer();
         let tx = self.tx.clone();
         tokio::task::spawn_blocking(move || {
@@ -473,5 +543,13 @@ impl PeerLink {
                 }
             }
         }
+    }
+}
+
+/// ENOSPC or EDQUOT: space may come back, so the write is retried rather than fatal.
+fn is_disk_full(e: &StorageError) -> bool {
+    match e {
+        StorageError::Io { source, .. } => matches!(source.raw_os_error(), Some(28) | Some(122)),
+        _ => false,
     }
 }

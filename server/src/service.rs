@@ -253,6 +253,21 @@ fn error_of(code: ErrorCode, message: String) -> Option<KvError> {
     })
 }
 
+impl CoreHandle {
+    /// While the log cannot be written, writes are refused at once with the reason (the coord
+    /// is told this server does not lead, so a healthy one takes over).
+    fn disk_full_error(&self) -> Option<KvError> {
+        if !self.disk_full.load(Ordering::Relaxed) {
+            return None;
+        }
+        let msg = format!(
+            "server {} cannot write its log (disk full); writes refused until space returns",
+            self.id
+        );
+        error_of(ErrorCode::ErrorUnavailable, msg)
+    }
+}
+
 #[tonic::async_trait]
 impl Kv for CoreHandle {
     async fn register_session(
@@ -261,6 +276,10 @@ impl Kv for CoreHandle {
     ) -> Result<Response<RegisterSessionResponse>, Status> {
         let client_id = request.into_inner().client_id;
         let mut resp = RegisterSessionResponse::default();
+        if let Some(e) = self.disk_full_error() {
+            resp.error = Some(e);
+            return Ok(Response::new(resp));
+        }
         match self.call(Call::Register { client_id }).await {
             Some(Reply::Registered(Ok(id))) => resp.session_id = id,
             Some(Reply::Registered(Err(e))) => resp.error = Some(kv_error(e)),
@@ -274,6 +293,10 @@ impl Kv for CoreHandle {
         let mut resp = PutResponse::default();
         if let Err(e) = limits::check_key_value(&req.key, Some(&req.value)) {
             resp.error = error_of(ErrorCode::ErrorInvalidArgument, e);
+            return Ok(Response::new(resp));
+        }
+        if let Some(e) = self.disk_full_error() {
+            resp.error = Some(e);
             return Ok(Response::new(resp));
         }
         if req.session_id == 0 || req.seq == 0 {
@@ -347,6 +370,7 @@ impl Admin for CoreHandle {
             partition_peers_for: Duration::from_millis(req.partition_peers_ms),
             crash_after_commit: req.crash_after_commit,
             delay: Duration::from_millis(req.delay_ms),
+            disk_full: req.disk_full,
         };
         tracing::warn!(server = %self.id, ?spec, "fault injection set");
         self.faults.set(&spec);

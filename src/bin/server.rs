@@ -56,6 +56,7 @@ async fn main() -> ExitCode {
         partition_peers_for: Duration::from_millis(args.partition_peers_ms),
         crash_after_commit: args.crash_after_commit,
         delay: Duration::from_millis(args.delay_ms),
+        ..FaultSpec::default()
     };
     let after = Duration::from_millis(args.faults_after_ms);
     match launch::server(args.id, &args.config, faults, after).await {

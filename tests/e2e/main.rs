@@ -12,3 +12,4 @@ mod t50_partition;
 mod t55_campaign;
 mod t60_coord_restart;
 mod t70_bad_input;
+mod t75_disk_full;

@@ -1,0 +1,88 @@
+//! Disk full (storage fault hook): a leader that cannot write its log refuses writes with a
+//! clear error and stops claiming leadership, the coord replaces it, nothing acknowledged is
+//! lost, and once space returns the server writes its backlog and catches up.
+
+use std::time::Duration;
+
+use kvraft_proto::kv_client::KvClient;
+use kvraft_proto::{ErrorCode, FaultRequest, PutRequest};
+
+use crate::harness::Cluster;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_disk_on_the_leader_hands_over_and_recovers() {
+    let cluster = Cluster::start(3);
+    let old = cluster.wait_leader(|_| true).await;
+    let l = old.leader_id;
+    let client = kvslib::Client::connect(&cluster.config, "disk")
+        .await
+        .unwrap();
+    for i in 0..10 {
+        client.put(format!("f{i}"), "before").await.unwrap();
+    }
+
+    tracing::info!("--- leader {l}'s disk fills up");
+    let full = FaultRequest {
+        disk_full: true,
+        ..FaultRequest::default()
+    };
+    cluster.set_faults(l, full).await;
+    // The next write makes the leader hit the full disk; it may still commit through the
+    // followers' disks, which is safe (a majority fsynced it).
+    client.put("trigger", "x").await.unwrap();
+    let mut raw = KvClient::connect(format!("http://{}", cluster.addr(l)))
+        .await
+        .unwrap();
+    let mut req = tonic::Request::new(PutRequest {
+        client_id: "raw".into(),
+        session_id: client.session_id(),
+        seq: 1_000_000,
+        ack_seq: 1,
+        key: "raw".into(),
+        value: "raw".into(),
+        trace_token: Default::default(),
+    });
+    req.set_timeout(Duration::from_secs(3));
+    if let Ok(resp) = raw.put(req).await {
+        let err = resp
+            .into_inner()
+            .error
+            .expect("a full-disk leader refuses writes");
+        assert!(
+            err.code == ErrorCode::ErrorNotLeader as i32
+                || (err.code == ErrorCode::ErrorUnavailable as i32
+                    && err.message.contains("disk full")),
+            "{err:?}"
+        );
+    }
+    let new = cluster
+        .wait_leader(|info| info.leader_id != l && info.term > old.term)
+        .await;
+    tracing::info!("--- server {} took over; writes continue", new.leader_id);
+    for i in 10..30 {
+        client.put(format!("f{i}"), "during").await.unwrap();
+    }
+    let log = std::fs::read_to_string(cluster.dir.path().join(format!("server{l}.log"))).unwrap();
+    assert!(log.contains("disk full"), "the server log says why");
+
+    tracing::info!("--- space returns: server {l} writes its backlog and catches up");
+    cluster.set_faults(l, FaultRequest::default()).await;
+    let target = cluster
+        .status(new.leader_id)
+        .await
+        .unwrap()
+        .report
+        .unwrap()
+        .commit_index;
+    Cluster::wait_for("the recovered server to catch up", || {
+        let c = &cluster;
+        async move { c.status(l).await.is_some_and(|s| s.last_applied >= target) }
+    })
+    .await;
+    for i in 0..30 {
+        let expected = if i < 10 { "before" } else { "during" };
+        let got = client.get(format!("f{i}")).await.unwrap();
+        assert_eq!(got.as_deref(), Some(expected.as_bytes()), "f{i}");
+    }
+    client.close().await;
+}
