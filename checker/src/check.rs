@@ -140,11 +140,17 @@ fn explain(piece: &KeyHistory, history: &[Operation], dead_end: &DeadEnd) -> Str
         order_tail(dead_end, shown),
         piece.show(dead_end.state),
         shown(dead_end.blocked),
-    ) + &removed_note(&piece.removed_versions)
+    ) + &removed_note(piece)
 }
 
-/// Says which puts shrinking left out, since the piece's versions are counted without them.
-fn removed_note(removed: &[u64]) -> String {
+/// Says which puts shrinking left out, since the piece's versions are counted without them
+/// (nothing when versions are not compared).
+fn removed_note(piece: &KeyHistory) -> String {
+    let removed: &[u64] = if piece.tracks_versions {
+        &piece.removed_versions
+    } else {
+        &[]
+    };
     let shown: Vec<String> = removed
         .iter()
         .take(EXPLAINED_ORDER_MAX)

@@ -134,8 +134,22 @@ impl KeyHistory {
                 Step::Put { .. } | Step::Get { .. } => {}
             }
         }
-        self.removed_versions = removed;
+        self.removed_versions = self.merge_removed(removed);
         self
+    }
+
+    /// The versions removed before (whole-history numbering) with `removed` (this piece's
+    /// numbering) mapped back to the whole history's numbering.
+    fn merge_removed(&self, removed: Vec<u64>) -> Vec<u64> {
+        let before = &self.removed_versions;
+        let original = |v: u64| before.iter().fold(v, |o, &r| o + u64::from(r <= o));
+        let mut merged: Vec<u64> = before
+            .iter()
+            .copied()
+            .chain(removed.into_iter().map(original))
+            .collect();
+        merged.sort_unstable();
+        merged
     }
 
     /// The state after `op` is applied to `state`, if `op`'s output is possible from `state`.
@@ -454,6 +468,36 @@ mod tests {
 #[cfg(test)]
 mod subset_tests {
     use super::*;
+
+    #[test]
+    fn renumbering_twice_records_removed_versions_in_whole_history_numbering() {
+        let put = |version| {
+            Operation::new(
+                1,
+                Input::put("k", format!("v{version}")),
+                0,
+                OpResult::Ok(Output::put_version(version)),
+                1,
+            )
+        };
+        let ops: Vec<Operation> = (1..=5).map(put).collect();
+        let h = KeyHistory::build(&ops, &[0, 1, 2, 3, 4]).expect("well formed");
+        let once = h.subset(&[0, 1, 3, 4]).renumbered(vec![3]);
+        let versions = |h: &KeyHistory| -> Vec<Option<u64>> {
+            h.ops
+                .iter()
+                .map(|op| match op.step {
+                    Step::Put { version, .. } => version,
+                    Step::Get { .. } => None,
+                })
+                .collect()
+        };
+        assert_eq!(versions(&once), [Some(1), Some(2), Some(3), Some(4)]);
+        // Removing the piece's version 3 (the whole history's version 4) next.
+        let twice = once.subset(&[0, 1, 3]).renumbered(vec![3]);
+        assert_eq!(versions(&twice), [Some(1), Some(2), Some(3)]);
+        assert_eq!(twice.removed_versions, [3, 4]);
+    }
 
     #[test]
     fn put_versions_are_inferred_from_reads_of_unique_values() {

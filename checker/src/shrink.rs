@@ -37,42 +37,36 @@ pub(crate) fn shrink(
     hint: Option<&DeadEnd>,
     deadline: Instant,
 ) -> KeyHistory {
+    let focused = hint.and_then(|dead_end| focus(history, dead_end, deadline));
+    let current = focused.unwrap_or_else(|| history.clone());
     let values_only = KeyHistory {
         tracks_versions: false,
-        ..history.clone()
+        ..current.clone()
     };
     let base = if fails(&values_only, deadline) {
         values_only
     } else {
-        history.clone()
+        current
     };
     let (units, fixed) = units(&base);
-    let units = match hint {
-        Some(dead_end) => focus(&base, units, &fixed, dead_end, deadline),
-        None => units,
-    };
     let units = remove_units(&base, units, &fixed, deadline);
     let (reads, fixed) = split_reads(&base, units, fixed);
     let reads = remove_units(&base, reads, &fixed, deadline);
     piece(&base, &reads, &fixed)
 }
 
-/// The units of the blocked operation and of the last k operations of the dead end's order,
-/// for k = 1, 2, 4, ...: the first that fails (or all units). On a long history this finds a
-/// small failing core with a few small searches, before delta debugging's halving.
-fn focus(
-    base: &KeyHistory,
-    units: Vec<Vec<usize>>,
-    fixed: &[usize],
-    dead_end: &DeadEnd,
-    deadline: Instant,
-) -> Vec<Vec<usize>> {
-    let mut unit_of = vec![None; base.ops.len()];
+/// The piece made of the units of the blocked operation and of the last k operations of the
+/// dead end's order, for the first k = 1, 2, 4, ... for which it fails. On a long history
+/// this finds a small failing core with a few small searches, where even deciding whether
+/// values alone conflict would take an exhaustive search of the whole key.
+fn focus(history: &KeyHistory, dead_end: &DeadEnd, deadline: Instant) -> Option<KeyHistory> {
+    let (units, fixed) = units(history);
+    let mut unit_of = vec![None; history.ops.len()];
     for (index, unit) in units.iter().enumerate() {
         unit.iter().for_each(|&op| unit_of[op] = Some(index));
     }
     let mut k = 1;
-    while k < dead_end.tail.len() && Instant::now() < deadline {
+    while k <= dead_end.tail.len() && Instant::now() < deadline {
         let ops = dead_end.tail[dead_end.tail.len() - k..]
             .iter()
             .chain([&dead_end.blocked]);
@@ -83,12 +77,13 @@ fn focus(
             .into_iter()
             .map(|index| units[index].clone())
             .collect();
-        if fails(&piece(base, &candidate, fixed), deadline) {
-            return candidate;
+        let candidate = piece(history, &candidate, &fixed);
+        if fails(&candidate, deadline) {
+            return Some(candidate);
         }
         k *= 2;
     }
-    units
+    None
 }
 
 /// The surviving units' gets as units of their own (a get can always go alone: nothing
