@@ -5,12 +5,15 @@
 //!                                                    first failing key ─► shrink ─► explain
 //! ```
 //!
-//! Keys are checked in byte order so a report is deterministic. A violation on any key wins
+//! A long key history first gets a linear look for local anomalies (`local`), since
+//! refuting a long history exhaustively can take minutes. Keys are checked in byte order so a
+//! report is deterministic. A violation on any key wins
 //! over an inconclusive key (it is a definite answer); otherwise an inconclusive key makes the
 //! whole answer inconclusive. The search budget is shared by all keys; shrinking and explaining
 //! a violation get their own, at most [`SHRINK_BUDGET_MAX`].
 
 use crate::history::{Operation, Shown};
+use crate::local::local_violation;
 use crate::model::KeyHistory;
 use crate::search::{search, DeadEnd, Outcome};
 use crate::shrink::shrink;
@@ -21,6 +24,10 @@ use std::time::{Duration, Instant};
 /// Search budget of [`check`]: far above what a history of tens of thousands of operations with
 /// modest concurrency needs, but a bound, so a pathological history cannot hang a test suite.
 pub const CHECK_BUDGET_DEFAULT: Duration = Duration::from_secs(60);
+
+/// Key histories at least this long get the local look first (see `local`): shorter ones are
+/// searched exhaustively in milliseconds anyway.
+const LOCAL_LOOK_MIN_OPS: usize = 256;
 
 /// Operations of the longest consistent order quoted in an explanation (the last ones: the
 /// failure is at its end).
@@ -71,6 +78,11 @@ pub fn check_with_budget(history: &[Operation], budget: Duration) -> CheckResult
             Ok(key_history) => key_history,
             Err(reason) => return CheckResult::Inconclusive { reason },
         };
+        if key_history.ops.len() >= LOCAL_LOOK_MIN_OPS {
+            if let Some(piece) = local_violation(&key_history, deadline) {
+                return CheckResult::Violation(report(key, history, &piece, None));
+            }
+        }
         match search(&key_history, deadline, true) {
             Outcome::Linearizable => {}
             Outcome::Violation(dead_end) => {

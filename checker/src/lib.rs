@@ -45,6 +45,7 @@
 
 mod check;
 pub mod history;
+mod local;
 mod model;
 mod recorder;
 mod search;

@@ -21,6 +21,7 @@
 use crate::history::{Input, OpResult, Operation, Output, Shown};
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::sync::Arc;
 
 /// Index into [`KeyHistory::values`], or [`UNREAD`].
 pub(crate) type ValueId = u32;
@@ -77,8 +78,9 @@ pub(crate) struct KeyOp {
 #[derive(Clone, Debug)]
 pub(crate) struct KeyHistory {
     pub ops: Vec<KeyOp>,
-    /// Interned values, indexed by [`ValueId`], to describe states in explanations.
-    pub values: Vec<Vec<u8>>,
+    /// Interned values, indexed by [`ValueId`], to describe states in explanations; shared by
+    /// the pieces cut from this history (shrinking cuts thousands).
+    pub values: Arc<Vec<Vec<u8>>>,
     /// Whether versions are compared: some operation carries one, and the caller did not turn
     /// them off (shrinking does, to compare values alone). If not, versions stay 0.
     pub tracks_versions: bool,
@@ -290,7 +292,7 @@ impl Builder {
         }
         KeyHistory {
             ops: self.ops,
-            values: self.values,
+            values: Arc::new(self.values),
             tracks_versions: self.tracks_versions,
             removed_versions: Vec::new(),
         }
