@@ -28,6 +28,7 @@ use anyhow::{anyhow, Context as _};
 use kvraft_common::ClusterConfig;
 use kvraft_proto::coord_client_server::CoordClientServer;
 use kvraft_proto::coord_server::CoordServer;
+use kvraft_tracing::action::CoordStart;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinError, JoinSet};
@@ -58,6 +59,13 @@ pub async fn run(
     let (term_file, highest_term) = TermFile::open(&config.coord.data_dir)?;
     let core_config = CoreConfig::from_cluster(&config);
     let core = CoordCore::new(core_config, highest_term, 0);
+    let tracer = kvraft_tracing::tracer_for(&config.tracing, "coord").await?;
+    if let Some(t) = &tracer {
+        let servers = config.servers.len() as u32;
+        t.create_trace().record_action(&CoordStart {
+            num_servers: servers,
+        });
+    }
     let server_addr = listener_addr(&server_listener);
     let client_addr = listener_addr(&client_listener);
     info!(
@@ -78,9 +86,10 @@ pub async fn run(
         inputs_tx.clone(),
         inputs_rx,
         leader_tx,
+        tracer.clone(),
     )?;
-    let join_service = service::JoinService::new(inputs_tx, config.server_ids());
-    let leader_service = service::LeaderService::new(leader_rx);
+    let join_service = service::JoinService::new(inputs_tx, config.server_ids(), tracer.clone());
+    let leader_service = service::LeaderService::new(leader_rx, tracer.clone());
 
     // One stop signal for every task, raised by `shutdown` or by the first task to fail.
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -136,6 +145,9 @@ pub async fn run(
     {
         warn!("coord tasks did not stop within {SHUTDOWN_DRAIN_MS} ms; abandoning them");
         tasks.abort_all();
+    }
+    if let Some(t) = &tracer {
+        t.close().await;
     }
     info!("coord stopped");
     result

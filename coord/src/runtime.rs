@@ -23,7 +23,7 @@
 //! - Shutdown is checked first in every loop turn; on exit the RPC tasks are aborted and the
 //!   leader watch sender is dropped, which ends every WatchLeader stream.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::time::Duration;
 
@@ -31,6 +31,10 @@ use anyhow::Context as _;
 use kvraft_common::{ClusterConfig, LogIndex, NodeId, Term};
 use kvraft_proto as proto;
 use kvraft_proto::server_control_client::ServerControlClient;
+use kvraft_tracing::action::{
+    AllServersJoined, LeaderReconfigDone, NewClusterView, NewTerm, ServerFail, ServerJoined,
+};
+use kvraft_tracing::{Trace, Tracer};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -61,6 +65,8 @@ pub(crate) enum Input {
     Join {
         report: ServerReport,
         reply: oneshot::Sender<LeaderView>,
+        /// The trace the joining server's token continues (tracing on).
+        trace: Option<Trace>,
     },
 }
 
@@ -95,6 +101,22 @@ pub(crate) struct Runtime {
     clock: Clock,
     rpc_timeout: Duration,
     tick: Duration,
+    /// Trace events; `None` when tracing is off (then nothing below is touched).
+    tracer: Option<Tracer>,
+    trace_state: TraceState,
+}
+
+/// What the runtime remembers to turn the core's commands into trace actions.
+#[derive(Default)]
+struct TraceState {
+    /// The trace of the current epoch change (from `NewTerm` to `LeaderReconfigDone`).
+    epoch: Option<Trace>,
+    /// Servers alive after the last step, to record `ServerFail` / `NewClusterView`.
+    alive: BTreeSet<NodeId>,
+    joined: BTreeSet<NodeId>,
+    all_joined: bool,
+    /// Last leader view recorded as `LeaderReconfigDone`.
+    reconfigured: Option<(Term, NodeId)>,
 }
 
 impl Runtime {
@@ -106,6 +128,7 @@ impl Runtime {
         inputs_tx: mpsc::Sender<Input>,
         inputs_rx: mpsc::Receiver<Input>,
         leader_tx: watch::Sender<proto::LeaderInfo>,
+        tracer: Option<Tracer>,
     ) -> anyhow::Result<Runtime> {
         let interval_ms = config.coord.heartbeat_interval_ms;
         let rpc_timeout = Duration::from_millis(interval_ms) * RPC_TIMEOUT_HEARTBEATS;
@@ -133,6 +156,8 @@ impl Runtime {
             },
             rpc_timeout,
             tick,
+            tracer,
+            trace_state: TraceState::default(),
         })
     }
 
@@ -167,10 +192,17 @@ impl Runtime {
     async fn handle(&mut self, input: Input) -> anyhow::Result<()> {
         match input {
             Input::Event(event) => self.apply(event).await,
-            Input::Join { report, reply } => {
+            Input::Join {
+                report,
+                reply,
+                trace,
+            } => {
                 let now_ms = self.clock.now_ms();
                 let id = report.id;
                 self.apply(Event::Joined { id, report, now_ms }).await?;
+                if let Some(trace) = trace {
+                    self.trace_joined(id, &trace);
+                }
                 // The joiner may have given up waiting; nothing to do then.
                 let _ = reply.send(self.core.view().clone());
                 Ok(())
@@ -180,19 +212,69 @@ impl Runtime {
 
     async fn apply(&mut self, event: Event) -> anyhow::Result<()> {
         let commands = self.core.step(event);
+        if self.tracer.is_some() {
+            self.trace_alive_changes();
+        }
         for command in commands {
             match command {
-                Command::PersistTerm(term) => self.persist(term).await?,
+                Command::PersistTerm(term) => {
+                    self.persist(term).await?;
+                    if let Some(tracer) = &self.tracer {
+                        let trace = tracer.create_trace();
+                        trace.record_action(&NewTerm { term: term.0 });
+                        self.trace_state.epoch = Some(trace);
+                    }
+                }
                 Command::SendHeartbeat {
                     to,
                     term,
                     leader_id,
                 } => self.send_heartbeat(to, term, leader_id),
                 Command::SendPrepare { to, term } => self.send_prepare(to, term),
-                Command::PublishLeader(view) => self.publish(&view),
+                Command::PublishLeader(view) => self.publish(&view).await,
             }
         }
         Ok(())
+    }
+
+    /// Records `ServerFail` for servers the last step declared failed, and `NewClusterView`
+    /// when the set of live servers changed.
+    fn trace_alive_changes(&mut self) {
+        let Some(tracer) = &self.tracer else { return };
+        let alive: BTreeSet<NodeId> = (self.peers.keys())
+            .copied()
+            .filter(|&id| self.core.is_alive(id))
+            .collect();
+        if alive == self.trace_state.alive {
+            return;
+        }
+        let trace = self
+            .trace_state
+            .epoch
+            .clone()
+            .unwrap_or_else(|| tracer.create_trace());
+        for failed in self.trace_state.alive.difference(&alive) {
+            trace.record_action(&ServerFail {
+                server_id: failed.0,
+            });
+        }
+        let server_ids = alive.iter().map(|id| id.0).collect();
+        trace.record_action(&NewClusterView { server_ids });
+        self.trace_state.alive = alive;
+    }
+
+    fn trace_joined(&mut self, id: NodeId, trace: &Trace) {
+        let view = self.core.view();
+        trace.record_action(&ServerJoined {
+            server_id: id.0,
+            term: view.term.0,
+            leader_id: view.leader.0,
+        });
+        self.trace_state.joined.insert(id);
+        if !self.trace_state.all_joined && self.trace_state.joined.len() == self.peers.len() {
+            self.trace_state.all_joined = true;
+            trace.record_action(&AllServersJoined {});
+        }
     }
 
     /// Durably records `term` before anything else happens (DESIGN rule 1).
@@ -204,13 +286,30 @@ impl Runtime {
             .with_context(|| format!("cannot persist term {term}; stopping the coord"))
     }
 
-    fn publish(&self, view: &LeaderView) {
+    async fn publish(&mut self, view: &LeaderView) {
         let addr = self
             .peers
             .get(&view.leader)
             .map(|p| p.addr.as_str())
             .unwrap_or_default();
-        let info = convert::leader_info(view, addr);
+        let mut info = convert::leader_info(view, addr);
+        if let Some(tracer) = &self.tracer {
+            let key = (view.term, view.leader);
+            if view.leader != NodeId::NONE && self.trace_state.reconfigured != Some(key) {
+                self.trace_state.reconfigured = Some(key);
+                let trace =
+                    (self.trace_state.epoch.take()).unwrap_or_else(|| tracer.create_trace());
+                trace.record_action(&LeaderReconfigDone {
+                    term: view.term.0,
+                    leader_id: view.leader.0,
+                });
+                // Watchers receive this token with the new view (LeaderNodeUpdateRecvd).
+                info.trace_token = trace.generate_token_for("LeaderInfo");
+                tracer.flush().await;
+            } else {
+                info.trace_token = self.leader_tx.borrow().trace_token.clone();
+            }
+        }
         self.leader_tx.send_if_modified(|current| {
             let changed = *current != info;
             if changed {
@@ -266,16 +365,26 @@ impl Runtime {
             return;
         };
         let mut client = peer.client.clone();
+        let trace = self.tracer.as_ref().map(|tracer| {
+            (self.trace_state.epoch.clone()).unwrap_or_else(|| tracer.create_trace())
+        });
         let request = proto::PrepareRequest {
             term: term.0,
-            trace_token: Default::default(),
+            trace_token: kvraft_tracing::token(trace.as_ref(), "PrepareRequest"),
         };
         let (timeout, inputs) = (self.rpc_timeout, self.inputs_tx.clone());
+        let tracer = self.tracer.clone();
         self.spawn_rpc(async move {
+            if let Some(t) = &tracer {
+                t.flush().await;
+            }
             let answer = tokio::time::timeout(timeout, client.prepare(request)).await;
             let event = match answer {
                 Ok(Ok(response)) => {
                     let response = response.into_inner();
+                    if let Some(t) = &tracer {
+                        t.receive_token(&response.trace_token);
+                    }
                     if response.ok {
                         Event::PrepareOk {
                             id: to,

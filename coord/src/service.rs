@@ -21,6 +21,9 @@ use tokio_stream::wrappers::WatchStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
+use kvraft_tracing::action::{LeaderReq, LeaderRes, ServerJoiningRecvd};
+use kvraft_tracing::Tracer;
+
 use crate::convert;
 use crate::runtime::Input;
 
@@ -29,11 +32,20 @@ pub(crate) struct JoinService {
     inputs: mpsc::Sender<Input>,
     /// Configured ids, to refuse a join from a server the coord does not know with a clear error.
     configured: Vec<NodeId>,
+    tracer: Option<Tracer>,
 }
 
 impl JoinService {
-    pub(crate) fn new(inputs: mpsc::Sender<Input>, configured: Vec<NodeId>) -> JoinService {
-        JoinService { inputs, configured }
+    pub(crate) fn new(
+        inputs: mpsc::Sender<Input>,
+        configured: Vec<NodeId>,
+        tracer: Option<Tracer>,
+    ) -> JoinService {
+        JoinService {
+            inputs,
+            configured,
+            tracer,
+        }
     }
 }
 
@@ -43,7 +55,12 @@ impl Coord for JoinService {
         &self,
         request: Request<proto::JoinRequest>,
     ) -> Result<Response<proto::JoinResponse>, Status> {
-        let Some(report) = request.into_inner().report else {
+        let request = request.into_inner();
+        let trace = self
+            .tracer
+            .as_ref()
+            .map(|t| t.receive_token(&request.trace_token));
+        let Some(report) = request.report else {
             return Err(Status::invalid_argument("JoinRequest.report is missing"));
         };
         let report = convert::report_from_proto(report);
@@ -55,17 +72,28 @@ impl Coord for JoinService {
                 known.join(", ")
             )));
         }
+        if let Some(t) = &trace {
+            t.record_action(&ServerJoiningRecvd {
+                server_id: report.id.0,
+            });
+        }
         let (reply, view) = oneshot::channel();
         let shutting_down = || Status::unavailable("the coord is shutting down");
-        self.inputs
-            .send(Input::Join { report, reply })
-            .await
-            .map_err(|_| shutting_down())?;
+        let input = Input::Join {
+            report,
+            reply,
+            trace: trace.clone(),
+        };
+        self.inputs.send(input).await.map_err(|_| shutting_down())?;
         let view = view.await.map_err(|_| shutting_down())?;
+        let trace_token = kvraft_tracing::token(trace.as_ref(), "JoinResponse");
+        if let Some(t) = &self.tracer {
+            t.flush().await;
+        }
         Ok(Response::new(proto::JoinResponse {
             term: view.term.0,
             leader_id: view.leader.0,
-            trace_token: Default::default(),
+            trace_token,
         }))
     }
 }
@@ -73,11 +101,15 @@ impl Coord for JoinService {
 /// `CoordClient`: where clients find the leader.
 pub(crate) struct LeaderService {
     leader: watch::Receiver<proto::LeaderInfo>,
+    tracer: Option<Tracer>,
 }
 
 impl LeaderService {
-    pub(crate) fn new(leader: watch::Receiver<proto::LeaderInfo>) -> LeaderService {
-        LeaderService { leader }
+    pub(crate) fn new(
+        leader: watch::Receiver<proto::LeaderInfo>,
+        tracer: Option<Tracer>,
+    ) -> LeaderService {
+        LeaderService { leader, tracer }
     }
 }
 
@@ -87,9 +119,25 @@ type LeaderStream = Pin<Box<dyn Stream<Item = Result<proto::LeaderInfo, Status>>
 impl CoordClient for LeaderService {
     async fn get_leader(
         &self,
-        _request: Request<proto::GetLeaderRequest>,
+        request: Request<proto::GetLeaderRequest>,
     ) -> Result<Response<proto::LeaderInfo>, Status> {
-        Ok(Response::new(self.leader.borrow().clone()))
+        let mut info = self.leader.borrow().clone();
+        if let Some(tracer) = &self.tracer {
+            let request = request.into_inner();
+            let trace = tracer.receive_token(&request.trace_token);
+            let client_id = request.client_id;
+            trace.record_action(&LeaderReq {
+                client_id: client_id.clone(),
+            });
+            trace.record_action(&LeaderRes {
+                client_id,
+                leader_id: info.leader_id,
+                term: info.term,
+            });
+            info.trace_token = trace.generate_token_for("LeaderInfo");
+            tracer.flush().await;
+        }
+        Ok(Response::new(info))
     }
 
     type WatchLeaderStream = LeaderStream;

@@ -17,6 +17,10 @@ use std::time::Duration;
 use kvraft_common::limits::check_key_value;
 use kvraft_common::ClusterConfig;
 use kvraft_proto as pb;
+use kvraft_tracing::action::{
+    self as act, KvslibStart, KvslibStop, LeaderReq, LeaderResRecvd, PutResultRecvd,
+};
+use kvraft_tracing::Trace;
 use pb::coord_client_client::CoordClientClient;
 use pb::kv_client::KvClient;
 use prost::bytes::Bytes;
@@ -84,7 +88,15 @@ impl Client {
             .validate()
             .map_err(|(key, message)| Error::InvalidInput(format!("config: {key}: {message}")))?;
         debug!(action = "KvslibStart", client_id);
-        let router = Arc::new(Router::new(config));
+        let tracer = kvraft_tracing::tracer_for(&config.tracing, &trace_identity(client_id))
+            .await
+            .map_err(|e| Error::Unavailable(e.to_string()))?;
+        if let Some(t) = &tracer {
+            t.create_trace().record_action(&KvslibStart {
+                client_id: client_id.to_string(),
+            });
+        }
+        let router = Arc::new(Router::new(config).with_tracer(tracer));
         let coord_addr = config.coord.client_api_addr.clone();
         let watcher = Watcher::spawn(Arc::clone(&router), coord_addr, client_id.to_string());
         let deadline = Instant::now() + Duration::from_millis(config.client.op_timeout_ms);
@@ -147,14 +159,44 @@ impl Client {
         let guard = session.begin_put();
         debug!(action = "Put", client_id = %inner.client_id, session_id = session.id,
             seq = guard.seq, key = %preview(&key), value_bytes = value.len());
+        let trace = inner.router.tracer().map(|t| {
+            let trace = t.create_trace();
+            trace.record_action(&act::Put {
+                client_id: inner.client_id.clone(),
+                op_id: guard.seq,
+                key: act::text(&key),
+                value: act::text(&value),
+            });
+            trace
+        });
+        let trace_key = trace.as_ref().map(|_| act::text(&key));
         let result = self
-            .send_put(&session, guard.seq, key.into(), value.into(), deadline)
+            .send_put(
+                &session,
+                guard.seq,
+                key.into(),
+                value.into(),
+                deadline,
+                trace.as_ref(),
+            )
             .await;
         // The seq is finished (answered or abandoned) before the caller sees the result.
         let seq = guard.seq;
         drop(guard);
         debug!(action = "PutResultRecvd", client_id = %inner.client_id,
             session_id = session.id, seq, result = ?result);
+        if let (Some(trace), Some(key)) = (&trace, trace_key) {
+            trace.record_action(&PutResultRecvd {
+                client_id: inner.client_id.clone(),
+                op_id: seq,
+                key,
+                ok: result.is_ok(),
+                result: match &result {
+                    Ok(out) => format!("version {}, index {}", out.version, out.index),
+                    Err(e) => e.to_string(),
+                },
+            });
+        }
         if result == Err(Error::SessionExpired) {
             self.renew_session(&session, deadline).await;
         }
@@ -168,6 +210,7 @@ impl Client {
         key: Bytes,
         value: Bytes,
         deadline: Instant,
+        trace: Option<&Trace>,
     ) -> Result<PutOutcome, Error> {
         let client_id = &self.inner.client_id;
         self.inner
@@ -181,9 +224,9 @@ impl Client {
                     ack_seq: session.ack_seq(),
                     key: key.clone(),
                     value: value.clone(),
-                    trace_token: Bytes::new(),
+                    trace_token: kvraft_tracing::token(trace, "PutRequest"),
                 };
-                put_attempt(channel, addr, request)
+                put_attempt(channel, addr, request, trace.cloned())
             })
             .await
     }
@@ -209,6 +252,14 @@ impl Client {
         let _permit = acquire(&self.inner.get_permits, "Get", deadline).await?;
         let client_id = &self.inner.client_id;
         debug!(action = "Get", client_id = %client_id, key = %preview(key));
+        let trace = self.inner.router.tracer().map(|t| {
+            let trace = t.create_trace();
+            trace.record_action(&act::Get {
+                client_id: client_id.clone(),
+                key: act::text(key),
+            });
+            trace
+        });
         let key = Bytes::copy_from_slice(key);
         let result = self
             .inner
@@ -217,11 +268,23 @@ impl Client {
                 let request = pb::GetRequest {
                     client_id: client_id.clone(),
                     key: key.clone(),
-                    trace_token: Bytes::new(),
+                    trace_token: kvraft_tracing::token(trace.as_ref(), "GetRequest"),
                 };
-                get_attempt(channel, addr, request)
+                get_attempt(channel, addr, request, trace.clone())
             })
             .await;
+        if let Some(trace) = &trace {
+            trace.record_action(&act::GetResultRecvd {
+                client_id: client_id.clone(),
+                key: act::text(&key),
+                ok: result.is_ok(),
+                result: match &result {
+                    Ok(Some(v)) => act::text(&v.value),
+                    Ok(None) => "(not found)".to_string(),
+                    Err(e) => e.to_string(),
+                },
+            });
+        }
         debug!(action = "GetResultRecvd", client_id = %client_id, key = %preview(&key),
             found = matches!(result, Ok(Some(_))), error = ?result.as_ref().err());
         result
@@ -259,7 +322,8 @@ impl Client {
     }
 
     /// Stops the background leader watch (for every clone of this handle). Other clones keep
-    /// working, following server hints only.
+    /// working, following server hints only. With tracing on, records `KvslibStop` and waits
+    /// until every trace event is shipped.
     pub async fn close(self) {
         let watcher = self
             .inner
@@ -271,6 +335,12 @@ impl Client {
             watcher.stop().await;
         }
         debug!(action = "KvslibStop", client_id = %self.inner.client_id);
+        if let Some(t) = self.inner.router.tracer() {
+            t.create_trace().record_action(&KvslibStop {
+                client_id: self.inner.client_id.clone(),
+            });
+            t.flush().await;
+        }
     }
 
     fn deadline(&self) -> Instant {
@@ -317,14 +387,35 @@ pub async fn query_leader(config: &ClusterConfig, client_id: &str) -> Result<Lea
 /// One `GetLeader` call to the coord, bounded by the attempt timeout.
 async fn ask_coord(router: &Router, addr: &str, client_id: &str) -> Result<LeaderInfo, String> {
     let channel = router.channel(addr)?;
+    let trace = router.tracer().map(|t| {
+        let trace = t.create_trace();
+        trace.record_action(&LeaderReq {
+            client_id: client_id.to_string(),
+        });
+        trace
+    });
     let request = pb::GetLeaderRequest {
         client_id: client_id.to_string(),
-        trace_token: Bytes::new(),
+        trace_token: kvraft_tracing::token(trace.as_ref(), "GetLeaderRequest"),
     };
+    if let Some(t) = router.tracer() {
+        t.flush().await;
+    }
     let timeout = router.attempt_timeout();
     let mut coord = CoordClientClient::new(channel);
     match tokio::time::timeout(timeout, coord.get_leader(request)).await {
-        Ok(Ok(response)) => Ok(response.into_inner().into()),
+        Ok(Ok(response)) => {
+            let response = response.into_inner();
+            if let Some(t) = router.tracer() {
+                t.receive_token(&response.trace_token)
+                    .record_action(&LeaderResRecvd {
+                        client_id: client_id.to_string(),
+                        leader_id: response.leader_id,
+                        term: response.term,
+                    });
+            }
+            Ok(response.into())
+        }
         Ok(Err(status)) => Err(format!("coord {addr}: {status}")),
         Err(_) => Err(format!(
             "coord {addr}: no answer within {} ms",
@@ -337,12 +428,19 @@ async fn put_attempt(
     channel: tonic::transport::Channel,
     addr: String,
     request: pb::PutRequest,
+    trace: Option<Trace>,
 ) -> Result<PutOutcome, Failure> {
+    if let Some(t) = &trace {
+        t.tracer().flush().await;
+    }
     let response = KvClient::new(channel)
         .put(request)
         .await
         .map_err(|status| Failure::from_status(&status, &addr))?
         .into_inner();
+    if let Some(t) = &trace {
+        t.tracer().receive_token(&response.trace_token);
+    }
     if let Some(failure) = Failure::from_kv_error(response.error.as_ref(), &addr) {
         return Err(failure);
     }
@@ -356,12 +454,19 @@ async fn get_attempt(
     channel: tonic::transport::Channel,
     addr: String,
     request: pb::GetRequest,
+    trace: Option<Trace>,
 ) -> Result<Option<Versioned>, Failure> {
+    if let Some(t) = &trace {
+        t.tracer().flush().await;
+    }
     let response = KvClient::new(channel)
         .get(request)
         .await
         .map_err(|status| Failure::from_status(&status, &addr))?
         .into_inner();
+    if let Some(t) = &trace {
+        t.tracer().receive_token(&response.trace_token);
+    }
     if let Some(failure) = Failure::from_kv_error(response.error.as_ref(), &addr) {
         return Err(failure);
     }
@@ -384,6 +489,20 @@ async fn acquire<'a>(
             op,
             last_error: "too many operations of this client in flight".to_string(),
         }),
+    }
+}
+
+/// The tracer identity of a client: `client<id>` (an id that already starts with `client` is
+/// kept), without whitespace, which the ShiViz log cannot hold in a host name.
+fn trace_identity(client_id: &str) -> String {
+    let id: String = client_id
+        .chars()
+        .map(|c| if c.is_whitespace() { '_' } else { c })
+        .collect();
+    if id.starts_with("client") {
+        id
+    } else {
+        format!("client{id}")
     }
 }
 

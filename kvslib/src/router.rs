@@ -15,6 +15,7 @@
 //! backoff; the leader view only moves forward (see `leader.rs`). One lazily connected channel
 //! per server address is shared by all requests, so concurrent calls are pipelined over HTTP/2.
 
+use kvraft_tracing::Tracer;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -55,6 +56,8 @@ pub(crate) struct Router {
     /// Round-robin position for probing when no leader is known.
     next_probe: AtomicUsize,
     attempt_timeout: Duration,
+    /// Trace events (DESIGN section 5); `None` when tracing is off.
+    tracer: Option<Tracer>,
 }
 
 /// Per-operation retry state.
@@ -81,7 +84,17 @@ impl Router {
             leader: watch::Sender::new(LeaderInfo::default()),
             next_probe: AtomicUsize::new(0),
             attempt_timeout: Duration::from_millis(config.client.attempt_timeout_ms),
+            tracer: None,
         }
+    }
+
+    pub(crate) fn with_tracer(mut self, tracer: Option<Tracer>) -> Router {
+        self.tracer = tracer;
+        self
+    }
+
+    pub(crate) fn tracer(&self) -> Option<&Tracer> {
+        self.tracer.as_ref()
     }
 
     pub(crate) fn attempt_timeout(&self) -> Duration {

@@ -151,16 +151,23 @@ pub(crate) async fn register(
 ) -> Result<u64, Error> {
     router
         .call("RegisterSession", deadline, |channel, addr| {
+            let trace = router.tracer().map(|t| t.create_trace());
             let request = pb::RegisterSessionRequest {
                 client_id: client_id.to_string(),
-                trace_token: Default::default(),
+                trace_token: kvraft_tracing::token(trace.as_ref(), "RegisterSessionRequest"),
             };
             async move {
+                if let Some(t) = &trace {
+                    t.tracer().flush().await;
+                }
                 let response = KvClient::new(channel)
                     .register_session(request)
                     .await
                     .map_err(|status| Failure::from_status(&status, &addr))?
                     .into_inner();
+                if let Some(t) = &trace {
+                    t.tracer().receive_token(&response.trace_token);
+                }
                 if let Some(failure) = Failure::from_kv_error(response.error.as_ref(), &addr) {
                     return Err(failure);
                 }

@@ -9,6 +9,7 @@
 //! working from server hints, so this task just keeps trying to reconnect. It runs until
 //! [`Watcher::stop`] or until the [`Watcher`] is dropped (the last `Client` handle going away).
 
+use kvraft_tracing::action::LeaderNodeUpdateRecvd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -80,10 +81,14 @@ async fn watch_once(
         Ok(channel) => channel,
         Err(message) => return message,
     };
+    let trace = router.tracer().map(|t| t.create_trace());
     let request = pb::GetLeaderRequest {
         client_id: client_id.to_string(),
-        trace_token: Default::default(),
+        trace_token: kvraft_tracing::token(trace.as_ref(), "WatchLeader"),
     };
+    if let Some(t) = router.tracer() {
+        t.flush().await;
+    }
     let mut client = CoordClientClient::new(channel);
     let opened = tokio::time::timeout(router.attempt_timeout(), client.watch_leader(request));
     let mut stream = match opened.await {
@@ -97,6 +102,14 @@ async fn watch_once(
                 backoff.reset();
                 debug!(action = "LeaderNodeUpdateRecvd", term = info.term,
                     leader_id = info.leader_id, leader_uuid = %info.leader_uuid);
+                if let Some(t) = router.tracer() {
+                    t.receive_token(&info.trace_token)
+                        .record_action(&LeaderNodeUpdateRecvd {
+                            client_id: client_id.to_string(),
+                            leader_id: info.leader_id,
+                            term: info.term,
+                        });
+                }
                 router.offer(info.into(), "coord");
             }
             Ok(None) => return "the coord closed the stream".to_string(),

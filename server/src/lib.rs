@@ -19,6 +19,7 @@ pub mod runtime;
 pub mod service;
 pub mod state_machine;
 pub mod storage;
+mod trace_events;
 
 #[cfg(test)]
 mod replica_tests;

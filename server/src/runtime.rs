@@ -29,6 +29,8 @@ use kvraft_common::config::ClusterConfig;
 use kvraft_common::NodeId;
 use kvraft_proto::replication_client::ReplicationClient;
 use kvraft_proto::{AppendEntriesRequest, AppendEntriesResponse, PutCommand};
+use kvraft_tracing::action::ServerStart;
+use kvraft_tracing::Tracer;
 use prost::bytes::Bytes;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
@@ -38,6 +40,7 @@ use crate::faults::Faults;
 use crate::replica::{Command, Event, Replica, ReplicaConfig, Reply, ReplyTo, StreamId};
 use crate::service;
 use crate::storage::{FileLogStore, HardStateFile, LogStore, ServerMeta, StorageError, Syncer};
+use crate::trace_events::TraceEvents;
 
 /// Capacity of the core's input queue. Handlers wait when it is full (backpressure).
 pub const INPUT_QUEUE_MAX: usize = 16 * 1024;
@@ -54,10 +57,18 @@ const PEER_RECONNECT_MS: u64 = 50;
 /// A request that expects a reply from the core.
 #[derive(Debug)]
 pub(crate) enum Call {
-    CoordHeartbeat { term: u64, leader: NodeId },
-    Prepare { term: u64 },
-    Register { client_id: String },
-    Put(PutCommand),
+    CoordHeartbeat {
+        term: u64,
+        leader: NodeId,
+    },
+    Prepare {
+        term: u64,
+    },
+    Register {
+        client_id: String,
+    },
+    /// A put and the id of the trace it continues (tracing on).
+    Put(PutCommand, Option<u64>),
     Get(Bytes),
     Status,
 }
@@ -72,7 +83,7 @@ impl Call {
             },
             Call::Prepare { term } => Event::Prepare { term, reply },
             Call::Register { client_id } => Event::RegisterSession { client_id, reply },
-            Call::Put(cmd) => Event::Put { cmd, reply },
+            Call::Put(cmd, _) => Event::Put { cmd, reply },
             Call::Get(key) => Event::Get { key, reply },
             Call::Status => Event::Status { reply },
         }
@@ -102,6 +113,8 @@ pub(crate) struct CoreHandle {
     pub last_coord_contact_ms: Arc<AtomicU64>,
     /// The log cannot be written (disk full): client writes are refused.
     pub disk_full: Arc<AtomicBool>,
+    /// Trace events; `None` when tracing is off.
+    pub tracer: Option<Tracer>,
 }
 
 impl CoreHandle {
@@ -136,6 +149,14 @@ pub async fn run(
     // Whatever recovery read may sit only in the page cache after a process crash: make it
     // durable before reporting it as our log position.
     store.syncer().sync()?;
+    let tracer = kvraft_tracing::tracer_for(&config.tracing, &format!("server{id}")).await?;
+    if let Some(t) = &tracer {
+        t.create_trace().record_action(&ServerStart {
+            server_id: id,
+            term: hard.term,
+            last_log_index: entries.last().map_or(0, |e| e.index),
+        });
+    }
     tracing::info!(
         server = id,
         uuid = %meta.uuid,
@@ -162,8 +183,9 @@ pub async fn run(
         next_stream: Arc::new(AtomicU64::new(1)),
         last_coord_contact_ms: Arc::new(AtomicU64::new(0)),
         disk_full: Arc::new(AtomicBool::new(false)),
+        tracer: tracer.clone(),
     };
-    let peers = spawn_peer_links(&config, NodeId(id), tx.clone(), faults.clone())?;
+    let peers = spawn_peer_links(&config, NodeId(id), tx.clone(), faults.clone(), &tracer)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let grpc = tokio::spawn(service::serve(listener, handle.clone(), stop_rx.clone()));
     tokio::spawn(service::join_coord(config.clone(), handle.clone(), stop_rx));
@@ -184,11 +206,15 @@ pub async fn run(
         sync_requested: 0,
         sync_in_flight: false,
         heartbeat_ms: config.server.replication_heartbeat_ms,
+        trace: tracer.clone().map(|t| TraceEvents::new(t, id)),
         _meta: meta,
     };
     let result = core.run(rx, shutdown).await;
     let _ = stop_tx.send(true);
     let _ = grpc.await;
+    if let Some(t) = &tracer {
+        t.close().await;
+    }
     result
 }
 
@@ -214,6 +240,8 @@ struct Core {
     sync_requested: u64,
     sync_in_flight: bool,
     heartbeat_ms: u64,
+    /// Trace events; `None` when tracing is off.
+    trace: Option<TraceEvents>,
     /// Holds the data-directory lock for the life of the server.
     _meta: ServerMeta,
 }
@@ -259,6 +287,9 @@ impl Core {
     fn handle(&mut self, input: Input, cmds: &mut Vec<Command>) -> anyhow::Result<()> {
         let event = match input {
             Input::Call(call, reply) => {
+                if let (Call::Put(cmd, Some(trace_id)), Some(t)) = (&call, &mut self.trace) {
+                    t.put_received(cmd.session_id, cmd.seq, *trace_id);
+                }
                 let to = self.next_reply;
                 self.next_reply += 1;
                 self.replies.insert(to, reply);
@@ -270,6 +301,9 @@ impl Core {
             }
             Input::StreamClosed(id) => {
                 self.streams.remove(&id);
+                if let Some(t) = &mut self.trace {
+                    t.stream_closed(id);
+                }
                 return Ok(());
             }
             Input::AppendEntries(stream, req) => {
@@ -278,6 +312,9 @@ impl Core {
                     n = req.entries.len(),
                     "AppendEntriesRequestRecvd"
                 );
+                if let Some(t) = &mut self.trace {
+                    t.append_received(stream, &req);
+                }
                 Event::AppendEntries { stream, req }
             }
             Input::AppendResponse(resp) => {
@@ -287,6 +324,9 @@ impl Core {
                     ok = resp.success,
                     "AppendEntriesResponseRecvd"
                 );
+                if let Some(t) = &mut self.trace {
+                    t.response_received(&resp);
+                }
                 Event::AppendEntriesResponse { resp }
             }
             Input::PeerDisconnected(peer) => Event::PeerDisconnected { peer },
@@ -319,6 +359,9 @@ impl Core {
         let mut batch: Vec<kvraft_proto::LogEntry> = Vec::new();
         for cmd in cmds {
             if let Command::AppendLog(entries) = cmd {
+                if let Some(t) = &mut self.trace {
+                    t.appended(&entries, self.replica.is_leader());
+                }
                 self.written += 1;
                 batch.extend(entries);
                 continue;
@@ -390,15 +433,21 @@ impl Core {
                 tokio::task::block_in_place(|| self.hard_file.save(hs))?;
             }
             Command::TruncateLog(from) => self.truncate(from)?,
-            Command::SendAppend { to, req } => {
+            Command::SendAppend { to, mut req } => {
                 if let Some(peer) = self.peers.get(&to) {
+                    if let Some(t) = &mut self.trace {
+                        t.sending_append(to.0, &mut req);
+                    }
                     if peer.try_send(req).is_err() {
                         tracing::debug!(peer = %to, "peer queue full; message dropped");
                     }
                 }
             }
-            Command::SendAppendResponse { stream, resp } => {
+            Command::SendAppendResponse { stream, mut resp } => {
                 if let Some(s) = self.streams.get(&stream) {
+                    if let Some(t) = &mut self.trace {
+                        t.sending_response(stream, &mut resp);
+                    }
                     let _ = s.try_send(Ok(resp));
                 }
             }
@@ -420,6 +469,9 @@ impl Core {
                     "BecameFollower"
                 };
                 tracing::info!(server = %self.replica.id(), term, "{tag}");
+                if let Some(t) = &mut self.trace {
+                    t.role_changed(leader, term);
+                }
             }
         }
         Ok(())
@@ -447,6 +499,7 @@ fn spawn_peer_links(
     me: NodeId,
     tx: mpsc::Sender<Input>,
     faults: Arc<Faults>,
+    tracer: &Option<Tracer>,
 ) -> anyhow::Result<HashMap<NodeId, mpsc::Sender<AppendEntriesRequest>>> {
     let mut peers = HashMap::new();
     for s in config.servers.iter().filter(|s| s.id != me.0) {
@@ -461,6 +514,7 @@ fn spawn_peer_links(
             channel,
             core: tx.clone(),
             faults: faults.clone(),
+            tracer: tracer.clone(),
         };
         tokio::spawn(link.run(prx));
         peers.insert(NodeId(s.id), ptx);
@@ -475,9 +529,17 @@ struct PeerLink {
     channel: Channel,
     core: mpsc::Sender<Input>,
     faults: Arc<Faults>,
+    tracer: Option<Tracer>,
 }
 
 impl PeerLink {
+    /// A message with a trace token leaves only once the events it covers are shipped.
+    async fn flush_trace(&self, msg: &AppendEntriesRequest) {
+        if let (Some(t), false) = (&self.tracer, msg.trace_token.is_empty()) {
+            t.flush().await;
+        }
+    }
+
     async fn run(self, mut rx: mpsc::Receiver<AppendEntriesRequest>) {
         while let Some(first) = rx.recv().await {
             if self.faults.peer_partitioned(self.peer) {
@@ -503,6 +565,7 @@ impl PeerLink {
         rx: &mut mpsc::Receiver<AppendEntriesRequest>,
     ) {
         let (out_tx, out_rx) = mpsc::channel(PEER_QUEUE_MAX);
+        self.flush_trace(&first).await;
         if out_tx.send(first).await.is_err() {
             return;
         }
@@ -528,6 +591,7 @@ impl PeerLink {
                     if !delay.is_zero() {
                         tokio::time::sleep(delay).await;
                     }
+                    self.flush_trace(&msg).await;
                     if out_tx.send(msg).await.is_err() {
                         return;
                     }

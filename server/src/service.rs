@@ -15,6 +15,11 @@ use kvraft_proto::kv_server::{Kv, KvServer};
 use kvraft_proto::replication_server::{Replication, ReplicationServer};
 use kvraft_proto::server_control_server::{ServerControl, ServerControlServer};
 use kvraft_proto::*;
+use kvraft_tracing::action::{
+    self as act, DuplicateRequestResolved, GetRecvd, GetResult, PutCommitted, PutRecvd,
+    ServerFailRecvd, ServerJoined, ServerJoining,
+};
+use kvraft_tracing::Trace;
 use prost::bytes::Bytes;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
@@ -90,15 +95,31 @@ async fn try_join(
     let Some(Reply::Status { report, .. }) = handle.call(Call::Status).await else {
         return;
     };
+    let trace = handle.tracer.as_ref().map(|t| {
+        let trace = t.create_trace();
+        trace.record_action(&ServerJoining {
+            server_id: handle.id.0,
+        });
+        trace
+    });
+    let trace_token = handle.token_out(trace.as_ref(), "JoinRequest").await;
     let mut req = Request::new(JoinRequest {
         report: Some(report),
-        trace_token: Bytes::new(),
+        trace_token,
     });
     req.set_timeout(Duration::from_millis(timeout_ms));
     match client.join(req).await {
         Ok(resp) => {
             let resp = resp.into_inner();
             tracing::info!(term = resp.term, leader = resp.leader_id, "ServerJoined");
+            if let Some(t) = &handle.tracer {
+                t.receive_token(&resp.trace_token)
+                    .record_action(&ServerJoined {
+                        server_id: handle.id.0,
+                        term: resp.term,
+                        leader_id: resp.leader_id,
+                    });
+            }
             handle
                 .last_coord_contact_ms
                 .store(now_ms(), Ordering::Relaxed);
@@ -109,6 +130,24 @@ async fn try_join(
             let _ = handle.call(view).await;
         }
         Err(e) => tracing::debug!("ServerJoining: coord not reachable: {}", e.message()),
+    }
+}
+
+impl CoreHandle {
+    /// Continues the sender's trace (tracing on).
+    fn trace_in(&self, token: &[u8]) -> Option<Trace> {
+        self.tracer.as_ref().map(|t| t.receive_token(token))
+    }
+
+    /// A token for an outgoing message, returned once the events it covers are shipped;
+    /// empty when tracing is off.
+    async fn token_out(&self, trace: Option<&Trace>, message: &str) -> Bytes {
+        let Some(trace) = trace else {
+            return Bytes::new();
+        };
+        let token = trace.generate_token_for(message);
+        trace.tracer().flush().await;
+        token
     }
 }
 
@@ -133,6 +172,12 @@ impl ServerControl for CoreHandle {
     ) -> Result<Response<HeartbeatResponse>, Status> {
         coord_partition_check(self)?;
         let req = request.into_inner();
+        // The coord's heartbeats are not traced (they would bury everything else); one that
+        // carries a token anyway gets one back.
+        let trace = match req.trace_token.is_empty() {
+            true => None,
+            false => self.trace_in(&req.trace_token),
+        };
         let call = Call::CoordHeartbeat {
             term: req.term,
             leader: NodeId(req.leader_id),
@@ -144,7 +189,7 @@ impl ServerControl for CoreHandle {
             .store(now_ms(), Ordering::Relaxed);
         Ok(Response::new(HeartbeatResponse {
             report: Some(report),
-            trace_token: Bytes::new(),
+            trace_token: self.token_out(trace.as_ref(), "HeartbeatResponse").await,
         }))
     }
 
@@ -153,7 +198,15 @@ impl ServerControl for CoreHandle {
         request: Request<PrepareRequest>,
     ) -> Result<Response<PrepareResponse>, Status> {
         coord_partition_check(self)?;
-        let term = request.into_inner().term;
+        let request = request.into_inner();
+        let term = request.term;
+        let trace = self.trace_in(&request.trace_token);
+        if let Some(t) = &trace {
+            t.record_action(&ServerFailRecvd {
+                server_id: self.id.0,
+                term,
+            });
+        }
         let Some(Reply::Prepare {
             ok,
             term,
@@ -168,7 +221,7 @@ impl ServerControl for CoreHandle {
             term,
             last_log_term,
             last_log_index,
-            trace_token: Bytes::new(),
+            trace_token: self.token_out(trace.as_ref(), "PrepareResponse").await,
         }))
     }
 }
@@ -182,7 +235,23 @@ impl Replication for CoreHandle {
         request: Request<Streaming<AppendEntriesRequest>>,
     ) -> Result<Response<Self::ReplicateStream>, Status> {
         let mut inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(PEER_QUEUE_MAX);
+        let (tx, mut rx) = mpsc::channel::<Result<AppendEntriesResponse, Status>>(PEER_QUEUE_MAX);
+        if let Some(tracer) = self.tracer.clone() {
+            // An acknowledgement with a trace token leaves only once the events it covers are
+            // shipped: forward through a task that waits for that.
+            let (out_tx, out_rx) = mpsc::channel(PEER_QUEUE_MAX);
+            tokio::spawn(async move {
+                while let Some(msg) = rx.recv().await {
+                    if matches!(&msg, Ok(r) if !r.trace_token.is_empty()) {
+                        tracer.flush().await;
+                    }
+                    if out_tx.send(msg).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            rx = out_rx;
+        }
         let stream = self.next_stream.fetch_add(1, Ordering::Relaxed);
         self.tx
             .send(Input::StreamOpened(stream, tx))
@@ -274,7 +343,9 @@ impl Kv for CoreHandle {
         &self,
         request: Request<RegisterSessionRequest>,
     ) -> Result<Response<RegisterSessionResponse>, Status> {
-        let client_id = request.into_inner().client_id;
+        let request = request.into_inner();
+        let trace = self.trace_in(&request.trace_token);
+        let client_id = request.client_id;
         let mut resp = RegisterSessionResponse::default();
         if let Some(e) = self.disk_full_error() {
             resp.error = Some(e);
@@ -285,6 +356,9 @@ impl Kv for CoreHandle {
             Some(Reply::Registered(Err(e))) => resp.error = Some(kv_error(e)),
             _ => resp.error = error_of(ErrorCode::ErrorUnavailable, "shutting down".into()),
         }
+        resp.trace_token = self
+            .token_out(trace.as_ref(), "RegisterSessionResponse")
+            .await;
         Ok(Response::new(resp))
     }
 
@@ -304,6 +378,18 @@ impl Kv for CoreHandle {
             resp.error = error_of(ErrorCode::ErrorInvalidArgument, msg);
             return Ok(Response::new(resp));
         }
+        let trace = self.trace_in(&req.trace_token);
+        let traced = trace.as_ref().map(|t| {
+            let key = act::text(&req.key);
+            t.record_action(&PutRecvd {
+                client_id: req.client_id.clone(),
+                session_id: req.session_id,
+                seq: req.seq,
+                key: key.clone(),
+                value: act::text(&req.value),
+            });
+            (t, key)
+        });
         let cmd = PutCommand {
             session_id: req.session_id,
             seq: req.seq,
@@ -311,14 +397,42 @@ impl Kv for CoreHandle {
             key: req.key,
             value: req.value,
         };
-        match self.call(Call::Put(cmd)).await {
-            Some(Reply::Put { result: Ok(r), .. }) => {
+        let (session_id, seq) = (cmd.session_id, cmd.seq);
+        match self
+            .call(Call::Put(cmd, trace.as_ref().map(Trace::id)))
+            .await
+        {
+            Some(Reply::Put {
+                result: Ok(r),
+                duplicate,
+            }) => {
                 resp.version = r.version;
                 resp.index = r.index;
+                if let Some((t, key)) = traced {
+                    let client_id = req.client_id;
+                    if duplicate {
+                        t.record_action(&DuplicateRequestResolved {
+                            client_id,
+                            session_id,
+                            seq,
+                            index: r.index,
+                        });
+                    } else {
+                        t.record_action(&PutCommitted {
+                            client_id,
+                            session_id,
+                            seq,
+                            key,
+                            index: r.index,
+                            version: r.version,
+                        });
+                    }
+                }
             }
             Some(Reply::Put { result: Err(e), .. }) => resp.error = Some(kv_error(e)),
             _ => resp.error = error_of(ErrorCode::ErrorUnavailable, "shutting down".into()),
         }
+        resp.trace_token = self.token_out(trace.as_ref(), "PutResponse").await;
         Ok(Response::new(resp))
     }
 
@@ -329,6 +443,15 @@ impl Kv for CoreHandle {
             resp.error = error_of(ErrorCode::ErrorInvalidArgument, e);
             return Ok(Response::new(resp));
         }
+        let trace = self.trace_in(&req.trace_token);
+        let key_text = trace.as_ref().map(|t| {
+            let key = act::text(&req.key);
+            t.record_action(&GetRecvd {
+                client_id: req.client_id.clone(),
+                key: key.clone(),
+            });
+            key
+        });
         match self.call(Call::Get(req.key)).await {
             Some(Reply::Get(Ok(Some((value, version))))) => {
                 resp.found = true;
@@ -339,6 +462,17 @@ impl Kv for CoreHandle {
             Some(Reply::Get(Err(e))) => resp.error = Some(kv_error(e)),
             _ => resp.error = error_of(ErrorCode::ErrorUnavailable, "shutting down".into()),
         }
+        if let (Some(t), Some(key)) = (&trace, key_text) {
+            if resp.error.is_none() {
+                t.record_action(&GetResult {
+                    client_id: req.client_id,
+                    key,
+                    found: resp.found,
+                    value: act::text(&resp.value),
+                });
+            }
+        }
+        resp.trace_token = self.token_out(trace.as_ref(), "GetResponse").await;
         Ok(Response::new(resp))
     }
 }

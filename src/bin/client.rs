@@ -180,19 +180,37 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             print_leader(&leader, out.as_deref())?;
             Ok(true)
         }
-        None => script(&connect(&config, id).await?).await,
+        None => {
+            let client = connect(&config, id).await?;
+            finish(client.clone(), script(&client).await).await
+        }
         Some(Command::Put { key, value }) => {
             // Refuse bad input before touching the network.
             check_key_value(key.as_bytes(), Some(value.as_bytes())).map_err(anyhow::Error::msg)?;
-            put_once(&connect(&config, id).await?, key, value).await
+            let client = connect(&config, id).await?;
+            finish(client.clone(), put_once(&client, key, value).await).await
         }
         Some(Command::Get { key }) => {
             check_key_value(key.as_bytes(), None).map_err(anyhow::Error::msg)?;
-            get_once(&connect(&config, id).await?, &key).await
+            let client = connect(&config, id).await?;
+            finish(client.clone(), get_once(&client, &key).await).await
         }
-        Some(Command::Run(args)) => run_batch(&connect(&config, id).await?, &args).await,
-        Some(Command::Shell) => shell(&connect(&config, id).await?).await,
+        Some(Command::Run(args)) => {
+            let client = connect(&config, id).await?;
+            finish(client.clone(), run_batch(&client, &args).await).await
+        }
+        Some(Command::Shell) => {
+            let client = connect(&config, id).await?;
+            finish(client.clone(), shell(&client).await).await
+        }
     }
+}
+
+/// Closes the client (which ships its last trace events when tracing is on) and passes the
+/// command's result on.
+async fn finish<T>(client: Client, result: T) -> T {
+    client.close().await;
+    result
 }
 
 /// Prints one line to stdout; an error (such as a closed pipe) ends the command cleanly

@@ -13,3 +13,4 @@ mod t55_campaign;
 mod t60_coord_restart;
 mod t70_bad_input;
 mod t75_disk_full;
+mod t80_tracing;

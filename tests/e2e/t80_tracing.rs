@@ -1,0 +1,222 @@
+//! Vector-clock tracing on a real cluster (DESIGN section 5): a tracing-server process, three
+//! servers, the coord and a kvslib client, with a leader SIGKILLed mid-run and restarted. The
+//! ShiViz log is then read as ShiViz reads it and checked: every host's counter rises by one
+//! per event from 1, every clock names only events that exist and are in its past, and one
+//! put's events are causally ordered client -> leader -> followers -> leader -> client.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kvraft_tracing::shiviz::{self, Event};
+
+use crate::harness::{free_ports, Cluster, WAIT};
+
+/// The tracing-server process; SIGKILLed if the test fails before stopping it.
+struct TracingServer(Option<Child>);
+
+impl TracingServer {
+    fn start(config: &std::path::Path, log: &std::path::Path) -> TracingServer {
+        let out = std::fs::File::create(log).expect("tracing server log");
+        let child = Command::new(env!("CARGO_BIN_EXE_tracing-server"))
+            .args(["--config", &config.display().to_string(), "--fresh"])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("clone log handle"))
+            .stderr(out)
+            .spawn()
+            .expect("start tracing-server");
+        TracingServer(Some(child))
+    }
+
+    /// SIGTERM, then wait: the server flushes and fsyncs its logs before exiting.
+    fn stop(&mut self) {
+        let mut child = self.0.take().expect("running");
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+        let deadline = Instant::now() + WAIT;
+        while child.try_wait().expect("wait").is_none() {
+            assert!(Instant::now() < deadline, "tracing-server did not stop");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for TracingServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn find<'a>(events: &'a [Event], host: &str, tag: &str, trace: u64) -> Vec<&'a Event> {
+    events
+        .iter()
+        .filter(|e| e.tag == tag && e.trace_id == trace && (host.is_empty() || e.host == host))
+        .collect()
+}
+
+/// The client's `Put` event of `key`.
+fn put_of<'a>(events: &'a [Event], key: &str) -> &'a Event {
+    events
+        .iter()
+        .find(|e| e.host == "client1" && e.tag == "Put" && e.body["Key"] == key)
+        .unwrap_or_else(|| panic!("no Put of {key} in the log"))
+}
+
+/// Client Put -> leader PutRecvd -> followers' AppendEntriesRequestRecvd (a majority before
+/// the commit) -> leader PutCommitted -> client PutResultRecvd, all on the put's trace id.
+/// Returns the leader's host name.
+fn check_put_story(events: &[Event], key: &str) -> String {
+    let put = put_of(events, key);
+    let t = put.trace_id;
+    let recvd = find(events, "", "PutRecvd", t);
+    let committed = find(events, "", "PutCommitted", t);
+    assert_eq!(committed.len(), 1, "{key}: one PutCommitted");
+    let committed = committed[0];
+    let leader = committed.host.clone();
+    let recvd = recvd
+        .into_iter()
+        .find(|e| e.host == leader)
+        .unwrap_or_else(|| panic!("{key}: no PutRecvd on {leader}"));
+    let result = find(events, "client1", "PutResultRecvd", t);
+    assert_eq!(result.len(), 1, "{key}: one PutResultRecvd");
+    assert!(put.happens_before(recvd), "{key}: Put -> PutRecvd");
+    assert!(
+        recvd.happens_before(committed),
+        "{key}: PutRecvd -> PutCommitted"
+    );
+    assert!(
+        committed.happens_before(result[0]),
+        "{key}: PutCommitted -> PutResultRecvd"
+    );
+    let appends: Vec<&Event> = find(events, "", "AppendEntriesRequestRecvd", t)
+        .into_iter()
+        .filter(|e| e.host != leader)
+        .collect();
+    assert!(
+        !appends.is_empty(),
+        "{key}: no follower received the entry on the put's trace"
+    );
+    for a in &appends {
+        assert!(
+            recvd.happens_before(a),
+            "{key}: PutRecvd -> {} AppendEntriesRequestRecvd",
+            a.host
+        );
+    }
+    // Majority of 3: the leader and at least one follower stored the entry before the commit.
+    assert!(
+        appends.iter().any(|a| a.happens_before(committed)),
+        "{key}: no follower's AppendEntriesRequestRecvd happens-before PutCommitted"
+    );
+    leader
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shiviz_log_of_a_run_with_failover_is_valid_and_causal() {
+    let port = free_ports(1)[0];
+    let tmp = tempfile::tempdir().unwrap();
+    let (json, shiviz_path) = (
+        tmp.path().join("trace_output.log"),
+        tmp.path().join("shiviz_output.log"),
+    );
+    let tracing_section = format!(
+        "\n[tracing]\nenabled = true\nserver_addr = \"127.0.0.1:{port}\"\noutput_file = \"{}\"\n\
+         shiviz_output_file = \"{}\"\n",
+        json.display(),
+        shiviz_path.display()
+    );
+    let mut cluster = Cluster::with_coord_options(3, &tracing_section);
+    assert!(cluster.config.tracing.enabled);
+    let mut tracer =
+        TracingServer::start(&cluster.config_path, &tmp.path().join("tracing-server.log"));
+    cluster.start_all();
+    let first = cluster.wait_leader(|_| true).await;
+
+    tracing::info!("--- puts and gets with tracing on");
+    let client = kvslib::Client::connect(&cluster.config, "client1")
+        .await
+        .unwrap();
+    for i in 0..5 {
+        client.put(format!("k{i}"), format!("v{i}")).await.unwrap();
+        assert_eq!(
+            client.get(format!("k{i}")).await.unwrap(),
+            Some(format!("v{i}").into_bytes())
+        );
+    }
+
+    tracing::info!("--- kill -9 the leader (its unshipped events are lost), keep going");
+    cluster.kill_server(first.leader_id);
+    for i in 5..10 {
+        client.put(format!("k{i}"), format!("v{i}")).await.unwrap();
+    }
+    let second = cluster
+        .wait_leader(|l| l.leader_id != first.leader_id)
+        .await;
+
+    tracing::info!("--- restart the killed server: its tracer continues its clock");
+    cluster.start_server(first.leader_id);
+    for i in 10..15 {
+        client.put(format!("k{i}"), format!("v{i}")).await.unwrap();
+    }
+    let id = first.leader_id;
+    Cluster::wait_for("the restarted server to catch up", || async {
+        cluster
+            .status(id)
+            .await
+            .is_some_and(|s| s.last_applied > 15)
+    })
+    .await;
+    client.close().await;
+    tracer.stop();
+
+    tracing::info!("--- the ShiViz log passes ShiViz's rules");
+    let text = std::fs::read_to_string(&shiviz_path).unwrap();
+    let events = shiviz::parse(&text).unwrap();
+    shiviz::check(&events).unwrap_or_else(|e| panic!("ShiViz would reject the log: {e}"));
+    let json_lines = std::fs::read_to_string(&json).unwrap().lines().count();
+    assert_eq!(json_lines, events.len(), "both logs hold the same events");
+    for host in ["coord", "client1", "server1", "server2", "server3"] {
+        assert!(events.iter().any(|e| e.host == host), "no events of {host}");
+    }
+    let restarted = format!("server{}", first.leader_id);
+    let starts = events
+        .iter()
+        .filter(|e| e.host == restarted && e.tag == "ServerStart")
+        .count();
+    assert_eq!(
+        starts, 2,
+        "{restarted} started twice in one continuous clock"
+    );
+    for tag in [
+        "CoordStart",
+        "AllServersJoined",
+        "NewTerm",
+        "LeaderReconfigDone",
+        "ServerFail",
+        "BecameLeader",
+        "NoOpRequest",
+        "GetRecvd",
+        "GetResult",
+        "KvslibStart",
+        "KvslibStop",
+        "LeaderNodeUpdateRecvd",
+    ] {
+        assert!(events.iter().any(|e| e.tag == tag), "no {tag} event");
+    }
+
+    tracing::info!("--- one put is one causal story, before and after the failover");
+    assert_eq!(
+        check_put_story(&events, "k2"),
+        format!("server{}", first.leader_id)
+    );
+    assert_eq!(
+        check_put_story(&events, "k12"),
+        format!("server{}", second.leader_id)
+    );
+}
