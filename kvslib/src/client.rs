@@ -339,7 +339,13 @@ impl Client {
             t.create_trace().record_action(&KvslibStop {
                 client_id: self.inner.client_id.clone(),
             });
-            t.flush().await;
+            // Bounded: closing must not hang while the tracing server is gone. Other clones
+            // keep the tracer running.
+            let _ = t
+                .flush_for(Duration::from_millis(
+                    kvraft_tracing::tracer::CLOSE_FLUSH_MS,
+                ))
+                .await;
         }
     }
 

@@ -55,6 +55,11 @@ enum Role {
     Coord,
     #[command(hide = true)]
     Server { id: u32 },
+    #[command(hide = true)]
+    TracingServer {
+        #[arg(long)]
+        fresh: bool,
+    },
 }
 
 #[tokio::main]
@@ -68,6 +73,10 @@ async fn main() -> ExitCode {
         Some(Role::Server { id }) => {
             launch::init_logging("info");
             launch::server(id, &args.config, FaultSpec::default(), Duration::ZERO).await
+        }
+        Some(Role::TracingServer { fresh }) => {
+            launch::init_logging("info");
+            launch::tracing_server(&args.config, fresh).await
         }
         None => demo(&args).await,
     };
@@ -179,6 +188,18 @@ async fn demo(args: &Args) -> anyhow::Result<()> {
         args.config.display(),
         args.log_dir.display()
     );
+    if config.tracing.enabled {
+        let mut role = vec!["tracing-server".to_string()];
+        if args.fresh {
+            role.push("--fresh".into());
+        }
+        procs.start("tracing-server", &role)?;
+        println!(
+            "tracing on: tracing server on {}, ShiViz log {}",
+            config.tracing.server_addr,
+            config.tracing.shiviz_output_file.display()
+        );
+    }
     procs.start("coord", &["coord".into()])?;
     for s in &config.servers {
         procs.start(

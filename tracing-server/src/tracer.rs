@@ -47,6 +47,9 @@ pub const RESUME_DEADLINE_MS: u64 = 10_000;
 /// Retry pacing when the tracing server cannot be reached.
 const RETRY_INITIAL_MS: u64 = 20;
 const RETRY_MAX_MS: u64 = 1_000;
+/// How long `close` waits for the last events to be shipped: a process stopping while the
+/// tracing server is gone must still stop (the events it loses were seen by nobody else).
+pub const CLOSE_FLUSH_MS: u64 = 3_000;
 /// Largest gRPC message to the tracing server.
 const MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
 
@@ -203,9 +206,20 @@ impl Tracer {
         let _ = rx.wait_for(|&shipped| shipped >= target).await;
     }
 
-    /// Flushes, then stops the shipper. Events recorded afterwards are queued but never sent.
+    /// [`Tracer::flush`], giving up after `timeout`; returns whether everything was shipped.
+    pub async fn flush_for(&self, timeout: Duration) -> bool {
+        tokio::time::timeout(timeout, self.flush()).await.is_ok()
+    }
+
+    /// Flushes (for at most [`CLOSE_FLUSH_MS`]), then stops the shipper. Events recorded
+    /// afterwards are queued but never sent.
     pub async fn close(&self) {
-        self.flush().await;
+        if !self.flush_for(Duration::from_millis(CLOSE_FLUSH_MS)).await {
+            tracing::warn!(
+                identity = %self.inner.identity,
+                "trace events not shipped within {CLOSE_FLUSH_MS} ms; they are lost"
+            );
+        }
         self.inner.lock().closed = true;
         self.inner.work.notify_one();
     }
