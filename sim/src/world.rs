@@ -343,7 +343,7 @@ impl World {
         Err("simulator: event queue ran dry".into())
     }
 
-    /// End of run: a leader is known and agreed, and the history is linearizable.
+    /// End of run: a leader is known, and the coord agrees.
     fn finish(&mut self) -> Result<(), String> {
         let Some(leader) = self.leader() else {
             return Err("liveness: no leader at the end".into());
@@ -357,7 +357,7 @@ impl World {
                 ));
             }
         }
-        self.history.check(&self.inv.applied).map(|_| ())
+        Ok(()) // the history is checked by the caller (`run_seed`)
     }
 
     /// The live node that leads the highest term, if any.
