@@ -589,15 +589,34 @@ fn leader_cut_from_majority_stops_reporting_leadership() {
     net.nodes.get_mut(&2).unwrap().isolated = true;
     net.nodes.get_mut(&3).unwrap().isolated = true;
     let window = 50 * crate::replica::QUORUM_LOSS_HEARTBEATS;
-    net.step(1, Event::Tick { now_ms: 1_000 + window });
+    net.step(
+        1,
+        Event::Tick {
+            now_ms: 1_000 + window,
+        },
+    );
     net.settle();
-    assert_eq!(net.node(1).report().role, leader_role, "still within the window");
-    net.step(1, Event::Tick { now_ms: 1_001 + window });
+    assert_eq!(
+        net.node(1).report().role,
+        leader_role,
+        "still within the window"
+    );
+    net.step(
+        1,
+        Event::Tick {
+            now_ms: 1_001 + window,
+        },
+    );
     net.settle();
     assert!(net.node(1).is_leader());
     assert_ne!(net.node(1).report().role, leader_role);
     net.nodes.get_mut(&3).unwrap().isolated = false;
-    net.step(1, Event::Tick { now_ms: 2_000 + window });
+    net.step(
+        1,
+        Event::Tick {
+            now_ms: 2_000 + window,
+        },
+    );
     net.settle();
     assert_eq!(net.node(1).report().role, leader_role);
 }
