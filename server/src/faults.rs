@@ -2,7 +2,8 @@
 //! that the `server` flags set at start and the `Admin.SetFaults` RPC changes while running.
 //!
 //! - partition from the coord: heartbeats and prepares are answered with an error;
-//! - partition from peers: replication to and from them is dropped (the stream is closed);
+//! - partition from peers: replication to and from them is dropped (the stream is closed), or
+//!   with `one_way` only what this server sends to them;
 //! - crash after commit: the process exits as leader once the commit index reaches an index,
 //!   before any reply for it is sent;
 //! - delay: every outgoing replication message waits this long;
@@ -23,6 +24,7 @@ struct State {
     crash_after_commit: u64,
     delay: Duration,
     disk_full: bool,
+    one_way: bool,
 }
 
 #[derive(Debug, Default)]
@@ -39,6 +41,8 @@ pub struct FaultSpec {
     pub crash_after_commit: u64,
     pub delay: Duration,
     pub disk_full: bool,
+    /// The peer partition drops only what this server sends.
+    pub one_way: bool,
 }
 
 impl Faults {
@@ -62,17 +66,28 @@ impl Faults {
         s.crash_after_commit = spec.crash_after_commit;
         s.delay = spec.delay;
         s.disk_full = spec.disk_full;
+        s.one_way = spec.one_way;
     }
 
     pub fn coord_partitioned(&self) -> bool {
         self.lock().coord_until.is_some_and(|t| Instant::now() < t)
     }
 
-    pub fn peer_partitioned(&self, peer: NodeId) -> bool {
+    fn peer_partitioned(&self, peer: NodeId) -> bool {
         self.lock()
             .peers_until
             .get(&peer)
             .is_some_and(|&t| Instant::now() < t)
+    }
+
+    /// Messages from this server to `peer` are dropped.
+    pub fn drops_to(&self, peer: NodeId) -> bool {
+        self.peer_partitioned(peer)
+    }
+
+    /// Messages from `peer` to this server are dropped.
+    pub fn drops_from(&self, peer: NodeId) -> bool {
+        self.peer_partitioned(peer) && !self.lock().one_way
     }
 
     /// The index after whose commit a leader must exit, 0 for none.

@@ -542,7 +542,7 @@ impl PeerLink {
 
     async fn run(self, mut rx: mpsc::Receiver<AppendEntriesRequest>) {
         while let Some(first) = rx.recv().await {
-            if self.faults.peer_partitioned(self.peer) {
+            if self.faults.drops_to(self.peer) {
                 continue;
             }
             self.stream(first, &mut rx).await;
@@ -584,8 +584,11 @@ impl PeerLink {
             tokio::select! {
                 msg = rx.recv() => {
                     let Some(msg) = msg else { return };
-                    if self.faults.peer_partitioned(self.peer) {
-                        return;
+                    if self.faults.drops_to(self.peer) {
+                        if self.faults.drops_from(self.peer) {
+                            return; // both ways: the link is down
+                        }
+                        continue; // one way: this message is lost
                     }
                     let delay = self.faults.delay();
                     if !delay.is_zero() {
@@ -598,7 +601,7 @@ impl PeerLink {
                 }
                 resp = inbound.message() => {
                     let Ok(Some(resp)) = resp else { return };
-                    if self.faults.peer_partitioned(self.peer) {
+                    if self.faults.drops_from(self.peer) {
                         return;
                     }
                     if self.core.send(Input::AppendResponse(resp)).await.is_err() {

@@ -4,7 +4,9 @@
 //! back into a response; no decision is made here beyond input validation and the coord
 //! partition fault.
 
-use std::sync::atomic::Ordering;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use kvraft_common::config::ClusterConfig;
@@ -24,6 +26,7 @@ use prost::bytes::Bytes;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::faults::FaultSpec;
@@ -228,7 +231,8 @@ impl ServerControl for CoreHandle {
 
 #[tonic::async_trait]
 impl Replication for CoreHandle {
-    type ReplicateStream = ReceiverStream<Result<AppendEntriesResponse, Status>>;
+    type ReplicateStream =
+        Pin<Box<dyn Stream<Item = Result<AppendEntriesResponse, Status>> + Send + 'static>>;
 
     async fn replicate(
         &self,
@@ -258,9 +262,15 @@ impl Replication for CoreHandle {
             .await
             .map_err(|_| unavailable())?;
         let handle = self.clone();
+        // The stream's leader, for the one-way fault on our acknowledgements.
+        let leader = Arc::new(AtomicU32::new(0));
+        let (faults, stream_leader) = (self.faults.clone(), leader.clone());
+        let outbound = ReceiverStream::new(rx)
+            .filter(move |_| !faults.drops_to(NodeId(stream_leader.load(Ordering::Relaxed))));
         tokio::spawn(async move {
             while let Ok(Some(req)) = inbound.message().await {
-                if handle.faults.peer_partitioned(NodeId(req.leader_id)) {
+                leader.store(req.leader_id, Ordering::Relaxed);
+                if handle.faults.drops_from(NodeId(req.leader_id)) {
                     break;
                 }
                 if handle
@@ -274,7 +284,7 @@ impl Replication for CoreHandle {
             }
             let _ = handle.tx.send(Input::StreamClosed(stream)).await;
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(Box::pin(outbound)))
     }
 }
 
@@ -505,6 +515,7 @@ impl Admin for CoreHandle {
             crash_after_commit: req.crash_after_commit,
             delay: Duration::from_millis(req.delay_ms),
             disk_full: req.disk_full,
+            one_way: req.one_way,
         };
         tracing::warn!(server = %self.id, ?spec, "fault injection set");
         self.faults.set(&spec);

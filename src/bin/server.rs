@@ -35,6 +35,9 @@ pub struct Args {
     /// How long the peer partition lasts.
     #[arg(long, value_name = "MS", default_value_t = 0)]
     partition_peers_ms: u64,
+    /// Make the peer partition one-way: drop only what this server sends to those peers.
+    #[arg(long)]
+    one_way: bool,
     /// As leader, exit right after committing this log index, before replying to the client.
     #[arg(long, value_name = "INDEX", default_value_t = 0)]
     crash_after_commit: u64,
@@ -56,6 +59,7 @@ async fn main() -> ExitCode {
         partition_peers_for: Duration::from_millis(args.partition_peers_ms),
         crash_after_commit: args.crash_after_commit,
         delay: Duration::from_millis(args.delay_ms),
+        one_way: args.one_way,
         ..FaultSpec::default()
     };
     let after = Duration::from_millis(args.faults_after_ms);

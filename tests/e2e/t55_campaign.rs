@@ -1,8 +1,9 @@
 //! Fault campaign on real processes (issue: prove it). Concurrent kvslib clients record every
 //! invocation and completion; a nemesis driven by a seed kills (SIGKILL) and restarts leaders,
 //! followers and the coord, pauses processes (SIGSTOP/SIGCONT, the leader beyond the failure
-//! timeout), cuts servers from the coord, splits the cluster into a minority and a majority, and
-//! restarts the whole cluster. At the end everything heals, every key is read back, and the
+//! timeout), cuts servers from the coord or the leader from its peers, drops one direction of
+//! some links, splits the cluster into a minority and a majority, and restarts the whole
+//! cluster. At the end everything heals, every key is read back, and the
 //! whole history must pass the linearizability checker.
 //!
 //! CI runs a bounded campaign per cluster size; a long one runs by hand:
@@ -91,18 +92,20 @@ enum Fault {
     PauseServer,
     CutLeaderFromCoord,
     IsolateLeaderFromPeers,
+    OneWayDrop,
     SplitMinority,
     KillCoord,
     RestartAll,
 }
 
-const FAULTS: [Fault; 9] = [
+const FAULTS: [Fault; 10] = [
     Fault::KillLeader,
     Fault::KillFollower,
     Fault::PauseLeader,
     Fault::PauseServer,
     Fault::CutLeaderFromCoord,
     Fault::IsolateLeaderFromPeers,
+    Fault::OneWayDrop,
     Fault::SplitMinority,
     Fault::KillCoord,
     Fault::RestartAll,
@@ -249,6 +252,22 @@ async fn inject(cluster: &mut Cluster, rng: &mut StdRng, fault: Fault) -> Vec<u3
             cluster.set_faults(leader, cut).await;
             vec![leader]
         }
+        Fault::OneWayDrop => {
+            // What `any` sends to some peers is lost; it still hears them.
+            let peers: Vec<u32> = ids
+                .iter()
+                .copied()
+                .filter(|&i| i != any && rng.random_bool(0.6))
+                .collect();
+            let drop = FaultRequest {
+                partition_peers: peers,
+                partition_peers_ms: 60_000,
+                one_way: true,
+                ..FaultRequest::default()
+            };
+            cluster.set_faults(any, drop).await;
+            vec![any]
+        }
         Fault::SplitMinority => {
             let mut shuffled = ids.clone();
             for i in (1..shuffled.len()).rev() {
@@ -296,7 +315,10 @@ async fn heal(cluster: &mut Cluster, fault: Fault, targets: &[u32]) {
                 cluster.signal_server(id, "CONT");
             }
         }
-        Fault::CutLeaderFromCoord | Fault::IsolateLeaderFromPeers | Fault::SplitMinority => {
+        Fault::CutLeaderFromCoord
+        | Fault::IsolateLeaderFromPeers
+        | Fault::OneWayDrop
+        | Fault::SplitMinority => {
             for &id in targets {
                 if cluster.is_running(id) {
                     cluster.set_faults(id, FaultRequest::default()).await;
