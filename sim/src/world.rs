@@ -58,6 +58,8 @@ const PARTITION_MS: std::ops::RangeInclusive<u64> = 100..=1_500;
 const DOWN_MS: std::ops::RangeInclusive<u64> = 50..=1_500;
 /// Delay before the leader's peer link reports a broken stream (ms).
 const DISCONNECT_NOTICE_MS: std::ops::RangeInclusive<u64> = 1..=20;
+/// Share of node faults aimed at the current leader: failovers are where the bugs live.
+const LEADER_VICTIM_SHARE: f64 = 0.5;
 /// Share of randomly dropped replication messages that break their stream (‰); the rest are
 /// lost silently, which the leader must survive through probes and heartbeats.
 const DROP_BREAKS_STREAM_PERMILLE: u32 = 500;
@@ -904,7 +906,7 @@ impl World {
         match kind {
             0 => {
                 // One node cut from everyone (servers, coord, clients), both ways.
-                let node = self.rng.random_range(1..=n);
+                let node = self.victim();
                 let mut pairs = Vec::new();
                 let mut others: Vec<Endpoint> =
                     (1..=n).filter(|&o| o != node).map(Endpoint::Node).collect();
@@ -919,7 +921,7 @@ impl World {
             }
             1 => {
                 // A node and the coord cannot talk; the data path is intact.
-                let node = Endpoint::Node(self.rng.random_range(1..=n));
+                let node = Endpoint::Node(self.victim());
                 self.partition(vec![(node, Endpoint::Coord), (Endpoint::Coord, node)]);
                 self.faults.coord_partitions += 1;
             }
@@ -949,7 +951,7 @@ impl World {
             }
             3 => {
                 // One direction of one link drops everything.
-                let x = self.rng.random_range(1..=n);
+                let x = self.victim();
                 let to = if self.rng.random_bool(0.7) && n > 1 {
                     let mut y = self.rng.random_range(1..n);
                     if y >= x {
@@ -968,7 +970,7 @@ impl World {
                 self.faults.one_way += 1;
             }
             4 => {
-                let node = self.rng.random_range(1..=n);
+                let node = self.victim();
                 if self.nodes[node as usize - 1].is_up() {
                     self.crash_node(node);
                     let at = self.now_ms + self.rng.random_range(DOWN_MS);
@@ -987,6 +989,15 @@ impl World {
             }
         }
         Ok(())
+    }
+
+    /// The node a fault hits: half the time the leader (if any), to force failovers.
+    fn victim(&mut self) -> u32 {
+        let leader = self.leader();
+        match leader {
+            Some(l) if self.rng.random_bool(LEADER_VICTIM_SHARE) => l,
+            _ => self.rng.random_range(1..=self.nodes.len() as u32),
+        }
     }
 
     fn partition(&mut self, pairs: Vec<(Endpoint, Endpoint)>) {

@@ -4,6 +4,9 @@
 //! cargo run --release -p kvraft-sim -- --seeds 1000 --start 0   # many seeds
 //! cargo run --release -p kvraft-sim -- --seed 42 -v             # replay one, with a trace
 //! ```
+//!
+//! Options that change the config (`--fault-every-ms`, `--slots`, ...) change what a seed
+//! does: replay a failure with the same options it was found with.
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -35,16 +38,43 @@ struct Args {
     /// Run without injected faults.
     #[arg(long)]
     no_faults: bool,
+    /// Mean time between injected faults (ms).
+    #[arg(long)]
+    fault_every_ms: Option<u64>,
+    /// Length of the fault phase (ms).
+    #[arg(long)]
+    fault_ms: Option<u64>,
+    /// Most operations in flight per client.
+    #[arg(long)]
+    slots: Option<usize>,
+    /// Per-mille probabilities of message drop, duplication and reordering.
+    #[arg(long)]
+    drop_permille: Option<u32>,
+    #[arg(long)]
+    dup_permille: Option<u32>,
+    #[arg(long)]
+    reorder_permille: Option<u32>,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    let d = SimConfig::default();
     let cfg = SimConfig {
         verbose: args.verbose,
         servers: args.servers,
         faults: !args.no_faults,
-        ..SimConfig::default()
+        fault_every_ms: args.fault_every_ms.unwrap_or(d.fault_every_ms),
+        fault_ms: args.fault_ms.unwrap_or(d.fault_ms),
+        client_slots_max: args.slots.unwrap_or(d.client_slots_max),
+        drop_permille: args.drop_permille.unwrap_or(d.drop_permille),
+        dup_permille: args.dup_permille.unwrap_or(d.dup_permille),
+        reorder_permille: args.reorder_permille.unwrap_or(d.reorder_permille),
+        ..d
     };
+    if let Err(e) = cfg.validate() {
+        eprintln!("invalid options: {e}");
+        return ExitCode::FAILURE;
+    }
     let (start, count) = match args.seed {
         Some(s) => (s, 1),
         None => (args.start, args.seeds),
