@@ -20,10 +20,13 @@
 //! Terms come only from the coord (`Prepare`, and heartbeats naming the leader of a term); a
 //! server never makes up a term. A server accepts one leader per term and refuses any other.
 //!
+//! Determinism: the core keeps its maps ordered (BTreeMap), so the same events give the same
+//! commands in the same order, which a seeded simulation relies on to replay a run.
+//!
 //! Invariants checked with assertions: committed entries are never truncated; the commit index
 //! never decreases; entries apply in order exactly once.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
 use kvraft_common::NodeId;
 use kvraft_proto::log_entry::Payload;
@@ -198,15 +201,15 @@ struct PendingRead {
 
 #[derive(Debug)]
 struct Leader {
-    peers: HashMap<NodeId, Peer>,
+    peers: BTreeMap<NodeId, Peer>,
     noop_index: u64,
     /// Latest ReadIndex round sent to followers.
     read_round: u64,
     /// Reads wait for a round to be sent.
     round_wanted: bool,
     reads: VecDeque<PendingRead>,
-    put_waiters: HashMap<(u64, u64), Vec<ReplyTo>>,
-    register_waiters: HashMap<u64, ReplyTo>,
+    put_waiters: BTreeMap<(u64, u64), Vec<ReplyTo>>,
+    register_waiters: BTreeMap<u64, ReplyTo>,
 }
 
 /// Tracks which prefix of the current log is fsynced. Each log write is remembered with the
@@ -532,8 +535,8 @@ impl Replica {
             read_round: 0,
             round_wanted: false,
             reads: VecDeque::new(),
-            put_waiters: HashMap::new(),
-            register_waiters: HashMap::new(),
+            put_waiters: BTreeMap::new(),
+            register_waiters: BTreeMap::new(),
         });
         self.out.push(Command::RoleChanged {
             leader: true,
