@@ -14,6 +14,7 @@
 //!
 //! [`run`] wires them together on listeners the caller has bound, so tests use port 0.
 
+pub mod cluster_id;
 pub mod core;
 pub mod term_file;
 
@@ -57,6 +58,7 @@ pub async fn run(
         .validate()
         .map_err(|(key, message)| anyhow!("invalid cluster config: {key}: {message}"))?;
     let (term_file, highest_term) = TermFile::open(&config.coord.data_dir)?;
+    let cluster = std::sync::Arc::new(cluster_id::ClusterIdentity::open(&config.coord.data_dir)?);
     let core_config = CoreConfig::from_cluster(&config);
     let core = CoordCore::new(core_config, highest_term, 0);
     let tracer = kvraft_tracing::tracer_for(&config.tracing, "coord").await?;
@@ -82,13 +84,14 @@ pub async fn run(
     let runtime = runtime::Runtime::new(
         &config,
         core,
-        term_file,
+        (term_file, cluster.clone()),
         inputs_tx.clone(),
         inputs_rx,
         leader_tx,
         tracer.clone(),
     )?;
-    let join_service = service::JoinService::new(inputs_tx, config.server_ids(), tracer.clone());
+    let join_service =
+        service::JoinService::new(inputs_tx, config.server_ids(), tracer.clone(), cluster);
     let leader_service = service::LeaderService::new(leader_rx, tracer.clone());
 
     // One stop signal for every task, raised by `shutdown` or by the first task to fail.

@@ -25,6 +25,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -39,8 +40,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
 use tonic::transport::{Channel, Endpoint};
-use tracing::{debug, warn};
+use tracing::{debug, error, warn};
 
+use crate::cluster_id::ClusterIdentity;
 use crate::convert;
 use crate::core::{Command, CoordCore, Event, LeaderView, ServerReport};
 use crate::term_file::TermFile;
@@ -61,6 +63,9 @@ const RPCS_IN_FLIGHT_MAX: usize = 1024;
 pub(crate) enum Input {
     /// An RPC result from a spawned task.
     Event(Event),
+    /// A heartbeat answer, with the cluster id the server reported (checked before the core
+    /// sees the report).
+    Reported { cluster_id: String, event: Event },
     /// A server joined; `reply` gets the view after the join was processed.
     Join {
         report: ServerReport,
@@ -104,6 +109,10 @@ pub(crate) struct Runtime {
     /// Trace events; `None` when tracing is off (then nothing below is touched).
     tracer: Option<Tracer>,
     trace_state: TraceState,
+    cluster: Arc<ClusterIdentity>,
+    /// Servers already warned about for reporting another cluster (one line each, not one per
+    /// heartbeat).
+    foreign: BTreeSet<NodeId>,
 }
 
 /// What the runtime remembers to turn the core's commands into trace actions.
@@ -124,7 +133,7 @@ impl Runtime {
     pub(crate) fn new(
         config: &ClusterConfig,
         core: CoordCore,
-        term_file: TermFile,
+        (term_file, cluster): (TermFile, Arc<ClusterIdentity>),
         inputs_tx: mpsc::Sender<Input>,
         inputs_rx: mpsc::Receiver<Input>,
         leader_tx: watch::Sender<proto::LeaderInfo>,
@@ -158,6 +167,8 @@ impl Runtime {
             tick,
             tracer,
             trace_state: TraceState::default(),
+            cluster,
+            foreign: BTreeSet::new(),
         })
     }
 
@@ -192,6 +203,10 @@ impl Runtime {
     async fn handle(&mut self, input: Input) -> anyhow::Result<()> {
         match input {
             Input::Event(event) => self.apply(event).await,
+            Input::Reported { cluster_id, event } => {
+                let event = self.check_cluster(&cluster_id, event)?;
+                self.apply(event).await
+            }
             Input::Join {
                 report,
                 reply,
@@ -210,6 +225,31 @@ impl Runtime {
         }
     }
 
+    /// A server of another cluster counts as not answering (it is not ours to heartbeat).
+    fn check_cluster(&mut self, reported: &str, event: Event) -> anyhow::Result<Event> {
+        let Event::HeartbeatOk { id, .. } = &event else {
+            return Ok(event);
+        };
+        let id = *id;
+        if self
+            .cluster
+            .accept(reported)
+            .context("cannot store the cluster id")?
+        {
+            self.foreign.remove(&id);
+            return Ok(event);
+        }
+        if self.foreign.insert(id) {
+            error!(
+                server = %id,
+                "server {id} reports cluster {reported}, not this coord's cluster {}: its data \
+                 directory belongs to another cluster; it is treated as down",
+                self.cluster.current()
+            );
+        }
+        Ok(Event::HeartbeatFailed { id })
+    }
+
     async fn apply(&mut self, event: Event) -> anyhow::Result<()> {
         let commands = self.core.step(event);
         if self.tracer.is_some() {
@@ -218,6 +258,12 @@ impl Runtime {
         for command in commands {
             match command {
                 Command::PersistTerm(term) => {
+                    // A cluster has an identity before its first term.
+                    let cluster = self.cluster.clone();
+                    tokio::task::spawn_blocking(move || cluster.ensure())
+                        .await
+                        .context("cluster id task failed")?
+                        .context("cannot store the cluster id")?;
                     self.persist(term).await?;
                     if let Some(tracer) = &self.tracer {
                         let trace = tracer.create_trace();
@@ -328,18 +374,23 @@ impl Runtime {
         let request = proto::HeartbeatRequest {
             term: term.0,
             leader_id: leader.0,
+            cluster_id: self.cluster.current(),
             trace_token: Default::default(),
         };
         let (timeout, clock, inputs) = (self.rpc_timeout, self.clock, self.inputs_tx.clone());
         self.spawn_rpc(async move {
             let answer = tokio::time::timeout(timeout, client.heartbeat(request)).await;
+            let mut cluster_id = String::new();
             let event = match answer {
                 Ok(Ok(response)) => match response.into_inner().report {
-                    Some(report) => Event::HeartbeatOk {
-                        id: to,
-                        report: convert::report_from_proto(report),
-                        now_ms: clock.now_ms(),
-                    },
+                    Some(report) => {
+                        cluster_id = report.cluster_id.clone();
+                        Event::HeartbeatOk {
+                            id: to,
+                            report: convert::report_from_proto(report),
+                            now_ms: clock.now_ms(),
+                        }
+                    }
                     None => {
                         debug!(server = %to, "heartbeat answer without a report");
                         Event::HeartbeatFailed { id: to }
@@ -355,7 +406,7 @@ impl Runtime {
                 }
             };
             // A closed channel means the coord is stopping and no longer needs the answer.
-            let _ = inputs.send(Input::Event(event)).await;
+            let _ = inputs.send(Input::Reported { cluster_id, event }).await;
         });
     }
 
@@ -370,6 +421,7 @@ impl Runtime {
         });
         let request = proto::PrepareRequest {
             term: term.0,
+            cluster_id: self.cluster.current(),
             trace_token: kvraft_tracing::token(trace.as_ref(), "PrepareRequest"),
         };
         let (timeout, inputs) = (self.rpc_timeout, self.inputs_tx.clone());

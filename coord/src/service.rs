@@ -24,6 +24,9 @@ use tonic::{Request, Response, Status};
 use kvraft_tracing::action::{LeaderReq, LeaderRes, ServerJoiningRecvd};
 use kvraft_tracing::Tracer;
 
+use std::sync::Arc;
+
+use crate::cluster_id::ClusterIdentity;
 use crate::convert;
 use crate::runtime::Input;
 
@@ -33,6 +36,7 @@ pub(crate) struct JoinService {
     /// Configured ids, to refuse a join from a server the coord does not know with a clear error.
     configured: Vec<NodeId>,
     tracer: Option<Tracer>,
+    cluster: Arc<ClusterIdentity>,
 }
 
 impl JoinService {
@@ -40,11 +44,13 @@ impl JoinService {
         inputs: mpsc::Sender<Input>,
         configured: Vec<NodeId>,
         tracer: Option<Tracer>,
+        cluster: Arc<ClusterIdentity>,
     ) -> JoinService {
         JoinService {
             inputs,
             configured,
             tracer,
+            cluster,
         }
     }
 }
@@ -63,7 +69,20 @@ impl Coord for JoinService {
         let Some(report) = request.report else {
             return Err(Status::invalid_argument("JoinRequest.report is missing"));
         };
+        let reported_cluster = report.cluster_id.clone();
         let report = convert::report_from_proto(report);
+        let belongs = self
+            .cluster
+            .accept(&reported_cluster)
+            .map_err(|e| Status::internal(format!("cannot record the cluster id: {e}")))?;
+        if !belongs {
+            return Err(Status::failed_precondition(format!(
+                "server {}'s data directory belongs to cluster {reported_cluster}, not to this \
+                 coord's cluster {}",
+                report.id,
+                self.cluster.current()
+            )));
+        }
         if !self.configured.contains(&report.id) {
             let known: Vec<String> = self.configured.iter().map(|id| id.to_string()).collect();
             return Err(Status::invalid_argument(format!(
@@ -93,6 +112,7 @@ impl Coord for JoinService {
         Ok(Response::new(proto::JoinResponse {
             term: view.term.0,
             leader_id: view.leader.0,
+            cluster_id: self.cluster.current(),
             trace_token,
         }))
     }

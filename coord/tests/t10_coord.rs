@@ -63,6 +63,7 @@ impl FakeServer {
             last_log_term: s.last_log.0,
             last_log_index: s.last_log.1,
             commit_index: 0,
+            cluster_id: String::new(),
         }
     }
 }

@@ -346,6 +346,8 @@ impl Replica {
             last_log_term: self.term_at(durable),
             last_log_index: durable,
             commit_index: self.commit_index,
+            // Filled in by the runtime, which owns the data directory's identity.
+            cluster_id: String::new(),
         }
     }
 

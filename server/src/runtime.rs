@@ -57,12 +57,15 @@ const PEER_RECONNECT_MS: u64 = 50;
 /// A request that expects a reply from the core.
 #[derive(Debug)]
 pub(crate) enum Call {
+    /// `cluster_id` is the coord's ("" if it has none yet).
     CoordHeartbeat {
         term: u64,
         leader: NodeId,
+        cluster_id: String,
     },
     Prepare {
         term: u64,
+        cluster_id: String,
     },
     Register {
         client_id: String,
@@ -76,12 +79,12 @@ pub(crate) enum Call {
 impl Call {
     fn into_event(self, reply: ReplyTo) -> Event {
         match self {
-            Call::CoordHeartbeat { term, leader } => Event::CoordHeartbeat {
+            Call::CoordHeartbeat { term, leader, .. } => Event::CoordHeartbeat {
                 term,
                 leader,
                 reply,
             },
-            Call::Prepare { term } => Event::Prepare { term, reply },
+            Call::Prepare { term, .. } => Event::Prepare { term, reply },
             Call::Register { client_id } => Event::RegisterSession { client_id, reply },
             Call::Put(cmd, _) => Event::Put { cmd, reply },
             Call::Get(key) => Event::Get { key, reply },
@@ -207,7 +210,7 @@ pub async fn run(
         sync_in_flight: false,
         heartbeat_ms: config.server.replication_heartbeat_ms,
         trace: tracer.clone().map(|t| TraceEvents::new(t, id)),
-        _meta: meta,
+        meta,
     };
     let result = core.run(rx, shutdown).await;
     let _ = stop_tx.send(true);
@@ -243,7 +246,7 @@ struct Core {
     /// Trace events; `None` when tracing is off.
     trace: Option<TraceEvents>,
     /// Holds the data-directory lock for the life of the server.
-    _meta: ServerMeta,
+    meta: ServerMeta,
 }
 
 impl Core {
@@ -284,9 +287,25 @@ impl Core {
         Ok(())
     }
 
+    /// A coord of another cluster is refused: the server stops with an error naming its data
+    /// directory and both cluster ids (its data must not mix with another cluster's). The
+    /// first coord contact records the cluster id in the directory.
+    fn check_cluster(&mut self, call: &Call) -> anyhow::Result<()> {
+        let (Call::CoordHeartbeat { cluster_id, .. } | Call::Prepare { cluster_id, .. }) = call
+        else {
+            return Ok(());
+        };
+        if cluster_id.is_empty() {
+            return Ok(());
+        }
+        tokio::task::block_in_place(|| self.meta.check_cluster_id(cluster_id))?;
+        Ok(())
+    }
+
     fn handle(&mut self, input: Input, cmds: &mut Vec<Command>) -> anyhow::Result<()> {
         let event = match input {
             Input::Call(call, reply) => {
+                self.check_cluster(&call)?;
                 if let (Call::Put(cmd, Some(trace_id)), Some(t)) = (&call, &mut self.trace) {
                     t.put_received(cmd.session_id, cmd.seq, *trace_id);
                 }
@@ -452,6 +471,9 @@ impl Core {
                 }
             }
             Command::Reply { to, mut reply } => {
+                if let Reply::Report(report) | Reply::Status { report, .. } = &mut reply {
+                    report.cluster_id = self.meta.cluster_id().unwrap_or_default().to_string();
+                }
                 if let Reply::Report(report) = &mut reply {
                     if self.disk_full.load(Ordering::Relaxed) {
                         // Cannot store entries: do not claim to lead, so the coord replaces us.

@@ -129,6 +129,7 @@ async fn try_join(
             let view = Call::CoordHeartbeat {
                 term: resp.term,
                 leader: NodeId(resp.leader_id),
+                cluster_id: resp.cluster_id,
             };
             let _ = handle.call(view).await;
         }
@@ -184,6 +185,7 @@ impl ServerControl for CoreHandle {
         let call = Call::CoordHeartbeat {
             term: req.term,
             leader: NodeId(req.leader_id),
+            cluster_id: req.cluster_id,
         };
         let Some(Reply::Report(report)) = self.call(call).await else {
             return Err(unavailable());
@@ -203,6 +205,7 @@ impl ServerControl for CoreHandle {
         coord_partition_check(self)?;
         let request = request.into_inner();
         let term = request.term;
+        let cluster_id = request.cluster_id;
         let trace = self.trace_in(&request.trace_token);
         if let Some(t) = &trace {
             t.record_action(&ServerFailRecvd {
@@ -215,7 +218,7 @@ impl ServerControl for CoreHandle {
             term,
             last_log_term,
             last_log_index,
-        }) = self.call(Call::Prepare { term }).await
+        }) = self.call(Call::Prepare { term, cluster_id }).await
         else {
             return Err(unavailable());
         };

@@ -219,3 +219,35 @@ async fn data_directory_of_another_server_is_refused() {
     assert!(err.contains("belongs to server 1, not server 2"), "{err}");
     assert!(err.contains(dir.to_str().unwrap()), "{err}");
 }
+
+/// A data directory from another cluster (same server id) is refused: the server stops at its
+/// first coord contact, naming the directory and both cluster ids; the coord counts it as down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_directory_of_another_cluster_is_refused() {
+    let mut a = Cluster::start(1);
+    a.wait_leader(|_| true).await;
+    let client = kvslib::Client::connect(&a.config, "a").await.unwrap();
+    client.put("from", "cluster a").await.unwrap();
+    client.close().await;
+    a.kill_server(1);
+    let mut b = Cluster::start(1);
+    b.wait_leader(|_| true).await;
+    b.kill_server(1);
+    let from = a.config.servers[0].data_dir.clone();
+    let to = b.config.servers[0].data_dir.clone();
+    std::fs::remove_dir_all(&to).unwrap();
+    std::fs::create_dir_all(&to).unwrap();
+    for entry in std::fs::read_dir(&from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+    b.start_server(1);
+    Cluster::wait_for("the server to refuse the foreign cluster and exit", || {
+        let exited = b.server_exited(1).is_some();
+        async move { exited }
+    })
+    .await;
+    let log = std::fs::read_to_string(b.dir.path().join("server1.log")).unwrap();
+    assert!(log.contains("belongs to cluster"), "{log}");
+    assert!(log.contains(to.to_str().unwrap()), "{log}");
+}

@@ -8,17 +8,22 @@
 //!                                        (first start: written via meta.tmp, fsync, rename)
 //! ```
 //!
+//! The directory also records, on first contact with a coord, the id of the cluster it belongs
+//! to (`<dir>/cluster_id`), so a directory taken from another cluster is refused.
+//!
 //! Invariant: while a `ServerMeta` exists, this process alone uses the directory, and the
 //! directory belongs to `server_id`.
 
 use std::fs::{File, OpenOptions, TryLockError};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::{create_dir_durable, io_err, replace_file_durable, StorageError};
 
 const LOCK_FILE_NAME: &str = "LOCK";
 const FILE_NAME: &str = "meta";
 const TMP_FILE_NAME: &str = "meta.tmp";
+const CLUSTER_FILE_NAME: &str = "cluster_id";
+const CLUSTER_TMP_FILE_NAME: &str = "cluster_id.tmp";
 
 /// The identity of an opened, locked data directory.
 #[derive(Debug)]
@@ -26,6 +31,9 @@ pub struct ServerMeta {
     pub server_id: u32,
     /// Stable for the life of the directory; fresh after the directory is wiped.
     pub uuid: String,
+    /// The cluster this directory joined, once a coord has told it.
+    cluster_id: Option<String>,
+    dir: PathBuf,
     /// Holds the exclusive lock on `<dir>/LOCK`; the OS releases it when this closes.
     #[expect(
         dead_code,
@@ -58,11 +66,47 @@ impl ServerMeta {
                 expected: server_id,
             });
         }
+        let cluster_path = dir.join(CLUSTER_FILE_NAME);
+        let cluster_id = match std::fs::read_to_string(&cluster_path) {
+            Ok(text) => Some(text.trim().to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io_err(&cluster_path)(e)),
+        };
         Ok(ServerMeta {
             server_id,
             uuid,
+            cluster_id,
+            dir: dir.to_path_buf(),
             lock,
         })
+    }
+
+    pub fn cluster_id(&self) -> Option<&str> {
+        self.cluster_id.as_deref()
+    }
+
+    /// Checks the coord's cluster id against the directory's, recording it (durably) on first
+    /// contact. A mismatch is an error naming the directory and both ids.
+    pub fn check_cluster_id(&mut self, coord_cluster_id: &str) -> Result<(), StorageError> {
+        match &self.cluster_id {
+            Some(ours) if ours == coord_cluster_id => Ok(()),
+            Some(ours) => Err(StorageError::InvalidState {
+                path: self.dir.clone(),
+                reason: format!(
+                    "this data directory belongs to cluster {ours}, but the coord runs cluster \
+                     {coord_cluster_id}; use the directory with its own cluster, or a fresh one"
+                ),
+            }),
+            None => {
+                let text = format!("{coord_cluster_id}\n");
+                let tmp = self.dir.join(CLUSTER_TMP_FILE_NAME);
+                let path = self.dir.join(CLUSTER_FILE_NAME);
+                replace_file_durable(&self.dir, &tmp, &path, text.as_bytes())?;
+                tracing::info!(path = %path.display(), cluster = coord_cluster_id, "joined cluster");
+                self.cluster_id = Some(coord_cluster_id.to_string());
+                Ok(())
+            }
+        }
     }
 }
 
@@ -133,6 +177,26 @@ mod tests {
         assert_eq!(again.uuid, uuid);
         let text = std::fs::read_to_string(data.join(FILE_NAME)).expect("read");
         assert_eq!(text, format!("server_id=1\nuuid={uuid}\n"));
+    }
+
+    #[test]
+    fn cluster_id_is_recorded_once_and_a_foreign_one_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("server-1");
+        let mut meta = ServerMeta::open_or_create(&data, 1).expect("create");
+        assert_eq!(meta.cluster_id(), None);
+        meta.check_cluster_id("cluster-a")
+            .expect("first contact records it");
+        meta.check_cluster_id("cluster-a").expect("same cluster");
+        drop(meta);
+        let mut meta = ServerMeta::open_or_create(&data, 1).expect("reopen");
+        assert_eq!(meta.cluster_id(), Some("cluster-a"));
+        let err = meta.check_cluster_id("cluster-b").unwrap_err().to_string();
+        assert!(
+            err.contains("cluster-a") && err.contains("cluster-b"),
+            "{err}"
+        );
+        assert!(err.contains(data.to_str().unwrap()), "{err}");
     }
 
     #[test]
