@@ -86,3 +86,60 @@ async fn full_disk_on_the_leader_hands_over_and_recovers() {
     }
     client.close().await;
 }
+
+/// DESIGN rule 5 with full disks: entries that could not be written are never counted as
+/// durable. With the leader's and one follower's disks full, only one server of three can
+/// persist, so a put must not be acknowledged; once space returns it commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unwritten_entries_are_never_acknowledged() {
+    let cluster = Cluster::start(3);
+    let leader = cluster.wait_leader(|_| true).await.leader_id;
+    let client = kvslib::Client::connect(&cluster.config, "rule5")
+        .await
+        .unwrap();
+    client.put("warm", "up").await.unwrap();
+    // A session of its own for the raw request: the client's next seq belongs to the client.
+    let raw_client = kvslib::Client::connect(&cluster.config, "rule5-raw")
+        .await
+        .unwrap();
+    let follower = cluster.ids().into_iter().find(|&id| id != leader).unwrap();
+    tracing::info!("--- disks of leader {leader} and follower {follower} fill up");
+    for id in [leader, follower] {
+        let full = FaultRequest {
+            disk_full: true,
+            ..FaultRequest::default()
+        };
+        cluster.set_faults(id, full).await;
+    }
+    let mut raw = KvClient::connect(format!("http://{}", cluster.addr(leader)))
+        .await
+        .unwrap();
+    let mut req = tonic::Request::new(PutRequest {
+        client_id: "rule5-raw".into(),
+        session_id: raw_client.session_id(),
+        seq: 1,
+        ack_seq: 1,
+        key: "k".into(),
+        value: "must-wait".into(),
+        trace_token: Default::default(),
+    });
+    req.set_timeout(Duration::from_secs(2));
+    match raw.put(req).await {
+        Ok(resp) => {
+            let resp = resp.into_inner();
+            assert!(
+                resp.error.is_some(),
+                "acknowledged with only one durable copy: {resp:?}"
+            );
+        }
+        Err(status) => assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status}"),
+    }
+    tracing::info!("--- space returns; the cluster commits again");
+    for id in [leader, follower] {
+        cluster.set_faults(id, FaultRequest::default()).await;
+    }
+    client.put("after", "space").await.unwrap();
+    assert_eq!(client.get("after").await.unwrap(), Some(b"space".to_vec()));
+    client.close().await;
+    raw_client.close().await;
+}
