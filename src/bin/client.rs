@@ -283,8 +283,23 @@ fn leader_json(leader: &LeaderInfo) -> Value {
     })
 }
 
+/// The leader object on one line in the documented spacing:
+/// `{"Leader-UUID": "<uuid>", "Leader-Id": <id>, "Term": <term>}`.
+fn leader_text(leader: &LeaderInfo) -> String {
+    let json = leader_json(leader);
+    let fields: Vec<String> = json
+        .as_object()
+        .map(|o| {
+            o.iter()
+                .map(|(k, v)| format!("{}: {v}", Value::from(k.as_str())))
+                .collect()
+        })
+        .unwrap_or_default();
+    format!("{{{}}}", fields.join(", "))
+}
+
 fn print_leader(leader: &LeaderInfo, out: Option<&Path>) -> anyhow::Result<()> {
-    let text = leader_json(leader).to_string();
+    let text = leader_text(leader);
     say(&text)?;
     if let Some(path) = out {
         std::fs::write(path, format!("{text}\n"))

@@ -44,7 +44,13 @@ async fn put_get_and_missing_key_through_binary_and_library() {
     assert_eq!((v.value, v.version), (b"y".to_vec(), 2));
 
     tracing::info!("--- leader command matches the coord's view");
-    let json: Value = serde_json::from_str(&stdout(&cluster.client("1", &["leader"]))).unwrap();
+    let text = stdout(&cluster.client("1", &["leader"]));
+    let expected = format!(
+        "{{\"Leader-UUID\": \"{}\", \"Leader-Id\": {}, \"Term\": {}}}",
+        leader.leader_uuid, leader.leader_id, leader.term
+    );
+    assert_eq!(text.trim(), expected);
+    let json: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(json["Leader-Id"], leader.leader_id);
     assert_eq!(json["Leader-UUID"], leader.leader_uuid.as_str());
     assert_eq!(json["Term"], leader.term);
