@@ -30,6 +30,7 @@ use tracing::debug;
 
 use crate::backoff::Backoff;
 use crate::failure::Failure;
+use crate::kv_call::kv_call;
 use crate::router::Router;
 use crate::session::{self, Session, Sessions};
 use crate::watcher::Watcher;
@@ -436,20 +437,8 @@ async fn put_attempt(
     request: pb::PutRequest,
     trace: Option<Trace>,
 ) -> Result<PutOutcome, Failure> {
-    if let Some(t) = &trace {
-        t.tracer().flush().await;
-    }
-    let response = KvClient::new(channel)
-        .put(request)
-        .await
-        .map_err(|status| Failure::from_status(&status, &addr))?
-        .into_inner();
-    if let Some(t) = &trace {
-        t.tracer().receive_token(&response.trace_token);
-    }
-    if let Some(failure) = Failure::from_kv_error(response.error.as_ref(), &addr) {
-        return Err(failure);
-    }
+    let call = || async move { KvClient::new(channel).put(request).await };
+    let response = kv_call(&addr, trace.as_ref(), call).await?;
     Ok(PutOutcome {
         version: response.version,
         index: response.index,
@@ -462,20 +451,8 @@ async fn get_attempt(
     request: pb::GetRequest,
     trace: Option<Trace>,
 ) -> Result<Option<Versioned>, Failure> {
-    if let Some(t) = &trace {
-        t.tracer().flush().await;
-    }
-    let response = KvClient::new(channel)
-        .get(request)
-        .await
-        .map_err(|status| Failure::from_status(&status, &addr))?
-        .into_inner();
-    if let Some(t) = &trace {
-        t.tracer().receive_token(&response.trace_token);
-    }
-    if let Some(failure) = Failure::from_kv_error(response.error.as_ref(), &addr) {
-        return Err(failure);
-    }
+    let call = || async move { KvClient::new(channel).get(request).await };
+    let response = kv_call(&addr, trace.as_ref(), call).await?;
     Ok(response.found.then(|| Versioned {
         value: response.value.to_vec(),
         version: response.version,

@@ -32,6 +32,7 @@ mod backoff;
 mod client;
 mod error;
 mod failure;
+mod kv_call;
 mod leader;
 mod outcome;
 mod router;

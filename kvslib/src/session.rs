@@ -24,6 +24,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use crate::failure::Failure;
+use crate::kv_call::kv_call;
 use crate::router::Router;
 use crate::seq_tracker::SeqTracker;
 use crate::{Error, PUTS_IN_FLIGHT_MAX};
@@ -157,20 +158,8 @@ pub(crate) async fn register(
                 trace_token: kvraft_tracing::token(trace.as_ref(), "RegisterSessionRequest"),
             };
             async move {
-                if let Some(t) = &trace {
-                    t.tracer().flush().await;
-                }
-                let response = KvClient::new(channel)
-                    .register_session(request)
-                    .await
-                    .map_err(|status| Failure::from_status(&status, &addr))?
-                    .into_inner();
-                if let Some(t) = &trace {
-                    t.tracer().receive_token(&response.trace_token);
-                }
-                if let Some(failure) = Failure::from_kv_error(response.error.as_ref(), &addr) {
-                    return Err(failure);
-                }
+                let call = || async move { KvClient::new(channel).register_session(request).await };
+                let response = kv_call(&addr, trace.as_ref(), call).await?;
                 if response.session_id == 0 {
                     return Err(Failure::Retry(format!(
                         "server {addr}: answered RegisterSession with session id 0"
