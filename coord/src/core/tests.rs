@@ -357,12 +357,9 @@ fn leader_that_keeps_denying_leadership_is_replaced() {
     );
 }
 
-/// Liveness: a leader replaced for not leading (cut from its peers, not from the coord) has the
-/// longest log, with the writes it could not commit. It is passed over while a quorum without
-/// it can form, and chosen from any majority only after a failure timeout (DESIGN rule 2 holds
-/// either way: the choice is the best of a majority of prepared servers).
-#[test]
-fn replaced_leader_is_passed_over_while_others_form_a_quorum() {
+/// A 3-server cluster whose leader 1 keeps reporting "follower" until the coord starts term 2;
+/// returns the core and the time reached.
+fn leader_1_replaced_for_not_leading() -> (CoordCore, u64) {
     let mut core = stable_cluster(3);
     let mut t = 0;
     while t < 400 {
@@ -372,6 +369,16 @@ fn replaced_leader_is_passed_over_while_others_form_a_quorum() {
             core.step(heartbeat_ok(id, 1, Role::Follower, t));
         }
     }
+    (core, t)
+}
+
+/// Liveness: a leader replaced for not leading (cut from its peers, not from the coord) has the
+/// longest log, with the writes it could not commit. It is passed over while a quorum without
+/// it can form, and chosen from any majority only after a failure timeout (DESIGN rule 2 holds
+/// either way: the choice is the best of a majority of prepared servers).
+#[test]
+fn replaced_leader_is_passed_over_while_others_form_a_quorum() {
+    let (mut core, _) = leader_1_replaced_for_not_leading();
     assert_eq!(core.epoch_term(), Some(Term(2)), "leader 1 replaced");
     // The old leader answers first, with the longest log; server 2 next.
     assert_eq!(core.step(prepare_ok(1, 2, (1, 9))), vec![]);
@@ -386,15 +393,7 @@ fn replaced_leader_is_passed_over_while_others_form_a_quorum() {
 /// ...and when the others cannot form a quorum without it, it is chosen after a failure timeout.
 #[test]
 fn replaced_leader_is_chosen_when_no_other_quorum_forms() {
-    let mut core = stable_cluster(3);
-    let mut t = 0;
-    while t < 400 {
-        t += HEARTBEAT_MS;
-        core.step(tick(t));
-        for id in 1..=3 {
-            core.step(heartbeat_ok(id, 1, Role::Follower, t));
-        }
-    }
+    let (mut core, mut t) = leader_1_replaced_for_not_leading();
     assert_eq!(core.epoch_term(), Some(Term(2)));
     core.step(prepare_ok(1, 2, (1, 9)));
     core.step(prepare_ok(2, 2, (1, 5)));
