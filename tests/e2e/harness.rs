@@ -18,12 +18,25 @@ use std::time::{Duration, Instant};
 use kvraft_common::ClusterConfig;
 use kvraft_proto::admin_client::AdminClient;
 use kvraft_proto::coord_client_client::CoordClientClient;
-use kvraft_proto::{FaultRequest, GetLeaderRequest, LeaderInfo, StatusRequest, StatusResponse};
+use kvraft_proto::kv_client::KvClient;
+use kvraft_proto::{
+    FaultRequest, GetLeaderRequest, LeaderInfo, PutRequest, PutResponse, StatusRequest,
+    StatusResponse,
+};
 use tempfile::TempDir;
 
 /// Every wait in the tests is bounded by this (generous: the CI machine has two cores and runs
 /// several clusters at once).
 pub const WAIT: Duration = Duration::from_secs(30);
+
+/// The request identity and payload of [`Cluster::raw_put`].
+pub struct RawPut<'a> {
+    pub session_id: u64,
+    pub seq: u64,
+    pub ack_seq: u64,
+    pub key: &'a str,
+    pub value: &'a str,
+}
 
 pub struct Cluster {
     pub dir: TempDir,
@@ -279,6 +292,29 @@ impl Cluster {
         let mut req = tonic::Request::new(StatusRequest {});
         req.set_timeout(Duration::from_secs(2));
         Some(client.status(req).await.ok()?.into_inner())
+    }
+
+    /// A put sent straight to server `id`, without kvslib's routing and retries, answered
+    /// within `deadline` (or `DeadlineExceeded`).
+    pub async fn raw_put(
+        &self,
+        id: u32,
+        put: RawPut<'_>,
+        deadline: Duration,
+    ) -> Result<PutResponse, tonic::Status> {
+        let url = format!("http://{}", self.addr(id));
+        let mut client = KvClient::connect(url).await.expect("kv connect");
+        let mut req = tonic::Request::new(PutRequest {
+            client_id: "raw".into(),
+            session_id: put.session_id,
+            seq: put.seq,
+            ack_seq: put.ack_seq,
+            key: put.key.as_bytes().to_vec().into(),
+            value: put.value.as_bytes().to_vec().into(),
+            trace_token: Default::default(),
+        });
+        req.set_timeout(deadline);
+        client.put(req).await.map(|r| r.into_inner())
     }
 
     pub async fn set_faults(&self, id: u32, faults: FaultRequest) {

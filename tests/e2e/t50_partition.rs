@@ -4,10 +4,9 @@
 
 use std::time::Duration;
 
-use kvraft_proto::kv_client::KvClient;
-use kvraft_proto::{ErrorCode, FaultRequest, PutRequest};
+use kvraft_proto::{ErrorCode, FaultRequest};
 
-use crate::harness::Cluster;
+use crate::harness::{Cluster, RawPut};
 
 const LONG_MS: u64 = 600_000;
 
@@ -56,25 +55,16 @@ async fn leader_cut_from_coord_is_replaced_by_most_up_to_date_and_fenced() {
     let fresh = kvslib::Client::connect(&cluster.config, "fresh")
         .await
         .unwrap();
-    let mut raw = KvClient::connect(format!("http://{}", cluster.addr(l)))
-        .await
-        .unwrap();
-    let mut req = tonic::Request::new(PutRequest {
-        client_id: "fresh".into(),
+    let put = RawPut {
         session_id: fresh.session_id(),
         seq: 1,
         ack_seq: 1,
-        key: "fenced".into(),
-        value: "must-not-commit".into(),
-        trace_token: Default::default(),
-    });
-    req.set_timeout(Duration::from_secs(3));
-    match raw.put(req).await {
+        key: "fenced",
+        value: "must-not-commit",
+    };
+    match cluster.raw_put(l, put, Duration::from_secs(3)).await {
         Ok(resp) => {
-            let err = resp
-                .into_inner()
-                .error
-                .expect("old leader must not acknowledge");
+            let err = resp.error.expect("old leader must not acknowledge");
             assert_eq!(err.code, ErrorCode::ErrorNotLeader as i32, "{err:?}");
         }
         Err(status) => assert_eq!(status.code(), tonic::Code::DeadlineExceeded),

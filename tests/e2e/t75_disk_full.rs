@@ -4,10 +4,9 @@
 
 use std::time::Duration;
 
-use kvraft_proto::kv_client::KvClient;
-use kvraft_proto::{ErrorCode, FaultRequest, PutRequest};
+use kvraft_proto::{ErrorCode, FaultRequest};
 
-use crate::harness::Cluster;
+use crate::harness::{Cluster, RawPut};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_disk_on_the_leader_hands_over_and_recovers() {
@@ -30,24 +29,15 @@ async fn full_disk_on_the_leader_hands_over_and_recovers() {
     // The next write makes the leader hit the full disk; it may still commit through the
     // followers' disks, which is safe (a majority fsynced it).
     client.put("trigger", "x").await.unwrap();
-    let mut raw = KvClient::connect(format!("http://{}", cluster.addr(l)))
-        .await
-        .unwrap();
-    let mut req = tonic::Request::new(PutRequest {
-        client_id: "raw".into(),
+    let put = RawPut {
         session_id: client.session_id(),
         seq: 1_000_000,
         ack_seq: 1,
-        key: "raw".into(),
-        value: "raw".into(),
-        trace_token: Default::default(),
-    });
-    req.set_timeout(Duration::from_secs(3));
-    if let Ok(resp) = raw.put(req).await {
-        let err = resp
-            .into_inner()
-            .error
-            .expect("a full-disk leader refuses writes");
+        key: "raw",
+        value: "raw",
+    };
+    if let Ok(resp) = cluster.raw_put(l, put, Duration::from_secs(3)).await {
+        let err = resp.error.expect("a full-disk leader refuses writes");
         assert!(
             err.code == ErrorCode::ErrorNotLeader as i32
                 || (err.code == ErrorCode::ErrorUnavailable as i32
@@ -111,22 +101,15 @@ async fn unwritten_entries_are_never_acknowledged() {
         };
         cluster.set_faults(id, full).await;
     }
-    let mut raw = KvClient::connect(format!("http://{}", cluster.addr(leader)))
-        .await
-        .unwrap();
-    let mut req = tonic::Request::new(PutRequest {
-        client_id: "rule5-raw".into(),
+    let put = RawPut {
         session_id: raw_client.session_id(),
         seq: 1,
         ack_seq: 1,
-        key: "k".into(),
-        value: "must-wait".into(),
-        trace_token: Default::default(),
-    });
-    req.set_timeout(Duration::from_secs(2));
-    match raw.put(req).await {
+        key: "k",
+        value: "must-wait",
+    };
+    match cluster.raw_put(leader, put, Duration::from_secs(2)).await {
         Ok(resp) => {
-            let resp = resp.into_inner();
             assert!(
                 resp.error.is_some(),
                 "acknowledged with only one durable copy: {resp:?}"
