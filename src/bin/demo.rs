@@ -128,21 +128,19 @@ impl Procs {
             .children
             .iter_mut()
             .find_map(|(name, child)| Some((name.clone(), child.try_wait().ok()??)));
-        if let Some((name, status)) = exited {
-            self.children.remove(&name);
-            {
-                let log = self.log_dir.join(format!("{name}.log"));
-                let text = std::fs::read_to_string(&log).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(5).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
-                bail!(
-                    "{name} exited ({status}); end of {}:\n{}",
-                    log.display(),
-                    tail.join("\n")
-                );
-            }
-        }
-        Ok(())
+        let Some((name, status)) = exited else {
+            return Ok(());
+        };
+        self.children.remove(&name);
+        let log = self.log_dir.join(format!("{name}.log"));
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = &lines[lines.len().saturating_sub(5)..];
+        bail!(
+            "{name} exited ({status}); end of {}:\n{}",
+            log.display(),
+            tail.join("\n")
+        )
     }
 
     /// Waits (bounded) for children that got Ctrl-C with us, then kills what is left.
