@@ -73,21 +73,17 @@ impl Faults {
         self.lock().coord_until.is_some_and(|t| Instant::now() < t)
     }
 
-    fn peer_partitioned(&self, peer: NodeId) -> bool {
+    /// Messages from this server to `peer` are dropped.
+    pub fn drops_to(&self, peer: NodeId) -> bool {
         self.lock()
             .peers_until
             .get(&peer)
             .is_some_and(|&t| Instant::now() < t)
     }
 
-    /// Messages from this server to `peer` are dropped.
-    pub fn drops_to(&self, peer: NodeId) -> bool {
-        self.peer_partitioned(peer)
-    }
-
     /// Messages from `peer` to this server are dropped.
     pub fn drops_from(&self, peer: NodeId) -> bool {
-        self.peer_partitioned(peer) && !self.lock().one_way
+        self.drops_to(peer) && !self.lock().one_way
     }
 
     /// The index after whose commit a leader must exit, 0 for none.
