@@ -8,16 +8,14 @@ use std::time::Duration;
 use anyhow::Context;
 use kvraft_common::ClusterConfig;
 use kvraft_server::faults::{FaultSpec, Faults};
+pub use kvraft_telemetry::Telemetry;
 use tokio::net::TcpListener;
 
-/// Logs to stderr, filtered by `RUST_LOG` or else `default`.
-pub fn init_logging(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+/// Logs to stderr, filtered by `RUST_LOG` or else `default`; with `OTEL_EXPORTER_OTLP_ENDPOINT`
+/// set, also exports spans as service `kvraft-<process>` (`process`: `coord`, `server-3`, ...).
+/// Call [`Telemetry::shutdown`] on the way out so the last spans leave.
+pub fn init_logging(process: &str, default: &str) -> Telemetry {
+    kvraft_telemetry::init(&format!("kvraft-{process}"), process, default)
 }
 
 /// The error and its causes on one line, skipping a cause its parent's message already quotes.

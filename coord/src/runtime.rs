@@ -109,6 +109,10 @@ pub(crate) struct Runtime {
     /// Trace events; `None` when tracing is off (then nothing below is touched).
     tracer: Option<Tracer>,
     trace_state: TraceState,
+    /// OpenTelemetry span of the epoch change in progress, from the term's persisting to the
+    /// publication of its leader; its context rides on the Prepare calls. Disabled when spans
+    /// are not exported.
+    epoch_span: tracing::Span,
     cluster: Arc<ClusterIdentity>,
     /// Servers already warned about for reporting another cluster (one line each, not one per
     /// heartbeat).
@@ -167,6 +171,7 @@ impl Runtime {
             tick,
             tracer,
             trace_state: TraceState::default(),
+            epoch_span: tracing::Span::none(),
             cluster,
             foreign: BTreeSet::new(),
         })
@@ -265,6 +270,13 @@ impl Runtime {
                         .context("cluster id task failed")?
                         .context("cannot store the cluster id")?;
                     self.persist(term).await?;
+                    self.epoch_span = kvraft_telemetry::span_if_enabled(|| {
+                        tracing::info_span!(
+                            "coord.epoch_change",
+                            term = term.0,
+                            leader_id = tracing::field::Empty
+                        )
+                    });
                     if let Some(tracer) = &self.tracer {
                         let trace = tracer.create_trace();
                         trace.record_action(&NewTerm { term: term.0 });
@@ -339,6 +351,10 @@ impl Runtime {
             .map(|p| p.addr.as_str())
             .unwrap_or_default();
         let mut info = convert::leader_info(view, addr);
+        if view.leader != NodeId::NONE && !self.epoch_span.is_disabled() {
+            self.epoch_span.record("leader_id", view.leader.0);
+            self.epoch_span = tracing::Span::none();
+        }
         if let Some(tracer) = &self.tracer {
             let key = (view.term, view.leader);
             if view.leader != NodeId::NONE && self.trace_state.reconfigured != Some(key) {
@@ -419,11 +435,12 @@ impl Runtime {
         let trace = self.tracer.as_ref().map(|tracer| {
             (self.trace_state.epoch.clone()).unwrap_or_else(|| tracer.create_trace())
         });
-        let request = proto::PrepareRequest {
+        let mut request = tonic::Request::new(proto::PrepareRequest {
             term: term.0,
             cluster_id: self.cluster.current(),
             trace_token: kvraft_tracing::token(trace.as_ref(), "PrepareRequest"),
-        };
+        });
+        kvraft_telemetry::inject_metadata(&self.epoch_span, request.metadata_mut());
         let (timeout, inputs) = (self.rpc_timeout, self.inputs_tx.clone());
         let tracer = self.tracer.clone();
         self.spawn_rpc(async move {

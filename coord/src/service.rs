@@ -142,6 +142,12 @@ impl CoordClient for LeaderService {
         request: Request<proto::GetLeaderRequest>,
     ) -> Result<Response<proto::LeaderInfo>, Status> {
         let mut info = self.leader.borrow().clone();
+        // Open until the answer is ready (a span lasts from creation to drop).
+        let span = kvraft_telemetry::span_if_enabled(|| {
+            tracing::info_span!("coord.get_leader", client_id = %request.get_ref().client_id,
+                leader_id = info.leader_id, term = info.term)
+        });
+        kvraft_telemetry::set_parent_from_metadata(&span, request.metadata());
         if let Some(tracer) = &self.tracer {
             let request = request.into_inner();
             let trace = tracer.receive_token(&request.trace_token);
@@ -157,6 +163,7 @@ impl CoordClient for LeaderService {
             info.trace_token = trace.generate_token_for("LeaderInfo");
             tracer.flush().await;
         }
+        drop(span);
         Ok(Response::new(info))
     }
 

@@ -26,7 +26,7 @@ use pb::kv_client::KvClient;
 use prost::bytes::Bytes;
 use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio::time::Instant;
-use tracing::debug;
+use tracing::{debug, Instrument as _};
 
 use crate::backoff::Backoff;
 use crate::failure::Failure;
@@ -152,12 +152,21 @@ impl Client {
         value: impl Into<Vec<u8>>,
     ) -> Result<PutOutcome, Error> {
         let (key, value) = (key.into(), value.into());
+        let span = kvraft_telemetry::span_if_enabled(|| {
+            tracing::info_span!("kvslib.put", client_id = %self.inner.client_id,
+                key_bytes = key.len(), value_bytes = value.len(), seq = tracing::field::Empty)
+        });
+        self.put_in_span(key, value).instrument(span).await
+    }
+
+    async fn put_in_span(&self, key: Vec<u8>, value: Vec<u8>) -> Result<PutOutcome, Error> {
         check_key_value(&key, Some(&value)).map_err(Error::InvalidInput)?;
         let deadline = self.deadline();
         let _permit = acquire(&self.inner.put_permits, "Put", deadline).await?;
         let inner = &self.inner;
         let session = inner.sessions.usable(&inner.router, deadline).await?;
         let guard = session.begin_put();
+        tracing::Span::current().record("seq", guard.seq);
         debug!(action = "Put", client_id = %inner.client_id, session_id = session.id,
             seq = guard.seq, key = %preview(&key), value_bytes = value.len());
         let trace = inner.router.tracer().map(|t| {
@@ -214,6 +223,7 @@ impl Client {
         trace: Option<&Trace>,
     ) -> Result<PutOutcome, Error> {
         let client_id = &self.inner.client_id;
+        let span = tracing::Span::current();
         self.inner
             .router
             .call("Put", deadline, |channel, addr| {
@@ -227,6 +237,8 @@ impl Client {
                     value: value.clone(),
                     trace_token: kvraft_tracing::token(trace, "PutRequest"),
                 };
+                let span = || tracing::info_span!(parent: &span, "kv.Put", server = %addr);
+                let request = attempt_request(span, request);
                 put_attempt(channel, addr, request, trace.cloned())
             })
             .await
@@ -248,6 +260,14 @@ impl Client {
     /// Like [`Client::get`], with the value's version (how many puts to the key were applied).
     pub async fn get_versioned(&self, key: impl AsRef<[u8]>) -> Result<Option<Versioned>, Error> {
         let key = key.as_ref();
+        let span = kvraft_telemetry::span_if_enabled(|| {
+            tracing::info_span!("kvslib.get", client_id = %self.inner.client_id,
+                key_bytes = key.len())
+        });
+        self.get_in_span(key).instrument(span).await
+    }
+
+    async fn get_in_span(&self, key: &[u8]) -> Result<Option<Versioned>, Error> {
         check_key_value(key, None).map_err(Error::InvalidInput)?;
         let deadline = self.deadline();
         let _permit = acquire(&self.inner.get_permits, "Get", deadline).await?;
@@ -262,6 +282,7 @@ impl Client {
             trace
         });
         let key = Bytes::copy_from_slice(key);
+        let span = tracing::Span::current();
         let result = self
             .inner
             .router
@@ -271,6 +292,8 @@ impl Client {
                     key: key.clone(),
                     trace_token: kvraft_tracing::token(trace.as_ref(), "GetRequest"),
                 };
+                let span = || tracing::info_span!(parent: &span, "kv.Get", server = %addr);
+                let request = attempt_request(span, request);
                 get_attempt(channel, addr, request, trace.clone())
             })
             .await;
@@ -410,7 +433,10 @@ async fn ask_coord(router: &Router, addr: &str, client_id: &str) -> Result<Leade
     }
     let timeout = router.attempt_timeout();
     let mut coord = CoordClientClient::new(channel);
-    match tokio::time::timeout(timeout, coord.get_leader(request)).await {
+    let make_span = || tracing::info_span!("kvslib.leader", client_id, coord = addr);
+    let Attempt { span, request } = attempt_request(make_span, request);
+    let call = coord.get_leader(request).instrument(span);
+    match tokio::time::timeout(timeout, call).await {
         Ok(Ok(response)) => {
             let response = response.into_inner();
             if let Some(t) = router.tracer() {
@@ -431,14 +457,31 @@ async fn ask_coord(router: &Router, addr: &str, client_id: &str) -> Result<Leade
     }
 }
 
+/// One attempt of an operation, as a child span of the operation's span (when spans are
+/// exported) whose W3C trace context rides in the request's gRPC metadata.
+struct Attempt<T> {
+    span: tracing::Span,
+    request: tonic::Request<T>,
+}
+
+fn attempt_request<T>(make_span: impl FnOnce() -> tracing::Span, msg: T) -> Attempt<T> {
+    let span = kvraft_telemetry::span_if_enabled(make_span);
+    let mut request = tonic::Request::new(msg);
+    kvraft_telemetry::inject_metadata(&span, request.metadata_mut());
+    Attempt { span, request }
+}
+
 async fn put_attempt(
     channel: tonic::transport::Channel,
     addr: String,
-    request: pb::PutRequest,
+    attempt: Attempt<pb::PutRequest>,
     trace: Option<Trace>,
 ) -> Result<PutOutcome, Failure> {
+    let Attempt { span, request } = attempt;
     let call = || async move { KvClient::new(channel).put(request).await };
-    let response = kv_call(&addr, trace.as_ref(), call).await?;
+    let response = kv_call(&addr, trace.as_ref(), call)
+        .instrument(span)
+        .await?;
     Ok(PutOutcome {
         version: response.version,
         index: response.index,
@@ -448,11 +491,14 @@ async fn put_attempt(
 async fn get_attempt(
     channel: tonic::transport::Channel,
     addr: String,
-    request: pb::GetRequest,
+    attempt: Attempt<pb::GetRequest>,
     trace: Option<Trace>,
 ) -> Result<Option<Versioned>, Failure> {
+    let Attempt { span, request } = attempt;
     let call = || async move { KvClient::new(channel).get(request).await };
-    let response = kv_call(&addr, trace.as_ref(), call).await?;
+    let response = kv_call(&addr, trace.as_ref(), call)
+        .instrument(span)
+        .await?;
     Ok(response.found.then(|| Versioned {
         value: response.value.to_vec(),
         version: response.version,

@@ -14,6 +14,7 @@
 //! - [`runtime`], [`service`]: tokio/tonic glue that executes the core's commands.
 
 pub mod faults;
+mod otel_spans;
 pub mod replica;
 pub mod runtime;
 pub mod service;

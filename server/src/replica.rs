@@ -631,6 +631,7 @@ impl Replica {
             entries,
             leader_commit: self.commit_index,
             read_round,
+            trace_context: Default::default(),
             trace_token: Bytes::new(),
         }
     }

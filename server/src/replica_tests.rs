@@ -372,6 +372,7 @@ fn second_leader_in_same_term_is_refused() {
         }],
         leader_commit: 0,
         read_round: 0,
+        trace_context: Default::default(),
         trace_token: Bytes::new(),
     };
     net.log.clear();
@@ -459,6 +460,7 @@ fn truncating_a_committed_entry_panics() {
         }],
         leader_commit: 0,
         read_round: 0,
+        trace_context: Default::default(),
         trace_token: Bytes::new(),
     };
     net.step(2, Event::AppendEntries { stream: 1, req });

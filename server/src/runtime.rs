@@ -37,6 +37,7 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::faults::Faults;
+use crate::otel_spans::OtelSpans;
 use crate::replica::{Command, Event, Replica, ReplicaConfig, Reply, ReplyTo, StreamId};
 use crate::service;
 use crate::storage::{FileLogStore, HardStateFile, LogStore, ServerMeta, StorageError, Syncer};
@@ -70,8 +71,9 @@ pub(crate) enum Call {
     Register {
         client_id: String,
     },
-    /// A put and the id of the trace it continues (tracing on).
-    Put(PutCommand, Option<u64>),
+    /// A put, the id of the vector-clock trace it continues (tracing on) and the W3C context
+    /// of its OpenTelemetry span (empty unless spans are exported).
+    Put(PutCommand, Option<u64>, HashMap<String, String>),
     Get(Bytes),
     Status,
 }
@@ -86,7 +88,7 @@ impl Call {
             },
             Call::Prepare { term, .. } => Event::Prepare { term, reply },
             Call::Register { client_id } => Event::RegisterSession { client_id, reply },
-            Call::Put(cmd, _) => Event::Put { cmd, reply },
+            Call::Put(cmd, ..) => Event::Put { cmd, reply },
             Call::Get(key) => Event::Get { key, reply },
             Call::Status => Event::Status { reply },
         }
@@ -210,6 +212,7 @@ pub async fn run(
         sync_in_flight: false,
         heartbeat_ms: config.server.replication_heartbeat_ms,
         trace: tracer.clone().map(|t| TraceEvents::new(t, id)),
+        otel: kvraft_telemetry::enabled().then(OtelSpans::default),
         meta,
     };
     let result = core.run(rx, shutdown).await;
@@ -245,6 +248,8 @@ struct Core {
     heartbeat_ms: u64,
     /// Trace events; `None` when tracing is off.
     trace: Option<TraceEvents>,
+    /// OpenTelemetry spans of replication; `None` unless spans are exported.
+    otel: Option<OtelSpans>,
     /// Holds the data-directory lock for the life of the server.
     meta: ServerMeta,
 }
@@ -304,10 +309,13 @@ impl Core {
 
     fn handle(&mut self, input: Input, cmds: &mut Vec<Command>) -> anyhow::Result<()> {
         let event = match input {
-            Input::Call(call, reply) => {
+            Input::Call(mut call, reply) => {
                 self.check_cluster(&call)?;
-                if let (Call::Put(cmd, Some(trace_id)), Some(t)) = (&call, &mut self.trace) {
+                if let (Call::Put(cmd, Some(trace_id), _), Some(t)) = (&call, &mut self.trace) {
                     t.put_received(cmd.session_id, cmd.seq, *trace_id);
+                }
+                if let (Call::Put(cmd, _, context), Some(o)) = (&mut call, &mut self.otel) {
+                    o.put_received(cmd.session_id, cmd.seq, std::mem::take(context));
                 }
                 let to = self.next_reply;
                 self.next_reply += 1;
@@ -323,6 +331,9 @@ impl Core {
                 if let Some(t) = &mut self.trace {
                     t.stream_closed(id);
                 }
+                if let Some(o) = &mut self.otel {
+                    o.stream_closed(id);
+                }
                 return Ok(());
             }
             Input::AppendEntries(stream, req) => {
@@ -333,6 +344,9 @@ impl Core {
                 );
                 if let Some(t) = &mut self.trace {
                     t.append_received(stream, &req);
+                }
+                if let Some(o) = &mut self.otel {
+                    o.append_received(stream, &req);
                 }
                 Event::AppendEntries { stream, req }
             }
@@ -457,6 +471,9 @@ impl Core {
                     if let Some(t) = &mut self.trace {
                         t.sending_append(to.0, &mut req);
                     }
+                    if let Some(o) = &self.otel {
+                        o.sending_append(&mut req);
+                    }
                     if peer.try_send(req).is_err() {
                         tracing::debug!(peer = %to, "peer queue full; message dropped");
                     }
@@ -466,6 +483,9 @@ impl Core {
                 if let Some(s) = self.streams.get(&stream) {
                     if let Some(t) = &mut self.trace {
                         t.sending_response(stream, &mut resp);
+                    }
+                    if let Some(o) = &mut self.otel {
+                        o.sending_response(stream, &resp);
                     }
                     let _ = s.try_send(Ok(resp));
                 }

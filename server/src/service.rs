@@ -4,6 +4,7 @@
 //! back into a response; no decision is made here beyond input validation and the coord
 //! partition fault.
 
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -28,6 +29,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument as _;
 
 use crate::faults::FaultSpec;
 use crate::replica::{ClientError, Reply};
@@ -203,6 +205,14 @@ impl ServerControl for CoreHandle {
         request: Request<PrepareRequest>,
     ) -> Result<Response<PrepareResponse>, Status> {
         coord_partition_check(self)?;
+        let span = kvraft_telemetry::span_if_enabled(|| {
+            tracing::info_span!(
+                "server.prepare",
+                server = self.id.0,
+                term = request.get_ref().term
+            )
+        });
+        kvraft_telemetry::set_parent_from_metadata(&span, request.metadata());
         let request = request.into_inner();
         let term = request.term;
         let cluster_id = request.cluster_id;
@@ -218,7 +228,10 @@ impl ServerControl for CoreHandle {
             term,
             last_log_term,
             last_log_index,
-        }) = self.call(Call::Prepare { term, cluster_id }).await
+        }) = self
+            .call(Call::Prepare { term, cluster_id })
+            .instrument(span)
+            .await
         else {
             return Err(unavailable());
         };
@@ -376,7 +389,36 @@ impl Kv for CoreHandle {
     }
 
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
-        let req = request.into_inner();
+        let span = kvraft_telemetry::span_if_enabled(|| {
+            let r = request.get_ref();
+            tracing::info_span!("kv.put", server = self.id.0, client_id = %r.client_id,
+                session_id = r.session_id, seq = r.seq, index = tracing::field::Empty)
+        });
+        kvraft_telemetry::set_parent_from_metadata(&span, request.metadata());
+        let context = kvraft_telemetry::context_of(&span);
+        self.put_in_span(request.into_inner(), context)
+            .instrument(span)
+            .await
+    }
+
+    async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        let span = kvraft_telemetry::span_if_enabled(|| {
+            let r = request.get_ref();
+            tracing::info_span!("kv.get", server = self.id.0, client_id = %r.client_id)
+        });
+        kvraft_telemetry::set_parent_from_metadata(&span, request.metadata());
+        self.get_in_span(request.into_inner())
+            .instrument(span)
+            .await
+    }
+}
+
+impl CoreHandle {
+    async fn put_in_span(
+        &self,
+        req: PutRequest,
+        context: HashMap<String, String>,
+    ) -> Result<Response<PutResponse>, Status> {
         let mut resp = PutResponse::default();
         if let Err(e) = limits::check_key_value(&req.key, Some(&req.value)) {
             resp.error = error_of(ErrorCode::ErrorInvalidArgument, e);
@@ -412,7 +454,7 @@ impl Kv for CoreHandle {
         };
         let (session_id, seq) = (cmd.session_id, cmd.seq);
         match self
-            .call(Call::Put(cmd, trace.as_ref().map(Trace::id)))
+            .call(Call::Put(cmd, trace.as_ref().map(Trace::id), context))
             .await
         {
             Some(Reply::Put {
@@ -421,6 +463,7 @@ impl Kv for CoreHandle {
             }) => {
                 resp.version = r.version;
                 resp.index = r.index;
+                tracing::Span::current().record("index", r.index);
                 if let Some((t, key)) = traced {
                     let client_id = req.client_id;
                     if duplicate {
@@ -449,8 +492,7 @@ impl Kv for CoreHandle {
         Ok(Response::new(resp))
     }
 
-    async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
-        let req = request.into_inner();
+    async fn get_in_span(&self, req: GetRequest) -> Result<Response<GetResponse>, Status> {
         let mut resp = GetResponse::default();
         if let Err(e) = limits::check_key_value(&req.key, None) {
             resp.error = error_of(ErrorCode::ErrorInvalidArgument, e);

@@ -44,9 +44,11 @@ struct Samples {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    launch::init_logging("warn");
+    let telemetry = launch::init_logging("bench", "warn");
     let args = Args::parse();
-    match run(args).await {
+    let result = run(args).await;
+    telemetry.shutdown().await;
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("bench: error: {}", launch::error_chain(&e));

@@ -13,11 +13,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use kvraft::launch;
 use kvraft_common::limits::check_key_value;
 use kvslib::{Client, ClusterConfig, Error, LeaderInfo};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tracing_subscriber::EnvFilter;
 
 /// Operations of the scripted workload (the original's `for i in 0..20`).
 const SCRIPT_OPS: usize = 20;
@@ -153,13 +153,10 @@ impl Op {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match run(cli).await {
+    let telemetry = launch::init_logging(&format!("client-{}", cli.client_id), "warn");
+    let result = run(cli).await;
+    telemetry.shutdown().await;
+    match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(error) => {

@@ -29,8 +29,10 @@ struct Args {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    launch::init_logging("info");
-    match launch::coord(&args.config).await {
+    let telemetry = launch::init_logging("coord", "info");
+    let result = launch::coord(&args.config).await;
+    telemetry.shutdown().await;
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("coord: error: {}", launch::error_chain(&error));

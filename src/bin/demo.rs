@@ -65,21 +65,22 @@ enum Role {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
+    let process = match &args.role {
+        Some(Role::Coord) => "coord".to_string(),
+        Some(Role::Server { id }) => format!("server-{id}"),
+        Some(Role::TracingServer { .. }) => "tracing-server".to_string(),
+        None => "demo".to_string(),
+    };
+    let telemetry = launch::init_logging(&process, "info");
     let result = match args.role {
-        Some(Role::Coord) => {
-            launch::init_logging("info");
-            launch::coord(&args.config).await
-        }
+        Some(Role::Coord) => launch::coord(&args.config).await,
         Some(Role::Server { id }) => {
-            launch::init_logging("info");
             launch::server(id, &args.config, FaultSpec::default(), Duration::ZERO).await
         }
-        Some(Role::TracingServer { fresh }) => {
-            launch::init_logging("info");
-            launch::tracing_server(&args.config, fresh).await
-        }
+        Some(Role::TracingServer { fresh }) => launch::tracing_server(&args.config, fresh).await,
         None => demo(&args).await,
     };
+    telemetry.shutdown().await;
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

@@ -52,7 +52,7 @@ pub struct Args {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    launch::init_logging("info");
+    let telemetry = launch::init_logging(&format!("server-{}", args.id), "info");
     let faults = FaultSpec {
         partition_coord: Duration::from_millis(args.partition_coord_ms),
         partition_peers: args.partition_peers.iter().map(|&p| NodeId(p)).collect(),
@@ -63,7 +63,9 @@ async fn main() -> ExitCode {
         ..FaultSpec::default()
     };
     let after = Duration::from_millis(args.faults_after_ms);
-    match launch::server(args.id, &args.config, faults, after).await {
+    let result = launch::server(args.id, &args.config, faults, after).await;
+    telemetry.shutdown().await;
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("server {}: error: {}", args.id, launch::error_chain(&error));

@@ -31,8 +31,10 @@ struct Args {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    launch::init_logging("info");
-    match launch::tracing_server(&args.config, args.fresh).await {
+    let telemetry = launch::init_logging("tracing-server", "info");
+    let result = launch::tracing_server(&args.config, args.fresh).await;
+    telemetry.shutdown().await;
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("tracing-server: error: {}", launch::error_chain(&error));
