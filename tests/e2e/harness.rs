@@ -46,6 +46,9 @@ pub struct Cluster {
     servers: BTreeMap<u32, Child>,
     /// Extra flags per server id, used on every (re)start.
     pub server_flags: BTreeMap<u32, Vec<String>>,
+    /// Extra environment variables for every process started from now on: coord, servers and
+    /// the `client` binary (see [`Cluster::set_env`]).
+    env: Vec<(String, String)>,
 }
 
 /// Test phases log with `tracing::info!("--- ...")`; shown for failing tests.
@@ -141,6 +144,7 @@ impl Cluster {
             coord: None,
             servers: BTreeMap::new(),
             server_flags: BTreeMap::new(),
+            env: Vec::new(),
         }
     }
 
@@ -162,6 +166,14 @@ impl Cluster {
         self.config.servers.iter().map(|s| s.id).collect()
     }
 
+    /// Sets `key=value` in the environment of every process started after this call (coord,
+    /// servers, `client` runs); processes already running keep theirs. Setting a key again
+    /// replaces its value.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_string(), value.to_string()));
+    }
+
     fn log_file(&self, name: &str) -> File {
         let path = self.dir.path().join(format!("{name}.log"));
         File::options()
@@ -177,6 +189,7 @@ impl Cluster {
         Command::new(exe)
             .args(args)
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -257,6 +270,7 @@ impl Cluster {
             .arg("--config")
             .arg(&self.config_path)
             .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null());
         cmd.output().expect("run client")
     }

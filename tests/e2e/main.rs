@@ -1,6 +1,7 @@
 //! End-to-end tests: real coord and server processes on loopback, driven through the `client`
 //! binary and through kvslib. Numbered by area: t10 basic operations, t20 leader failover, t30
-//! exactly-once, t40 restarts, t50 partitions, t60 coord restart, t70 bad input.
+//! exactly-once, t40 restarts, t50 partitions, t60 coord restart, t70 bad input, t80 tracing
+//! (vector clocks), t85 OpenTelemetry spans.
 
 mod harness;
 mod t10_basic;
@@ -14,3 +15,4 @@ mod t60_coord_restart;
 mod t70_bad_input;
 mod t75_disk_full;
 mod t80_tracing;
+mod t85_otel;
