@@ -383,3 +383,15 @@ impl Drop for Cluster {
         }
     }
 }
+
+/// The stdout of a `client` run, which must have succeeded (else its output is shown).
+pub fn stdout(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "client failed: {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

@@ -2,18 +2,7 @@
 
 use serde_json::Value;
 
-use crate::harness::Cluster;
-
-fn stdout(out: &std::process::Output) -> String {
-    assert!(
-        out.status.success(),
-        "client failed: {}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use crate::harness::{stdout, Cluster};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn put_get_and_missing_key_through_binary_and_library() {

@@ -24,7 +24,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use tonic::transport::server::TcpIncoming;
 
-use crate::harness::{Cluster, WAIT};
+use crate::harness::{stdout, Cluster, WAIT};
 
 const CLIENT_SERVICE: &str = "kvraft-client-otel1";
 const SERVER_SERVICE_PREFIX: &str = "kvraft-server-";
@@ -227,14 +227,7 @@ async fn one_put_is_one_distributed_otel_trace() {
     let leader = cluster.wait_leader(|_| true).await;
 
     tracing::info!("--- one put through the client binary, exporting spans");
-    let out = cluster.client("otel1", &["put", "k1", "v1"]);
-    assert!(
-        out.status.success(),
-        "client failed: {}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    stdout(&cluster.client("otel1", &["put", "k1", "v1"]));
 
     tracing::info!("--- the collector receives the put's trace: client -> leader -> followers");
     let deadline = Instant::now() + WAIT;
