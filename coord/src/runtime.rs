@@ -113,6 +113,8 @@ pub(crate) struct Runtime {
     /// publication of its leader; its context rides on the Prepare calls. Disabled when spans
     /// are not exported.
     epoch_span: tracing::Span,
+    /// The term `epoch_span` elects a leader for: only that term's view closes it.
+    epoch_term: Term,
     cluster: Arc<ClusterIdentity>,
     /// Servers already warned about for reporting another cluster (one line each, not one per
     /// heartbeat).
@@ -172,6 +174,7 @@ impl Runtime {
             tracer,
             trace_state: TraceState::default(),
             epoch_span: tracing::Span::none(),
+            epoch_term: Term(0),
             cluster,
             foreign: BTreeSet::new(),
         })
@@ -270,6 +273,7 @@ impl Runtime {
                         .context("cluster id task failed")?
                         .context("cannot store the cluster id")?;
                     self.persist(term).await?;
+                    self.epoch_term = term;
                     self.epoch_span = kvraft_telemetry::span_if_enabled(|| {
                         tracing::info_span!(
                             "coord.epoch_change",
@@ -351,7 +355,7 @@ impl Runtime {
             .map(|p| p.addr.as_str())
             .unwrap_or_default();
         let mut info = convert::leader_info(view, addr);
-        if view.leader != NodeId::NONE && !self.epoch_span.is_disabled() {
+        if view.leader != NodeId::NONE && view.term == self.epoch_term {
             self.epoch_span.record("leader_id", view.leader.0);
             self.epoch_span = tracing::Span::none();
         }
