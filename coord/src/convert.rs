@@ -27,7 +27,23 @@ pub(crate) fn report_from_proto(report: proto::ServerReport) -> ServerReport {
             index: LogIndex(report.last_log_index),
         },
         commit_index: LogIndex(report.commit_index),
+        new_storage: report.cluster_id.is_empty(),
+        caught_up: report
+            .caught_up
+            .into_iter()
+            .map(|m| (NodeId(m.server_id), m.uuid))
+            .collect(),
     }
+}
+
+/// The coord's list of catching-up servers as heartbeats carry it.
+pub(crate) fn members_to_proto(list: &[(NodeId, String)]) -> Vec<proto::StorageMember> {
+    list.iter()
+        .map(|(id, uuid)| proto::StorageMember {
+            server_id: id.0,
+            uuid: uuid.clone(),
+        })
+        .collect()
 }
 
 /// What clients are told; `leader_addr` is the leader's configured address ("" for none).

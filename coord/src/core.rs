@@ -22,6 +22,17 @@
 //! - In `Stable` the view's term equals `highest_term` and the view has a leader; in
 //!   `EpochChange` the view's term is the epoch's term and the view has no leader.
 //!
+//! Storage identities (DESIGN rule 10): the core keeps, for every server, the identity (uuid)
+//! of the data directory it last reported and whether that storage is a voter, and emits
+//! `PersistMembers` (durable before any later command) whenever that changes. A server that
+//! comes back with another identity, or with a directory never in a cluster while the cluster
+//! has terms, may have lost entries it acknowledged: it is a catching-up member. Its Prepare
+//! answers are not counted, it is never designated, and heartbeats tell the leader not to count
+//! it, until the leader of the current term reports it holds everything the leader had when it
+//! learned of it. Then the core makes it a voter again.
+//! - Only answers from voters (prepared with the recorded voter identity) count towards the
+//!   majority that completes an epoch change, and only a voter is designated.
+//!
 //! Time enters only as `now_ms` arguments (any monotonic origin); the core keeps the largest
 //! value seen, so an RPC answer stamped slightly before an already-processed tick is harmless.
 
@@ -114,7 +125,24 @@ pub struct ServerReport {
     pub leader: NodeId,
     pub last_log: LogPosition,
     pub commit_index: LogIndex,
+    /// The data directory has never been in a cluster (it reports no cluster id): new.
+    pub new_storage: bool,
+    /// From a leader: catching-up servers that now hold its log as of when it learned of them,
+    /// with the storage identity each was listed with.
+    pub caught_up: Vec<(NodeId, String)>,
 }
+
+/// What the coord durably knows of one server's storage (DESIGN rule 10).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    /// The storage identity last reported (the uuid made with the data directory).
+    pub uuid: String,
+    /// This storage counts in epoch changes and commits. False while it catches up.
+    pub voter: bool,
+}
+
+/// Every server's storage record, by id; persisted whole on every change.
+pub type Members = BTreeMap<NodeId, Member>;
 
 /// The coordinator's view of the cluster that clients and servers are told.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -151,6 +179,8 @@ pub enum Event {
         term: Term,
         last_log_term: Term,
         last_log_index: LogIndex,
+        /// The answering server's storage identity; counted only if it is a voter's.
+        uuid: String,
     },
     /// A server refused `Prepare` because it holds the higher `term`.
     PrepareRejected { id: NodeId, term: Term },
@@ -161,10 +191,14 @@ pub enum Event {
 pub enum Command {
     /// Make `term` the durable highest term (fsync) before executing any later command.
     PersistTerm(Term),
+    /// Make the storage records durable (fsync) before executing any later command.
+    PersistMembers(Members),
     SendHeartbeat {
         to: NodeId,
         term: Term,
         leader_id: NodeId,
+        /// Catching-up servers and their storage identities, for the leader (rule 10).
+        catching_up: Vec<(NodeId, String)>,
     },
     SendPrepare {
         to: NodeId,
@@ -218,8 +252,9 @@ enum Phase {
 #[derive(Debug)]
 struct Epoch {
     term: Term,
-    /// Ok answers to `Prepare(term)`: who holds `term` durably, with its log position.
-    prepared: BTreeMap<NodeId, LogPosition>,
+    /// Ok answers to `Prepare(term)`: who holds `term` durably, with its log position and the
+    /// storage identity that answered.
+    prepared: BTreeMap<NodeId, (LogPosition, String)>,
     /// When servers that have not answered get `Prepare` again.
     resend_at_ms: u64,
     /// When the epoch change started: how long to wait for a quorum without passed-over servers.
@@ -236,6 +271,8 @@ pub struct CoordCore {
     highest_term: Term,
     view: LeaderView,
     phase: Phase,
+    /// Storage records (rule 10); every change is followed by `PersistMembers`.
+    members: Members,
     next_heartbeat_ms: u64,
     /// The largest time seen in any event.
     now_ms: u64,
@@ -245,6 +282,16 @@ impl CoordCore {
     /// A coordinator that has issued terms up to `highest_term` (0 for a new cluster), started
     /// at `now_ms`. Panics if `config` is invalid (a programmer error: run validates it).
     pub fn new(config: CoreConfig, highest_term: Term, now_ms: u64) -> CoordCore {
+        CoordCore::recovered(config, highest_term, Members::new(), now_ms)
+    }
+
+    /// Like [`CoordCore::new`], with the storage records persisted by an earlier run.
+    pub fn recovered(
+        config: CoreConfig,
+        highest_term: Term,
+        members: Members,
+        now_ms: u64,
+    ) -> CoordCore {
         if let Err(e) = config.validate() {
             panic!("invariant: the core config is validated before use: {e}");
         }
@@ -253,6 +300,7 @@ impl CoordCore {
             .iter()
             .map(|&id| (id, Peer::default()))
             .collect();
+        let config_servers = config.servers.clone();
         CoordCore {
             config,
             peers,
@@ -263,9 +311,34 @@ impl CoordCore {
                 leader_uuid: String::new(),
             },
             phase: Phase::Joining,
+            members: members
+                .into_iter()
+                .filter(|(id, _)| config_has(&config_servers, *id))
+                .collect(),
             next_heartbeat_ms: now_ms,
             now_ms,
         }
+    }
+
+    /// The storage records (rule 10).
+    pub fn members(&self) -> &Members {
+        &self.members
+    }
+
+    /// Whether `id`'s storage, as identified by `uuid`, is a voter.
+    fn is_voter(&self, id: NodeId, uuid: &str) -> bool {
+        self.members
+            .get(&id)
+            .is_some_and(|m| m.voter && m.uuid == uuid)
+    }
+
+    /// Catching-up servers with their storage identities, for heartbeats.
+    fn catching_up(&self) -> Vec<(NodeId, String)> {
+        self.members
+            .iter()
+            .filter(|(_, m)| !m.voter)
+            .map(|(&id, m)| (id, m.uuid.clone()))
+            .collect()
     }
 
     /// The current view: what `Join` answers and heartbeats carry.
@@ -308,12 +381,13 @@ impl CoordCore {
                 term,
                 last_log_term,
                 last_log_index,
+                uuid,
             } => {
                 let position = LogPosition {
                     term: last_log_term,
                     index: last_log_index,
                 };
-                self.on_prepare_ok(id, term, position);
+                self.on_prepare_ok(id, term, position, uuid);
             }
             Event::PrepareRejected { id, term } => self.on_prepare_rejected(id, term, &mut out),
         }
@@ -375,6 +449,7 @@ impl CoordCore {
         if !self.mark_alive(id, &report, now_ms, via) {
             return;
         }
+        self.track_storage(id, &report, out);
         if report.term > self.highest_term {
             warn!(
                 server = %id,
@@ -399,6 +474,7 @@ impl CoordCore {
                 if report.role == Role::Leader
                     && report.term == self.highest_term
                     && self.highest_term > Term(0)
+                    && self.is_voter(id, &report.uuid)
                 {
                     self.adopt_leader(id, out);
                 }
@@ -411,6 +487,7 @@ impl CoordCore {
                 }
                 if report.role == Role::Leader && report.term == self.view.term {
                     *unconfirmed_since_ms = None;
+                    self.promote_caught_up(id, &report.caught_up, out);
                 } else if unconfirmed_since_ms.is_none() {
                     info!(
                         server = %id,
@@ -421,6 +498,78 @@ impl CoordCore {
                 }
             }
             Phase::EpochChange(_) => {}
+        }
+    }
+
+    /// Rule 10: records the storage identity `id` reports; a new one (or a never-joined
+    /// directory in a cluster that has terms) makes it a catching-up member, durably.
+    fn track_storage(&mut self, id: NodeId, report: &ServerReport, out: &mut Vec<Command>) {
+        let member = match self.members.get(&id) {
+            Some(m) if m.uuid == report.uuid => return,
+            Some(m) => {
+                warn!(
+                    server = %id,
+                    "server {id} came back with other storage (uuid {} -> {}): it may have lost \
+                     entries it acknowledged, so it catches up before it votes or counts for \
+                     commit again",
+                    m.uuid, report.uuid
+                );
+                Member {
+                    uuid: report.uuid.clone(),
+                    voter: false,
+                }
+            }
+            None if report.new_storage && self.highest_term > Term(0) => {
+                warn!(
+                    server = %id,
+                    "server {id} joined with a new data directory (uuid {}) while the cluster \
+                     has terms: it catches up before it votes or counts for commit",
+                    report.uuid
+                );
+                Member {
+                    uuid: report.uuid.clone(),
+                    voter: false,
+                }
+            }
+            None => Member {
+                uuid: report.uuid.clone(),
+                voter: true,
+            },
+        };
+        self.members.insert(id, member);
+        out.push(Command::PersistMembers(self.members.clone()));
+        if id == self.view.leader && matches!(self.phase, Phase::Stable { .. }) {
+            let reason = format!("leader {id} came back with other storage");
+            self.start_epoch_change(Term(0), &reason, out);
+        }
+    }
+
+    /// Rule 10: catching-up servers that the current leader reports caught up become voters.
+    fn promote_caught_up(
+        &mut self,
+        leader: NodeId,
+        caught_up: &[(NodeId, String)],
+        out: &mut Vec<Command>,
+    ) {
+        let mut changed = false;
+        for (id, uuid) in caught_up {
+            let Some(member) = self.members.get_mut(id) else {
+                continue;
+            };
+            if member.voter || member.uuid != *uuid {
+                continue;
+            }
+            member.voter = true;
+            changed = true;
+            info!(
+                server = %id,
+                "server {id} caught up (leader {leader} of term {} holds it matched): a voter \
+                 again",
+                self.view.term
+            );
+        }
+        if changed {
+            out.push(Command::PersistMembers(self.members.clone()));
         }
     }
 
@@ -467,7 +616,7 @@ impl CoordCore {
         }
     }
 
-    fn on_prepare_ok(&mut self, id: NodeId, term: Term, position: LogPosition) {
+    fn on_prepare_ok(&mut self, id: NodeId, term: Term, position: LogPosition, uuid: String) {
         if !self.peers.contains_key(&id) {
             warn!(server = %id, "Prepare answer from unknown server {id}; ignored");
             return;
@@ -475,7 +624,7 @@ impl CoordCore {
         match &mut self.phase {
             Phase::EpochChange(epoch) if epoch.term == term => {
                 debug!(server = %id, "server {id} prepared term {term} at {position:?}");
-                epoch.prepared.insert(id, position);
+                epoch.prepared.insert(id, (position, uuid));
             }
             _ => debug!(
                 server = %id,
@@ -621,11 +770,13 @@ impl CoordCore {
         let Phase::EpochChange(epoch) = &self.phase else {
             return;
         };
+        // Only voters count (rule 10): a server catching up after losing its storage may lack
+        // entries it acknowledged, and must neither make a quorum nor be chosen.
         let responders: Vec<(NodeId, LogPosition)> = epoch
             .prepared
             .iter()
-            .filter(|(id, _)| self.is_alive(**id))
-            .map(|(&id, &position)| (id, position))
+            .filter(|(id, (_, uuid))| self.is_alive(**id) && self.is_voter(**id, uuid))
+            .map(|(&id, (position, _))| (id, *position))
             .collect();
         if responders.len() < self.config.majority() {
             return;
@@ -707,11 +858,13 @@ impl CoordCore {
     }
 
     fn send_heartbeats(&self, out: &mut Vec<Command>) {
+        let catching_up = self.catching_up();
         for &to in &self.config.servers {
             out.push(Command::SendHeartbeat {
                 to,
                 term: self.view.term,
                 leader_id: self.view.leader,
+                catching_up: catching_up.clone(),
             });
         }
     }
@@ -751,10 +904,18 @@ impl CoordCore {
                 assert!(self.view.leader.is_none(), "no leader before one is chosen");
             }
         }
+        if let Phase::Stable { .. } = &self.phase {
+            let leader = self.members.get(&self.view.leader);
+            assert!(
+                leader.is_none_or(|m| m.voter),
+                "the designated leader is a voter"
+            );
+        }
         // Persist before use: a term appears in a message only after its PersistTerm ran.
         let mut durable = durable_before;
         for command in out {
             match command {
+                Command::PersistMembers(_) => {}
                 Command::PersistTerm(t) => {
                     assert!(*t > durable, "persisted terms only rise");
                     durable = *t;
@@ -768,4 +929,8 @@ impl CoordCore {
         }
         assert_eq!(durable, self.highest_term, "the highest term is persisted");
     }
+}
+
+fn config_has(servers: &[NodeId], id: NodeId) -> bool {
+    servers.contains(&id)
 }

@@ -16,6 +16,7 @@
 
 pub mod cluster_id;
 pub mod core;
+pub mod members_file;
 pub mod term_file;
 
 mod convert;
@@ -37,6 +38,7 @@ use tonic::transport::Server;
 use tracing::{info, warn};
 
 pub use crate::core::{Command, CoordCore, CoreConfig, Event, LeaderView, Role, ServerReport};
+pub use crate::members_file::{MembersFile, MembersFileError};
 pub use crate::term_file::{TermFile, TermFileError};
 
 /// How long shutdown waits for in-flight requests and streams before abandoning them.
@@ -58,9 +60,10 @@ pub async fn run(
         .validate()
         .map_err(|(key, message)| anyhow!("invalid cluster config: {key}: {message}"))?;
     let (term_file, highest_term) = TermFile::open(&config.coord.data_dir)?;
+    let (members_file, members) = MembersFile::open(&config.coord.data_dir)?;
     let cluster = std::sync::Arc::new(cluster_id::ClusterIdentity::open(&config.coord.data_dir)?);
     let core_config = CoreConfig::from_cluster(&config);
-    let core = CoordCore::new(core_config, highest_term, 0);
+    let core = CoordCore::recovered(core_config, highest_term, members, 0);
     let tracer = kvraft_tracing::tracer_for(&config.tracing, "coord").await?;
     if let Some(t) = &tracer {
         let servers = config.servers.len() as u32;
@@ -84,7 +87,7 @@ pub async fn run(
     let runtime = runtime::Runtime::new(
         &config,
         core,
-        (term_file, cluster.clone()),
+        (term_file, members_file, cluster.clone()),
         inputs_tx.clone(),
         inputs_rx,
         leader_tx,

@@ -8,6 +8,7 @@
 //!            ┌─────────────────────────────────────────────────┘ commands, in order
 //!            ▼
 //!   PersistTerm        fsync on a blocking thread, awaited before the next command
+//!   PersistMembers     likewise (the servers' storage records, DESIGN rule 10)
 //!   SendHeartbeat      a spawned RPC task with a timeout; its answer comes back as an Input
 //!   SendPrepare        likewise
 //!   PublishLeader      the watch channel read by GetLeader / WatchLeader
@@ -45,6 +46,7 @@ use tracing::{debug, error, warn};
 use crate::cluster_id::ClusterIdentity;
 use crate::convert;
 use crate::core::{Command, CoordCore, Event, LeaderView, ServerReport};
+use crate::members_file::MembersFile;
 use crate::term_file::TermFile;
 
 /// Inputs waiting for the core task. RPC tasks and join handlers wait when it is full, which
@@ -98,6 +100,7 @@ struct PeerClient {
 pub(crate) struct Runtime {
     core: CoordCore,
     term_file: TermFile,
+    members_file: MembersFile,
     peers: BTreeMap<NodeId, PeerClient>,
     inputs_tx: mpsc::Sender<Input>,
     inputs_rx: mpsc::Receiver<Input>,
@@ -139,7 +142,7 @@ impl Runtime {
     pub(crate) fn new(
         config: &ClusterConfig,
         core: CoordCore,
-        (term_file, cluster): (TermFile, Arc<ClusterIdentity>),
+        (term_file, members_file, cluster): (TermFile, MembersFile, Arc<ClusterIdentity>),
         inputs_tx: mpsc::Sender<Input>,
         inputs_rx: mpsc::Receiver<Input>,
         leader_tx: watch::Sender<proto::LeaderInfo>,
@@ -161,6 +164,7 @@ impl Runtime {
         Ok(Runtime {
             core,
             term_file,
+            members_file,
             peers,
             inputs_tx,
             inputs_rx,
@@ -287,11 +291,21 @@ impl Runtime {
                         self.trace_state.epoch = Some(trace);
                     }
                 }
+                Command::PersistMembers(members) => {
+                    let file = self.members_file.clone();
+                    tokio::task::spawn_blocking(move || file.store(&members))
+                        .await
+                        .context("the task persisting the storage records panicked")?
+                        .context(
+                            "cannot persist the servers' storage records; stopping the coord",
+                        )?;
+                }
                 Command::SendHeartbeat {
                     to,
                     term,
                     leader_id,
-                } => self.send_heartbeat(to, term, leader_id),
+                    catching_up,
+                } => self.send_heartbeat(to, term, leader_id, &catching_up),
                 Command::SendPrepare { to, term } => self.send_prepare(to, term),
                 Command::PublishLeader(view) => self.publish(&view).await,
             }
@@ -385,7 +399,13 @@ impl Runtime {
         });
     }
 
-    fn send_heartbeat(&mut self, to: NodeId, term: Term, leader: NodeId) {
+    fn send_heartbeat(
+        &mut self,
+        to: NodeId,
+        term: Term,
+        leader: NodeId,
+        catching_up: &[(NodeId, String)],
+    ) {
         let Some(peer) = self.peers.get(&to) else {
             warn!(server = %to, "no address for server {to}; heartbeat not sent");
             return;
@@ -395,6 +415,7 @@ impl Runtime {
             term: term.0,
             leader_id: leader.0,
             cluster_id: self.cluster.current(),
+            catching_up: convert::members_to_proto(catching_up),
             trace_token: Default::default(),
         };
         let (timeout, clock, inputs) = (self.rpc_timeout, self.clock, self.inputs_tx.clone());
@@ -464,6 +485,7 @@ impl Runtime {
                             term: Term(response.term),
                             last_log_term: Term(response.last_log_term),
                             last_log_index: LogIndex(response.last_log_index),
+                            uuid: response.uuid,
                         }
                     } else {
                         Event::PrepareRejected {

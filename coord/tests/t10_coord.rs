@@ -64,6 +64,7 @@ impl FakeServer {
             last_log_index: s.last_log.1,
             commit_index: 0,
             cluster_id: String::new(),
+            ..Default::default()
         }
     }
 }
@@ -125,6 +126,7 @@ impl ServerControl for FakeServer {
             term: s.term,
             last_log_term: s.last_log.0,
             last_log_index: s.last_log.1,
+            uuid: format!("fake-{}", s.id),
             trace_token: Default::default(),
         }))
     }

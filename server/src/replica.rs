@@ -28,7 +28,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use kvraft_common::NodeId;
+use kvraft_common::{limits, NodeId};
 use kvraft_proto::log_entry::Payload;
 use kvraft_proto::{
     AppendEntriesRequest, AppendEntriesResponse, LogEntry, Noop, PutCommand, RegisterSession,
@@ -69,6 +69,10 @@ pub struct ReplicaConfig {
     pub uuid: String,
     pub session_ttl_ms: u64,
     pub sessions_max: usize,
+    /// Most unacknowledged requests per session (`seq < ack_seq + window`); at most, and in
+    /// production equal to, [`limits::SESSION_WINDOW_MAX`], which kvslib keeps to. Smaller
+    /// only in the simulation, so its clients reach the window.
+    pub session_window: u64,
     /// Period of the leader's empty AppendEntries.
     pub heartbeat_ms: u64,
 }
@@ -78,10 +82,13 @@ pub enum Event {
     Tick {
         now_ms: u64,
     },
-    /// The coord's view: `leader` designated for `term` (0 = none known).
+    /// The coord's view: `leader` designated for `term` (0 = none known), and the servers
+    /// that lost their storage and catch up before they count again (DESIGN rule 10), each
+    /// with the storage identity it came back with.
     CoordHeartbeat {
         term: u64,
         leader: NodeId,
+        catching_up: Option<Vec<(NodeId, String)>>,
         reply: ReplyTo,
     },
     Prepare {
@@ -122,10 +129,19 @@ pub enum Event {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ClientError {
-    NotLeader { leader: NodeId, term: u64 },
+    NotLeader {
+        leader: NodeId,
+        term: u64,
+    },
     SessionExpired,
     Stale,
     TooManyPending,
+    /// The request breaks a rule of the protocol, whatever the server's state; the message
+    /// names the field. Definite: the same request is refused everywhere, always.
+    Invalid(String),
+    /// This server cannot take the request now (the message says why); another server or a
+    /// later attempt may. Never a verdict on whether an earlier attempt applied.
+    Unavailable(String),
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -136,6 +152,8 @@ pub enum Reply {
         term: u64,
         last_log_term: u64,
         last_log_index: u64,
+        /// This server's storage identity (the coord counts only voters' answers, rule 10).
+        uuid: String,
     },
     Registered(Result<u64, ClientError>),
     Put {
@@ -174,6 +192,11 @@ pub enum Command {
         leader: bool,
         term: u64,
     },
+    /// Informational: a peer message was refused as invalid (DESIGN rule 11); for the log.
+    Refused {
+        from: NodeId,
+        reason: String,
+    },
 }
 
 #[derive(Debug)]
@@ -210,6 +233,14 @@ struct Leader {
     reads: VecDeque<PendingRead>,
     put_waiters: BTreeMap<(u64, u64), Vec<ReplyTo>>,
     register_waiters: BTreeMap<u64, ReplyTo>,
+    /// Log time (what entries are stamped with, for session expiry) is the time of the last
+    /// entry when this leadership began plus the leader's own clock since then: it never goes
+    /// back, and a wall-clock jump or skew on any one server moves it not at all.
+    log_time_base_ms: u64,
+    now_base_ms: u64,
+    /// Catching-up peers (DESIGN rule 10): the storage identity each came back with and the
+    /// index it must hold (matched in this term) before it counts again.
+    catch_up_targets: BTreeMap<NodeId, (String, u64)>,
 }
 
 /// Tracks which prefix of the current log is fsynced. Each log write is remembered with the
@@ -262,6 +293,10 @@ pub struct Replica {
     /// more of the log becomes durable.
     ack_stream: Option<(StreamId, u64)>,
     leader: Option<Leader>,
+    /// The coord's list of servers catching up after losing their storage (rule 10), with the
+    /// storage identity each came back with.
+    catching_up: BTreeMap<NodeId, String>,
+    /// This server's own clock, in ms from any origin; only ever moves forward.
     now_ms: u64,
     out: Vec<Command>,
 }
@@ -274,7 +309,12 @@ impl Replica {
             assert_eq!(e.index, i as u64 + 1, "invariant: recovered log is dense");
         }
         let durable_index = entries.len() as u64;
-        let sm = StateMachine::new(cfg.session_ttl_ms, cfg.sessions_max);
+        assert!(
+            (1..=limits::SESSION_WINDOW_MAX).contains(&cfg.session_window),
+            "invariant: 1 <= session_window <= SESSION_WINDOW_MAX"
+        );
+        let sm = StateMachine::new(cfg.session_ttl_ms, cfg.sessions_max)
+            .with_session_window(cfg.session_window);
         Replica {
             majority: cfg.servers.len() / 2 + 1,
             cfg,
@@ -289,6 +329,7 @@ impl Replica {
             verified_index: 0,
             ack_stream: None,
             leader: None,
+            catching_up: BTreeMap::new(),
             now_ms: 0,
             out: Vec::new(),
         }
@@ -348,19 +389,67 @@ impl Replica {
             commit_index: self.commit_index,
             // Filled in by the runtime, which owns the data directory's identity.
             cluster_id: String::new(),
+            caught_up: self.caught_up(),
+            catching_up: self.catching_up.contains_key(&self.cfg.id),
         }
+    }
+
+    /// As leader: the catching-up peers that hold their target index, matched in this term.
+    fn caught_up(&self) -> Vec<kvraft_proto::StorageMember> {
+        let Some(leader) = &self.leader else {
+            return Vec::new();
+        };
+        leader
+            .catch_up_targets
+            .iter()
+            .filter(|(id, (_, target))| {
+                leader
+                    .peers
+                    .get(id)
+                    .is_some_and(|p| p.match_index >= *target)
+            })
+            .map(|(id, (uuid, _))| kvraft_proto::StorageMember {
+                server_id: id.0,
+                uuid: uuid.clone(),
+            })
+            .collect()
+    }
+
+    /// Whether `peer`'s acknowledgements count towards commit and read quorums: not while it
+    /// catches up after losing its storage (DESIGN rule 10), until it holds its target.
+    fn counts(leader: &Leader, peer: NodeId) -> bool {
+        match leader.catch_up_targets.get(&peer) {
+            None => true,
+            Some((_, target)) => leader
+                .peers
+                .get(&peer)
+                .is_some_and(|p| p.match_index >= *target),
+        }
+    }
+
+    /// The `majority`-th highest value among this leader's own and its counted peers' values,
+    /// or `None` when fewer than a majority of all servers count. Quorums are always majorities
+    /// of all configured servers (rule 3); a catching-up peer only makes them harder to reach.
+    fn quorum_value(&self, own: u64, of_peer: impl Fn(&Peer) -> u64) -> Option<u64> {
+        let leader = self.leader.as_ref()?;
+        let mut values: Vec<u64> = leader
+            .peers
+            .iter()
+            .filter(|(&id, _)| Self::counts(leader, id))
+            .map(|(_, p)| of_peer(p))
+            .collect();
+        values.push(own);
+        values.sort_unstable_by(|a, b| b.cmp(a));
+        values.get(self.majority - 1).copied()
     }
 
     /// Leader of its term and heard from a majority within [`QUORUM_LOSS_HEARTBEATS`].
     pub fn leads_a_majority(&self) -> bool {
-        let Some(leader) = &self.leader else {
+        let Some(heard) = self.quorum_value(self.now_ms, |p| p.last_ack_ms) else {
             return false;
         };
-        let mut acks: Vec<u64> = leader.peers.values().map(|p| p.last_ack_ms).collect();
-        acks.push(self.now_ms);
-        acks.sort_unstable_by(|a, b| b.cmp(a));
         let window = self.cfg.heartbeat_ms * QUORUM_LOSS_HEARTBEATS;
-        self.now_ms <= acks[self.majority - 1] + window
+        self.now_ms <= heard.saturating_add(window)
     }
 
     // ------------------------------------------------------------------ step
@@ -372,8 +461,9 @@ impl Replica {
             Event::CoordHeartbeat {
                 term,
                 leader,
+                catching_up,
                 reply,
-            } => self.on_coord_heartbeat(term, leader, reply),
+            } => self.on_coord_heartbeat(term, leader, catching_up, reply),
             Event::Prepare { term, reply } => self.on_prepare(term, reply),
             Event::AppendEntries { stream, req } => self.on_append_entries(stream, req),
             Event::AppendEntriesResponse { resp } => self.on_append_response(resp),
@@ -461,7 +551,21 @@ impl Replica {
         });
     }
 
-    fn on_coord_heartbeat(&mut self, term: u64, leader: NodeId, reply: ReplyTo) {
+    fn on_coord_heartbeat(
+        &mut self,
+        term: u64,
+        leader: NodeId,
+        catching_up: Option<Vec<(NodeId, String)>>,
+        reply: ReplyTo,
+    ) {
+        if let Some(list) = catching_up {
+            self.update_catching_up(list);
+        }
+        if leader.is_none() && term > self.hard.term && self.blank() {
+            // A new or wiped directory takes the coord's term as its floor before it follows
+            // anyone (see `blank`).
+            self.adopt_term(term, NodeId::NONE);
+        }
         if !leader.is_none() {
             if term > self.hard.term && leader != self.cfg.id {
                 self.adopt_term(term, leader);
@@ -481,6 +585,42 @@ impl Replica {
         self.reply(reply, Reply::Report(report));
     }
 
+    /// Takes the coord's list of catching-up servers (rule 10). A leader sets each new one a
+    /// target: its last index now, which covers every committed entry. A peer leaves the
+    /// leader's list only once it has reached its target, so a stale or reordered heartbeat
+    /// can never make a peer count before it holds what it may have lost.
+    fn update_catching_up(&mut self, list: Vec<(NodeId, String)>) {
+        let configured = |id: &NodeId| self.cfg.servers.contains(id);
+        self.catching_up = list.into_iter().filter(|(id, _)| configured(id)).collect();
+        let last = self.last_index();
+        let Some(leader) = self.leader.as_mut() else {
+            return;
+        };
+        for (&id, uuid) in &self.catching_up {
+            if id == self.cfg.id {
+                continue;
+            }
+            match leader.catch_up_targets.get(&id) {
+                Some((known, _)) if known == uuid => {}
+                _ => {
+                    leader.catch_up_targets.insert(id, (uuid.clone(), last));
+                    // What it acknowledged before it lost its storage no longer holds.
+                    if let Some(peer) = leader.peers.get_mut(&id) {
+                        peer.match_index = 0;
+                        peer.next_index = peer.next_index.min(last + 1);
+                        peer.probing = true;
+                        peer.probe_outstanding = false;
+                    }
+                }
+            }
+        }
+        let listed = &self.catching_up;
+        let peers = &leader.peers;
+        leader.catch_up_targets.retain(|id, (_, target)| {
+            listed.contains_key(id) || peers.get(id).is_none_or(|p| p.match_index < *target)
+        });
+    }
+
     /// Epoch change, phase one (DESIGN rule 2): fence first (adopt the term durably), then
     /// report the durable log position.
     fn on_prepare(&mut self, term: u64, reply: ReplyTo) {
@@ -490,6 +630,7 @@ impl Replica {
                 term: self.hard.term,
                 last_log_term: 0,
                 last_log_index: 0,
+                uuid: self.cfg.uuid.clone(),
             };
             return self.reply(reply, reply_msg);
         }
@@ -502,6 +643,7 @@ impl Replica {
             term,
             last_log_term: self.term_at(durable),
             last_log_index: durable,
+            uuid: self.cfg.uuid.clone(),
         };
         self.reply(reply, reply_msg);
     }
@@ -539,12 +681,19 @@ impl Replica {
             reads: VecDeque::new(),
             put_waiters: BTreeMap::new(),
             register_waiters: BTreeMap::new(),
+            log_time_base_ms: self.log.last().map_or(0, |e| e.time_ms),
+            now_base_ms: self.now_ms,
+            catch_up_targets: BTreeMap::new(),
         });
         self.out.push(Command::RoleChanged {
             leader: true,
             term: self.hard.term,
         });
         self.append_local(Payload::Noop(Noop {}));
+        // Catching-up peers must reach at least the no-op: it follows every committed entry.
+        let listed: Vec<(NodeId, String)> =
+            std::mem::take(&mut self.catching_up).into_iter().collect();
+        self.update_catching_up(listed);
         self.advance_commit();
     }
 
@@ -552,10 +701,16 @@ impl Replica {
 
     fn append_local(&mut self, payload: Payload) -> u64 {
         let index = self.last_index() + 1;
+        let leader = self
+            .leader
+            .as_ref()
+            .expect("invariant: only a leader appends");
+        let elapsed_ms = self.now_ms.saturating_sub(leader.now_base_ms);
+        let previous_ms = self.log.last().map_or(0, |e| e.time_ms);
         let entry = LogEntry {
             term: self.hard.term,
             index,
-            time_ms: self.now_ms,
+            time_ms: previous_ms.max(leader.log_time_base_ms.saturating_add(elapsed_ms)),
             payload: Some(payload),
         };
         self.log.push(entry.clone());
@@ -644,6 +799,7 @@ impl Replica {
             return;
         }
         let term = self.hard.term;
+        let last = self.last_index();
         let Some(leader) = self.leader.as_mut() else {
             return;
         };
@@ -653,6 +809,18 @@ impl Replica {
         let Some(peer) = leader.peers.get_mut(&NodeId(resp.follower_id)) else {
             return;
         };
+        if resp.match_index > last || resp.read_round > leader.read_round {
+            // Claims entries or a round this leader never sent (rule 11): counting it could
+            // commit what no majority holds.
+            let reason = format!(
+                "AppendEntries answer claims match_index {} / read_round {} beyond this leader's \
+                 log end {last} / round {}",
+                resp.match_index, resp.read_round, leader.read_round
+            );
+            let from = NodeId(resp.follower_id);
+            self.out.push(Command::Refused { from, reason });
+            return;
+        }
         peer.acked_round = peer.acked_round.max(resp.read_round);
         peer.last_ack_ms = peer.last_ack_ms.max(self.now_ms);
         if resp.success {
@@ -661,7 +829,13 @@ impl Replica {
             peer.probing = false;
             peer.probe_outstanding = false;
         } else if resp.conflict_index > 0 {
-            peer.next_index = resp.conflict_index.max(peer.match_index + 1);
+            let conflict = resp.conflict_index.min(last + 1);
+            if conflict <= peer.match_index {
+                // The follower holds less than it acknowledged: it lost its storage (rule 10).
+                // Its old acknowledgements no longer count.
+                peer.match_index = conflict - 1;
+            }
+            peer.next_index = conflict;
             peer.probing = true;
             peer.probe_outstanding = false;
         }
@@ -684,11 +858,10 @@ impl Replica {
     /// DESIGN rule 3: an entry of the current term commits once fsynced on a majority of all
     /// configured servers (the leader counts itself only up to its own durable index).
     fn advance_commit(&mut self) {
-        let Some(leader) = &self.leader else { return };
-        let mut matches: Vec<u64> = leader.peers.values().map(|p| p.match_index).collect();
-        matches.push(self.durability.durable_index);
-        matches.sort_unstable_by(|a, b| b.cmp(a));
-        let candidate = matches[self.majority - 1];
+        let Some(candidate) = self.quorum_value(self.durability.durable_index, |p| p.match_index)
+        else {
+            return;
+        };
         if candidate > self.commit_index && self.term_at(candidate) == self.hard.term {
             self.set_commit(candidate);
         }
@@ -758,6 +931,9 @@ impl Replica {
     }
 
     fn on_register(&mut self, client_id: String, reply: ReplyTo) {
+        if let Err(e) = limits::check_client_id(&client_id) {
+            return self.reply(reply, Reply::Registered(Err(ClientError::Invalid(e))));
+        }
         if self.leader.is_none() {
             return self.reply(reply, Reply::Registered(Err(self.not_leader())));
         }
@@ -768,12 +944,38 @@ impl Replica {
     }
 
     fn on_put(&mut self, cmd: PutCommand, reply: ReplyTo) {
-        if self.leader.is_none() {
+        let refuse = |this: &mut Self, error: ClientError| {
             let reply_msg = Reply::Put {
-                result: Err(self.not_leader()),
+                result: Err(error),
                 duplicate: false,
             };
-            return self.reply(reply, reply_msg);
+            this.reply(reply, reply_msg);
+        };
+        let valid = limits::check_put_seq(
+            cmd.session_id,
+            cmd.seq,
+            cmd.ack_seq,
+            self.cfg.session_window,
+        )
+        .and_then(|()| limits::check_key_value(&cmd.key, Some(&cmd.value)));
+        if let Err(e) = valid {
+            return refuse(self, ClientError::Invalid(e));
+        }
+        if self.leader.is_none() {
+            return refuse(self, self.not_leader());
+        }
+        if cmd.session_id > self.last_index() {
+            // Session ids are indices of committed entries, and a current leader's log holds
+            // every committed entry: this is no session, or this leader is deposed (the put
+            // could not commit here anyway). Not definite: an earlier attempt of the same put
+            // at the real leader may have applied.
+            let e = format!(
+                "session_id {} is above this server's last log index {}: not a session here \
+                 (register a session first), or this server no longer leads",
+                cmd.session_id,
+                self.last_index()
+            );
+            return refuse(self, ClientError::Unavailable(e));
         }
         let key = (cmd.session_id, cmd.seq);
         if self.serving() {
@@ -784,10 +986,15 @@ impl Replica {
                 };
                 return self.reply(reply, reply_msg);
             }
-            // An unknown session is not refused here: a leader deposed without knowing it
-            // has not seen sessions registered under the newer leader, and a SESSION_EXPIRED
-            // from that stale view makes kvslib drop a valid session. The put goes to the
-            // log; applying it answers SESSION_EXPIRED once committed, a confirmed verdict.
+            // A session id this leader has applied but does not hold expired (or never was
+            // one): final in every later log too, so it is answered now, nothing appended.
+            // A session id above the applied index is not refused: a leader deposed without
+            // knowing it has not seen sessions registered under the newer leader, and a
+            // SESSION_EXPIRED from that stale view would make kvslib drop a valid session.
+            // That put goes to the log; applying it answers once committed.
+            if cmd.session_id <= self.sm.last_applied() && !self.sm.has_session(cmd.session_id) {
+                return refuse(self, ClientError::SessionExpired);
+            }
         }
         let leader = self.leader.as_mut().expect("invariant: checked above");
         if let Some(waiters) = leader.put_waiters.get_mut(&key) {
@@ -853,18 +1060,43 @@ impl Replica {
     /// The highest round that a majority (this leader included) has confirmed.
     fn confirmed_round(&self) -> u64 {
         let Some(leader) = &self.leader else { return 0 };
-        let mut rounds: Vec<u64> = leader.peers.values().map(|p| p.acked_round).collect();
-        rounds.push(leader.read_round);
-        rounds.sort_unstable_by(|a, b| b.cmp(a));
-        rounds[self.majority - 1]
+        self.quorum_value(leader.read_round, |p| p.acked_round)
+            .unwrap_or(0)
     }
 
     // ------------------------------------------------------------------ follower
 
+    /// A server with no term and no log: a new data directory, or one that lost its storage
+    /// (rule 10). It may have promised a newer term before it was wiped, so it follows no one
+    /// until the coord has told it the current term: otherwise a deposed leader it can still
+    /// reach could count its acknowledgements and overwrite committed entries.
+    fn blank(&self) -> bool {
+        self.hard.term == 0 && self.log.is_empty()
+    }
+
     fn on_append_entries(&mut self, stream: StreamId, req: AppendEntriesRequest) {
         let leader = NodeId(req.leader_id);
+        if self.blank() {
+            return self.respond(stream, false, 0, 0);
+        }
+        if let Err(reason) = self.check_append(&req) {
+            self.out.push(Command::Refused {
+                from: leader,
+                reason,
+            });
+            return self.respond(stream, false, 0, 0);
+        }
         if req.term < self.hard.term {
-            return self.respond(stream, false, 0, req.read_round);
+            // Its read round belongs to the older term: echoing it under ours would confirm a
+            // round of our term's leader that this answer never saw (rule 8).
+            return self.respond(stream, false, 0, 0);
+        }
+        if let Err(reason) = self.check_committed_prefix(&req) {
+            self.out.push(Command::Refused {
+                from: leader,
+                reason,
+            });
+            return self.respond(stream, false, 0, 0);
         }
         if req.term > self.hard.term {
             self.adopt_term(req.term, leader);
@@ -891,6 +1123,68 @@ impl Replica {
         // on_persisted once the entries are fsynced (DESIGN rule 5).
         self.ack_stream = Some((stream, req.read_round));
         self.respond_success(stream, req.read_round);
+    }
+
+    /// DESIGN rule 11: an AppendEntries is checked whole before anything of it is used. Its
+    /// entries continue `prev_log_index` one index at a time, no entry has a term above the
+    /// message's, terms never go down, and no entry contradicts what this server has committed
+    /// (which a correct leader never sends: rule 6).
+    fn check_append(&self, req: &AppendEntriesRequest) -> Result<(), String> {
+        let leader = NodeId(req.leader_id);
+        if leader == self.cfg.id || !self.cfg.servers.contains(&leader) {
+            return Err(format!(
+                "leader_id {} is not a configured peer",
+                req.leader_id
+            ));
+        }
+        if req.prev_log_term > req.term {
+            return Err(format!(
+                "prev_log_term {} is above the message term {}",
+                req.prev_log_term, req.term
+            ));
+        }
+        let mut term = req.prev_log_term;
+        for (i, e) in req.entries.iter().enumerate() {
+            let want = req.prev_log_index.checked_add(i as u64 + 1);
+            if Some(e.index) != want {
+                return Err(format!(
+                    "entries[{i}].index is {}, expected {} (entries must continue \
+                     prev_log_index {})",
+                    e.index,
+                    want.map_or("none".to_string(), |w| w.to_string()),
+                    req.prev_log_index
+                ));
+            }
+            if e.term > req.term || e.term < term {
+                return Err(format!(
+                    "entries[{i}].term {} is outside [{term}, {}] (the previous entry's term and \
+                     the message term)",
+                    e.term, req.term
+                ));
+            }
+            term = e.term;
+        }
+        Ok(())
+    }
+
+    /// For a message of our term or a newer one: no entry contradicts what this server has
+    /// committed (a correct leader of such a term holds every committed entry, rule 6; an older
+    /// leader's message is refused by its term before this).
+    fn check_committed_prefix(&self, req: &AppendEntriesRequest) -> Result<(), String> {
+        for (i, e) in req.entries.iter().enumerate() {
+            if e.index > self.commit_index {
+                break;
+            }
+            if self.term_at(e.index) != e.term {
+                return Err(format!(
+                    "entries[{i}] (index {}, term {}) contradicts committed entry of term {}",
+                    e.index,
+                    e.term,
+                    self.term_at(e.index)
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The fast-backup hint when our log does not hold `(prev_index, prev_term)`: the first
@@ -1022,6 +1316,9 @@ fn client_error(e: PutError) -> ClientError {
         PutError::SessionExpired => ClientError::SessionExpired,
         PutError::Stale => ClientError::Stale,
         PutError::TooManyPending => ClientError::TooManyPending,
+        PutError::Invalid => ClientError::Invalid(
+            "the put breaks the session window (ack_seq <= seq < ack_seq + 1024)".to_string(),
+        ),
     }
 }
 

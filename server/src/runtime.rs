@@ -58,11 +58,13 @@ const PEER_RECONNECT_MS: u64 = 50;
 /// A request that expects a reply from the core.
 #[derive(Debug)]
 pub(crate) enum Call {
-    /// `cluster_id` is the coord's ("" if it has none yet).
+    /// `cluster_id` is the coord's ("" if it has none yet); `catching_up` its list of servers
+    /// catching up after losing their storage (`None`: not told, keep the last list).
     CoordHeartbeat {
         term: u64,
         leader: NodeId,
         cluster_id: String,
+        catching_up: Option<Vec<(NodeId, String)>>,
     },
     Prepare {
         term: u64,
@@ -81,9 +83,15 @@ pub(crate) enum Call {
 impl Call {
     fn into_event(self, reply: ReplyTo) -> Event {
         match self {
-            Call::CoordHeartbeat { term, leader, .. } => Event::CoordHeartbeat {
+            Call::CoordHeartbeat {
                 term,
                 leader,
+                catching_up,
+                ..
+            } => Event::CoordHeartbeat {
+                term,
+                leader,
+                catching_up,
                 reply,
             },
             Call::Prepare { term, .. } => Event::Prepare { term, reply },
@@ -137,6 +145,17 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Milliseconds on the monotonic clock since this process first asked. The replica core's
+/// time: heartbeats, timeouts and the log time it stamps on entries never follow a wall-clock
+/// jump.
+pub fn monotonic_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+}
+
 /// Runs server `id` of `config` on an already bound listener until `shutdown` completes or a
 /// storage error stops it.
 pub async fn run(
@@ -177,6 +196,7 @@ pub async fn run(
         uuid: meta.uuid.clone(),
         session_ttl_ms: config.server.session_ttl_ms,
         sessions_max: config.server.sessions_max,
+        session_window: kvraft_common::limits::SESSION_WINDOW_MAX,
         heartbeat_ms: config.server.replication_heartbeat_ms,
     };
     let replica = Replica::new(rcfg, hard, entries);
@@ -271,7 +291,7 @@ impl Core {
                 biased;
                 _ = &mut shutdown => break,
                 _ = tick.tick() => {
-                    cmds.extend(self.replica.step(Event::Tick { now_ms: now_ms() }));
+                    cmds.extend(self.replica.step(Event::Tick { now_ms: monotonic_ms() }));
                 }
                 input = rx.recv() => {
                     let Some(input) = input else { break };
@@ -503,6 +523,9 @@ impl Core {
                 if let Some(tx) = self.replies.remove(&to) {
                     let _ = tx.send(reply);
                 }
+            }
+            Command::Refused { from, reason } => {
+                tracing::warn!(server = %self.replica.id(), peer = %from, "refused a peer message: {reason}");
             }
             Command::RoleChanged { leader, term } => {
                 let tag = if leader {

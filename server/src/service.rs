@@ -132,6 +132,7 @@ async fn try_join(
                 term: resp.term,
                 leader: NodeId(resp.leader_id),
                 cluster_id: resp.cluster_id,
+                catching_up: None,
             };
             let _ = handle.call(view).await;
         }
@@ -155,6 +156,13 @@ impl CoreHandle {
         trace.tracer().flush().await;
         token
     }
+}
+
+/// The coord's catching-up list as the core takes it.
+fn members(list: Vec<StorageMember>) -> Vec<(NodeId, String)> {
+    list.into_iter()
+        .map(|m| (NodeId(m.server_id), m.uuid))
+        .collect()
 }
 
 fn unavailable() -> Status {
@@ -188,6 +196,7 @@ impl ServerControl for CoreHandle {
             term: req.term,
             leader: NodeId(req.leader_id),
             cluster_id: req.cluster_id,
+            catching_up: Some(members(req.catching_up)),
         };
         let Some(Reply::Report(report)) = self.call(call).await else {
             return Err(unavailable());
@@ -228,6 +237,7 @@ impl ServerControl for CoreHandle {
             term,
             last_log_term,
             last_log_index,
+            uuid,
         }) = self
             .call(Call::Prepare { term, cluster_id })
             .instrument(span)
@@ -240,6 +250,7 @@ impl ServerControl for CoreHandle {
             term,
             last_log_term,
             last_log_index,
+            uuid,
             trace_token: self.token_out(trace.as_ref(), "PrepareResponse").await,
         }))
     }
@@ -322,7 +333,9 @@ fn kv_error(e: ClientError) -> KvError {
             ErrorCode::ErrorStaleRequest,
             0,
             0,
-            "request abandoned by the client (below its ack_seq)".to_string(),
+            "seq is below the session's ack_seq: its result is no longer kept, so whether it \
+             applied is unknown"
+                .to_string(),
         ),
         ClientError::TooManyPending => (
             ErrorCode::ErrorTooManyPending,
@@ -330,6 +343,8 @@ fn kv_error(e: ClientError) -> KvError {
             0,
             "too many requests of this session wait for an earlier one".to_string(),
         ),
+        ClientError::Invalid(message) => (ErrorCode::ErrorInvalidArgument, 0, 0, message),
+        ClientError::Unavailable(message) => (ErrorCode::ErrorUnavailable, 0, 0, message),
     };
     KvError {
         code: code as i32,
@@ -373,6 +388,10 @@ impl Kv for CoreHandle {
         let trace = self.trace_in(&request.trace_token);
         let client_id = request.client_id;
         let mut resp = RegisterSessionResponse::default();
+        if let Err(e) = limits::check_client_id(&client_id) {
+            resp.error = error_of(ErrorCode::ErrorInvalidArgument, e);
+            return Ok(Response::new(resp));
+        }
         if let Some(e) = self.disk_full_error() {
             resp.error = Some(e);
             return Ok(Response::new(resp));
@@ -420,17 +439,23 @@ impl CoreHandle {
         context: HashMap<String, String>,
     ) -> Result<Response<PutResponse>, Status> {
         let mut resp = PutResponse::default();
-        if let Err(e) = limits::check_key_value(&req.key, Some(&req.value)) {
+        // Checked again by the core, which decides; here so nothing invalid is queued for it.
+        let valid = limits::check_client_id(&req.client_id)
+            .and_then(|()| {
+                limits::check_put_seq(
+                    req.session_id,
+                    req.seq,
+                    req.ack_seq,
+                    limits::SESSION_WINDOW_MAX,
+                )
+            })
+            .and_then(|()| limits::check_key_value(&req.key, Some(&req.value)));
+        if let Err(e) = valid {
             resp.error = error_of(ErrorCode::ErrorInvalidArgument, e);
             return Ok(Response::new(resp));
         }
         if let Some(e) = self.disk_full_error() {
             resp.error = Some(e);
-            return Ok(Response::new(resp));
-        }
-        if req.session_id == 0 || req.seq == 0 {
-            let msg = "session_id and seq must be above 0".to_string();
-            resp.error = error_of(ErrorCode::ErrorInvalidArgument, msg);
             return Ok(Response::new(resp));
         }
         let trace = self.trace_in(&req.trace_token);
@@ -494,7 +519,9 @@ impl CoreHandle {
 
     async fn get_in_span(&self, req: GetRequest) -> Result<Response<GetResponse>, Status> {
         let mut resp = GetResponse::default();
-        if let Err(e) = limits::check_key_value(&req.key, None) {
+        let valid = limits::check_client_id(&req.client_id)
+            .and_then(|()| limits::check_key_value(&req.key, None));
+        if let Err(e) = valid {
             resp.error = error_of(ErrorCode::ErrorInvalidArgument, e);
             return Ok(Response::new(resp));
         }

@@ -14,24 +14,29 @@
 //!   `pending` (at most [`PENDING_PER_SESSION_MAX`]) until the seqs before it apply or are
 //!   abandoned;
 //! - `ack_seq` says the client is done with every seq below it: those results are dropped, and
-//!   seqs below it that never arrived are skipped (a late copy is answered `Stale`);
-//! - a put whose seq already applied returns the recorded result and changes nothing.
+//!   seqs below it that never arrived are skipped (a late copy is answered `Stale`, which says
+//!   only that the server no longer knows: the seq may or may not have applied);
+//! - a put whose seq already applied returns the recorded result and changes nothing;
+//! - every put keeps `ack_seq <= seq < ack_seq + SESSION_WINDOW_MAX` (checked by the leader
+//!   before it appends, and again here, so an entry breaking it changes nothing).
 //!
-//! Invariants: `next_seq` of a session only grows; a `(session, seq)` changes the map at most
-//! once; the session table holds at most `sessions_max` sessions.
+//! Invariants: `next_seq` and `acked` of a session only grow; a `(session, seq)` changes the map
+//! at most once; the result of every applied seq at or above `acked` is kept (never evicted),
+//! so a retry of a request the client still waits for always gets its original answer; a
+//! session holds at most [`SESSION_WINDOW_MAX`] results and pending puts; the session table
+//! holds at most `sessions_max` sessions. No step is linear in a number a client chose: work per
+//! entry is bounded by the session window and the sessions it expires.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use kvraft_common::limits::{self, SESSION_WINDOW_MAX};
 use kvraft_proto::log_entry::Payload;
 use kvraft_proto::{LogEntry, PutCommand};
 use prost::bytes::Bytes;
 
 /// Most puts of one session that may wait for an earlier seq. Bounds memory per session; the
-/// client library keeps fewer than this in flight.
-pub const PENDING_PER_SESSION_MAX: u64 = 1024;
-
-/// Most results kept per session for retries, should a client never advance `ack_seq`.
-pub const RESULTS_PER_SESSION_MAX: usize = 1024;
+/// session window (`seq < ack_seq + SESSION_WINDOW_MAX`) already keeps a client within it.
+pub const PENDING_PER_SESSION_MAX: u64 = SESSION_WINDOW_MAX;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Versioned {
@@ -50,8 +55,12 @@ pub struct PutResult {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PutError {
     SessionExpired,
+    /// The seq is below the session's `ack_seq`: its result is gone, so whether it applied is
+    /// unknown.
     Stale,
     TooManyPending,
+    /// The put breaks the session rules (`ack_seq <= seq < ack_seq + window`); nothing changed.
+    Invalid,
 }
 
 /// What applying an entry resolved, for the leader to answer its waiting clients.
@@ -72,7 +81,10 @@ pub enum Outcome {
 #[derive(Clone, Debug)]
 struct Session {
     next_seq: u64,
+    /// The highest `ack_seq` applied: the client is done with every seq below it.
+    acked: u64,
     last_active_ms: u64,
+    /// Results of applied seqs in `[acked, next_seq)`, all of them (at most the window).
     results: BTreeMap<u64, PutResult>,
     /// seq -> (key, value, index of the entry that carried it)
     pending: BTreeMap<u64, (Bytes, Bytes, u64)>,
@@ -86,6 +98,8 @@ pub struct StateMachine {
     by_activity: BTreeSet<(u64, u64)>,
     session_ttl_ms: u64,
     sessions_max: usize,
+    /// Most unacknowledged requests per session (see `limits::check_put_seq`).
+    window: u64,
     last_applied: u64,
 }
 
@@ -98,8 +112,19 @@ impl StateMachine {
             by_activity: BTreeSet::new(),
             session_ttl_ms,
             sessions_max,
+            window: SESSION_WINDOW_MAX,
             last_applied: 0,
         }
+    }
+
+    /// A smaller session window than [`SESSION_WINDOW_MAX`] (the simulation's clients reach it).
+    pub fn with_session_window(mut self, window: u64) -> Self {
+        assert!(
+            (1..=SESSION_WINDOW_MAX).contains(&window),
+            "invariant: 1 <= window <= SESSION_WINDOW_MAX"
+        );
+        self.window = window;
+        self
     }
 
     pub fn last_applied(&self) -> u64 {
@@ -158,6 +183,7 @@ impl StateMachine {
         }
         let session = Session {
             next_seq: 1,
+            acked: 1,
             last_active_ms: now_ms,
             results: BTreeMap::new(),
             pending: BTreeMap::new(),
@@ -209,10 +235,17 @@ impl StateMachine {
             ));
             return;
         }
+        if limits::check_put_seq(id, put.seq, put.ack_seq, self.window).is_err() {
+            // The leader validates before appending; an entry that got here anyway (an older
+            // or misbehaving leader) changes nothing, the same on every replica.
+            out.push(put_outcome(id, put.seq, Err(PutError::Invalid), false));
+            return;
+        }
         self.touch(id, now_ms);
         self.advance_ack(id, put.ack_seq, out);
         let session = &self.sessions[&id];
         if put.seq < session.next_seq {
+            // Below `acked` the result is gone; at or above it, it is always kept.
             let result = session
                 .results
                 .get(&put.seq)
@@ -251,7 +284,7 @@ impl StateMachine {
     }
 
     /// Everything below `ack_seq` is finished for the client: apply what is held, skip what
-    /// never came, forget results.
+    /// never came, forget results. Bounded by the puts held, not by how far `ack_seq` moves.
     fn advance_ack(&mut self, id: u64, ack_seq: u64, out: &mut Vec<Outcome>) {
         loop {
             let session = self
@@ -261,17 +294,33 @@ impl StateMachine {
             if session.next_seq >= ack_seq {
                 break;
             }
-            let seq = session.next_seq;
-            match session.pending.remove(&seq) {
-                Some((key, value, index)) => self.apply_in_order(id, seq, key, value, index, out),
-                None => session.next_seq += 1,
+            // Held puts below `ack_seq` apply in seq order; the seqs between them never came.
+            let held = session.pending.first_key_value().map(|(&seq, _)| seq);
+            match held {
+                Some(seq) if seq < ack_seq => {
+                    debug_assert!(
+                        seq >= session.next_seq,
+                        "invariant: held seqs are not behind"
+                    );
+                    let (key, value, index) = session
+                        .pending
+                        .remove(&seq)
+                        .expect("invariant: first key exists");
+                    session.next_seq = seq;
+                    self.apply_in_order(id, seq, key, value, index, out);
+                }
+                _ => session.next_seq = ack_seq,
             }
         }
         let session = self
             .sessions
             .get_mut(&id)
             .expect("invariant: caller checked");
-        session.results = session.results.split_off(&ack_seq);
+        if ack_seq > session.acked {
+            session.acked = ack_seq;
+            session.results = session.results.split_off(&ack_seq);
+        }
+        debug_assert!(session.results.len() as u64 <= self.window);
     }
 
     fn drain_pending(&mut self, id: u64, out: &mut Vec<Outcome>) {
@@ -317,9 +366,6 @@ impl StateMachine {
         );
         session.next_seq += 1;
         session.results.insert(seq, result);
-        if session.results.len() > RESULTS_PER_SESSION_MAX {
-            session.results.pop_first();
-        }
         out.push(put_outcome(id, seq, Ok(result), false));
     }
 }
@@ -500,16 +546,156 @@ mod tests {
     }
 
     #[test]
-    fn too_many_pending_is_refused() {
+    fn put_outside_the_session_window_changes_nothing() {
         let mut log = Log::new();
         let s = log.register(1);
-        let out = log.put(2, s, PENDING_PER_SESSION_MAX + 2, 1, "k", "v");
+        for (seq, ack) in [(SESSION_WINDOW_MAX + 1, 1), (1, 2), (0, 0), (5, 0)] {
+            let out = log.put(2, s, seq, ack, "k", "v");
+            assert!(
+                matches!(
+                    out[..],
+                    [Outcome::Put {
+                        result: Err(PutError::Invalid),
+                        ..
+                    }]
+                ),
+                "seq {seq} ack {ack}: {out:?}"
+            );
+        }
+        assert_eq!(log.value("k"), None);
+        // The session is untouched: seq 1 still applies.
+        assert_eq!(ok(&log.put(3, s, 1, 1, "k", "v")), vec![(1, 1, false)]);
+    }
+
+    /// The outage this guards against: one put with `ack_seq = 2^64 - 1` made every replica
+    /// count up to it one step at a time. Skipping is now bounded by the puts held.
+    #[test]
+    fn an_extreme_ack_seq_is_applied_in_bounded_time() {
+        let mut log = Log::new();
+        let s = log.register(1);
+        assert!(log.put(2, s, 5, 2, "held", "x").is_empty()); // waits for 2..=4
+        let top = u64::MAX - 1;
+        let out = log.put(3, s, top, top, "k", "v");
+        assert_eq!(ok(&out), vec![(5, 1, false), (top, 1, false)]);
+        assert_eq!(log.value("k"), Some(("v".into(), 1)));
+        assert_eq!(log.sm.sessions[&s].next_seq, u64::MAX);
+        let again = log.put(4, s, u64::MAX, u64::MAX, "k", "w");
         assert!(matches!(
-            out[0],
-            Outcome::Put {
-                result: Err(PutError::TooManyPending),
+            again[..],
+            [Outcome::Put {
+                result: Err(PutError::Invalid),
                 ..
-            }
+            }]
         ));
+    }
+
+    /// DESIGN rule 7 with the window: a result the client may still retry for (at or above its
+    /// ack_seq) is never evicted, however many later puts the session applies.
+    #[test]
+    fn results_at_or_above_ack_seq_are_never_evicted() {
+        let mut log = Log::new();
+        let s = log.register(1);
+        let first = ok(&log.put(2, s, 1, 1, "k0", "v"));
+        assert_eq!(first, vec![(1, 1, false)]);
+        for seq in 2..=SESSION_WINDOW_MAX {
+            assert_eq!(ok(&log.put(3, s, seq, 1, &format!("k{seq}"), "v")).len(), 1);
+        }
+        // One more would leave the window: refused, and nothing is evicted for it.
+        let beyond = log.put(4, s, SESSION_WINDOW_MAX + 1, 1, "x", "v");
+        assert!(matches!(
+            beyond[..],
+            [Outcome::Put {
+                result: Err(PutError::Invalid),
+                ..
+            }]
+        ));
+        let retry = log.put(5, s, 1, 1, "k0", "v");
+        assert_eq!(ok(&retry), vec![(1, 1, true)], "{retry:?}");
+        // Acknowledging moves the window: results below the new ack_seq go.
+        log.put(6, s, SESSION_WINDOW_MAX + 1, 2, "x", "v");
+        assert!(log.sm.cached_result(s, 1).is_none());
+        assert!(log.sm.cached_result(s, 2).is_some());
+    }
+
+    fn extreme(rng: &mut impl rand::Rng) -> u64 {
+        const PICKS: [u64; 9] = [
+            0,
+            1,
+            2,
+            SESSION_WINDOW_MAX - 1,
+            SESSION_WINDOW_MAX,
+            SESSION_WINDOW_MAX + 1,
+            u64::MAX / 2,
+            u64::MAX - 1,
+            u64::MAX,
+        ];
+        if rng.random_bool(0.5) {
+            PICKS[rng.random_range(0..PICKS.len())]
+        } else {
+            rng.random_range(0..64)
+        }
+    }
+
+    /// Property: any sequence of entries, whatever their fields, applies without panicking, in
+    /// bounded time, and keeps every session within its bounds.
+    #[test]
+    fn arbitrary_entries_apply_within_bounds() {
+        use rand::{Rng, SeedableRng};
+        for seed in 0..200u64 {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let mut sm = StateMachine::new(rng.random_range(0..50), rng.random_range(1..4));
+            let mut sessions = vec![0u64, u64::MAX];
+            for index in 1..=300u64 {
+                let payload = match rng.random_range(0..10) {
+                    0 => None,
+                    1 => Some(Payload::Noop(kvraft_proto::Noop {})),
+                    2 => Some(Payload::RegisterSession(RegisterSession::default())),
+                    _ => {
+                        let session_id = if rng.random_bool(0.8) {
+                            sessions[rng.random_range(0..sessions.len())]
+                        } else {
+                            extreme(&mut rng)
+                        };
+                        let seq = extreme(&mut rng);
+                        let ack_seq = if rng.random_bool(0.5) {
+                            seq.saturating_sub(rng.random_range(0..3))
+                        } else {
+                            extreme(&mut rng)
+                        };
+                        let key: Vec<u8> =
+                            (0..rng.random_range(0..3)).map(|_| rng.random()).collect();
+                        Some(Payload::Put(PutCommand {
+                            session_id,
+                            seq,
+                            ack_seq,
+                            key: Bytes::from(key),
+                            value: Bytes::new(),
+                        }))
+                    }
+                };
+                if matches!(payload, Some(Payload::RegisterSession(_))) {
+                    sessions.push(index);
+                }
+                let time_ms = extreme(&mut rng);
+                let entry = LogEntry {
+                    term: 1,
+                    index,
+                    time_ms,
+                    payload,
+                };
+                sm.apply(&entry);
+                for session in sm.sessions.values() {
+                    assert!(
+                        session.results.len() as u64 <= SESSION_WINDOW_MAX,
+                        "seed {seed}"
+                    );
+                    assert!(
+                        session.pending.len() as u64 <= SESSION_WINDOW_MAX,
+                        "seed {seed}"
+                    );
+                }
+                assert!(sm.sessions.len() <= sm.sessions_max, "seed {seed}");
+            }
+        }
     }
 }

@@ -15,9 +15,16 @@
 //! holds `ack_seq` back). Each slot is one sequential process of the history; a client runs up
 //! to `client_slots_max` of them at once, so several of its seqs can be in flight.
 //!
-//! Invariant: an answer other than success or `NotLeader`/`TooManyPending` is impossible here
-//! (sessions never expire in the simulation and the client never abandons a seq it still
-//! retries), so `SessionExpired` or `Stale` for a live operation is reported as a violation.
+//! As kvslib, a client keeps at most the session window of puts unacknowledged
+//! (`seq < ack_seq + window`): a slot whose put would leave it waits. When sessions can expire
+//! or be evicted (some seeds), a `SessionExpired` put ends with an unknown result and the client
+//! registers a new session; the final put is retried under the new session.
+//!
+//! Violations reported: `Stale` for a live operation (the client never abandons a seq it still
+//! retries, and results at or above `ack_seq` are never evicted); `SessionExpired` in a run
+//! where sessions neither expire nor are evicted; and, where they only expire, a session that
+//! expired sooner than the TTL after its last applied request was issued: log time may lag real
+//! time (it stops between leaders) but never runs ahead of it, whatever the servers' clocks.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -27,6 +34,7 @@ use rand::Rng;
 use kvraft_server::replica::{ClientError, Reply};
 
 use crate::history::{Input, OpResult, Operation, Output};
+use crate::node::{SessionLimits, SESSIONS_UNBOUNDED, SESSION_TTL_NEVER_MS};
 
 /// What a client asks a server.
 #[derive(Clone, Debug)]
@@ -74,6 +82,7 @@ pub enum ClientAction {
 enum OpKind {
     Register,
     Put {
+        session: u64,
         seq: u64,
         key: String,
         value: String,
@@ -105,6 +114,11 @@ pub struct ClientTiming {
 const BACKOFF_MS: std::ops::RangeInclusive<u64> = 20..=60;
 /// Pause between two operations of a slot (ms).
 const THINK_MS: std::ops::RangeInclusive<u64> = 0..=40;
+/// Where sessions expire, a pause is now and then this long instead (ms), so some do.
+const IDLE_MS: std::ops::RangeInclusive<u64> = 200..=2_000;
+const IDLE_PERMILLE: u32 = 30;
+/// A slot whose put would leave the session window tries again after this long (ms).
+const WINDOW_WAIT_MS: std::ops::RangeInclusive<u64> = 5..=20;
 
 #[derive(Debug)]
 pub struct Client {
@@ -115,7 +129,13 @@ pub struct Client {
     slots: Vec<Option<Op>>,
     session: Option<u64>,
     next_seq: u64,
-    in_flight: BTreeSet<u64>,
+    /// (session, seq) of every put in flight, old sessions' included.
+    in_flight: BTreeSet<(u64, u64)>,
+    limits: SessionLimits,
+    /// Call time (ms) of the latest request the current session applied (registration or put).
+    session_active_ms: u64,
+    /// The final put met an expired session: it runs again once a new session exists.
+    final_pending: bool,
     /// Believed (term, leader); leader 0 = unknown.
     leader: (u64, u32),
     probe: usize,
@@ -138,6 +158,7 @@ impl Client {
         keys: Vec<String>,
         timing: ClientTiming,
         slots: usize,
+        limits: SessionLimits,
     ) -> Client {
         Client {
             id,
@@ -148,6 +169,9 @@ impl Client {
             session: None,
             next_seq: 1,
             in_flight: BTreeSet::new(),
+            limits,
+            session_active_ms: 0,
+            final_pending: false,
             leader: (0, 0),
             probe: id as usize,
             next_attempt: 1,
@@ -206,13 +230,14 @@ impl Client {
     /// Starts the final put on slot 0 (every slot must be idle).
     pub fn start_final(&mut self, now_ms: u64, now_ns: u64, rng: &mut StdRng) {
         assert!(self.idle(), "invariant: the final put runs alone");
+        self.final_pending = true;
         self.issuing = true;
-        self.new_op(0, now_ms, now_ns, rng, true);
+        self.start(0, now_ms, now_ns, rng);
         self.issuing = false;
     }
 
     fn start(&mut self, slot: usize, now_ms: u64, now_ns: u64, rng: &mut StdRng) {
-        if self.slots[slot].is_some() || !self.issuing {
+        if self.slots[slot].is_some() || !(self.issuing || self.final_pending) {
             return;
         }
         if self.session.is_none() {
@@ -230,17 +255,48 @@ impl Client {
             // Other slots are started once the session exists.
             return;
         }
-        self.new_op(slot, now_ms, now_ns, rng, false);
+        if self.final_pending {
+            if slot == 0 {
+                self.final_pending = false;
+                self.new_op(0, now_ms, now_ns, rng, true, true);
+            }
+            return;
+        }
+        let put = rng.random_bool(0.6);
+        let session = self.session.expect("invariant: checked above");
+        if put && self.next_seq >= self.ack_seq(session) + self.limits.window {
+            // The session window is full (an older put is still unanswered): wait, as kvslib.
+            let at_ms = now_ms + rng.random_range(WINDOW_WAIT_MS);
+            self.out.push(ClientAction::Timer {
+                at_ms,
+                timer: ClientTimer::Start(slot),
+            });
+            return;
+        }
+        self.new_op(slot, now_ms, now_ns, rng, put, false);
     }
 
-    fn new_op(&mut self, slot: usize, now_ms: u64, now_ns: u64, rng: &mut StdRng, is_final: bool) {
+    /// Starts a put (`put`, always for the final one) or a get on `slot`.
+    fn new_op(
+        &mut self,
+        slot: usize,
+        now_ms: u64,
+        now_ns: u64,
+        rng: &mut StdRng,
+        put: bool,
+        is_final: bool,
+    ) {
         let key = self.keys[rng.random_range(0..self.keys.len())].clone();
-        let kind = if is_final || rng.random_bool(0.6) {
+        let kind = if put || is_final {
             self.values += 1;
+            let session = self
+                .session
+                .expect("invariant: puts start after registration");
             let seq = self.next_seq;
             self.next_seq += 1;
-            self.in_flight.insert(seq);
+            self.in_flight.insert((session, seq));
             OpKind::Put {
+                session,
                 seq,
                 key,
                 value: format!("c{}.{}", self.id, self.values),
@@ -259,12 +315,19 @@ impl Client {
         self.attempt(slot, now_ms, now_ns, rng);
     }
 
-    fn ack_seq(&self) -> u64 {
-        self.in_flight.first().copied().unwrap_or(self.next_seq)
+    /// The smallest seq of `session` still in flight, else (the current session) the next seq.
+    fn ack_seq(&self, session: u64) -> u64 {
+        self.in_flight
+            .range((session, 0)..=(session, u64::MAX))
+            .next()
+            .map_or(self.next_seq, |&(_, seq)| seq)
     }
 
     fn attempt(&mut self, slot: usize, now_ms: u64, now_ns: u64, rng: &mut StdRng) {
-        let ack_seq = self.ack_seq();
+        let ack_seq = match self.slots[slot].as_ref().map(|op| &op.kind) {
+            Some(OpKind::Put { session, .. }) => self.ack_seq(*session),
+            _ => 0,
+        };
         let Some(op) = self.slots[slot].as_mut() else {
             return;
         };
@@ -289,10 +352,13 @@ impl Client {
             OpKind::Register => Request::Register {
                 client_id: format!("client{}", self.id),
             },
-            OpKind::Put { seq, key, value } => Request::Put {
-                session_id: self
-                    .session
-                    .expect("invariant: puts start after registration"),
+            OpKind::Put {
+                session,
+                seq,
+                key,
+                value,
+            } => Request::Put {
+                session_id: *session,
                 seq: *seq,
                 ack_seq,
                 key: key.clone(),
@@ -325,14 +391,25 @@ impl Client {
         let target = op.target;
         let error = match reply {
             Reply::Registered(Ok(session)) => {
+                let op = self.slots[0]
+                    .take()
+                    .expect("invariant: registering on slot 0");
                 self.session = Some(session);
-                self.slots[0] = None;
+                self.next_seq = 1;
+                self.session_active_ms = op.call_ns / 1_000_000;
                 for s in 0..self.slots.len() {
                     self.start(s, now_ms, now_ns, rng);
                 }
                 return;
             }
             Reply::Put { result: Ok(r), .. } => {
+                let op = self.slots[slot].as_ref().expect("invariant: checked above");
+                if let OpKind::Put { session, .. } = op.kind {
+                    if Some(session) == self.session {
+                        let call_ms = op.call_ns / 1_000_000;
+                        self.session_active_ms = self.session_active_ms.max(call_ms);
+                    }
+                }
                 return self.finish(
                     slot,
                     OpResult::Ok(Output::Put(r.version)),
@@ -367,11 +444,13 @@ impl Client {
                 }
             }
             ClientError::TooManyPending => rng.random_range(BACKOFF_MS),
-            ClientError::SessionExpired | ClientError::Stale => {
+            ClientError::Unavailable(_) => rng.random_range(BACKOFF_MS),
+            ClientError::SessionExpired => return self.session_expired(slot, now_ms, now_ns, rng),
+            ClientError::Stale | ClientError::Invalid(_) => {
                 let op = self.slots[slot].as_ref().expect("invariant: checked above");
                 self.violations.push(format!(
-                    "client {}: {error:?} for a live operation {:?} (sessions never expire in \
-                     the simulation)",
+                    "client {}: {error:?} for a live operation {:?} (a live seq is never \
+                     abandoned nor its result evicted, and the client sends valid requests)",
                     self.id, op.kind
                 ));
                 return self.finish(slot, OpResult::Unknown, now_ns, rng, now_ms);
@@ -381,6 +460,48 @@ impl Client {
             at_ms: now_ms + delay,
             timer: ClientTimer::Retry(slot),
         });
+    }
+
+    /// A put's session is gone: its result is unknown (it may have applied before), and the
+    /// client registers a new session. Checks that the expiry was possible at all.
+    fn session_expired(&mut self, slot: usize, now_ms: u64, now_ns: u64, rng: &mut StdRng) {
+        let op = self.slots[slot].as_ref().expect("invariant: a running op");
+        let OpKind::Put { session, .. } = op.kind else {
+            self.violations.push(format!(
+                "client {}: SessionExpired for {:?}",
+                self.id, op.kind
+            ));
+            return;
+        };
+        let (ttl_ms, evicts) = (
+            self.limits.ttl_ms,
+            self.limits.sessions_max != SESSIONS_UNBOUNDED,
+        );
+        if ttl_ms == SESSION_TTL_NEVER_MS && !evicts {
+            self.violations.push(format!(
+                "client {}: SessionExpired for {:?} in a run whose sessions never expire",
+                self.id, op.kind
+            ));
+        } else if !evicts
+            && Some(session) == self.session
+            && now_ms < self.session_active_ms + ttl_ms
+        {
+            self.violations.push(format!(
+                "client {}: session {session} expired at {now_ms} ms, though a request it applied \
+                 was issued at {} ms and the ttl is {ttl_ms} ms (log time ran ahead of real time)",
+                self.id, self.session_active_ms
+            ));
+        }
+        if Some(session) == self.session {
+            self.session = None;
+        }
+        if op.is_final {
+            self.final_pending = true;
+        }
+        self.finish(slot, OpResult::Unknown, now_ns, rng, now_ms);
+        if self.final_pending && self.idle() {
+            self.start(0, now_ms, now_ns, rng);
+        }
     }
 
     fn finish(
@@ -399,13 +520,18 @@ impl Client {
         }
         let input = match op.kind {
             OpKind::Register => return,
-            OpKind::Put { seq, key, value } => {
-                self.in_flight.remove(&seq);
+            OpKind::Put {
+                session,
+                seq,
+                key,
+                value,
+            } => {
+                self.in_flight.remove(&(session, seq));
                 Input::Put { key, value }
             }
             OpKind::Get { key } => Input::Get { key },
         };
-        if op.is_final {
+        if op.is_final && !self.final_pending {
             self.final_ok = Some(matches!(result, OpResult::Ok(_)));
         }
         let return_ns = if result == OpResult::Unknown {
@@ -421,8 +547,11 @@ impl Client {
             return_ns,
         });
         if self.issuing {
+            let idle = self.limits.ttl_ms != SESSION_TTL_NEVER_MS
+                && crate::network::chance(rng, IDLE_PERMILLE);
+            let pause = if idle { IDLE_MS } else { THINK_MS };
             self.out.push(ClientAction::Timer {
-                at_ms: now_ms + rng.random_range(THINK_MS),
+                at_ms: now_ms + rng.random_range(pause),
                 timer: ClientTimer::Start(slot),
             });
         }

@@ -14,6 +14,9 @@ pub struct SimConfig {
     pub clients: Option<usize>,
     /// Most operations one client runs at once (its put seqs in flight), at least 1.
     pub client_slots_max: usize,
+    /// Largest session window a run draws (2..=this): small, so clients fill it while an
+    /// older put of theirs is stuck, and must wait as kvslib does.
+    pub session_window_max: u64,
     /// Length of the phase with faults.
     pub fault_ms: u64,
     /// After the fault phase everything heals; the cluster then runs this long without faults
@@ -55,7 +58,8 @@ impl Default for SimConfig {
         SimConfig {
             servers: None,
             clients: None,
-            client_slots_max: 2,
+            client_slots_max: 4,
+            session_window_max: 6,
             fault_ms: 3_000,
             quiet_ms: 1_500,
             faults: true,
@@ -83,6 +87,10 @@ impl SimConfig {
             if n == 0 || n > kvraft_common::config::SERVERS_MAX {
                 return Err(format!("servers = {n}: must be 1..=9"));
             }
+        }
+        let window_max = kvraft_common::limits::SESSION_WINDOW_MAX;
+        if !(2..=window_max).contains(&self.session_window_max) {
+            return Err(format!("session_window_max must be 2..={window_max}"));
         }
         if self.clients == Some(0) || self.client_slots_max == 0 || self.keys == 0 {
             return Err("clients, client_slots_max and keys must be above 0".into());

@@ -29,6 +29,8 @@ use kvraft_server::replica::Replica;
 use kvraft_server::state_machine::{Outcome, StateMachine};
 use prost::Message;
 
+use crate::node::SessionLimits;
+
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 
@@ -69,8 +71,9 @@ pub struct Invariants {
 }
 
 impl Invariants {
-    pub fn new(keys: Vec<String>, session_ttl_ms: u64, sessions_max: usize) -> Invariants {
-        let reference = StateMachine::new(session_ttl_ms, sessions_max);
+    pub fn new(keys: Vec<String>, limits: SessionLimits) -> Invariants {
+        let reference = StateMachine::new(limits.ttl_ms, limits.sessions_max)
+            .with_session_window(limits.window);
         let mut inv = Invariants {
             leaders: BTreeMap::new(),
             prefixes: BTreeMap::new(),

@@ -55,6 +55,8 @@ pub struct FaultCounts {
     /// One direction of one link cut.
     pub one_way: u64,
     pub crashes: u64,
+    /// Crashes that lost the whole disk (the node restarts empty, with a new storage identity).
+    pub disk_losses: u64,
     /// Crashes that kept part of the unsynced log tail.
     pub torn_tails: u64,
     pub coord_crashes: u64,
@@ -72,6 +74,7 @@ impl FaultCounts {
         self.splits += o.splits;
         self.one_way += o.one_way;
         self.crashes += o.crashes;
+        self.disk_losses += o.disk_losses;
         self.torn_tails += o.torn_tails;
         self.coord_crashes += o.coord_crashes;
         self.leaders_elected += o.leaders_elected;
@@ -124,7 +127,8 @@ impl fmt::Display for SimStats {
             f,
             "seeds={} steps={} sim_s={} ops: puts_ok={} gets_ok={} unknown={} committed={} \
              faults: dropped={} duplicated={} reordered={} isolations={} coord_partitions={} \
-             splits={} one_way={} crashes={} torn_tails={} coord_crashes={} (leaderships={}) \
+             splits={} one_way={} crashes={} disk_losses={} torn_tails={} coord_crashes={} \
+             (leaderships={}) \
              acked_writes_checked={} linearizable={} inconclusive={} violations={}",
             self.seeds,
             self.steps,
@@ -141,6 +145,7 @@ impl fmt::Display for SimStats {
             x.splits,
             x.one_way,
             x.crashes,
+            x.disk_losses,
             x.torn_tails,
             x.coord_crashes,
             x.leaders_elected,

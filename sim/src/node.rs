@@ -1,16 +1,28 @@
 //! [`SimNode`]: one simulated server process: its replica core while it runs, its disk, and
 //! its incarnation (bumped on every crash, so messages and fsyncs of a previous life are
-//! recognised and dropped).
+//! recognised and dropped). Its storage identity (the uuid a real data directory is created
+//! with) lasts as long as its disk: a crash keeps it, losing the disk makes a new one.
 
 use kvraft_common::NodeId;
 use kvraft_server::replica::{Replica, ReplicaConfig};
 
 use crate::disk::Disk;
 
-/// A replica's limits in the simulation: sessions never expire and are never evicted, so a
-/// `SessionExpired` answer for a registered session is a bug.
-pub const SESSION_TTL_MS: u64 = u64::MAX / 4;
-pub const SESSIONS_MAX: usize = 1_000_000;
+/// The session limits of one run: in some seeds sessions never expire and are never evicted
+/// (a `SessionExpired` answer is then a bug), in others they expire after a short idle time or
+/// are evicted by a small session table (then clients renew them, as kvslib does).
+#[derive(Clone, Copy, Debug)]
+pub struct SessionLimits {
+    pub ttl_ms: u64,
+    pub sessions_max: usize,
+    /// Most unacknowledged requests per session; small, so clients reach it.
+    pub window: u64,
+}
+
+/// TTL of a run whose sessions never expire.
+pub const SESSION_TTL_NEVER_MS: u64 = u64::MAX / 4;
+/// Session table of a run that never evicts.
+pub const SESSIONS_UNBOUNDED: usize = 1_000_000;
 
 pub struct SimNode {
     pub id: u32,
@@ -18,19 +30,33 @@ pub struct SimNode {
     pub replica: Option<Replica>,
     pub disk: Disk,
     pub incarnation: u64,
+    /// Bumped when the disk is lost; part of the storage identity.
+    pub disk_generation: u64,
+    /// This node's clock reads the simulated time plus this (clocks of servers disagree).
+    pub clock_offset_ms: u64,
     servers: Vec<NodeId>,
     heartbeat_ms: u64,
+    limits: SessionLimits,
 }
 
 impl SimNode {
-    pub fn new(id: u32, servers: Vec<NodeId>, heartbeat_ms: u64) -> SimNode {
+    pub fn new(
+        id: u32,
+        servers: Vec<NodeId>,
+        heartbeat_ms: u64,
+        limits: SessionLimits,
+        clock_offset_ms: u64,
+    ) -> SimNode {
         let mut node = SimNode {
             id,
             replica: None,
             disk: Disk::default(),
             incarnation: 0,
+            disk_generation: 0,
+            clock_offset_ms,
             servers,
             heartbeat_ms,
+            limits,
         };
         node.start();
         node
@@ -45,13 +71,28 @@ impl SimNode {
         let cfg = ReplicaConfig {
             id: NodeId(self.id),
             servers: self.servers.clone(),
-            uuid: format!("node{}-life{}", self.id, self.incarnation),
-            session_ttl_ms: SESSION_TTL_MS,
-            sessions_max: SESSIONS_MAX,
+            uuid: self.storage_id(),
+            session_ttl_ms: self.limits.ttl_ms,
+            sessions_max: self.limits.sessions_max,
+            session_window: self.limits.window,
             heartbeat_ms: self.heartbeat_ms,
         };
         let (hard, entries) = self.disk.crash(0);
         self.replica = Some(Replica::new(cfg, hard, entries));
+    }
+
+    /// The identity of the current disk, as a data directory's uuid.
+    pub fn storage_id(&self) -> String {
+        format!("node{}-disk{}", self.id, self.disk_generation)
+    }
+
+    /// Crashes the process and loses its whole disk: it restarts empty, with a new storage
+    /// identity (a wiped or replaced data directory).
+    pub fn lose_disk(&mut self) {
+        self.replica = None;
+        self.incarnation += 1;
+        self.disk_generation += 1;
+        self.disk = Disk::default();
     }
 
     /// Crashes the process: the replica is gone, the disk keeps its durable part plus

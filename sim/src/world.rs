@@ -11,7 +11,8 @@
 //!        Coord:   PersistTerm → durable term   SendHeartbeat/SendPrepare → RPC + timeout item
 //!                 PublishLeader → a view message to every client
 //!   Fsync ──▶ Disk::complete_sync ──▶ Replica::step(Persisted { write_id })
-//!   Fault ──▶ partition / crash a node / crash the coord (each heals later)
+//!   Fault ──▶ partition / crash a node / lose a node's whole disk / crash the coord (each
+//!             heals later)
 //!   Client timers ──▶ Client (attempt timeouts, retries, next operation)
 //!     │
 //!     └─▶ after every step: Invariants on the node touched; the first violation ends the run
@@ -43,7 +44,7 @@ use crate::config::SimConfig;
 use crate::history::History;
 use crate::invariants::Invariants;
 use crate::network::{chance, Endpoint, Network};
-use crate::node::{SimNode, SESSIONS_MAX, SESSION_TTL_MS};
+use crate::node::{SessionLimits, SimNode, SESSIONS_UNBOUNDED, SESSION_TTL_NEVER_MS};
 use crate::{FaultCounts, SimStats};
 
 /// A coord RPC answered later than this many heartbeat periods counts as failed (the coord
@@ -63,6 +64,13 @@ const LEADER_VICTIM_SHARE: f64 = 0.5;
 /// Share of randomly dropped replication messages that break their stream (‰); the rest are
 /// lost silently, which the leader must survive through probes and heartbeats.
 const DROP_BREAKS_STREAM_PERMILLE: u32 = 500;
+/// Share of node crashes that also lose the node's whole disk (‰), when no other server is
+/// catching up: losing a majority's disks would leave no voter majority, by design.
+const DISK_LOSS_PERMILLE: u32 = 250;
+/// Per-node clock offsets go up to this (ms): ten hours of skew between servers.
+const CLOCK_OFFSET_MAX_MS: u64 = 36_000_000;
+/// Short session TTLs, in the seeds where sessions expire (ms of idleness).
+const SESSION_TTL_SHORT_MS: std::ops::RangeInclusive<u64> = 300..=1_200;
 
 #[derive(Clone, Debug)]
 enum Msg {
@@ -70,6 +78,7 @@ enum Msg {
         rpc: u64,
         term: u64,
         leader: u32,
+        catching_up: Vec<(NodeId, String)>,
     },
     Prepare {
         rpc: u64,
@@ -85,6 +94,7 @@ enum Msg {
         term: u64,
         last_log_term: u64,
         last_log_index: u64,
+        uuid: String,
     },
     Append {
         leader: u32,
@@ -188,6 +198,8 @@ pub struct World {
     coord_life: u64,
     /// The coord's durable highest term (its term file).
     coord_term: u64,
+    /// The coord's durable storage records (its members file).
+    coord_members: coord::Members,
     rpcs: BTreeMap<u64, Rpc>,
     next_rpc: u64,
     replies: BTreeMap<(u32, ReplyTo), Route>,
@@ -209,9 +221,23 @@ impl World {
             .unwrap_or(if rng.random_bool(0.5) { 3 } else { 5 });
         let c = cfg.clients.unwrap_or(rng.random_range(2..=4));
         let ids: Vec<NodeId> = (1..=n as u32).map(NodeId).collect();
+        let limits = session_limits(&mut rng, cfg, c);
         let nodes: Vec<SimNode> = ids
             .iter()
-            .map(|id| SimNode::new(id.0, ids.clone(), cfg.replication_heartbeat_ms))
+            .map(|id| {
+                let offset = if rng.random_bool(0.5) {
+                    rng.random_range(0..=CLOCK_OFFSET_MAX_MS)
+                } else {
+                    0
+                };
+                SimNode::new(
+                    id.0,
+                    ids.clone(),
+                    cfg.replication_heartbeat_ms,
+                    limits,
+                    offset,
+                )
+            })
             .collect();
         let coord_config = CoreConfig {
             servers: ids.clone(),
@@ -228,7 +254,7 @@ impl World {
         let clients = (1..=c as u32)
             .map(|id| {
                 let slots = rng.random_range(1..=cfg.client_slots_max);
-                Client::new(id, servers.clone(), keys.clone(), timing, slots)
+                Client::new(id, servers.clone(), keys.clone(), timing, slots, limits)
             })
             .collect();
         let deadline_ms = cfg.fault_ms + cfg.quiet_ms + 2 * cfg.op_timeout_ms + 100;
@@ -246,6 +272,7 @@ impl World {
             coord_config,
             coord_life: 0,
             coord_term: 0,
+            coord_members: coord::Members::new(),
             rpcs: BTreeMap::new(),
             next_rpc: 1,
             replies: BTreeMap::new(),
@@ -253,7 +280,7 @@ impl World {
             network: Network::new(cfg),
             clients,
             history: History::default(),
-            inv: Invariants::new(keys, SESSION_TTL_MS, SESSIONS_MAX),
+            inv: Invariants::new(keys, limits),
             faults: FaultCounts::default(),
             deadline_ms,
         };
@@ -425,7 +452,8 @@ impl World {
             Item::Tick => {
                 let now_ms = self.now_ms;
                 for id in 1..=self.nodes.len() as u32 {
-                    self.step_node(id, Event::Tick { now_ms })?;
+                    let clock_ms = now_ms + self.nodes[id as usize - 1].clock_offset_ms;
+                    self.step_node(id, Event::Tick { now_ms: clock_ms })?;
                 }
                 self.step_coord(coord::Event::Tick { now_ms });
                 self.schedule(now_ms + self.cfg.tick_ms, Item::Tick);
@@ -501,7 +529,15 @@ impl World {
 
     fn deliver(&mut self, to: Endpoint, msg: Msg) -> Result<(), String> {
         match (to, msg) {
-            (Endpoint::Node(id), Msg::Heartbeat { rpc, term, leader }) => {
+            (
+                Endpoint::Node(id),
+                Msg::Heartbeat {
+                    rpc,
+                    term,
+                    leader,
+                    catching_up,
+                },
+            ) => {
                 let reply = self.route(id, Route::Coord { rpc });
                 let leader = NodeId(leader);
                 self.step_node(
@@ -509,6 +545,7 @@ impl World {
                     Event::CoordHeartbeat {
                         term,
                         leader,
+                        catching_up: Some(catching_up),
                         reply,
                     },
                 )
@@ -599,6 +636,7 @@ impl World {
                     term,
                     last_log_term,
                     last_log_index,
+                    uuid,
                 },
             ) => {
                 if let Some(r) = self.rpcs.remove(&rpc) {
@@ -609,6 +647,7 @@ impl World {
                             term: Term(term),
                             last_log_term: Term(last_log_term),
                             last_log_index: LogIndex(last_log_index),
+                            uuid,
                         }
                     } else {
                         coord::Event::PrepareRejected {
@@ -794,12 +833,14 @@ impl World {
                             term,
                             last_log_term,
                             last_log_index,
+                            uuid,
                         } => Msg::PrepareReply {
                             rpc,
                             ok,
                             term,
                             last_log_term,
                             last_log_index,
+                            uuid,
                         },
                         other => return Err(format!("coord RPC answered with {other:?}")),
                     };
@@ -811,6 +852,12 @@ impl World {
                 }
                 None => return Err(format!("node {id} answered unknown reply handle {to}")),
             },
+            Command::Refused { from, reason } => {
+                return Err(format!(
+                    "node {id} refused a message of node {from}, which only correct nodes send \
+                     here: {reason}"
+                ));
+            }
             Command::RoleChanged { leader, term } => {
                 if leader {
                     self.faults.leaders_elected += 1;
@@ -832,16 +879,19 @@ impl World {
         for cmd in cmds {
             match cmd {
                 coord::Command::PersistTerm(t) => self.coord_term = t.0,
+                coord::Command::PersistMembers(m) => self.coord_members = m,
                 coord::Command::SendHeartbeat {
                     to,
                     term,
                     leader_id,
+                    catching_up,
                 } => {
                     let rpc = self.new_rpc(to.0, true);
                     let msg = Msg::Heartbeat {
                         rpc,
                         term: term.0,
                         leader: leader_id.0,
+                        catching_up,
                     };
                     self.send(Endpoint::Coord, Endpoint::Node(to.0), msg);
                 }
@@ -972,7 +1022,11 @@ impl World {
             4 => {
                 let node = self.victim();
                 if self.nodes[node as usize - 1].is_up() {
-                    self.crash_node(node);
+                    if self.may_lose_a_disk() && chance(&mut self.rng, DISK_LOSS_PERMILLE) {
+                        self.lose_disk(node);
+                    } else {
+                        self.crash_node(node);
+                    }
                     let at = self.now_ms + self.rng.random_range(DOWN_MS);
                     self.schedule(at, Item::RestartNode { node });
                 }
@@ -1020,6 +1074,25 @@ impl World {
         self.faults.crashes += 1;
     }
 
+    /// A disk may be lost while every node is up and the coord records every node's current
+    /// storage as a voter (none lost and not yet caught up): then a majority of servers with
+    /// their data always remains, so the cluster can recover. Losing more at once may cost availability for good (no voter
+    /// majority), which is the design, not a bug for the simulation to report.
+    fn may_lose_a_disk(&self) -> bool {
+        self.nodes.iter().all(|n| {
+            let member = self.coord_members.get(&NodeId(n.id));
+            n.is_up() && member.is_some_and(|m| m.voter && m.uuid == n.storage_id())
+        })
+    }
+
+    /// DESIGN rule 10's fault: the node crashes and comes back with an empty disk and a new
+    /// storage identity; every entry it acknowledged is gone.
+    fn lose_disk(&mut self, id: u32) {
+        self.nodes[id as usize - 1].lose_disk();
+        self.replies.retain(|(n, _), _| *n != id);
+        self.faults.disk_losses += 1;
+    }
+
     fn restart_node(&mut self, id: u32) -> Result<(), String> {
         let node = &mut self.nodes[id as usize - 1];
         if node.is_up() {
@@ -1032,13 +1105,31 @@ impl World {
 
     fn restart_coord(&mut self) {
         if self.coord.is_none() {
-            let core = CoordCore::new(
+            let core = CoordCore::recovered(
                 self.coord_config.clone(),
                 Term(self.coord_term),
+                self.coord_members.clone(),
                 self.now_ms,
             );
             self.coord = Some(core);
         }
+    }
+}
+
+/// The session limits of a run, from the seed: a third of the runs never expire or evict, a
+/// third expire idle sessions after a short TTL (clients idle longer now and then), a third
+/// have a session table barely larger than the clients (registrations evict).
+fn session_limits(rng: &mut StdRng, cfg: &SimConfig, clients: usize) -> SessionLimits {
+    let window = rng.random_range(2..=cfg.session_window_max.max(2));
+    let (ttl_ms, sessions_max) = match rng.random_range(0..3) {
+        0 => (SESSION_TTL_NEVER_MS, SESSIONS_UNBOUNDED),
+        1 => (rng.random_range(SESSION_TTL_SHORT_MS), SESSIONS_UNBOUNDED),
+        _ => (SESSION_TTL_NEVER_MS, clients + 1),
+    };
+    SessionLimits {
+        ttl_ms,
+        sessions_max,
+        window,
     }
 }
 
@@ -1121,6 +1212,14 @@ fn report_from_proto(report: kvraft_proto::ServerReport) -> coord::ServerReport 
             index: LogIndex(report.last_log_index),
         },
         commit_index: LogIndex(report.commit_index),
+        // Every simulated disk joins before the first term, so the coord always has a record
+        // and detects a lost disk by its new identity; the never-joined case is unit-tested.
+        new_storage: false,
+        caught_up: report
+            .caught_up
+            .into_iter()
+            .map(|m| (NodeId(m.server_id), m.uuid))
+            .collect(),
     }
 }
 
