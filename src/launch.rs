@@ -49,26 +49,45 @@ pub async fn coord(config_path: &Path) -> anyhow::Result<()> {
     kvraft_coord::run(config, servers, clients, shutdown_signal()).await
 }
 
-/// Runs server `id`, with `faults` injected `faults_after` after start.
-pub async fn server(
-    id: u32,
-    config_path: &Path,
-    faults: FaultSpec,
-    faults_after: Duration,
-) -> anyhow::Result<()> {
+/// Fault injection asked for on a server's command line.
+#[derive(Debug, Default)]
+pub struct ServerFaults {
+    /// `--allow-fault-injection`: serve `Admin.SetFaults` even if the config does not allow it.
+    pub allow: bool,
+    /// Faults injected `after` the start.
+    pub spec: FaultSpec,
+    pub after: Duration,
+    /// The fault flags given (`--crash-after-commit`, ...), named when they are refused.
+    pub flags: Vec<&'static str>,
+}
+
+/// Runs server `id`, with `faults.spec` injected `faults.after` after start. Fault injection
+/// (the startup flags and `Admin.SetFaults`) is allowed by `faults.allow` or by
+/// `[server] allow_fault_injection` in the config; without either, fault flags are an error.
+pub async fn server(id: u32, config_path: &Path, faults: ServerFaults) -> anyhow::Result<()> {
     let config = ClusterConfig::load(config_path)?;
     let me = config
         .server(id)
         .map_err(|e| anyhow::anyhow!("{e} ({})", config_path.display()))?;
+    let allowed = faults.allow || config.server.allow_fault_injection;
+    if !allowed && !faults.flags.is_empty() {
+        anyhow::bail!(
+            "{} inject faults, and fault injection is disabled on server {id}: also pass \
+             --allow-fault-injection, or set allow_fault_injection = true under [server] in {}",
+            faults.flags.join(", "),
+            config_path.display()
+        );
+    }
     let index = config.servers.iter().position(|s| s.id == id).unwrap_or(0);
     let listener = bind(&me.addr, &format!("servers[{index}].addr"), config_path).await?;
     let shared = Arc::new(Faults::default());
     let delayed = shared.clone();
+    let ServerFaults { spec, after, .. } = faults;
     tokio::spawn(async move {
-        tokio::time::sleep(faults_after).await;
-        delayed.set(&faults);
+        tokio::time::sleep(after).await;
+        delayed.set(&spec);
     });
-    kvraft_server::run(config, id, listener, shared, shutdown_signal()).await
+    kvraft_server::run(config, id, listener, shared, allowed, shutdown_signal()).await
 }
 
 /// Runs the tracing server of the cluster described by `config_path`.

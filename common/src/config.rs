@@ -112,6 +112,10 @@ pub struct ServerOptions {
     pub sessions_max: usize,
     /// Period of the leader's empty AppendEntries (commit index propagation, liveness).
     pub replication_heartbeat_ms: u64,
+    /// Serve `Admin.SetFaults` and accept the `server` fault flags. Off by default: anyone who
+    /// can reach a server's address could otherwise partition or crash it (a remote kill
+    /// switch). The `server --allow-fault-injection` flag turns it on for one process.
+    pub allow_fault_injection: bool,
 }
 
 /// Settings of the client library.
@@ -157,6 +161,7 @@ impl Default for ServerOptions {
             session_ttl_ms: 60 * 60 * 1000,
             sessions_max: 10_000,
             replication_heartbeat_ms: 50,
+            allow_fault_injection: false,
         }
     }
 }
@@ -352,6 +357,14 @@ data_dir = "data/server1"
         assert_eq!(c.coord.heartbeat_interval_ms, DEFAULT_HEARTBEAT_INTERVAL_MS);
         assert_eq!(c.coord.failure_timeout_ms, DEFAULT_FAILURE_TIMEOUT_MS);
         assert_eq!(c.majority(), 1);
+        assert!(!c.server.allow_fault_injection);
+    }
+
+    #[test]
+    fn fault_injection_is_allowed_by_the_server_section() {
+        let text = base() + "[server]\nallow_fault_injection = true\n";
+        let c = ClusterConfig::parse(&text, Path::new("t.toml")).unwrap();
+        assert!(c.server.allow_fault_injection);
     }
 
     #[test]

@@ -26,8 +26,9 @@ pub struct ClusterIdentity {
 }
 
 impl ClusterIdentity {
-    /// Reads `<data_dir>/cluster_id` if it exists (the directory must exist).
+    /// Reads `<data_dir>/cluster_id` if it exists, creating `data_dir` durably if needed.
     pub fn open(data_dir: &Path) -> anyhow::Result<ClusterIdentity> {
+        kvraft_common::create_dir_durable(data_dir)?;
         let path = data_dir.join(FILE_NAME);
         let id = match fs::read_to_string(&path) {
             Ok(text) => {
@@ -93,7 +94,7 @@ impl ClusterIdentity {
         file.sync_all()?;
         drop(file);
         fs::rename(&tmp, self.dir.join(FILE_NAME))?;
-        File::open(&self.dir)?.sync_all()
+        kvraft_common::sync_dir(&self.dir).map_err(io::Error::other)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<String>> {
@@ -116,6 +117,18 @@ mod tests {
         assert!(c.accept("a").unwrap() && !c.accept("b").unwrap());
         let again = ClusterIdentity::open(dir.path()).unwrap();
         assert_eq!(again.current(), "a");
+    }
+
+    #[test]
+    fn creates_a_missing_data_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("a").join("coord");
+        let c = ClusterIdentity::open(&data_dir).unwrap();
+        c.ensure().unwrap();
+        assert_eq!(
+            ClusterIdentity::open(&data_dir).unwrap().current(),
+            c.current()
+        );
     }
 
     #[test]

@@ -1,30 +1,38 @@
 //! The coordinator's only durable state: the highest term it has ever issued (DESIGN rule 1).
 //!
-//! File `<data_dir>/coord_term`, two text lines:
+//! File `<data_dir>/coord_term`, three text lines, the last a CRC-32 of the text before it:
 //!
 //! ```text
-//! kvraft coord term v1
+//! kvraft coord term v2
 //! 17
+//! crc32=<8 hex digits>
+//! `-- checksummed --'
 //! ```
 //!
-//! Writing: the new content goes to `coord_term.tmp`, which is fsynced, renamed over
-//! `coord_term`, and then the directory is fsynced. A crash therefore leaves the old or the new
-//! term, never a torn file, and [`TermFile::store`] returns only once the term is durable.
+//! Writing (always format v2): the new content goes to `coord_term.tmp`, which is fsynced,
+//! renamed over `coord_term`, and then the directory is fsynced. A crash therefore leaves the
+//! old or the new term, never a torn file, and [`TermFile::store`] returns only once the term
+//! is durable. The data directory itself is created durably (every new level's parent is
+//! fsynced), so the file cannot vanish with a directory entry lost in a crash.
 //!
-//! Reading: a missing file means a coord that has never issued a term (term 0). Anything else
-//! that is not exactly the format above is corruption and an error naming the file: guessing a
-//! term could reuse one, so the coord refuses to start instead.
+//! Reading: a missing file means a coord that has never issued a term (term 0). Format v1
+//! (`kvraft coord term v1\n<term>\n`, no checksum, written by older coords) is still read;
+//! the next store upgrades it. Anything else that is not exactly one of these formats, a v2
+//! file whose checksum does not match included, is corruption and an error naming the file:
+//! guessing a term could reuse one, so the coord refuses to start instead.
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
-use kvraft_common::Term;
+use kvraft_common::{create_dir_durable, sync_dir, DirError, Term};
 
 const FILE_NAME: &str = "coord_term";
 const TMP_FILE_NAME: &str = "coord_term.tmp";
-const HEADER: &str = "kvraft coord term v1";
-/// A valid file is under 50 bytes; reading stops past this so a wrong file is not slurped.
+/// Format without a checksum, read for upgrades only.
+const HEADER_V1: &str = "kvraft coord term v1";
+const HEADER_V2: &str = "kvraft coord term v2";
+/// A valid file is under 60 bytes; reading stops past this so a wrong file is not slurped.
 const FILE_BYTES_MAX: u64 = 4096;
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +48,8 @@ pub enum TermFileError {
          term could be issued twice. Restore the file from a backup"
     )]
     Corrupt { path: PathBuf, reason: String },
+    #[error("coord term file {path}: {source}")]
+    Dir { path: PathBuf, source: DirError },
 }
 
 /// Where the highest issued term lives. Cheap to clone (paths only).
@@ -58,11 +68,7 @@ impl TermFile {
             path: data_dir.join(FILE_NAME),
             tmp_path: data_dir.join(TMP_FILE_NAME),
         };
-        fs::create_dir_all(&file.dir).map_err(|source| TermFileError::Io {
-            path: file.path.clone(),
-            action: "create its directory",
-            source,
-        })?;
+        create_dir_durable(&file.dir).map_err(|source| file.dir_error(source))?;
         let term = file.load()?;
         Ok((file, term))
     }
@@ -95,7 +101,7 @@ impl TermFile {
             term > Term(0),
             "invariant: only issued terms (>= 1) are stored"
         );
-        let text = format!("{HEADER}\n{}\n", term.0);
+        let text = encode(term);
         let tmp_error = |action, source| TermFileError::Io {
             path: self.tmp_path.clone(),
             action,
@@ -108,10 +114,14 @@ impl TermFile {
         drop(tmp);
         fs::rename(&self.tmp_path, &self.path)
             .map_err(|source| self.io_error("rename the temporary file over it", source))?;
-        File::open(&self.dir)
-            .and_then(|dir| dir.sync_all())
-            .map_err(|source| self.io_error("fsync its directory", source))?;
-        Ok(())
+        sync_dir(&self.dir).map_err(|source| self.dir_error(source))
+    }
+
+    fn dir_error(&self, source: DirError) -> TermFileError {
+        TermFileError::Dir {
+            path: self.path.clone(),
+            source,
+        }
     }
 
     fn io_error(&self, action: &'static str, source: io::Error) -> TermFileError {
@@ -130,21 +140,62 @@ impl TermFile {
     }
 }
 
+/// The v2 text of `term`: header and term lines, then the CRC-32 of those two lines.
+fn encode(term: Term) -> String {
+    let body = format!("{HEADER_V2}\n{}\n", term.0);
+    let crc = crc32fast::hash(body.as_bytes());
+    format!("{body}crc32={crc:08x}\n")
+}
+
+/// Checks and parses a v2 or v1 file; the error says what is wrong.
 fn parse(text: &str) -> Result<Term, String> {
     let Some(body) = text.strip_suffix('\n') else {
         return Err("does not end with a newline".into());
     };
-    let mut lines = body.split('\n');
-    let header = lines.next().unwrap_or_default();
-    if header != HEADER {
-        return Err(format!("first line is {header:?}, expected {HEADER:?}"));
+    let lines: Vec<&str> = body.split('\n').collect();
+    match lines[0] {
+        HEADER_V2 => {
+            let [_, value, crc_line] = lines[..] else {
+                return Err(format!(
+                    "expected 3 lines (header, term, crc32=), found {}",
+                    lines.len()
+                ));
+            };
+            check_crc(&text[..text.len() - crc_line.len() - 1], crc_line)?;
+            parse_term(value)
+        }
+        HEADER_V1 => {
+            let [_, value] = lines[..] else {
+                return Err(format!(
+                    "expected 2 lines (header, term) in format v1, found {}",
+                    lines.len()
+                ));
+            };
+            parse_term(value)
+        }
+        header => Err(format!(
+            "first line is {header:?}, expected {HEADER_V2:?} (or {HEADER_V1:?})"
+        )),
     }
-    let Some(value) = lines.next() else {
-        return Err("the term line is missing".into());
-    };
-    if lines.next().is_some() {
-        return Err("more than two lines".into());
+}
+
+/// Checks `crc_line` (`crc32=<8 hex digits>`) against the CRC-32 of `body`.
+fn check_crc(body: &str, crc_line: &str) -> Result<(), String> {
+    let hex = crc_line
+        .strip_prefix("crc32=")
+        .filter(|h| h.len() == 8 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+        .ok_or_else(|| format!("last line {crc_line:?} is not crc32=<8 hex digits>"))?;
+    let stored = u32::from_str_radix(hex, 16).map_err(|e| format!("bad crc32 {hex:?}: {e}"))?;
+    let computed = crc32fast::hash(body.as_bytes());
+    if stored != computed {
+        return Err(format!(
+            "checksum mismatch: stored {stored:08x}, computed {computed:08x} over {body:?}"
+        ));
     }
+    Ok(())
+}
+
+fn parse_term(value: &str) -> Result<Term, String> {
     let valid_digits = !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit());
     let term = value
         .parse::<u64>()
@@ -176,6 +227,60 @@ mod tests {
             !data_dir.join(TMP_FILE_NAME).exists(),
             "the temporary file is renamed away"
         );
+        let text = fs::read_to_string(data_dir.join(FILE_NAME))?;
+        let crc = crc32fast::hash(b"kvraft coord term v2\n4\n");
+        assert_eq!(text, format!("kvraft coord term v2\n4\ncrc32={crc:08x}\n"));
+        Ok(())
+    }
+
+    /// The data directory is created with every missing level (and reopened as it is).
+    #[test]
+    fn missing_parent_directories_are_created() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let data_dir = dir.path().join("a").join("b").join("coord");
+        let (file, _) = TermFile::open(&data_dir)?;
+        file.store(Term(2))?;
+        let (_, term) = TermFile::open(&data_dir)?;
+        assert_eq!(term, Term(2));
+        Ok(())
+    }
+
+    /// Upgrade path: a v1 file (no checksum) of an older coord is read, and the next store
+    /// writes v2.
+    #[test]
+    fn v1_file_is_read_and_upgraded_on_store() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join(FILE_NAME);
+        fs::write(&path, "kvraft coord term v1\n12\n")?;
+        let (file, term) = TermFile::open(dir.path())?;
+        assert_eq!(term, Term(12));
+        file.store(Term(13))?;
+        assert!(fs::read_to_string(&path)?.starts_with("kvraft coord term v2\n13\ncrc32="));
+        assert_eq!(TermFile::open(dir.path())?.1, Term(13));
+        Ok(())
+    }
+
+    /// DESIGN rule 1: one flipped digit of a v2 term is corruption naming the file, never a
+    /// different term (which could be lower, and so issued again).
+    #[test]
+    fn flipped_digit_in_v2_is_corrupt_not_another_term() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let (file, _) = TermFile::open(dir.path())?;
+        file.store(Term(17))?;
+        let path = file.path().to_path_buf();
+        let text = fs::read_to_string(&path)?;
+        fs::write(&path, text.replacen("\n17\n", "\n16\n", 1))?;
+        match TermFile::open(dir.path()) {
+            Ok((_, term)) => anyhow::bail!("flipped digit loaded as term {term}"),
+            Err(TermFileError::Corrupt {
+                path: named,
+                reason,
+            }) => {
+                assert_eq!(named, path);
+                assert!(reason.contains("checksum mismatch"), "{reason}");
+            }
+            Err(other) => anyhow::bail!("expected Corrupt, got {other}"),
+        }
         Ok(())
     }
 
@@ -190,6 +295,17 @@ mod tests {
             ("garbage\n", "first line"),
             ("kvraft coord term v1\n0\n", "term 0"),
             ("kvraft coord term v1\n+5\n", "not a decimal number"),
+            ("kvraft coord term v1\n5\n6\n", "expected 2 lines"),
+            ("kvraft coord term v2\n5\n", "expected 3 lines"),
+            (
+                "kvraft coord term v2\n5\ncrc32=12\n",
+                "not crc32=<8 hex digits>",
+            ),
+            (
+                "kvraft coord term v2\n5\ncrc32=00000000\n",
+                "checksum mismatch",
+            ),
+            ("kvraft coord term v3\n5\n", "first line"),
         ] {
             fs::write(&path, content)?;
             let err = match TermFile::open(dir.path()) {

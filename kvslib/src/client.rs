@@ -43,9 +43,11 @@ pub const PUTS_IN_FLIGHT_MAX: usize = 256;
 /// Most gets one client has in flight at once: bounds the memory of queued requests and
 /// answers (values up to 1 MiB each) when a caller fans out without limit.
 pub const GETS_IN_FLIGHT_MAX: usize = 1024;
-/// First wait before asking an unreachable coord again (`query_leader`).
+/// Cap of the first (jittered) wait before asking an unreachable coord again
+/// (`query_leader`).
 const COORD_RETRY_INITIAL_MS: u64 = 50;
-/// Longest wait between coord queries: a restarting coord is found within half a second.
+/// Largest cap of the wait between coord queries: a restarting coord is found within half a
+/// second.
 const COORD_RETRY_MAX_MS: u64 = 500;
 /// Bytes of a key shown in debug logs; keys may be up to 1 KiB of arbitrary bytes.
 const KEY_PREVIEW_BYTES: usize = 64;

@@ -32,11 +32,13 @@ use crate::backoff::Backoff;
 use crate::failure::Failure;
 use crate::{Error, LeaderInfo};
 
-/// First wait after a failed attempt: about one round trip plus scheduling on a busy host, so
-/// a transient error costs little.
+/// Cap of the first wait after a failed attempt (each wait is drawn below its cap, see
+/// `backoff.rs`): about one round trip plus scheduling on a busy host, so a transient error
+/// costs little.
 const RETRY_BACKOFF_INITIAL_MS: u64 = 20;
-/// Longest wait between attempts: below the coord's default failure timeout (300 ms), so a
-/// client notices a new leader about as soon as it exists, without hammering a dead cluster.
+/// Largest cap of the wait between attempts: below the coord's default failure timeout
+/// (300 ms), so a client notices a new leader about as soon as it exists, without hammering a
+/// dead cluster.
 const RETRY_BACKOFF_MAX_MS: u64 = 250;
 /// Most cached channels. Addresses come from the config (at most 9 servers) and from the
 /// coord; the cap only guards against a misbehaving coord handing out endless addresses.

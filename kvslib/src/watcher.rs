@@ -2,7 +2,7 @@
 //!
 //! ```text
 //!   loop: open WatchLeader --> for each LeaderInfo: router.offer(..) --> stream ends/fails
-//!         `-- wait (capped backoff, reset once the stream delivered something) --'
+//!         `-- wait (jittered backoff, reset once the stream delivered something) --'
 //! ```
 //!
 //! The coord may be down for a while; the cluster keeps serving and the retry loop keeps
@@ -21,10 +21,12 @@ use tracing::debug;
 use crate::backoff::Backoff;
 use crate::router::Router;
 
-/// First wait before reconnecting to the coord: a restarting coord is usually back quickly.
+/// Cap of the first (jittered) wait before reconnecting to the coord: a restarting coord is
+/// usually back quickly.
 const WATCH_BACKOFF_INITIAL_MS: u64 = 50;
-/// Longest wait between reconnects: a client learns of a returning coord within 2 s, and a
-/// coord that is down for long gets one connection attempt per client every 2 s.
+/// Largest cap of the wait between reconnects: a client learns of a returning coord within
+/// 2 s, and a coord that is down for long gets on average one connection attempt per client
+/// every second.
 const WATCH_BACKOFF_MAX_MS: u64 = 2_000;
 
 /// Owns the watch task; aborts it when dropped.

@@ -120,6 +120,9 @@ pub(crate) enum Input {
 pub(crate) struct CoreHandle {
     pub tx: mpsc::Sender<Input>,
     pub faults: Arc<Faults>,
+    /// `Admin.SetFaults` is served: the server was started with fault injection allowed
+    /// (flag or config). Otherwise the RPC would be a remote kill switch for anyone.
+    pub fault_injection_allowed: bool,
     pub id: NodeId,
     pub next_stream: Arc<AtomicU64>,
     /// Milliseconds since the Unix epoch of the last coord heartbeat answered.
@@ -157,12 +160,14 @@ pub fn monotonic_ms() -> u64 {
 }
 
 /// Runs server `id` of `config` on an already bound listener until `shutdown` completes or a
-/// storage error stops it.
+/// storage error stops it. `faults` is the injected fault state; `Admin.SetFaults` may change
+/// it only if `fault_injection_allowed`.
 pub async fn run(
     config: ClusterConfig,
     id: u32,
     listener: TcpListener,
     faults: Arc<Faults>,
+    fault_injection_allowed: bool,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let me = config.server(id).map_err(anyhow::Error::msg)?.clone();
@@ -204,6 +209,7 @@ pub async fn run(
     let handle = CoreHandle {
         tx: tx.clone(),
         faults: faults.clone(),
+        fault_injection_allowed,
         id: NodeId(id),
         next_stream: Arc::new(AtomicU64::new(1)),
         last_coord_contact_ms: Arc::new(AtomicU64::new(0)),

@@ -1,5 +1,6 @@
 //! gRPC services of a server, all on its one address: `ServerControl` (from the coord),
-//! `Replication` (from the leader), `Kv` (from clients) and `Admin` (status, fault injection).
+//! `Replication` (from the leader), `Kv` (from clients) and `Admin` (status, and fault
+//! injection when the server was started with it allowed; else `PERMISSION_DENIED`).
 //! Each handler turns a request into a [`Call`] for the core task and the core's [`Reply`]
 //! back into a response; no decision is made here beyond input validation and the coord
 //! partition fault.
@@ -167,6 +168,14 @@ fn members(list: Vec<StorageMember>) -> Vec<(NodeId, String)> {
 
 fn unavailable() -> Status {
     Status::unavailable("server is shutting down")
+}
+
+/// The answer to `Admin.SetFaults` on a server started without fault injection allowed.
+fn fault_injection_denied(id: NodeId) -> Status {
+    Status::permission_denied(format!(
+        "fault injection is disabled on server {id}; start it with --allow-fault-injection \
+         or set allow_fault_injection = true under [server] in the config"
+    ))
 }
 
 fn coord_partition_check(handle: &CoreHandle) -> Result<(), Status> {
@@ -579,6 +588,9 @@ impl Admin for CoreHandle {
         &self,
         request: Request<FaultRequest>,
     ) -> Result<Response<FaultResponse>, Status> {
+        if !self.fault_injection_allowed {
+            return Err(fault_injection_denied(self.id));
+        }
         let req = request.into_inner();
         let spec = FaultSpec {
             partition_coord: Duration::from_millis(req.partition_coord_ms),

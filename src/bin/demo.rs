@@ -13,7 +13,6 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use kvraft::launch;
 use kvraft_common::ClusterConfig;
-use kvraft_server::faults::FaultSpec;
 
 /// Deadline for the cluster to designate a leader at start.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -75,7 +74,7 @@ async fn main() -> ExitCode {
     let result = match args.role {
         Some(Role::Coord) => launch::coord(&args.config).await,
         Some(Role::Server { id }) => {
-            launch::server(id, &args.config, FaultSpec::default(), Duration::ZERO).await
+            launch::server(id, &args.config, launch::ServerFaults::default()).await
         }
         Some(Role::TracingServer { fresh }) => launch::tracing_server(&args.config, fresh).await,
         None => demo(&args).await,

@@ -46,6 +46,9 @@ pub struct Cluster {
     servers: BTreeMap<u32, Child>,
     /// Extra flags per server id, used on every (re)start.
     pub server_flags: BTreeMap<u32, Vec<String>>,
+    /// Every server is started with `--allow-fault-injection` (the tests drive faults through
+    /// `Admin.SetFaults`); [`Cluster::without_fault_injection`] turns that off.
+    fault_injection: bool,
     /// Extra environment variables for every process started from now on: coord, servers and
     /// the `client` binary (see [`Cluster::set_env`]).
     env: Vec<(String, String)>,
@@ -144,8 +147,15 @@ impl Cluster {
             coord: None,
             servers: BTreeMap::new(),
             server_flags: BTreeMap::new(),
+            fault_injection: true,
             env: Vec::new(),
         }
+    }
+
+    /// Servers started from now on run without `--allow-fault-injection`, as in production.
+    pub fn without_fault_injection(mut self) -> Cluster {
+        self.fault_injection = false;
+        self
     }
 
     /// Starts the coord and every server.
@@ -213,6 +223,9 @@ impl Cluster {
             "--config".into(),
             self.config_path.display().to_string(),
         ];
+        if self.fault_injection {
+            args.push("--allow-fault-injection".into());
+        }
         args.extend(self.server_flags.get(&id).cloned().unwrap_or_default());
         let child = self.spawn(env!("CARGO_BIN_EXE_server"), &args, &format!("server{id}"));
         self.servers.insert(id, child);
@@ -332,9 +345,14 @@ impl Cluster {
     }
 
     pub async fn set_faults(&self, id: u32, faults: FaultRequest) {
+        self.try_set_faults(id, faults).await.expect("set faults");
+    }
+
+    /// `Admin.SetFaults` on server `id`, returning the server's answer.
+    pub async fn try_set_faults(&self, id: u32, faults: FaultRequest) -> Result<(), tonic::Status> {
         let url = format!("http://{}", self.addr(id));
         let mut client = AdminClient::connect(url).await.expect("admin connect");
-        client.set_faults(faults).await.expect("set faults");
+        client.set_faults(faults).await.map(|_| ())
     }
 
     /// Waits until `cond` holds, polling; panics with `what` after [`WAIT`].
@@ -348,6 +366,11 @@ impl Cluster {
             assert!(Instant::now() < deadline, "timed out waiting for {what}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// What process `name` (`coord`, `server2`) has logged so far.
+    pub fn log_text(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
     }
 
     fn dump_logs(&self) {

@@ -13,7 +13,9 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{create_dir_durable, io_err, replace_file_durable, StorageError};
+use kvraft_common::create_dir_durable;
+
+use super::{io_err, replace_file_durable, StorageError};
 
 const FILE_NAME: &str = "hard_state";
 const TMP_FILE_NAME: &str = "hard_state.tmp";

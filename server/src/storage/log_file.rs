@@ -19,10 +19,11 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use kvraft_common::{create_dir_durable, sync_dir};
 use kvraft_proto::LogEntry;
 use prost::Message;
 
-use super::{create_dir_durable, io_err, sync_dir, LogStore, StorageError, Syncer};
+use super::{io_err, LogStore, StorageError, Syncer};
 
 /// Name of the log file inside the data directory.
 const LOG_FILE_NAME: &str = "log";

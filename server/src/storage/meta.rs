@@ -17,7 +17,9 @@
 use std::fs::{File, OpenOptions, TryLockError};
 use std::path::{Path, PathBuf};
 
-use super::{create_dir_durable, io_err, replace_file_durable, StorageError};
+use kvraft_common::create_dir_durable;
+
+use super::{io_err, replace_file_durable, StorageError};
 
 const LOCK_FILE_NAME: &str = "LOCK";
 const FILE_NAME: &str = "meta";

@@ -36,6 +36,8 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use kvraft_common::{sync_dir, DirError};
+
 pub use hard_state::{HardState, HardStateFile};
 pub use log_file::{FileLogStore, Recovery};
 pub use mem::MemLogStore;
@@ -66,6 +68,15 @@ pub enum StorageError {
     Locked { path: PathBuf },
     #[error("invalid state file {path}: {reason}")]
     InvalidState { path: PathBuf, reason: String },
+}
+
+impl From<DirError> for StorageError {
+    fn from(e: DirError) -> StorageError {
+        StorageError::Io {
+            path: e.path,
+            source: e.source,
+        }
+    }
 }
 
 /// What the runtime needs from a log.
@@ -104,26 +115,6 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StorageError + '_ {
     }
 }
 
-/// Creates `dir` (and missing parents) if needed; a newly created directory is made durable by
-/// fsyncing its parent, so files created in it cannot vanish with it after a crash.
-fn create_dir_durable(dir: &Path) -> Result<(), StorageError> {
-    if dir.is_dir() {
-        return Ok(());
-    }
-    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-    match dir.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => sync_dir(parent),
-        _ => Ok(()),
-    }
-}
-
-/// Fsyncs a directory so that entries created, renamed or removed in it survive a crash.
-fn sync_dir(dir: &Path) -> Result<(), StorageError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(dir))
-}
-
 /// Durably replaces `path` with `contents`: write `tmp`, fsync it, rename over `path`, fsync
 /// the directory. A crash leaves the old file or the new one, never a torn one.
 fn replace_file_durable(
@@ -137,5 +128,5 @@ fn replace_file_durable(
     file.sync_all().map_err(io_err(tmp))?;
     drop(file);
     std::fs::rename(tmp, path).map_err(io_err(path))?;
-    sync_dir(dir)
+    Ok(sync_dir(dir)?)
 }

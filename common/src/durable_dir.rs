@@ -1,0 +1,134 @@
+//! Directories that survive a crash once created: the coord's and every server's data
+//! directory go through here before any file is written in them.
+//!
+//! ```text
+//!  create_dir_durable(root/a/b/c), root exists:
+//!    mkdir root/a      fsync root
+//!    mkdir root/a/b    fsync root/a
+//!    mkdir root/a/b/c  fsync root/a/b
+//! ```
+//!
+//! A new directory entry is durable only once its parent directory is fsynced; until then a
+//! crash can drop it, and with it every file created inside, fsynced or not. So each level
+//! this call creates is followed by an fsync of its parent. Levels that already existed are
+//! left alone.
+
+use std::fs::{self, File};
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// Creating or fsyncing a directory failed; names the directory.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot {action} directory {path}: {source}")]
+pub struct DirError {
+    /// `"create"` or `"fsync"`.
+    pub action: &'static str,
+    pub path: PathBuf,
+    pub source: io::Error,
+}
+
+/// Creates `dir` and every missing ancestor, fsyncing the parent of each directory created.
+/// Idempotent: an existing `dir` is left as it is.
+pub fn create_dir_durable(dir: &Path) -> Result<(), DirError> {
+    for level in missing_levels(dir).into_iter().rev() {
+        match fs::create_dir(level) {
+            Ok(()) => {}
+            // Created meanwhile by another process: still fsync its parent below, which costs
+            // little and does not depend on the other creator having done so.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && level.is_dir() => {}
+            Err(source) => {
+                return Err(DirError {
+                    action: "create",
+                    path: level.to_path_buf(),
+                    source,
+                })
+            }
+        }
+        sync_dir(parent_of(level))?;
+    }
+    assert!(
+        dir.is_dir(),
+        "invariant: {} was just created",
+        dir.display()
+    );
+    Ok(())
+}
+
+/// Fsyncs a directory, so that entries created, renamed or removed in it survive a crash.
+pub fn sync_dir(dir: &Path) -> Result<(), DirError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| DirError {
+            action: "fsync",
+            path: dir.to_path_buf(),
+            source,
+        })
+}
+
+/// `dir` and its ancestors that are not directories yet, deepest first.
+fn missing_levels(dir: &Path) -> Vec<&Path> {
+    let mut missing = Vec::new();
+    let mut level = Some(dir);
+    while let Some(path) = level {
+        if path.as_os_str().is_empty() || path.is_dir() {
+            break;
+        }
+        missing.push(path);
+        level = path.parent();
+    }
+    missing
+}
+
+/// The directory holding `path`'s entry: `.` for a relative path of one component.
+fn parent_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn creates_every_missing_level_and_is_idempotent() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let deep = root.path().join("a").join("b").join("c");
+        assert_eq!(
+            missing_levels(&deep),
+            vec![
+                deep.as_path(),
+                &root.path().join("a/b"),
+                &root.path().join("a")
+            ]
+        );
+        create_dir_durable(&deep).expect("create a/b/c");
+        assert!(deep.is_dir());
+        std::fs::write(deep.join("f"), "kept").expect("write a file inside");
+        create_dir_durable(&deep).expect("again");
+        create_dir_durable(&root.path().join("a")).expect("an existing ancestor");
+        assert_eq!(std::fs::read_to_string(deep.join("f")).unwrap(), "kept");
+        assert!(missing_levels(&deep).is_empty());
+    }
+
+    #[test]
+    fn a_file_in_the_way_is_an_error_naming_it() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let file = root.path().join("a");
+        std::fs::write(&file, "not a directory").expect("write");
+        let err = create_dir_durable(&file.join("b")).expect_err("a file is no directory");
+        assert_eq!(err.action, "create");
+        assert_eq!(err.path, file);
+        assert!(
+            err.to_string().contains(&file.display().to_string()),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_relative_path_of_one_level_syncs_the_working_directory() {
+        assert_eq!(parent_of(Path::new("data")), Path::new("."));
+        assert_eq!(parent_of(Path::new("data/coord")), Path::new("data"));
+    }
+}
