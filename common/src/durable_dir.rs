@@ -65,6 +65,83 @@ pub fn sync_dir(dir: &Path) -> Result<(), DirError> {
         })
 }
 
+/// Replacing a file durably failed: names the file and the step.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot {action} {path}: {source}")]
+pub struct ReplaceError {
+    /// What failed: "create", "write", "fsync", "rename over" or "fsync the directory of".
+    pub action: &'static str,
+    pub path: PathBuf,
+    pub source: io::Error,
+}
+
+/// Durably replaces `path` with `contents`: write `tmp` (in the same directory), fsync it,
+/// rename it over `path`, fsync the directory. A crash leaves the old file or the new one,
+/// never a torn one; this returns only once the new one is durable.
+pub fn replace_file_durable(path: &Path, tmp: &Path, contents: &[u8]) -> Result<(), ReplaceError> {
+    let fail = |action, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ReplaceError {
+            action,
+            path,
+            source,
+        }
+    };
+    let mut file = File::create(tmp).map_err(fail("create", tmp))?;
+    io::Write::write_all(&mut file, contents).map_err(fail("write", tmp))?;
+    file.sync_all().map_err(fail("fsync", tmp))?;
+    drop(file);
+    fs::rename(tmp, path).map_err(fail("rename over", path))?;
+    sync_dir(parent_of(path)).map_err(|e| ReplaceError {
+        action: "fsync the directory of",
+        path: path.to_path_buf(),
+        source: e.source,
+    })
+}
+
+/// Why a small state file could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadSmallError {
+    #[error("cannot {action} it: {source}")]
+    Io {
+        action: &'static str,
+        source: io::Error,
+    },
+    /// Too long or not UTF-8: not a file this program wrote.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Reads a small text file (as written by [`replace_file_durable`]); `None` if it does not
+/// exist. Reading stops past `max_bytes`, so a wrong file is refused rather than slurped.
+pub fn read_small_text(path: &Path, max_bytes: u64) -> Result<Option<String>, ReadSmallError> {
+    let file = match File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(ReadSmallError::Io {
+                action: "open",
+                source,
+            })
+        }
+    };
+    let mut bytes = Vec::new();
+    io::Read::read_to_end(&mut io::Read::take(file, max_bytes + 1), &mut bytes).map_err(
+        |source| ReadSmallError::Io {
+            action: "read",
+            source,
+        },
+    )?;
+    if bytes.len() as u64 > max_bytes {
+        return Err(ReadSmallError::Invalid(format!(
+            "longer than {max_bytes} bytes"
+        )));
+    }
+    String::from_utf8(bytes)
+        .map(Some)
+        .map_err(|_| ReadSmallError::Invalid("not UTF-8 text".into()))
+}
+
 /// `dir` and its ancestors that are not directories yet, deepest first.
 fn missing_levels(dir: &Path) -> Vec<&Path> {
     let mut missing = Vec::new();
@@ -124,6 +201,20 @@ mod tests {
             err.to_string().contains(&file.display().to_string()),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_replaced_file_holds_the_new_contents_and_no_temporary_is_left() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let (path, tmp) = (root.path().join("f"), root.path().join("f.tmp"));
+        replace_file_durable(&path, &tmp, b"one").expect("first");
+        replace_file_durable(&path, &tmp, b"two").expect("second");
+        assert_eq!(std::fs::read(&path).unwrap(), b"two");
+        assert!(!tmp.exists());
+        let missing = root.path().join("no/such/dir/f");
+        let err = replace_file_durable(&missing, &root.path().join("no/t"), b"x").unwrap_err();
+        assert_eq!(err.action, "create");
+        assert!(err.to_string().contains("no/t"), "{err}");
     }
 
     #[test]

@@ -13,5 +13,8 @@ pub mod net;
 mod types;
 
 pub use config::{ClusterConfig, ConfigError, CoordConfig, ServerConfig};
-pub use durable_dir::{create_dir_durable, sync_dir, DirError};
+pub use durable_dir::{
+    create_dir_durable, read_small_text, replace_file_durable, sync_dir, DirError, ReadSmallError,
+    ReplaceError,
+};
 pub use types::{LogIndex, NodeId, Term};

@@ -11,8 +11,8 @@
 //! splitting the cluster; a brand-new cluster gets a fresh id before its first term. Once set,
 //! the id never changes: reports carrying another id are refused.
 
-use std::fs::{self, File};
-use std::io::{self, Write};
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -88,13 +88,9 @@ impl ClusterIdentity {
     }
 
     fn store(&self, id: &str) -> io::Result<()> {
-        let tmp = self.dir.join(TMP_FILE_NAME);
-        let mut file = File::create(&tmp)?;
-        file.write_all(format!("{id}\n").as_bytes())?;
-        file.sync_all()?;
-        drop(file);
-        fs::rename(&tmp, self.dir.join(FILE_NAME))?;
-        kvraft_common::sync_dir(&self.dir).map_err(io::Error::other)
+        let (path, tmp) = (self.dir.join(FILE_NAME), self.dir.join(TMP_FILE_NAME));
+        kvraft_common::replace_file_durable(&path, &tmp, format!("{id}\n").as_bytes())
+            .map_err(io::Error::other)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<String>> {

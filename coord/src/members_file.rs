@@ -16,11 +16,10 @@
 //! yet. Anything else that does not parse, or whose checksum does not match, is corruption and
 //! an error naming the file: guessing would let a server that lost its storage vote.
 
-use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 
-use kvraft_common::NodeId;
+use kvraft_common::{read_small_text, replace_file_durable, NodeId, ReadSmallError};
 
 use crate::core::{Member, Members};
 
@@ -32,7 +31,7 @@ const FILE_BYTES_MAX: u64 = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MembersFileError {
-    #[error("coord members file {path}: cannot {action}: {source}")]
+    #[error("coord members file: cannot {action} {path}: {source}")]
     Io {
         path: PathBuf,
         action: &'static str,
@@ -48,7 +47,6 @@ pub enum MembersFileError {
 /// Where the storage records live. Cheap to clone (paths only).
 #[derive(Clone, Debug)]
 pub struct MembersFile {
-    dir: PathBuf,
     path: PathBuf,
     tmp_path: PathBuf,
 }
@@ -57,7 +55,6 @@ impl MembersFile {
     /// Loads the records from `data_dir` (which must exist); empty when there is no file.
     pub fn open(data_dir: &Path) -> Result<(MembersFile, Members), MembersFileError> {
         let file = MembersFile {
-            dir: data_dir.to_path_buf(),
             path: data_dir.join(FILE_NAME),
             tmp_path: data_dir.join(TMP_FILE_NAME),
         };
@@ -70,40 +67,24 @@ impl MembersFile {
     }
 
     fn load(&self) -> Result<Members, MembersFileError> {
-        let file = match File::open(&self.path) {
-            Ok(file) => file,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Members::new()),
-            Err(source) => return Err(self.io_error("open it", source)),
-        };
-        let mut bytes = Vec::new();
-        file.take(FILE_BYTES_MAX + 1)
-            .read_to_end(&mut bytes)
-            .map_err(|source| self.io_error("read it", source))?;
-        if bytes.len() as u64 > FILE_BYTES_MAX {
-            return Err(self.corrupt(format!("longer than {FILE_BYTES_MAX} bytes")));
+        match read_small_text(&self.path, FILE_BYTES_MAX) {
+            Ok(None) => Ok(Members::new()),
+            Ok(Some(text)) => parse(&text).map_err(|reason| self.corrupt(reason)),
+            Err(ReadSmallError::Invalid(reason)) => Err(self.corrupt(reason)),
+            Err(ReadSmallError::Io { action, source }) => Err(self.io_error(action, source)),
         }
-        let text = String::from_utf8(bytes).map_err(|_| self.corrupt("not UTF-8 text".into()))?;
-        parse(&text).map_err(|reason| self.corrupt(reason))
     }
 
     /// Makes `members` the durable records: returns only after they survive a crash.
     pub fn store(&self, members: &Members) -> Result<(), MembersFileError> {
         let text = render(members);
-        let tmp_error = |action, source| MembersFileError::Io {
-            path: self.tmp_path.clone(),
-            action,
-            source,
-        };
-        let mut tmp = File::create(&self.tmp_path).map_err(|e| tmp_error("create it", e))?;
-        tmp.write_all(text.as_bytes())
-            .map_err(|e| tmp_error("write it", e))?;
-        tmp.sync_all().map_err(|e| tmp_error("fsync it", e))?;
-        drop(tmp);
-        fs::rename(&self.tmp_path, &self.path)
-            .map_err(|source| self.io_error("rename the temporary file over it", source))?;
-        File::open(&self.dir)
-            .and_then(|dir| dir.sync_all())
-            .map_err(|source| self.io_error("fsync its directory", source))
+        replace_file_durable(&self.path, &self.tmp_path, text.as_bytes()).map_err(|e| {
+            MembersFileError::Io {
+                path: e.path,
+                action: e.action,
+                source: e.source,
+            }
+        })
     }
 
     fn io_error(&self, action: &'static str, source: io::Error) -> MembersFileError {
@@ -186,6 +167,7 @@ fn parse(text: &str) -> Result<Members, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     fn sample() -> Members {
         let mut m = Members::new();

@@ -21,11 +21,12 @@
 //! file whose checksum does not match included, is corruption and an error naming the file:
 //! guessing a term could reuse one, so the coord refuses to start instead.
 
-use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 
-use kvraft_common::{create_dir_durable, sync_dir, DirError, Term};
+use kvraft_common::{
+    create_dir_durable, read_small_text, replace_file_durable, DirError, ReadSmallError, Term,
+};
 
 const FILE_NAME: &str = "coord_term";
 const TMP_FILE_NAME: &str = "coord_term.tmp";
@@ -79,20 +80,12 @@ impl TermFile {
 
     /// Reads the stored term; 0 when the file does not exist.
     pub fn load(&self) -> Result<Term, TermFileError> {
-        let file = match File::open(&self.path) {
-            Ok(file) => file,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Term(0)),
-            Err(source) => return Err(self.io_error("open it", source)),
-        };
-        let mut bytes = Vec::new();
-        file.take(FILE_BYTES_MAX + 1)
-            .read_to_end(&mut bytes)
-            .map_err(|source| self.io_error("read it", source))?;
-        if bytes.len() as u64 > FILE_BYTES_MAX {
-            return Err(self.corrupt(format!("longer than {FILE_BYTES_MAX} bytes")));
+        match read_small_text(&self.path, FILE_BYTES_MAX) {
+            Ok(None) => Ok(Term(0)),
+            Ok(Some(text)) => parse(&text).map_err(|reason| self.corrupt(reason)),
+            Err(ReadSmallError::Invalid(reason)) => Err(self.corrupt(reason)),
+            Err(ReadSmallError::Io { action, source }) => Err(self.io_error(action, source)),
         }
-        let text = String::from_utf8(bytes).map_err(|_| self.corrupt("not UTF-8 text".into()))?;
-        parse(&text).map_err(|reason| self.corrupt(reason))
     }
 
     /// Makes `term` the durable highest term: returns only after it survives a crash.
@@ -102,19 +95,13 @@ impl TermFile {
             "invariant: only issued terms (>= 1) are stored"
         );
         let text = encode(term);
-        let tmp_error = |action, source| TermFileError::Io {
-            path: self.tmp_path.clone(),
-            action,
-            source,
-        };
-        let mut tmp = File::create(&self.tmp_path).map_err(|e| tmp_error("create it", e))?;
-        tmp.write_all(text.as_bytes())
-            .map_err(|e| tmp_error("write it", e))?;
-        tmp.sync_all().map_err(|e| tmp_error("fsync it", e))?;
-        drop(tmp);
-        fs::rename(&self.tmp_path, &self.path)
-            .map_err(|source| self.io_error("rename the temporary file over it", source))?;
-        sync_dir(&self.dir).map_err(|source| self.dir_error(source))
+        replace_file_durable(&self.path, &self.tmp_path, text.as_bytes()).map_err(|e| {
+            TermFileError::Io {
+                path: e.path,
+                action: e.action,
+                source: e.source,
+            }
+        })
     }
 
     fn dir_error(&self, source: DirError) -> TermFileError {
@@ -211,6 +198,7 @@ fn parse_term(value: &str) -> Result<Term, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     /// DESIGN rule 1: a stored term survives a reopen (a coord restart), and the latest store wins.
     #[test]

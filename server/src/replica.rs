@@ -1080,11 +1080,7 @@ impl Replica {
             return self.respond(stream, false, 0, 0);
         }
         if let Err(reason) = self.check_append(&req) {
-            self.out.push(Command::Refused {
-                from: leader,
-                reason,
-            });
-            return self.respond(stream, false, 0, 0);
+            return self.refuse_append(stream, leader, reason);
         }
         if req.term < self.hard.term {
             // Its read round belongs to the older term: echoing it under ours would confirm a
@@ -1092,11 +1088,7 @@ impl Replica {
             return self.respond(stream, false, 0, 0);
         }
         if let Err(reason) = self.check_committed_prefix(&req) {
-            self.out.push(Command::Refused {
-                from: leader,
-                reason,
-            });
-            return self.respond(stream, false, 0, 0);
+            return self.refuse_append(stream, leader, reason);
         }
         if req.term > self.hard.term {
             self.adopt_term(req.term, leader);
@@ -1123,6 +1115,12 @@ impl Replica {
         // on_persisted once the entries are fsynced (DESIGN rule 5).
         self.ack_stream = Some((stream, req.read_round));
         self.respond_success(stream, req.read_round);
+    }
+
+    /// Refuses an invalid AppendEntries (rule 11): answered without a hint, logged.
+    fn refuse_append(&mut self, stream: StreamId, from: NodeId, reason: String) {
+        self.out.push(Command::Refused { from, reason });
+        self.respond(stream, false, 0, 0);
     }
 
     /// DESIGN rule 11: an AppendEntries is checked whole before anything of it is used. Its

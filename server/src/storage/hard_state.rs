@@ -32,7 +32,6 @@ pub struct HardState {
 /// The hard state file of one data directory.
 #[derive(Debug)]
 pub struct HardStateFile {
-    dir: PathBuf,
     path: PathBuf,
     tmp_path: PathBuf,
     /// Last saved state, to assert that saves never go backwards.
@@ -53,7 +52,6 @@ impl HardStateFile {
             Err(e) => return Err(io_err(&path)(e)),
         };
         let file = HardStateFile {
-            dir: dir.to_path_buf(),
             tmp_path: dir.join(TMP_FILE_NAME),
             path,
             current,
@@ -72,7 +70,7 @@ impl HardStateFile {
             hs.term > old.term || old.leader == 0 || hs.leader == old.leader,
             "hard state: a second leader accepted in one term: {old:?} -> {hs:?}"
         );
-        replace_file_durable(&self.dir, &self.tmp_path, &self.path, &encode(hs))?;
+        replace_file_durable(&self.tmp_path, &self.path, &encode(hs))?;
         self.current = hs;
         Ok(())
     }

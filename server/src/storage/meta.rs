@@ -103,7 +103,7 @@ impl ServerMeta {
                 let text = format!("{coord_cluster_id}\n");
                 let tmp = self.dir.join(CLUSTER_TMP_FILE_NAME);
                 let path = self.dir.join(CLUSTER_FILE_NAME);
-                replace_file_durable(&self.dir, &tmp, &path, text.as_bytes())?;
+                replace_file_durable(&tmp, &path, text.as_bytes())?;
                 tracing::info!(path = %path.display(), cluster = coord_cluster_id, "joined cluster");
                 self.cluster_id = Some(coord_cluster_id.to_string());
                 Ok(())
@@ -135,7 +135,7 @@ fn take_lock(dir: &Path) -> Result<File, StorageError> {
 fn create(dir: &Path, path: &Path, server_id: u32) -> Result<(u32, String), StorageError> {
     let uuid = uuid::Uuid::new_v4().to_string();
     let text = format!("server_id={server_id}\nuuid={uuid}\n");
-    replace_file_durable(dir, &dir.join(TMP_FILE_NAME), path, text.as_bytes())?;
+    replace_file_durable(&dir.join(TMP_FILE_NAME), path, text.as_bytes())?;
     tracing::info!(path = %path.display(), server_id, %uuid, "initialized data directory");
     Ok((server_id, uuid))
 }

@@ -32,11 +32,10 @@ mod log_file;
 mod mem;
 mod meta;
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use kvraft_common::{sync_dir, DirError};
+use kvraft_common::DirError;
 
 pub use hard_state::{HardState, HardStateFile};
 pub use log_file::{FileLogStore, Recovery};
@@ -115,18 +114,10 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StorageError + '_ {
     }
 }
 
-/// Durably replaces `path` with `contents`: write `tmp`, fsync it, rename over `path`, fsync
-/// the directory. A crash leaves the old file or the new one, never a torn one.
-fn replace_file_durable(
-    dir: &Path,
-    tmp: &Path,
-    path: &Path,
-    contents: &[u8],
-) -> Result<(), StorageError> {
-    let mut file = File::create(tmp).map_err(io_err(tmp))?;
-    std::io::Write::write_all(&mut file, contents).map_err(io_err(tmp))?;
-    file.sync_all().map_err(io_err(tmp))?;
-    drop(file);
-    std::fs::rename(tmp, path).map_err(io_err(path))?;
-    Ok(sync_dir(dir)?)
+/// Durably replaces `path` with `contents` (see `kvraft_common::replace_file_durable`).
+fn replace_file_durable(tmp: &Path, path: &Path, contents: &[u8]) -> Result<(), StorageError> {
+    kvraft_common::replace_file_durable(path, tmp, contents).map_err(|e| StorageError::Io {
+        path: e.path,
+        source: e.source,
+    })
 }
