@@ -23,8 +23,10 @@ impl NodeId {
 }
 
 impl Term {
+    /// The next term; saturates at the largest (the coord refuses to go past it rather than
+    /// wrap to a term already used).
     pub fn next(self) -> Term {
-        Term(self.0 + 1)
+        Term(self.0.saturating_add(1))
     }
 }
 

@@ -40,7 +40,7 @@ use std::collections::BTreeMap;
 
 use kvraft_common::config::{ClusterConfig, WaitFor};
 use kvraft_common::{LogIndex, NodeId, Term};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 #[cfg(test)]
 mod tests;
@@ -725,6 +725,12 @@ impl CoordCore {
 
     /// Starts an epoch change with a term above both `highest_term` and `above` (DESIGN rule 2).
     fn start_epoch_change(&mut self, above: Term, reason: &str, out: &mut Vec<Command>) {
+        if self.highest_term.max(above) == Term(u64::MAX) {
+            // Only a forged message can have carried a term this high; no term is left to
+            // issue without reusing one, so the cluster stays without a leader (rule 1).
+            error!("cannot start an epoch change ({reason}): the term space is exhausted");
+            return;
+        }
         let term = self.highest_term.max(above).next();
         self.highest_term = term;
         out.push(Command::PersistTerm(term));

@@ -167,7 +167,7 @@ impl Client {
         let _permit = acquire(&self.inner.put_permits, "Put", deadline).await?;
         let inner = &self.inner;
         let session = inner.sessions.usable(&inner.router, deadline).await?;
-        let guard = session.begin_put();
+        let guard = session.begin_put(deadline).await?;
         tracing::Span::current().record("seq", guard.seq);
         debug!(action = "Put", client_id = %inner.client_id, session_id = session.id,
             seq = guard.seq, key = %preview(&key), value_bytes = value.len());

@@ -32,8 +32,11 @@ pub enum Error {
     #[error("rejected by the server: {0}")]
     Rejected(String),
 
-    /// The server refused the put as stale (its seq was already abandoned); it was not applied.
-    #[error("request refused as stale; it was not applied")]
+    /// The server no longer holds this put's result: its seq is below the session's
+    /// acknowledged watermark. It MAY OR MAY NOT have been applied (the server cannot tell any
+    /// more). kvslib never abandons a seq it still retries, so this follows only a put it gave
+    /// up on.
+    #[error("request refused as stale; it may or may not have been applied")]
     Stale,
 
     /// The coord could not be asked and no leader is known from earlier.
@@ -44,10 +47,7 @@ pub enum Error {
 impl Error {
     /// True when the operation certainly did NOT take effect.
     pub fn is_definite(&self) -> bool {
-        matches!(
-            self,
-            Error::InvalidInput(_) | Error::Rejected(_) | Error::Stale
-        )
+        matches!(self, Error::InvalidInput(_) | Error::Rejected(_))
     }
 }
 
@@ -59,7 +59,7 @@ mod tests {
     fn only_refusals_are_definite() {
         assert!(Error::InvalidInput("key is empty".into()).is_definite());
         assert!(Error::Rejected("bad".into()).is_definite());
-        assert!(Error::Stale.is_definite());
+        assert!(!Error::Stale.is_definite(), "the result is gone, not known");
         let timeout = Error::Timeout {
             op: "Put",
             last_error: "connection refused".into(),

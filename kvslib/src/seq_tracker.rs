@@ -10,8 +10,11 @@
 //! Invariants: seqs are assigned in issue order starting at 1 and never reused within a session;
 //! `ack_seq` is the smallest seq still in flight, or the next seq to assign when none is, so
 //! every seq below it has been answered or abandoned from the client's view. The server relies
-//! on that: it stops waiting for seqs below `ack_seq` and refuses them as stale. Pure logic, no
-//! IO, so it is tested directly.
+//! on that: it stops waiting for seqs below `ack_seq` and refuses them as stale. The server
+//! keeps the result of every seq at or above `ack_seq` and accepts a put only within the
+//! session window (`seq < ack_seq + SESSION_WINDOW_MAX`): a new seq is assigned only while it
+//! fits ([`SeqTracker::fits_window`]), so one unanswered put holds later ones back instead of
+//! letting its result be pushed out. Pure logic, no IO, so it is tested directly.
 
 use std::collections::BTreeSet;
 
@@ -33,6 +36,11 @@ impl SeqTracker {
             next_seq: FIRST_SEQ,
             in_flight: BTreeSet::new(),
         }
+    }
+
+    /// Whether the next seq is within `window` of the ack watermark, so the server accepts it.
+    pub(crate) fn fits_window(&self, window: u64) -> bool {
+        self.next_seq - self.ack_seq() < window
     }
 
     /// Gives the next seq in issue order and marks it in flight.
@@ -97,6 +105,20 @@ mod tests {
         assert_eq!(t.ack_seq(), 4, "1..=3 are finished, 4 is not");
         t.finish(4);
         assert_eq!(t.ack_seq(), 5, "nothing in flight: the next seq to assign");
+    }
+
+    #[test]
+    fn an_unanswered_put_holds_the_window() {
+        let mut t = SeqTracker::new();
+        let first = t.assign();
+        for _ in 1..4 {
+            let seq = t.assign();
+            t.finish(seq);
+        }
+        assert_eq!((t.ack_seq(), t.fits_window(4)), (first, false));
+        assert!(t.fits_window(5));
+        t.finish(first);
+        assert!(t.fits_window(1), "nothing in flight: the window is empty");
     }
 
     #[test]

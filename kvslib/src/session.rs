@@ -12,12 +12,14 @@
 //! Invariants: a put keeps the `Arc<Session>` it started with for all its attempts, so a
 //! renewal never gives a put a second identity (its seq belongs to exactly one session); a
 //! put's seq is finished exactly once, by [`SeqGuard`]'s drop, also when the caller's future is
-//! cancelled. Registration retries may leak a session whose answer was lost; the server expires
+//! cancelled; a seq is assigned only within the session window (`SESSION_WINDOW_MAX` above the
+//! ack watermark), waiting for older puts to finish if need be. Registration retries may leak a session whose answer was lost; the server expires
 //! it by TTL.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use kvraft_common::limits::SESSION_WINDOW_MAX;
 use kvraft_proto as pb;
 use pb::kv_client::KvClient;
 use tokio::time::Instant;
@@ -32,6 +34,8 @@ use crate::{Error, PUTS_IN_FLIGHT_MAX};
 pub(crate) struct Session {
     pub(crate) id: u64,
     seqs: Mutex<SeqTracker>,
+    /// Woken whenever a put of this session finishes: a put waiting for the window retries.
+    finished: tokio::sync::Notify,
     /// Set when a server said the session is unknown; the next operation renews it first.
     expired: AtomicBool,
 }
@@ -55,6 +59,7 @@ impl Session {
         Arc::new(Session {
             id,
             seqs: Mutex::new(SeqTracker::new()),
+            finished: tokio::sync::Notify::new(),
             expired: AtomicBool::new(false),
         })
     }
@@ -63,18 +68,37 @@ impl Session {
         self.seqs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Assigns the next seq of this session, in issue order.
-    pub(crate) fn begin_put(self: &Arc<Self>) -> SeqGuard {
-        let mut seqs = self.seqs();
-        let seq = seqs.assign();
-        assert!(
-            seqs.in_flight() <= PUTS_IN_FLIGHT_MAX,
-            "invariant: the put permits bound the seqs in flight"
-        );
-        drop(seqs);
-        SeqGuard {
-            session: Arc::clone(self),
-            seq,
+    /// Assigns the next seq of this session, in issue order, once it fits the session window
+    /// (an older put still unanswered holds it back); a timeout if it does not by `deadline`.
+    pub(crate) async fn begin_put(self: &Arc<Self>, deadline: Instant) -> Result<SeqGuard, Error> {
+        loop {
+            // Registered before checking, so a put finishing in between still wakes us.
+            let finished = self.finished.notified();
+            tokio::pin!(finished);
+            finished.as_mut().enable();
+            {
+                let mut seqs = self.seqs();
+                if seqs.fits_window(SESSION_WINDOW_MAX) {
+                    let seq = seqs.assign();
+                    assert!(
+                        seqs.in_flight() <= PUTS_IN_FLIGHT_MAX,
+                        "invariant: the put permits bound the seqs in flight"
+                    );
+                    return Ok(SeqGuard {
+                        session: Arc::clone(self),
+                        seq,
+                    });
+                }
+            }
+            if tokio::time::timeout_at(deadline, finished).await.is_err() {
+                return Err(Error::Timeout {
+                    op: "Put",
+                    last_error: format!(
+                        "not sent: an older put of the session is still unanswered and the \
+                         session window ({SESSION_WINDOW_MAX} puts) is full"
+                    ),
+                });
+            }
         }
     }
 
@@ -87,6 +111,7 @@ impl Session {
 impl Drop for SeqGuard {
     fn drop(&mut self) {
         self.session.seqs().finish(self.seq);
+        self.session.finished.notify_waiters();
     }
 }
 
@@ -175,12 +200,16 @@ pub(crate) async fn register(
 mod tests {
     use super::*;
 
-    #[test]
-    fn dropped_guards_release_their_seq_in_any_order() {
+    fn later() -> Instant {
+        Instant::now() + std::time::Duration::from_secs(5)
+    }
+
+    #[tokio::test]
+    async fn dropped_guards_release_their_seq_in_any_order() {
         let session = Session::new(7);
-        let a = session.begin_put();
-        let b = session.begin_put();
-        let c = session.begin_put();
+        let a = session.begin_put(later()).await.unwrap();
+        let b = session.begin_put(later()).await.unwrap();
+        let c = session.begin_put(later()).await.unwrap();
         assert_eq!((a.seq, b.seq, c.seq), (1, 2, 3));
         drop(b);
         assert_eq!(session.ack_seq(), 1);
@@ -190,15 +219,42 @@ mod tests {
         assert_eq!(session.ack_seq(), 4);
     }
 
-    #[test]
-    fn a_new_session_starts_its_seqs_at_one() {
+    #[tokio::test]
+    async fn a_new_session_starts_its_seqs_at_one() {
         let sessions = Sessions::new("c1", 5);
         let old = sessions.current();
-        let _g = old.begin_put();
+        let _g = old.begin_put(later()).await.unwrap();
         *sessions.current.lock().unwrap() = Session::new(9);
         let fresh = sessions.current();
         assert_eq!(fresh.id, 9);
-        assert_eq!(fresh.begin_put().seq, 1);
+        assert_eq!(fresh.begin_put(later()).await.unwrap().seq, 1);
         assert_eq!(old.ack_seq(), 1, "the old session's put is still in flight");
+    }
+
+    /// One put left unanswered while the session's later puts go through: once the window is
+    /// full the next put waits for it (the server keeps every result at or above ack_seq, so
+    /// a retry of the old one still gets its answer), and goes on as soon as it finishes.
+    #[tokio::test]
+    async fn a_full_window_waits_for_the_oldest_put() {
+        let session = Session::new(3);
+        let oldest = session.begin_put(later()).await.unwrap();
+        for _ in 1..SESSION_WINDOW_MAX {
+            drop(session.begin_put(later()).await.unwrap());
+        }
+        let soon = Instant::now() + std::time::Duration::from_millis(50);
+        let waited = session.begin_put(soon).await;
+        assert!(
+            matches!(waited, Err(Error::Timeout { .. })),
+            "{:?}",
+            waited.err()
+        );
+        let waiter = {
+            let session = Arc::clone(&session);
+            tokio::spawn(async move { session.begin_put(later()).await.map(|g| g.seq) })
+        };
+        tokio::task::yield_now().await;
+        drop(oldest);
+        let seq = waiter.await.unwrap().unwrap();
+        assert_eq!(seq, SESSION_WINDOW_MAX + 1);
     }
 }

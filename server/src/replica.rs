@@ -1082,6 +1082,13 @@ impl Replica {
         if let Err(reason) = self.check_append(&req) {
             return self.refuse_append(stream, leader, reason);
         }
+        if req.term > self.hard.term.saturating_add(1) {
+            // Terms come from the coord (rule 1): a peer may move us one term on (the new
+            // leader of the next term, whose designation we have not heard yet), no further, so
+            // no message of a peer, genuine or forged, can push the term towards 2^64. The
+            // coord's heartbeat brings the current term and leader within a heartbeat.
+            return self.respond(stream, false, 0, 0);
+        }
         if req.term < self.hard.term {
             // Its read round belongs to the older term: echoing it under ours would confirm a
             // round of our term's leader that this answer never saw (rule 8).

@@ -538,10 +538,10 @@ fn malformed_append_entries_are_refused_and_change_nothing() {
         (
             "terms going down",
             AppendEntriesRequest {
-                term: 3,
+                term: 2,
                 prev_log_index: last,
                 prev_log_term: 1,
-                entries: vec![entry(last + 1, 3), entry(last + 2, 2)],
+                entries: vec![entry(last + 1, 2), entry(last + 2, 1)],
                 ..append_base()
             },
         ),
@@ -1101,4 +1101,33 @@ fn a_wiped_server_follows_no_one_before_the_coord_tells_it_the_term() {
         !net.node(1).is_leader(),
         "and the old leader learns of term 2"
     );
+}
+
+/// Rules 1 and 11: a peer can move a server at most one term on; a message claiming a term
+/// further ahead (u64::MAX, say) is refused and changes nothing, so no message can exhaust the
+/// term space. The coord's heartbeat brings such a server up to date.
+#[test]
+fn a_peer_cannot_push_the_term_far_ahead() {
+    let (mut net, _) = Net::with_leader(3);
+    net.settle();
+    let last = net.node(2).last_index();
+    for term in [3, 1_000, u64::MAX] {
+        let req = AppendEntriesRequest {
+            term,
+            prev_log_index: last,
+            prev_log_term: 1,
+            ..append_base()
+        };
+        net.step(2, Event::AppendEntries { stream: 1, req });
+        assert_eq!(net.node(2).term(), 1, "term {term}");
+    }
+    let reply = net.reply_to();
+    let hb = Event::CoordHeartbeat {
+        term: 3,
+        leader: NodeId(3),
+        catching_up: None,
+        reply,
+    };
+    net.step(2, hb);
+    assert_eq!(net.node(2).term(), 3, "the coord moves it on");
 }

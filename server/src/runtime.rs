@@ -52,6 +52,9 @@ pub const INPUT_BATCH_MAX: usize = 1024;
 pub const PEER_QUEUE_MAX: usize = 1024;
 /// Largest gRPC message accepted: an AppendEntries batch plus headroom.
 pub const GRPC_MESSAGE_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// Distinct foreign cluster ids whose messages are logged (each once); more are refused
+/// without a log line, so a flood of made-up ids neither grows memory nor the log.
+const FOREIGN_CLUSTERS_LOGGED_MAX: usize = 16;
 /// Pause before reconnecting a broken peer stream.
 const PEER_RECONNECT_MS: u64 = 50;
 
@@ -106,7 +109,7 @@ impl Call {
 pub(crate) type ResponseSender = mpsc::Sender<Result<AppendEntriesResponse, tonic::Status>>;
 
 pub(crate) enum Input {
-    Call(Call, oneshot::Sender<Reply>),
+    Call(Call, oneshot::Sender<Result<Reply, tonic::Status>>),
     StreamOpened(StreamId, ResponseSender),
     AppendEntries(StreamId, AppendEntriesRequest),
     StreamClosed(StreamId),
@@ -134,11 +137,22 @@ pub(crate) struct CoreHandle {
 }
 
 impl CoreHandle {
-    /// Sends a call to the core and waits for its reply; `None` if the core is gone.
+    /// Sends a call to the core and waits for its reply; `None` if the core is gone or
+    /// refused the call.
     pub async fn call(&self, call: Call) -> Option<Reply> {
+        self.call_or_refusal(call).await.ok()
+    }
+
+    /// Like [`CoreHandle::call`], with the reason a call was refused (a coord message for
+    /// another cluster) or `UNAVAILABLE` when the core is gone.
+    pub async fn call_or_refusal(&self, call: Call) -> Result<Reply, tonic::Status> {
+        let gone = || tonic::Status::unavailable("server is shutting down");
         let (tx, rx) = oneshot::channel();
-        self.tx.send(Input::Call(call, tx)).await.ok()?;
-        rx.await.ok()
+        self.tx
+            .send(Input::Call(call, tx))
+            .await
+            .map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
     }
 }
 
@@ -240,6 +254,7 @@ pub async fn run(
         trace: tracer.clone().map(|t| TraceEvents::new(t, id)),
         otel: kvraft_telemetry::enabled().then(OtelSpans::default),
         meta,
+        foreign_clusters: Default::default(),
     };
     let result = core.run(rx, shutdown).await;
     let _ = stop_tx.send(true);
@@ -254,7 +269,7 @@ struct Core {
     replica: Replica,
     store: Box<dyn LogStore>,
     hard_file: HardStateFile,
-    replies: HashMap<ReplyTo, oneshot::Sender<Reply>>,
+    replies: HashMap<ReplyTo, oneshot::Sender<Result<Reply, tonic::Status>>>,
     next_reply: ReplyTo,
     peers: HashMap<NodeId, mpsc::Sender<AppendEntriesRequest>>,
     streams: HashMap<StreamId, ResponseSender>,
@@ -278,6 +293,9 @@ struct Core {
     otel: Option<OtelSpans>,
     /// Holds the data-directory lock for the life of the server.
     meta: ServerMeta,
+    /// Foreign cluster ids already logged (once each, however often they come; bounded by
+    /// [`FOREIGN_CLUSTERS_LOGGED_MAX`]).
+    foreign_clusters: std::collections::BTreeSet<String>,
 }
 
 impl Core {
@@ -318,25 +336,70 @@ impl Core {
         Ok(())
     }
 
-    /// A coord of another cluster is refused: the server stops with an error naming its data
-    /// directory and both cluster ids (its data must not mix with another cluster's). The
-    /// first coord contact records the cluster id in the directory.
-    fn check_cluster(&mut self, call: &Call) -> anyhow::Result<()> {
-        let (Call::CoordHeartbeat { cluster_id, .. } | Call::Prepare { cluster_id, .. }) = call
+    /// Coord messages must carry this directory's cluster id (the first coord contact
+    /// records it). Another id is refused with an error naming the directory and both ids,
+    /// and the server keeps running: anyone can send these RPCs until they are authenticated,
+    /// so a mismatch must not stop the server. A heartbeat without an id (a coord that lost
+    /// its directory asks before it has re-adopted the id) is answered as a status probe: it
+    /// neither designates a leader nor moves the term. Only failing to record the id is fatal.
+    fn check_cluster(&mut self, call: &mut Call) -> anyhow::Result<Result<(), tonic::Status>> {
+        let (Call::CoordHeartbeat { cluster_id, .. } | Call::Prepare { cluster_id, .. }) = &*call
         else {
-            return Ok(());
+            return Ok(Ok(()));
         };
+        let cluster_id = cluster_id.clone();
+        let recorded = self.meta.cluster_id().map(str::to_string);
         if cluster_id.is_empty() {
-            return Ok(());
+            match (call, recorded) {
+                (_, None) => {}
+                (
+                    Call::CoordHeartbeat {
+                        term,
+                        leader,
+                        catching_up,
+                        ..
+                    },
+                    Some(_),
+                ) => {
+                    (*term, *leader, *catching_up) = (0, NodeId::NONE, None);
+                }
+                (_, Some(ours)) => {
+                    let msg = format!(
+                        "Prepare without a cluster id refused: data directory {} belongs to \
+                         cluster {ours}",
+                        self.meta.dir().display()
+                    );
+                    return Ok(Err(tonic::Status::failed_precondition(msg)));
+                }
+            }
+            return Ok(Ok(()));
         }
-        tokio::task::block_in_place(|| self.meta.check_cluster_id(cluster_id))?;
-        Ok(())
+        let ours = tokio::task::block_in_place(|| self.meta.check_cluster_id(&cluster_id))
+            .context("cannot record the cluster id; stopping the server")?;
+        if ours {
+            return Ok(Ok(()));
+        }
+        let ours = recorded.unwrap_or_default();
+        let msg = format!(
+            "data directory {} belongs to cluster {ours}, but this message comes from a coord \
+             of cluster {cluster_id}; use the directory with its own cluster, or a fresh one",
+            self.meta.dir().display()
+        );
+        if self.foreign_clusters.len() < FOREIGN_CLUSTERS_LOGGED_MAX
+            && self.foreign_clusters.insert(cluster_id)
+        {
+            tracing::error!(server = %self.replica.id(), "{msg}");
+        }
+        Ok(Err(tonic::Status::failed_precondition(msg)))
     }
 
     fn handle(&mut self, input: Input, cmds: &mut Vec<Command>) -> anyhow::Result<()> {
         let event = match input {
             Input::Call(mut call, reply) => {
-                self.check_cluster(&call)?;
+                if let Err(refused) = self.check_cluster(&mut call)? {
+                    let _ = reply.send(Err(refused));
+                    return Ok(());
+                }
                 if let (Call::Put(cmd, Some(trace_id), _), Some(t)) = (&call, &mut self.trace) {
                     t.put_received(cmd.session_id, cmd.seq, *trace_id);
                 }
@@ -527,7 +590,7 @@ impl Core {
                     }
                 }
                 if let Some(tx) = self.replies.remove(&to) {
-                    let _ = tx.send(reply);
+                    let _ = tx.send(Ok(reply));
                 }
             }
             Command::Refused { from, reason } => {

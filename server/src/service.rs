@@ -207,7 +207,7 @@ impl ServerControl for CoreHandle {
             cluster_id: req.cluster_id,
             catching_up: Some(members(req.catching_up)),
         };
-        let Some(Reply::Report(report)) = self.call(call).await else {
+        let Reply::Report(report) = self.call_or_refusal(call).await? else {
             return Err(unavailable());
         };
         self.last_coord_contact_ms
@@ -241,16 +241,16 @@ impl ServerControl for CoreHandle {
                 term,
             });
         }
-        let Some(Reply::Prepare {
+        let Reply::Prepare {
             ok,
             term,
             last_log_term,
             last_log_index,
             uuid,
-        }) = self
-            .call(Call::Prepare { term, cluster_id })
+        } = self
+            .call_or_refusal(Call::Prepare { term, cluster_id })
             .instrument(span)
-            .await
+            .await?
         else {
             return Err(unavailable());
         };

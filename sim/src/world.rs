@@ -1116,12 +1116,18 @@ impl World {
     }
 }
 
-/// The session limits of a run, from the seed: a third of the runs never expire or evict, a
+/// The session limits of a run, from the seed: with faults, a third of the runs never expire or evict, a
 /// third expire idle sessions after a short TTL (clients idle longer now and then), a third
 /// have a session table barely larger than the clients (registrations evict).
 fn session_limits(rng: &mut StdRng, cfg: &SimConfig, clients: usize) -> SessionLimits {
     let window = rng.random_range(2..=cfg.session_window_max.max(2));
-    let (ttl_ms, sessions_max) = match rng.random_range(0..3) {
+    // Expiry and eviction are part of the fault mix: a run without faults keeps sessions.
+    let mode = if cfg.faults {
+        rng.random_range(0..3)
+    } else {
+        0
+    };
+    let (ttl_ms, sessions_max) = match mode {
         0 => (SESSION_TTL_NEVER_MS, SESSIONS_UNBOUNDED),
         1 => (rng.random_range(SESSION_TTL_SHORT_MS), SESSIONS_UNBOUNDED),
         _ => (SESSION_TTL_NEVER_MS, clients + 1),

@@ -47,7 +47,7 @@ acknowledged write, and for a read whose value equals the expected one.
 
 Status codes:
   0  success
-  1  timeout or unavailable (indeterminate: a write may or may not have taken effect)
+  1  timeout, unavailable or stale (indeterminate: a write may or may not have taken effect)
   2  invalid input (key or value too large, empty key; nothing was sent)
   3  session expired (indeterminate for a write)
   4  other error (refused by the server; not applied)
@@ -387,10 +387,11 @@ async fn timed_request(client: &Client, op: Op, key: String, value: String) -> V
 
 fn status_of(error: &Error) -> i32 {
     match error {
-        Error::Timeout { .. } | Error::Unavailable(_) => STATUS_INDETERMINATE,
+        // A stale refusal says the server no longer knows whether the put applied.
+        Error::Timeout { .. } | Error::Unavailable(_) | Error::Stale => STATUS_INDETERMINATE,
         Error::InvalidInput(_) => STATUS_INVALID_INPUT,
         Error::SessionExpired => STATUS_SESSION_EXPIRED,
-        Error::Rejected(_) | Error::Stale => STATUS_OTHER,
+        Error::Rejected(_) => STATUS_OTHER,
     }
 }
 
@@ -527,7 +528,8 @@ mod tests {
         assert_eq!(status_of(&timeout), 1);
         assert_eq!(status_of(&Error::InvalidInput(String::new())), 2);
         assert_eq!(status_of(&Error::SessionExpired), 3);
-        assert_eq!(status_of(&Error::Stale), 4);
+        assert_eq!(status_of(&Error::Stale), 1);
+        assert_eq!(status_of(&Error::Rejected(String::new())), 4);
     }
 
     #[test]

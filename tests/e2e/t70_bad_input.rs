@@ -242,12 +242,21 @@ async fn data_directory_of_another_cluster_is_refused() {
         std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
     }
     b.start_server(1);
-    Cluster::wait_for("the server to refuse the foreign cluster and exit", || {
-        let exited = b.server_exited(1).is_some();
-        async move { exited }
+    let log_path = b.dir.path().join("server1.log");
+    Cluster::wait_for("the server to refuse the foreign cluster's coord", || {
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        async move { log.contains("belongs to cluster") }
     })
     .await;
-    let log = std::fs::read_to_string(b.dir.path().join("server1.log")).unwrap();
-    assert!(log.contains("belongs to cluster"), "{log}");
+    let log = std::fs::read_to_string(&log_path).unwrap();
     assert!(log.contains(to.to_str().unwrap()), "{log}");
+    // Refused, not stopped: a message anyone can send must not be a remote kill switch. The
+    // coord counts it as down, so cluster b has no leader, and the data of cluster a is intact.
+    assert!(b.server_exited(1).is_none(), "the server keeps running");
+    assert!(b.status(1).await.is_some(), "Status still answers");
+    Cluster::wait_for("the coord to count the refusing server as failed", || {
+        let b = &b;
+        async move { b.leader_info().await.is_some_and(|l| l.leader_id == 0) }
+    })
+    .await;
 }

@@ -87,18 +87,16 @@ impl ServerMeta {
         self.cluster_id.as_deref()
     }
 
-    /// Checks the coord's cluster id against the directory's, recording it (durably) on first
-    /// contact. A mismatch is an error naming the directory and both ids.
-    pub fn check_cluster_id(&mut self, coord_cluster_id: &str) -> Result<(), StorageError> {
+    /// The directory this identity belongs to.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Checks a coord's cluster id against the directory's, recording it (durably) on first
+    /// contact: `Ok(false)` for another cluster's id. Only failing to record it is an error.
+    pub fn check_cluster_id(&mut self, coord_cluster_id: &str) -> Result<bool, StorageError> {
         match &self.cluster_id {
-            Some(ours) if ours == coord_cluster_id => Ok(()),
-            Some(ours) => Err(StorageError::InvalidState {
-                path: self.dir.clone(),
-                reason: format!(
-                    "this data directory belongs to cluster {ours}, but the coord runs cluster \
-                     {coord_cluster_id}; use the directory with its own cluster, or a fresh one"
-                ),
-            }),
+            Some(ours) => Ok(ours == coord_cluster_id),
             None => {
                 let text = format!("{coord_cluster_id}\n");
                 let tmp = self.dir.join(CLUSTER_TMP_FILE_NAME);
@@ -106,7 +104,7 @@ impl ServerMeta {
                 replace_file_durable(&tmp, &path, text.as_bytes())?;
                 tracing::info!(path = %path.display(), cluster = coord_cluster_id, "joined cluster");
                 self.cluster_id = Some(coord_cluster_id.to_string());
-                Ok(())
+                Ok(true)
             }
         }
     }
@@ -187,18 +185,15 @@ mod tests {
         let data = dir.path().join("server-1");
         let mut meta = ServerMeta::open_or_create(&data, 1).expect("create");
         assert_eq!(meta.cluster_id(), None);
-        meta.check_cluster_id("cluster-a")
-            .expect("first contact records it");
-        meta.check_cluster_id("cluster-a").expect("same cluster");
+        assert!(meta
+            .check_cluster_id("cluster-a")
+            .expect("first contact records it"));
+        assert!(meta.check_cluster_id("cluster-a").expect("same cluster"));
         drop(meta);
         let mut meta = ServerMeta::open_or_create(&data, 1).expect("reopen");
         assert_eq!(meta.cluster_id(), Some("cluster-a"));
-        let err = meta.check_cluster_id("cluster-b").unwrap_err().to_string();
-        assert!(
-            err.contains("cluster-a") && err.contains("cluster-b"),
-            "{err}"
-        );
-        assert!(err.contains(data.to_str().unwrap()), "{err}");
+        assert!(!meta.check_cluster_id("cluster-b").expect("another cluster"));
+        assert_eq!(meta.cluster_id(), Some("cluster-a"), "never replaced");
     }
 
     #[test]
