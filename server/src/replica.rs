@@ -56,6 +56,10 @@ pub const PROBE_RETRY_HEARTBEATS: u64 = 4;
 /// designated-leader check) instead of leaving the cluster without a working leader.
 pub const QUORUM_LOSS_HEARTBEATS: u64 = 6;
 
+/// Most attempts of one put that may wait for it at once; more are refused as unavailable
+/// (each holds a reply slot until the put applies).
+pub const PUT_ATTEMPTS_WAITING_MAX: usize = 16;
+
 /// Opaque handle the runtime uses to route a reply to the waiting gRPC call.
 pub type ReplyTo = u64;
 /// Opaque handle of an incoming replication stream (a leader talking to this follower).
@@ -231,7 +235,8 @@ struct Leader {
     /// Reads wait for a round to be sent.
     round_wanted: bool,
     reads: VecDeque<PendingRead>,
-    put_waiters: BTreeMap<(u64, u64), Vec<ReplyTo>>,
+    /// Attempts waiting for `(session, seq)`, and the highest `ack_seq` appended for it.
+    put_waiters: BTreeMap<(u64, u64), PutWaiters>,
     register_waiters: BTreeMap<u64, ReplyTo>,
     /// Log time (what entries are stamped with, for session expiry) is the time of the last
     /// entry when this leadership began plus the leader's own clock since then: it never goes
@@ -241,6 +246,16 @@ struct Leader {
     /// Catching-up peers (DESIGN rule 10): the storage identity each came back with and the
     /// index it must hold (matched in this term) before it counts again.
     catch_up_targets: BTreeMap<NodeId, (String, u64)>,
+}
+
+/// The attempts of one put waiting for it to apply (at most [`PUT_ATTEMPTS_WAITING_MAX`]).
+#[derive(Debug)]
+struct PutWaiters {
+    replies: Vec<ReplyTo>,
+    /// Highest `ack_seq` among the copies appended: a retry with a higher one is appended
+    /// again, since its `ack_seq` may release the first copy from waiting for seqs the client
+    /// has given up on.
+    ack_seq: u64,
 }
 
 /// Tracks which prefix of the current log is fsynced. Each log write is remembered with the
@@ -534,7 +549,7 @@ impl Replica {
             self.reply(read.reply, Reply::Get(Err(err.clone())));
         }
         for (_, waiters) in leader.put_waiters {
-            for w in waiters {
+            for w in waiters.replies {
                 let reply = Reply::Put {
                     result: Err(err.clone()),
                     duplicate: false,
@@ -911,7 +926,7 @@ impl Replica {
             } => {
                 let waiters = leader.put_waiters.remove(&(session_id, seq));
                 let result = result.map_err(client_error);
-                for w in waiters.into_iter().flatten() {
+                for w in waiters.into_iter().flat_map(|w| w.replies) {
                     let reply = Reply::Put {
                         result: result.clone(),
                         duplicate,
@@ -998,10 +1013,25 @@ impl Replica {
         }
         let leader = self.leader.as_mut().expect("invariant: checked above");
         if let Some(waiters) = leader.put_waiters.get_mut(&key) {
-            waiters.push(reply); // the same request is already in the log
-            return;
+            if waiters.replies.len() >= PUT_ATTEMPTS_WAITING_MAX {
+                let e = format!(
+                    "{PUT_ATTEMPTS_WAITING_MAX} attempts of (session {}, seq {}) already wait",
+                    cmd.session_id, cmd.seq
+                );
+                return refuse(self, ClientError::Unavailable(e));
+            }
+            waiters.replies.push(reply);
+            if cmd.ack_seq <= waiters.ack_seq {
+                return; // the same request is already in the log, with as much acknowledged
+            }
+            waiters.ack_seq = cmd.ack_seq;
+        } else {
+            let waiters = PutWaiters {
+                replies: vec![reply],
+                ack_seq: cmd.ack_seq,
+            };
+            leader.put_waiters.insert(key, waiters);
         }
-        leader.put_waiters.insert(key, vec![reply]);
         self.append_local(Payload::Put(cmd));
         self.advance_commit();
     }

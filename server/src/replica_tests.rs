@@ -1131,3 +1131,38 @@ fn a_peer_cannot_push_the_term_far_ahead() {
     net.step(2, hb);
     assert_eq!(net.node(2).term(), 3, "the coord moves it on");
 }
+
+/// Rule 7: a put waiting for an earlier seq is released by a retry whose `ack_seq` says the
+/// client gave that seq up: the retry is appended again (the state machine applies the put
+/// once), instead of waiting behind the first copy forever.
+#[test]
+fn a_retry_with_a_higher_ack_seq_releases_a_waiting_put() {
+    let (mut net, session) = Net::with_leader(3);
+    let mut put = |net: &mut Net, seq, ack_seq| {
+        let reply = net.reply_to();
+        let cmd = PutCommand {
+            session_id: session,
+            seq,
+            ack_seq,
+            key: Bytes::from("k"),
+            value: Bytes::from("v3"),
+        };
+        net.step(1, Event::Put { cmd, reply });
+        reply
+    };
+    let first = put(&mut net, 3, 1);
+    net.settle();
+    assert!(net.take(1, first).is_none(), "seq 3 waits for seqs 1 and 2");
+    let written = net.nodes[&1].written;
+    let same = put(&mut net, 3, 1);
+    assert_eq!(
+        net.nodes[&1].written, written,
+        "a plain retry is not appended again"
+    );
+    let released = put(&mut net, 3, 3);
+    net.settle();
+    assert_eq!(put_version(net.take(1, first)), (1, false));
+    assert_eq!(put_version(net.take(1, same)), (1, false));
+    assert_eq!(put_version(net.take(1, released)), (1, false));
+    assert_eq!(net.node(1).state_machine().get(b"k").unwrap().version, 1);
+}

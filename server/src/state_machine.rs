@@ -258,6 +258,13 @@ impl StateMachine {
             self.hold(id, put, index, out);
             return;
         }
+        // An earlier copy of this very request may be held (it waited for seqs this copy's
+        // ack_seq gave up): it is the same request, applied once, now.
+        self.sessions
+            .get_mut(&id)
+            .expect("invariant: caller checked")
+            .pending
+            .remove(&put.seq);
         self.apply_in_order(id, put.seq, put.key.clone(), put.value.clone(), index, out);
         self.drain_pending(id, out);
     }
@@ -298,16 +305,18 @@ impl StateMachine {
             let held = session.pending.first_key_value().map(|(&seq, _)| seq);
             match held {
                 Some(seq) if seq < ack_seq => {
-                    debug_assert!(
-                        seq >= session.next_seq,
-                        "invariant: held seqs are not behind"
-                    );
                     let (key, value, index) = session
                         .pending
                         .remove(&seq)
                         .expect("invariant: first key exists");
-                    session.next_seq = seq;
-                    self.apply_in_order(id, seq, key, value, index, out);
+                    debug_assert!(
+                        seq >= session.next_seq,
+                        "invariant: held seqs are not behind"
+                    );
+                    if seq >= session.next_seq {
+                        session.next_seq = seq;
+                        self.apply_in_order(id, seq, key, value, index, out);
+                    }
                 }
                 _ => session.next_seq = ack_seq,
             }
@@ -617,6 +626,23 @@ mod tests {
         assert!(log.sm.cached_result(s, 2).is_some());
     }
 
+    /// A copy of a held put released by a retry with a higher ack_seq applies once, and the
+    /// held copy never applies again (it used to stay held and apply a second time later).
+    #[test]
+    fn a_held_put_and_its_releasing_retry_apply_once() {
+        let mut log = Log::new();
+        let s = log.register(1);
+        assert!(
+            log.put(2, s, 3, 1, "k", "v").is_empty(),
+            "waits for 1 and 2"
+        );
+        assert_eq!(ok(&log.put(3, s, 3, 3, "k", "v")), vec![(3, 1, false)]);
+        let later = log.put(4, s, 10, 10, "j", "w");
+        assert_eq!(ok(&later), vec![(10, 1, false)]);
+        assert_eq!(log.value("k"), Some(("v".into(), 1)));
+        assert!(log.sm.sessions[&s].pending.is_empty());
+    }
+
     fn extreme(rng: &mut impl rand::Rng) -> u64 {
         const PICKS: [u64; 9] = [
             0,
@@ -656,7 +682,11 @@ mod tests {
                         } else {
                             extreme(&mut rng)
                         };
-                        let seq = extreme(&mut rng);
+                        let seq = if rng.random_bool(0.3) {
+                            rng.random_range(1..8)
+                        } else {
+                            extreme(&mut rng)
+                        };
                         let ack_seq = if rng.random_bool(0.5) {
                             seq.saturating_sub(rng.random_range(0..3))
                         } else {
@@ -692,6 +722,10 @@ mod tests {
                     assert!(
                         session.pending.len() as u64 <= SESSION_WINDOW_MAX,
                         "seed {seed}"
+                    );
+                    assert!(
+                        session.pending.keys().all(|&seq| seq >= session.next_seq),
+                        "seed {seed}: a held put is behind the session"
                     );
                 }
                 assert!(sm.sessions.len() <= sm.sessions_max, "seed {seed}");

@@ -1,6 +1,6 @@
 //! End-to-end tests: real coord and server processes on loopback, driven through the `client`
 //! binary and through kvslib. Numbered by area: t10 basic operations, t20 leader failover, t30
-//! exactly-once, t40 restarts, t50 partitions, t60 coord restart, t70 bad input, t72 the
+//! exactly-once, t40 restarts, t50 partitions, t60 coord restart, t70 bad input, t71 malformed and extreme requests, t72 the
 //! fault-injection gate, t80 tracing (vector clocks), t85 OpenTelemetry spans.
 
 mod harness;
@@ -13,6 +13,7 @@ mod t50_partition;
 mod t55_campaign;
 mod t60_coord_restart;
 mod t70_bad_input;
+mod t71_malformed_requests;
 mod t72_fault_gate;
 mod t75_disk_full;
 mod t80_tracing;
