@@ -1138,7 +1138,7 @@ fn a_peer_cannot_push_the_term_far_ahead() {
 #[test]
 fn a_retry_with_a_higher_ack_seq_releases_a_waiting_put() {
     let (mut net, session) = Net::with_leader(3);
-    let mut put = |net: &mut Net, seq, ack_seq| {
+    let put = |net: &mut Net, seq, ack_seq| {
         let reply = net.reply_to();
         let cmd = PutCommand {
             session_id: session,
