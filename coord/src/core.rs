@@ -449,7 +449,12 @@ impl CoordCore {
         if !self.mark_alive(id, &report, now_ms, via) {
             return;
         }
-        self.track_storage(id, &report, out);
+        // A Join can come from anyone (the RPC is not authenticated yet): it may record a server
+        // seen for the first time, never change a record. A changed identity is taken only from
+        // answers to the coord's own heartbeats, sent to the configured address.
+        if via != "Join" || !self.members.contains_key(&id) {
+            self.track_storage(id, &report, out);
+        }
         if report.term > self.highest_term {
             warn!(
                 server = %id,

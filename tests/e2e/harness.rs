@@ -272,6 +272,25 @@ impl Cluster {
         Some(status)
     }
 
+    /// Deletes server `id`'s whole data directory, as a lost disk would; the server must be
+    /// stopped. It starts next time with an empty log and a new storage identity.
+    pub fn wipe_data_dir(&self, id: u32) {
+        assert!(!self.is_running(id), "server {id} still running");
+        let dir = &self.config.server(id).expect("configured").data_dir;
+        std::fs::remove_dir_all(dir).unwrap_or_else(|e| panic!("remove {}: {e}", dir.display()));
+    }
+
+    /// This cluster's config with the client's deadline per operation set to `op_timeout`
+    /// (and each attempt's no longer), for a kvslib client that must give up quickly while
+    /// the cluster is unavailable.
+    pub fn client_config(&self, op_timeout: Duration) -> ClusterConfig {
+        let mut config = self.config.clone();
+        let op_timeout_ms = u64::try_from(op_timeout.as_millis()).expect("op timeout fits u64");
+        config.client.op_timeout_ms = op_timeout_ms;
+        config.client.attempt_timeout_ms = config.client.attempt_timeout_ms.min(op_timeout_ms);
+        config
+    }
+
     pub fn addr(&self, id: u32) -> String {
         self.config.server(id).expect("configured").addr.clone()
     }

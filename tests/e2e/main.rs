@@ -1,7 +1,8 @@
 //! End-to-end tests: real coord and server processes on loopback, driven through the `client`
 //! binary and through kvslib. Numbered by area: t10 basic operations, t20 leader failover, t30
-//! exactly-once, t40 restarts, t50 partitions, t60 coord restart, t70 bad input, t71 malformed and extreme requests, t72 the
-//! fault-injection gate, t80 tracing (vector clocks), t85 OpenTelemetry spans.
+//! exactly-once, t40 restarts, t42 disk loss, t50 partitions, t60 coord restart, t70 bad input,
+//! t71 malformed and extreme requests, t72 the fault-injection gate, t80 tracing (vector
+//! clocks), t85 OpenTelemetry spans.
 
 mod harness;
 mod t10_basic;
@@ -9,6 +10,7 @@ mod t20_failover;
 mod t25_random_kills;
 mod t30_exactly_once;
 mod t40_restart;
+mod t42_disk_loss;
 mod t50_partition;
 mod t55_campaign;
 mod t60_coord_restart;

@@ -727,3 +727,21 @@ fn a_new_directory_joining_a_cluster_with_terms_catches_up() {
     let out = core.step(joined(1, 4, Role::Follower, 0));
     assert!(members_persisted(&out).expect("recorded")[&NodeId(1)].voter);
 }
+
+/// DESIGN rule 10 with unauthenticated Joins: a Join naming another storage identity (anyone
+/// can send one) changes no record; the answer to the coord's own heartbeat does.
+#[test]
+fn only_a_heartbeat_answer_changes_a_storage_record() {
+    let mut core = stable_cluster(3);
+    let mut forged = report(2, 1, Role::Follower, (1, 3));
+    forged.uuid = "forged".into();
+    let out = core.step(Event::Joined {
+        id: NodeId(2),
+        report: forged,
+        now_ms: 10,
+    });
+    assert_eq!(members_persisted(&out), None);
+    assert!(core.members()[&NodeId(2)].voter);
+    let out = core.step(with_uuid(heartbeat_ok(2, 1, Role::Follower, 20), "wiped"));
+    assert!(!members_persisted(&out).expect("recorded")[&NodeId(2)].voter);
+}
