@@ -87,6 +87,7 @@ impl Client {
         if client_id.is_empty() {
             return Err(Error::InvalidInput("client id is empty".to_string()));
         }
+        kvraft_common::limits::check_client_id(client_id).map_err(Error::InvalidInput)?;
         config
             .validate()
             .map_err(|(key, message)| Error::InvalidInput(format!("config: {key}: {message}")))?;
@@ -557,7 +558,7 @@ mod tests {
 
     /// A client whose servers and coord are unreachable, with a deadline far beyond the
     /// test's patience: any network attempt would make the call hang, not fail fast.
-    fn offline_client() -> Client {
+    fn offline_config() -> ClusterConfig {
         let text = r#"
 [coord]
 server_api_addr = "127.0.0.1:9"
@@ -571,7 +572,11 @@ data_dir = "s1"
 op_timeout_ms = 600000
 attempt_timeout_ms = 600000
 "#;
-        let config = ClusterConfig::parse(text, Path::new("test.toml")).expect("valid test config");
+        ClusterConfig::parse(text, Path::new("test.toml")).expect("valid test config")
+    }
+
+    fn offline_client() -> Client {
+        let config = offline_config();
         let router = Arc::new(Router::new(&config));
         Client::assemble(&config, "c1", router, None, 1)
     }
@@ -608,6 +613,14 @@ attempt_timeout_ms = 600000
         let m = refused(async { c.get_versioned(&long_key).await.map(|_| ()) }).await;
         assert!(m.contains("key is 1025 bytes"), "{m}");
         assert!(Error::InvalidInput(m).is_definite());
+    }
+
+    #[tokio::test]
+    async fn an_oversized_client_id_is_refused_at_connect() {
+        let config = offline_config();
+        let long = "c".repeat(kvraft_common::limits::CLIENT_ID_BYTES_MAX + 1);
+        let m = refused(async { Client::connect(&config, &long).await.map(|_| ()) }).await;
+        assert!(m.starts_with("client_id is 257 bytes"), "{m}");
     }
 
     #[tokio::test]
