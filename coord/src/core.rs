@@ -449,11 +449,17 @@ impl CoordCore {
         if !self.mark_alive(id, &report, now_ms, via) {
             return;
         }
-        // A Join can come from anyone (the RPC is not authenticated yet): it may record a server
-        // seen for the first time, never change a record. A changed identity is taken only from
-        // answers to the coord's own heartbeats, sent to the configured address.
-        if via != "Join" || !self.members.contains_key(&id) {
+        // A Join can come from anyone (the RPC is not authenticated yet): it marks the server
+        // alive and may record a server seen for the first time, but it never changes a
+        // storage record, raises the term or gets a leader adopted. Those come only from
+        // answers to the coord's own heartbeats, sent to the configured address (the next one
+        // is at most a heartbeat away).
+        let trusted = via != "Join";
+        if trusted || !self.members.contains_key(&id) {
             self.track_storage(id, &report, out);
+        }
+        if !trusted {
+            return;
         }
         if report.term > self.highest_term {
             warn!(

@@ -745,3 +745,28 @@ fn only_a_heartbeat_answer_changes_a_storage_record() {
     let out = core.step(with_uuid(heartbeat_ok(2, 1, Role::Follower, 20), "wiped"));
     assert!(!members_persisted(&out).expect("recorded")[&NodeId(2)].voter);
 }
+
+/// Rule 1 with unauthenticated Joins: a Join claiming the largest term, or claiming to lead,
+/// neither raises the coord's term (which would leave no term to issue) nor gets adopted.
+#[test]
+fn a_join_cannot_raise_the_term_or_name_a_leader() {
+    let mut core = CoordCore::new(config(3, WaitFor::All), Term(4), 0);
+    let out = core.step(Event::Joined {
+        id: NodeId(1),
+        report: report(1, u64::MAX, Role::Leader, (4, 9)),
+        now_ms: 0,
+    });
+    assert!(
+        !out.iter().any(|c| matches!(c, Command::PersistTerm(_))),
+        "{out:?}"
+    );
+    assert_eq!(core.highest_term(), Term(4));
+    step(&mut core, joined(2, 4, Role::Leader, 0));
+    assert_eq!(core.view().leader, NodeId::NONE, "not adopted from a Join");
+    step(&mut core, heartbeat_ok(2, 4, Role::Leader, 10));
+    assert_eq!(
+        core.view(),
+        &view(4, 2),
+        "adopted from the heartbeat answer"
+    );
+}
