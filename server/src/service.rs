@@ -159,6 +159,24 @@ impl CoreHandle {
     }
 }
 
+/// A copy of `bytes` in an allocation of its own. Decoded `bytes` fields are slices of the
+/// whole receive buffer (8 KiB for a put, up to a whole AppendEntries batch): kept in the log
+/// and the state machine as they are, each would pin its buffer for as long as the entry or
+/// the value lives. That was the leader's memory growing by about 4.4 KB per put.
+fn owned(bytes: &Bytes) -> Bytes {
+    Bytes::copy_from_slice(bytes)
+}
+
+/// Gives the keys and values of a batch's entries allocations of their own (see [`owned`]).
+fn own_entries(req: &mut AppendEntriesRequest) {
+    for entry in &mut req.entries {
+        if let Some(kvraft_proto::log_entry::Payload::Put(put)) = &mut entry.payload {
+            put.key = owned(&put.key);
+            put.value = owned(&put.value);
+        }
+    }
+}
+
 /// The coord's catching-up list as the core takes it.
 fn members(list: Vec<StorageMember>) -> Vec<(NodeId, String)> {
     list.into_iter()
@@ -304,7 +322,8 @@ impl Replication for CoreHandle {
         let outbound = ReceiverStream::new(rx)
             .filter(move |_| !faults.drops_to(NodeId(stream_leader.load(Ordering::Relaxed))));
         tokio::spawn(async move {
-            while let Ok(Some(req)) = inbound.message().await {
+            while let Ok(Some(mut req)) = inbound.message().await {
+                own_entries(&mut req);
                 leader.store(req.leader_id, Ordering::Relaxed);
                 if handle.faults.drops_from(NodeId(req.leader_id)) {
                     break;
@@ -483,8 +502,8 @@ impl CoreHandle {
             session_id: req.session_id,
             seq: req.seq,
             ack_seq: req.ack_seq,
-            key: req.key,
-            value: req.value,
+            key: owned(&req.key),
+            value: owned(&req.value),
         };
         let (session_id, seq) = (cmd.session_id, cmd.seq);
         match self
@@ -604,5 +623,54 @@ impl Admin for CoreHandle {
         tracing::warn!(server = %self.id, ?spec, "fault injection set");
         self.faults.set(&spec);
         Ok(Response::new(FaultResponse {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    fn within(buffer: &Bytes, part: &Bytes) -> bool {
+        let range = buffer.as_ptr() as usize..buffer.as_ptr() as usize + buffer.len();
+        range.contains(&(part.as_ptr() as usize))
+    }
+
+    /// Decoded keys and values are slices of the receive buffer; owned copies let the buffer go
+    /// (the leader's memory grew by the buffer size per put before).
+    #[test]
+    fn entries_are_copied_out_of_the_receive_buffer() {
+        let put = PutCommand {
+            session_id: 1,
+            seq: 1,
+            ack_seq: 1,
+            key: Bytes::from("key"),
+            value: Bytes::from(vec![7u8; 128]),
+        };
+        let req = AppendEntriesRequest {
+            entries: vec![LogEntry {
+                term: 1,
+                index: 1,
+                time_ms: 0,
+                payload: Some(kvraft_proto::log_entry::Payload::Put(put)),
+            }],
+            ..Default::default()
+        };
+        let buffer = Bytes::from(req.encode_to_vec());
+        let mut decoded = AppendEntriesRequest::decode(buffer.clone()).expect("decodes");
+        let value = |r: &AppendEntriesRequest| match &r.entries[0].payload {
+            Some(kvraft_proto::log_entry::Payload::Put(p)) => (p.key.clone(), p.value.clone()),
+            _ => unreachable!(),
+        };
+        let (key, val) = value(&decoded);
+        assert!(
+            within(&buffer, &key) && within(&buffer, &val),
+            "zero-copy decode"
+        );
+        own_entries(&mut decoded);
+        let (key, val) = value(&decoded);
+        assert!(!within(&buffer, &key) && !within(&buffer, &val));
+        assert_eq!((&key[..], val.len()), (&b"key"[..], 128));
+        assert!(!within(&buffer, &owned(&buffer.slice(0..4))));
     }
 }
