@@ -127,6 +127,8 @@ pub(crate) struct CoreHandle {
     /// (flag or config). Otherwise the RPC would be a remote kill switch for anyone.
     pub fault_injection_allowed: bool,
     pub id: NodeId,
+    /// The data directory, for the sizes `Admin.Status` reports.
+    pub data_dir: std::path::PathBuf,
     pub next_stream: Arc<AtomicU64>,
     /// Milliseconds since the Unix epoch of the last coord heartbeat answered.
     pub last_coord_contact_ms: Arc<AtomicU64>,
@@ -225,6 +227,7 @@ pub async fn run(
         faults: faults.clone(),
         fault_injection_allowed,
         id: NodeId(id),
+        data_dir: dir.to_path_buf(),
         next_stream: Arc::new(AtomicU64::new(1)),
         last_coord_contact_ms: Arc::new(AtomicU64::new(0)),
         disk_full: Arc::new(AtomicBool::new(false)),

@@ -159,6 +159,18 @@ impl CoreHandle {
     }
 }
 
+/// Resident memory of this process, from `/proc/self/status` (0 elsewhere).
+fn rss_bytes() -> u64 {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return 0;
+    };
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|kb| kb.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
 /// A copy of `bytes` in an allocation of its own. Decoded `bytes` fields are slices of the
 /// whole receive buffer (8 KiB for a put, up to a whole AppendEntries batch): kept in the log
 /// and the state machine as they are, each would pin its buffer for as long as the entry or
@@ -600,6 +612,9 @@ impl Admin for CoreHandle {
         Ok(Response::new(StatusResponse {
             report: Some(report),
             last_applied,
+            rss_bytes: rss_bytes(),
+            log_bytes: crate::storage::log_disk_bytes(&self.data_dir),
+            snapshot_bytes: 0,
         }))
     }
 

@@ -159,4 +159,21 @@ async fn bench_prints_figures() {
     let text = stdout(&out);
     assert!(text.contains("bench: ops 300, errors 0"), "{text}");
     assert!(text.contains("ops/s") && text.contains("get p50"), "{text}");
+
+    tracing::info!("--- soak mode: every server's memory and disk use, from Admin.Status");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bench"))
+        .arg("--config")
+        .arg(&cluster.config_path)
+        .args(["--secs", "2", "--report-every-secs", "1", "--concurrency", "4"])
+        .output()
+        .expect("run bench");
+    let text = stdout(&out);
+    let soak: Vec<&str> = text.lines().filter(|l| l.starts_with("soak: ")).collect();
+    assert!(soak.len() >= 2, "{text}");
+    let last = soak.last().unwrap();
+    for id in cluster.ids() {
+        assert!(last.contains(&format!("s{id} rss ")), "{last}");
+    }
+    assert!(last.contains(" log ") && last.contains(" snapshot "), "{last}");
+    assert!(!last.contains("rss 0 MB"), "{last}");
 }

@@ -28,6 +28,11 @@ use super::{io_err, LogStore, StorageError, Syncer};
 /// Name of the log file inside the data directory.
 const LOG_FILE_NAME: &str = "log";
 
+/// Bytes the log of data directory `dir` takes on disk now (0 if it cannot be read).
+pub fn log_disk_bytes(dir: &Path) -> u64 {
+    std::fs::metadata(dir.join(LOG_FILE_NAME)).map_or(0, |m| m.len())
+}
+
 /// Bytes of a record header: payload length and payload checksum, both u32 LE.
 const HEADER_BYTES: usize = 8;
 

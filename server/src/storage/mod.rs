@@ -38,7 +38,7 @@ use std::sync::Arc;
 use kvraft_common::DirError;
 
 pub use hard_state::{HardState, HardStateFile};
-pub use log_file::{FileLogStore, Recovery};
+pub use log_file::{log_disk_bytes, FileLogStore, Recovery};
 pub use mem::MemLogStore;
 pub use meta::ServerMeta;
 
