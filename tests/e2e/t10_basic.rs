@@ -164,7 +164,14 @@ async fn bench_prints_figures() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_bench"))
         .arg("--config")
         .arg(&cluster.config_path)
-        .args(["--secs", "2", "--report-every-secs", "1", "--concurrency", "4"])
+        .args([
+            "--secs",
+            "2",
+            "--report-every-secs",
+            "1",
+            "--concurrency",
+            "4",
+        ])
         .output()
         .expect("run bench");
     let text = stdout(&out);
@@ -174,6 +181,9 @@ async fn bench_prints_figures() {
     for id in cluster.ids() {
         assert!(last.contains(&format!("s{id} rss ")), "{last}");
     }
-    assert!(last.contains(" log ") && last.contains(" snapshot "), "{last}");
+    assert!(
+        last.contains(" log ") && last.contains(" snapshot "),
+        "{last}"
+    );
     assert!(!last.contains("rss 0 MB"), "{last}");
 }

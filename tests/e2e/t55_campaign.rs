@@ -2,8 +2,9 @@
 //! invocation and completion; a nemesis driven by a seed kills (SIGKILL) and restarts leaders,
 //! followers and the coord, pauses processes (SIGSTOP/SIGCONT, the leader beyond the failure
 //! timeout), cuts servers from the coord or the leader from its peers, drops one direction of
-//! some links, splits the cluster into a minority and a majority, and restarts the whole
-//! cluster. At the end everything heals, every key is read back, and the
+//! some links, splits the cluster into a minority and a majority, wipes a server's data
+//! directory (it restarts empty and must catch up before it votes, DESIGN rule 10), and restarts
+//! the whole cluster. At the end everything heals, every key is read back, and the
 //! whole history must pass the linearizability checker.
 //!
 //! CI runs a bounded campaign per cluster size; a long one runs by hand:
@@ -96,9 +97,10 @@ enum Fault {
     SplitMinority,
     KillCoord,
     RestartAll,
+    WipeServer,
 }
 
-const FAULTS: [Fault; 10] = [
+const FAULTS: [Fault; 11] = [
     Fault::KillLeader,
     Fault::KillFollower,
     Fault::PauseLeader,
@@ -109,6 +111,7 @@ const FAULTS: [Fault; 10] = [
     Fault::SplitMinority,
     Fault::KillCoord,
     Fault::RestartAll,
+    Fault::WipeServer,
 ];
 
 async fn campaign(n: usize, seed: u64) {
@@ -133,7 +136,7 @@ async fn campaign(n: usize, seed: u64) {
     while started.elapsed() < Duration::from_secs(secs) {
         let fault = FAULTS[rng.random_range(0..FAULTS.len())];
         let hold_ms = rng.random_range(200..1500);
-        let targets = inject(&mut cluster, &mut rng, fault).await;
+        let (fault, targets) = inject(&mut cluster, &mut rng, fault).await;
         schedule.push((
             started.elapsed().as_millis(),
             fault,
@@ -205,8 +208,22 @@ async fn campaign(n: usize, seed: u64) {
     }
 }
 
-/// Starts `fault`; returns the servers it touched.
-async fn inject(cluster: &mut Cluster, rng: &mut StdRng, fault: Fault) -> Vec<u32> {
+/// Starts `fault` (or, when its precondition does not hold, a milder one); returns the fault
+/// started and the servers it touched.
+async fn inject(cluster: &mut Cluster, rng: &mut StdRng, fault: Fault) -> (Fault, Vec<u32>) {
+    let targets = match fault {
+        Fault::WipeServer if !all_up_and_voting(cluster).await => {
+            // One lost disk at a time, with every other server up and a voter: losing more at
+            // once may leave no majority with its data, which is unavailability by design.
+            let targets = start(cluster, rng, Fault::KillFollower).await;
+            return (Fault::KillFollower, targets);
+        }
+        _ => start(cluster, rng, fault).await,
+    };
+    (fault, targets)
+}
+
+async fn start(cluster: &mut Cluster, rng: &mut StdRng, fault: Fault) -> Vec<u32> {
     let leader = cluster.wait_leader(|_| true).await.leader_id;
     let ids = cluster.ids();
     let follower = *ids
@@ -300,12 +317,31 @@ async fn inject(cluster: &mut Cluster, rng: &mut StdRng, fault: Fault) -> Vec<u3
             }
             ids
         }
+        Fault::WipeServer => {
+            cluster.kill_server(any);
+            cluster.wipe_data_dir(any);
+            vec![any]
+        }
     }
+}
+
+/// Every server runs and none is catching up after a lost disk.
+async fn all_up_and_voting(cluster: &Cluster) -> bool {
+    for id in cluster.ids() {
+        if !cluster.is_running(id) {
+            return false;
+        }
+        let status = cluster.status(id).await;
+        if status.is_none_or(|s| s.report.is_none_or(|r| r.catching_up)) {
+            return false;
+        }
+    }
+    true
 }
 
 async fn heal(cluster: &mut Cluster, fault: Fault, targets: &[u32]) {
     match fault {
-        Fault::KillLeader | Fault::KillFollower | Fault::RestartAll => {
+        Fault::KillLeader | Fault::KillFollower | Fault::RestartAll | Fault::WipeServer => {
             for &id in targets {
                 cluster.start_server(id);
             }
