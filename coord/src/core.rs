@@ -173,6 +173,10 @@ pub enum Event {
     },
     /// A heartbeat failed (error status, timeout, no connection).
     HeartbeatFailed { id: NodeId },
+    /// The server's address refused the connection: no process listens there, it crashed or
+    /// stopped. Unlike a silence (a hang, a partition), that needs no timeout: the server is
+    /// failed at once (DESIGN section 4).
+    ServerGone { id: NodeId },
     /// A server durably adopted `term` and reports its log position.
     PrepareOk {
         id: NodeId,
@@ -376,6 +380,7 @@ impl CoordCore {
                 self.on_report(id, report, now_ms, "heartbeat answer", &mut out)
             }
             Event::HeartbeatFailed { id } => self.on_heartbeat_failed(id),
+            Event::ServerGone { id } => self.on_server_gone(id, &mut out),
             Event::PrepareOk {
                 id,
                 term,
@@ -618,6 +623,22 @@ impl CoordCore {
             );
         }
         true
+    }
+
+    fn on_server_gone(&mut self, id: NodeId, out: &mut Vec<Command>) {
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
+        peer.misses = peer.misses.saturating_add(1);
+        if !peer.alive {
+            return;
+        }
+        peer.alive = false;
+        info!(server = %id, "ServerFail: server {id} refused the connection (not running)");
+        if id == self.view.leader && matches!(self.phase, Phase::Stable { .. }) {
+            let reason = format!("leader {id} is not running");
+            self.start_epoch_change(Term(0), &reason, out);
+        }
     }
 
     fn on_heartbeat_failed(&mut self, id: NodeId) {

@@ -437,6 +437,10 @@ impl Runtime {
                         Event::HeartbeatFailed { id: to }
                     }
                 },
+                Ok(Err(status)) if connection_refused(&status) => {
+                    debug!(server = %to, "heartbeat refused: nothing listens at the address");
+                    Event::ServerGone { id: to }
+                }
                 Ok(Err(status)) => {
                     debug!(server = %to, "heartbeat failed: {}", status.message());
                     Event::HeartbeatFailed { id: to }
@@ -518,5 +522,46 @@ impl Runtime {
             return;
         }
         self.rpcs.spawn(rpc);
+    }
+}
+
+/// Whether an RPC failed because the connection was refused: no process listens at the
+/// address (it crashed or stopped; a hang or a partition would time out instead). Found in the
+/// error's source chain, where tonic keeps the connect error.
+fn connection_refused(status: &tonic::Status) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(error) = source {
+        if let Some(io) = error.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::ConnectionRefused {
+                return true;
+            }
+        }
+        source = error.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A heartbeat to an address nobody listens on is recognised as refused (the server is
+    /// not running), not as a timeout.
+    #[tokio::test]
+    async fn a_refused_connection_is_told_apart() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let endpoint = Endpoint::from_shared(format!("http://127.0.0.1:{port}")).expect("url");
+        let mut client = ServerControlClient::new(endpoint.connect_lazy());
+        let status = client
+            .heartbeat(proto::HeartbeatRequest::default())
+            .await
+            .expect_err("nothing listens");
+        assert!(connection_refused(&status), "{status:?}");
+        assert!(!connection_refused(&tonic::Status::unavailable(
+            "partitioned"
+        )));
     }
 }

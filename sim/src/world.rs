@@ -140,6 +140,10 @@ enum Item {
     RpcTimeout {
         rpc: u64,
     },
+    /// A heartbeat reached a crashed node's address: the connection is refused.
+    Refused {
+        rpc: u64,
+    },
     Disconnected {
         leader: u32,
         life: u64,
@@ -477,6 +481,12 @@ impl World {
                 if n.is_up() && n.incarnation == life {
                     let write_id = n.disk.complete_sync();
                     self.step_node(node, Event::Persisted { write_id })?;
+                }
+            }
+            Item::Refused { rpc } => {
+                if let Some(r) = self.rpcs.remove(&rpc) {
+                    let id = NodeId(r.to);
+                    self.step_coord(coord::Event::ServerGone { id });
                 }
             }
             Item::RpcTimeout { rpc } => {
@@ -887,13 +897,21 @@ impl World {
                     catching_up,
                 } => {
                     let rpc = self.new_rpc(to.0, true);
+                    let (coord, node) = (Endpoint::Coord, Endpoint::Node(to.0));
+                    if !self.nodes[to.0 as usize - 1].is_up() && self.network.reachable(coord, node)
+                    {
+                        // Nothing listens at a crashed node's address: refused at once.
+                        let at = self.now_ms + self.rng.random_range(1..=3);
+                        self.schedule(at, Item::Refused { rpc });
+                        continue;
+                    }
                     let msg = Msg::Heartbeat {
                         rpc,
                         term: term.0,
                         leader: leader_id.0,
                         catching_up,
                     };
-                    self.send(Endpoint::Coord, Endpoint::Node(to.0), msg);
+                    self.send(coord, node, msg);
                 }
                 coord::Command::SendPrepare { to, term } => {
                     let rpc = self.new_rpc(to.0, false);

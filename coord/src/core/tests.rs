@@ -770,3 +770,22 @@ fn a_join_cannot_raise_the_term_or_name_a_leader() {
         "adopted from the heartbeat answer"
     );
 }
+
+/// DESIGN section 4: a leader whose address refuses the connection (its process is gone) is
+/// failed at once, without waiting out the failure timeout; a follower refusing is marked
+/// failed and alive again on its next answer.
+#[test]
+fn a_refused_connection_fails_the_server_at_once() {
+    let mut core = stable_cluster(3);
+    step(&mut core, heartbeat_ok(3, 1, Role::Follower, 10));
+    assert!(step(&mut core, Event::ServerGone { id: NodeId(3) }).is_empty());
+    assert!(!core.is_alive(NodeId(3)));
+    step(&mut core, heartbeat_ok(3, 1, Role::Follower, 20));
+    assert!(core.is_alive(NodeId(3)));
+    let out = step(&mut core, Event::ServerGone { id: NodeId(1) });
+    assert_eq!(
+        out,
+        epoch_start(2, 3),
+        "an epoch change at 20 ms, not at 300"
+    );
+}
