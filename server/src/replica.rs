@@ -459,12 +459,18 @@ impl Replica {
     }
 
     /// Leader of its term and heard from a majority within [`QUORUM_LOSS_HEARTBEATS`].
+    /// Catching-up peers count here: this only tells whether the leader is cut off from its
+    /// peers, and one that could not commit while a wiped follower catches up must go on
+    /// leading so that the follower can catch up at all.
     pub fn leads_a_majority(&self) -> bool {
-        let Some(heard) = self.quorum_value(self.now_ms, |p| p.last_ack_ms) else {
+        let Some(leader) = &self.leader else {
             return false;
         };
+        let mut acks: Vec<u64> = leader.peers.values().map(|p| p.last_ack_ms).collect();
+        acks.push(self.now_ms);
+        acks.sort_unstable_by(|a, b| b.cmp(a));
         let window = self.cfg.heartbeat_ms * QUORUM_LOSS_HEARTBEATS;
-        self.now_ms <= heard.saturating_add(window)
+        self.now_ms <= acks[self.majority - 1].saturating_add(window)
     }
 
     // ------------------------------------------------------------------ step

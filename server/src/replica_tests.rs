@@ -1166,3 +1166,70 @@ fn a_retry_with_a_higher_ack_seq_releases_a_waiting_put() {
     assert_eq!(put_version(net.take(1, released)), (1, false));
     assert_eq!(net.node(1).state_machine().get(b"k").unwrap().version, 1);
 }
+
+/// Rule 10, liveness: while a wiped follower catches up and the other follower is down, the
+/// leader cannot commit, but it keeps reporting that it leads (it hears a majority), so the
+/// coord keeps it and the follower can catch up; then commits resume.
+#[test]
+fn a_leader_waiting_for_a_catching_up_follower_keeps_leading() {
+    let (mut net, session) = Net::with_leader(3);
+    net.settle();
+    let leader_role = kvraft_proto::Role::Leader as i32;
+    net.nodes.get_mut(&2).unwrap().isolated = true;
+    net.nodes.insert(
+        3,
+        Node {
+            replica: Replica::new(config(3, 3), HardState::default(), Vec::new()),
+            written: 0,
+            saved: Vec::new(),
+            isolated: false,
+        },
+    );
+    let reply = net.reply_to();
+    net.step(
+        3,
+        Event::CoordHeartbeat {
+            term: 1,
+            leader: NodeId(1),
+            catching_up: None,
+            reply,
+        },
+    );
+    let reply = net.reply_to();
+    let listed = Some(vec![(NodeId(3), "uuid-3-new".to_string())]);
+    let hb = Event::CoordHeartbeat {
+        term: 1,
+        leader: NodeId(1),
+        catching_up: listed,
+        reply,
+    };
+    net.step(1, hb);
+    net.sync(1);
+    let p = net.put(1, session, 1, "k", "v");
+    // Node 3 answers every message but its disk is slow: it holds nothing durably yet.
+    let window = 50 * crate::replica::QUORUM_LOSS_HEARTBEATS;
+    for t in 1..=4 {
+        net.step(
+            1,
+            Event::Tick {
+                now_ms: 10_000 + t * window,
+            },
+        );
+        net.deliver();
+        net.sync(1);
+        net.deliver();
+        assert!(net.node(3).last_index() > 0 && net.node(3).durable_index() == 0);
+        assert!(net.take(1, p).is_none(), "nothing commits without node 3");
+        assert_eq!(
+            net.node(1).report().role,
+            leader_role,
+            "tick {t}: still leading"
+        );
+    }
+    net.settle();
+    assert_eq!(
+        put_version(net.take(1, p)),
+        (1, false),
+        "committed once 3 caught up"
+    );
+}
