@@ -137,6 +137,37 @@ impl Net {
         self.deliver();
     }
 
+    /// Node `id` loses its disk: it restarts empty (a new data directory).
+    fn wipe(&mut self, id: u32) {
+        let n = self.nodes.len() as u32;
+        let replica = Replica::new(config(id, n), HardState::default(), Vec::new());
+        let node = Node {
+            replica,
+            written: 0,
+            saved: Vec::new(),
+            isolated: false,
+        };
+        self.nodes.insert(id, node);
+    }
+
+    /// A coord heartbeat to `id`: `leader` designated for `term`, and the catching-up list.
+    fn coord_view(
+        &mut self,
+        id: u32,
+        term: u64,
+        leader: NodeId,
+        catching_up: Option<Vec<(NodeId, String)>>,
+    ) {
+        let reply = self.reply_to();
+        let view = Event::CoordHeartbeat {
+            term,
+            leader,
+            catching_up,
+            reply,
+        };
+        self.step(id, view);
+    }
+
     fn reply_to(&mut self) -> ReplyTo {
         self.next_reply += 1;
         self.next_reply
@@ -151,14 +182,7 @@ impl Net {
     }
 
     fn designate(&mut self, leader: u32, term: u64) {
-        let reply = self.reply_to();
-        let heartbeat = Event::CoordHeartbeat {
-            term,
-            leader: NodeId(leader),
-            catching_up: Some(Vec::new()),
-            reply,
-        };
-        self.step(leader, heartbeat);
+        self.coord_view(leader, term, NodeId(leader), Some(Vec::new()));
     }
 
     /// Runs an epoch change the way the coord does: prepare `voters`, designate `leader`.
@@ -413,14 +437,7 @@ fn conflicting_suffix_is_replaced_and_logs_converge() {
     // Node 1 rejoins: its term-1 suffix is truncated (never below its commit index).
     net.nodes.get_mut(&1).unwrap().isolated = false;
     // The coord's heartbeat brings node 1 to term 2.
-    let reply = net.reply_to();
-    let view = Event::CoordHeartbeat {
-        term: 2,
-        leader: NodeId(2),
-        catching_up: None,
-        reply,
-    };
-    net.step(1, view);
+    net.coord_view(1, 2, NodeId(2), None);
     net.settle();
     for _ in 0..3 {
         net.step(2, Event::Tick { now_ms: 1_000_000 });
@@ -626,37 +643,13 @@ fn a_catching_up_follower_counts_only_once_it_holds_the_log() {
     net.settle();
     put_version(net.take(1, p));
     // Node 3 loses its disk and comes back empty with a new storage identity.
-    net.nodes.insert(
-        3,
-        Node {
-            replica: Replica::new(config(3, 3), HardState::default(), Vec::new()),
-            written: 0,
-            saved: Vec::new(),
-            isolated: false,
-        },
-    );
+    net.wipe(3);
     // The coord tells it the term and leader, and lists it as catching up; node 2 is down, so
     // nothing may commit until 3 has caught up.
-    let reply = net.reply_to();
-    net.step(
-        3,
-        Event::CoordHeartbeat {
-            term: 1,
-            leader: NodeId(1),
-            catching_up: None,
-            reply,
-        },
-    );
+    net.coord_view(3, 1, NodeId(1), None);
     net.nodes.get_mut(&2).unwrap().isolated = true;
-    let reply = net.reply_to();
     let listed = vec![(NodeId(3), "uuid-3-new".to_string())];
-    let hb = Event::CoordHeartbeat {
-        term: 1,
-        leader: NodeId(1),
-        catching_up: Some(listed.clone()),
-        reply,
-    };
-    net.step(1, hb);
+    net.coord_view(1, 1, NodeId(1), Some(listed.clone()));
     let target = net.node(1).last_index();
     let commit = net.node(1).commit_index();
     assert!(net.node(1).report().caught_up.is_empty());
@@ -675,16 +668,7 @@ fn a_catching_up_follower_counts_only_once_it_holds_the_log() {
     // Caught up: it counts again, and the waiting put commits with it.
     assert_eq!(put_version(net.take(1, p)), (2, false));
     // The coord makes it a voter (drops it from the list); the leader forgets its target.
-    let reply = net.reply_to();
-    net.step(
-        1,
-        Event::CoordHeartbeat {
-            term: 1,
-            leader: NodeId(1),
-            catching_up: Some(Vec::new()),
-            reply,
-        },
-    );
+    net.coord_view(1, 1, NodeId(1), Some(Vec::new()));
     assert!(net.node(1).report().caught_up.is_empty());
 }
 
@@ -699,30 +683,12 @@ fn a_new_leader_sets_catching_up_targets_at_its_noop() {
     for &v in &[1, 2] {
         net.prepare(v, 2);
     }
-    let reply = net.reply_to();
     let listed = vec![(NodeId(3), "uuid-3".to_string())];
-    net.step(
-        2,
-        Event::CoordHeartbeat {
-            term: 2,
-            leader: NodeId(2),
-            catching_up: Some(listed),
-            reply,
-        },
-    );
+    net.coord_view(2, 2, NodeId(2), Some(listed));
     assert!(net.node(2).is_leader());
     let noop = net.node(2).last_index();
     // A reordered heartbeat without the follower: it is still not counted.
-    let reply = net.reply_to();
-    net.step(
-        2,
-        Event::CoordHeartbeat {
-            term: 2,
-            leader: NodeId(2),
-            catching_up: Some(Vec::new()),
-            reply,
-        },
-    );
+    net.coord_view(2, 2, NodeId(2), Some(Vec::new()));
     net.nodes.get_mut(&1).unwrap().isolated = true;
     net.nodes.get_mut(&3).unwrap().isolated = false;
     // Node 3 acknowledges up to the no-op: that is its target, so it counts and commits it.
@@ -1067,15 +1033,7 @@ fn a_wiped_server_follows_no_one_before_the_coord_tells_it_the_term() {
     let (mut net, _) = Net::with_leader(3);
     net.settle();
     // Node 2 is wiped while node 1 (term 1) can still reach it; the coord runs term 2.
-    net.nodes.insert(
-        2,
-        Node {
-            replica: Replica::new(config(2, 3), HardState::default(), Vec::new()),
-            written: 0,
-            saved: Vec::new(),
-            isolated: false,
-        },
-    );
+    net.wipe(2);
     net.step(1, Event::Tick { now_ms: 1_000_000 });
     net.settle();
     assert_eq!(
@@ -1085,14 +1043,7 @@ fn a_wiped_server_follows_no_one_before_the_coord_tells_it_the_term() {
     );
     assert_eq!(net.node(2).term(), 0);
     // The coord's heartbeat (no leader yet, an epoch change in progress) sets its floor.
-    let reply = net.reply_to();
-    let hb = Event::CoordHeartbeat {
-        term: 2,
-        leader: NodeId::NONE,
-        catching_up: None,
-        reply,
-    };
-    net.step(2, hb);
+    net.coord_view(2, 2, NodeId::NONE, None);
     assert_eq!(net.node(2).term(), 2);
     net.step(1, Event::Tick { now_ms: 2_000_000 });
     net.settle();
@@ -1121,14 +1072,7 @@ fn a_peer_cannot_push_the_term_far_ahead() {
         net.step(2, Event::AppendEntries { stream: 1, req });
         assert_eq!(net.node(2).term(), 1, "term {term}");
     }
-    let reply = net.reply_to();
-    let hb = Event::CoordHeartbeat {
-        term: 3,
-        leader: NodeId(3),
-        catching_up: None,
-        reply,
-    };
-    net.step(2, hb);
+    net.coord_view(2, 3, NodeId(3), None);
     assert_eq!(net.node(2).term(), 3, "the coord moves it on");
 }
 
@@ -1176,34 +1120,10 @@ fn a_leader_waiting_for_a_catching_up_follower_keeps_leading() {
     net.settle();
     let leader_role = kvraft_proto::Role::Leader as i32;
     net.nodes.get_mut(&2).unwrap().isolated = true;
-    net.nodes.insert(
-        3,
-        Node {
-            replica: Replica::new(config(3, 3), HardState::default(), Vec::new()),
-            written: 0,
-            saved: Vec::new(),
-            isolated: false,
-        },
-    );
-    let reply = net.reply_to();
-    net.step(
-        3,
-        Event::CoordHeartbeat {
-            term: 1,
-            leader: NodeId(1),
-            catching_up: None,
-            reply,
-        },
-    );
-    let reply = net.reply_to();
+    net.wipe(3);
+    net.coord_view(3, 1, NodeId(1), None);
     let listed = Some(vec![(NodeId(3), "uuid-3-new".to_string())]);
-    let hb = Event::CoordHeartbeat {
-        term: 1,
-        leader: NodeId(1),
-        catching_up: listed,
-        reply,
-    };
-    net.step(1, hb);
+    net.coord_view(1, 1, NodeId(1), listed);
     net.sync(1);
     let p = net.put(1, session, 1, "k", "v");
     // Node 3 answers every message but its disk is slow: it holds nothing durably yet.
