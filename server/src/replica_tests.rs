@@ -40,20 +40,21 @@ fn config(id: u32, n: u32) -> ReplicaConfig {
     }
 }
 
+impl Node {
+    /// Node `id` of `n` with an empty data directory.
+    fn empty(id: u32, n: u32) -> Node {
+        Node {
+            replica: Replica::new(config(id, n), HardState::default(), Vec::new()),
+            written: 0,
+            saved: Vec::new(),
+            isolated: false,
+        }
+    }
+}
+
 impl Net {
     fn new(n: u32) -> Net {
-        let nodes = (1..=n)
-            .map(|id| {
-                let replica = Replica::new(config(id, n), HardState::default(), Vec::new());
-                let node = Node {
-                    replica,
-                    written: 0,
-                    saved: Vec::new(),
-                    isolated: false,
-                };
-                (id, node)
-            })
-            .collect();
+        let nodes = (1..=n).map(|id| (id, Node::empty(id, n))).collect();
         Net {
             nodes,
             queue: VecDeque::new(),
@@ -140,14 +141,7 @@ impl Net {
     /// Node `id` loses its disk: it restarts empty (a new data directory).
     fn wipe(&mut self, id: u32) {
         let n = self.nodes.len() as u32;
-        let replica = Replica::new(config(id, n), HardState::default(), Vec::new());
-        let node = Node {
-            replica,
-            written: 0,
-            saved: Vec::new(),
-            isolated: false,
-        };
-        self.nodes.insert(id, node);
+        self.nodes.insert(id, Node::empty(id, n));
     }
 
     /// A coord heartbeat to `id`: `leader` designated for `term`, and the catching-up list.
