@@ -71,7 +71,18 @@ struct RetryState {
     last_error: String,
     /// The address the last attempt went to; the next probe skips it.
     last_addr: Option<String>,
+    /// Short waits spent on a designated leader that has not heard of its designation yet
+    /// (at most [`DESIGNATION_WAITS_MAX`] per operation).
+    designation_waits: u32,
 }
+
+/// The coord publishes a new leader to clients and tells the leader in the same moment, so a
+/// client can ask the new leader before it knows: it answers "not the leader, leader unknown" in
+/// the view's term. The client asks it again after this pause rather than back off and probe
+/// the other servers (which cost hundreds of ms after a failover), at most
+/// [`DESIGNATION_WAITS_MAX`] times.
+const DESIGNATION_WAIT_MS: u64 = 3;
+const DESIGNATION_WAITS_MAX: u32 = 30;
 
 impl Router {
     pub(crate) fn new(config: &ClusterConfig) -> Router {
@@ -166,6 +177,7 @@ impl Router {
             ),
             last_error: "no attempt finished before the deadline".to_string(),
             last_addr: None,
+            designation_waits: 0,
         };
         loop {
             let now = Instant::now();
@@ -231,6 +243,15 @@ impl Router {
                     state.probing = false;
                     return;
                 }
+                if self.designated_but_not_told(leader_id, term, addr)
+                    && state.designation_waits < DESIGNATION_WAITS_MAX
+                {
+                    state.designation_waits += 1;
+                    state.probing = false;
+                    let wake = Instant::now() + Duration::from_millis(DESIGNATION_WAIT_MS);
+                    tokio::time::sleep_until(wake.min(deadline)).await;
+                    return;
+                }
                 self.wait_or_probe(rx, state, deadline).await;
             }
             Failure::Busy(message) => {
@@ -258,6 +279,16 @@ impl Router {
         let view = self.leader_view();
         let agrees = leader_id != 0 && view.leader_id == leader_id && view.term == term;
         agrees && addr.is_some_and(|a| a != asked)
+    }
+
+    /// Whether `asked` is the leader the view names for `term` and answered "leader unknown" in
+    /// that same term: it has not yet received the coord's designation, which is on its way.
+    fn designated_but_not_told(&self, leader_id: u32, term: u64, asked: &str) -> bool {
+        let view = self.leader_view();
+        leader_id == 0
+            && view.term == term
+            && view.leader_id != 0
+            && self.server_addr(view.leader_id) == Some(asked)
     }
 
     /// Waits for a leader change for a short, growing time; if none comes, the next attempts

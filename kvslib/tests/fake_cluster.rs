@@ -27,6 +27,9 @@ struct Cluster {
     expired: HashSet<u64>,
     /// How many more puts to refuse with TOO_MANY_PENDING.
     busy_left: u32,
+    /// How many more puts the leader answers "not the leader, leader unknown" (it has not heard
+    /// of its designation yet).
+    unaware_left: u32,
     /// Every put attempt any server received, with the receiving server's id.
     attempts: Vec<(u32, pb::PutRequest)>,
     /// (session, seq) -> (version, index): the exactly-once table.
@@ -106,6 +109,17 @@ impl pb::kv_server::Kv for FakeKv {
         let mut c = self.cluster.lock().unwrap();
         c.attempts.push((self.id, r.clone()));
         if let Some(error) = self.not_leader(&c) {
+            return Ok(Response::new(pb::PutResponse {
+                error,
+                ..Default::default()
+            }));
+        }
+        if c.unaware_left > 0 {
+            c.unaware_left -= 1;
+            let mut error = kv_error(ErrorCode::ErrorNotLeader, &c);
+            if let Some(e) = &mut error {
+                e.leader_id = 0;
+            }
             return Ok(Response::new(pb::PutResponse {
                 error,
                 ..Default::default()
@@ -446,4 +460,43 @@ async fn query_leader_gives_up_on_a_dead_coord_by_the_deadline() {
         "{result:?}"
     );
     assert!(started.elapsed() < Duration::from_millis(1_500));
+}
+
+/// After a failover the coord tells clients and the new leader at the same moment; a client
+/// that asks first hears "not the leader, leader unknown" in the new term. It asks the same
+/// server again shortly instead of backing off and probing the others.
+#[tokio::test]
+async fn a_new_leader_not_yet_told_is_asked_again_not_probed_around() {
+    let (cluster, addrs) = three_servers().await;
+    let info = |term, leader_id: u32, addr: &str| pb::LeaderInfo {
+        term,
+        leader_id,
+        leader_uuid: format!("uuid-{leader_id}"),
+        leader_addr: addr.to_string(),
+        trace_token: Default::default(),
+    };
+    let (tx, rx) = watch::channel(info(1, 2, &addrs[1]));
+    let down = Arc::new(Mutex::new(false));
+    let coord_addr = serve_coord(FakeCoord { leader: rx, down }).await;
+    let client = Client::connect(&config(&coord_addr, &addrs, 5_000), "c1")
+        .await
+        .unwrap();
+    client.put("k", "before").await.unwrap();
+    {
+        let mut c = cluster.lock().unwrap();
+        c.leader_id = 3;
+        c.term = 2;
+        c.unaware_left = 3;
+        c.attempts.clear();
+    }
+    tx.send(info(2, 3, &addrs[2])).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while client.leader().await.unwrap().leader_id != 3 {
+        assert!(Instant::now() < deadline, "watch update never arrived");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    client.put("k", "after").await.unwrap();
+    let servers: Vec<u32> = attempts(&cluster).iter().map(|(id, _)| *id).collect();
+    assert_eq!(servers, vec![3, 3, 3, 3], "only the new leader is asked");
+    client.close().await;
 }
