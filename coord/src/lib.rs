@@ -95,7 +95,10 @@ pub async fn run(
     )?;
     let join_service =
         service::JoinService::new(inputs_tx, config.server_ids(), tracer.clone(), cluster);
+    let health_rx = leader_rx.clone();
     let leader_service = service::LeaderService::new(leader_rx, tracer.clone());
+    // grpc.health.v1 on both addresses: serving while a leader is designated.
+    let (health, health_service) = tonic_health::server::health_reporter();
 
     // One stop signal for every task, raised by `shutdown` or by the first task to fail.
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -103,8 +106,12 @@ pub async fn run(
     let stop = stopped(stop_rx.clone());
     tasks.spawn(async move { ("coordinator core", runtime.run(stop).await) });
     let stop = stopped(stop_rx.clone());
+    tasks.spawn(async move { ("health", report_health(health, health_rx, stop).await) });
+    let stop = stopped(stop_rx.clone());
+    let server_health = health_service.clone();
     tasks.spawn(async move {
         let result = Server::builder()
+            .add_service(server_health)
             .add_service(CoordServer::new(join_service))
             .serve_with_incoming_shutdown(
                 kvraft_common::net::nodelay_incoming(server_listener),
@@ -117,6 +124,7 @@ pub async fn run(
     let stop = stopped(stop_rx);
     tasks.spawn(async move {
         let result = Server::builder()
+            .add_service(health_service)
             .add_service(CoordClientServer::new(leader_service))
             .serve_with_incoming_shutdown(
                 kvraft_common::net::nodelay_incoming(client_listener),
@@ -160,6 +168,35 @@ pub async fn run(
 }
 
 /// Completes once the stop flag is raised (or its sender is gone).
+/// Keeps the coord's `grpc.health.v1` status (overall, "") at SERVING while the published view
+/// names a leader, NOT_SERVING otherwise (startup, an epoch change in progress).
+async fn report_health(
+    health: tonic_health::server::HealthReporter,
+    mut view: watch::Receiver<kvraft_proto::LeaderInfo>,
+    stop: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    tokio::pin!(stop);
+    loop {
+        let status = if view.borrow_and_update().leader_id != 0 {
+            tonic_health::ServingStatus::Serving
+        } else {
+            tonic_health::ServingStatus::NotServing
+        };
+        health.set_service_status("", status).await;
+        tokio::select! {
+            biased;
+            () = &mut stop => return Ok(()),
+            changed = view.changed() => {
+                if changed.is_err() {
+                    // The runtime dropped the view: the coord is stopping.
+                    (&mut stop).await;
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
 async fn stopped(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|&stop| stop).await;
 }

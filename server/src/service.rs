@@ -36,14 +36,20 @@ use crate::faults::FaultSpec;
 use crate::replica::{ClientError, Reply};
 use crate::runtime::{now_ms, Call, CoreHandle, Input, GRPC_MESSAGE_BYTES_MAX, PEER_QUEUE_MAX};
 
+/// How often the `grpc.health.v1` status is brought up to date.
+const HEALTH_REFRESH_MS: u64 = 100;
+
 /// Serves every service on `listener` until `stop` turns true.
 pub(crate) async fn serve(
     listener: TcpListener,
     handle: CoreHandle,
     mut stop: watch::Receiver<bool>,
 ) {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    tokio::spawn(report_health(health, handle.clone(), stop.clone()));
     let result = tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        .add_service(health_service)
         .add_service(ServerControlServer::new(handle.clone()))
         .add_service(
             ReplicationServer::new(handle.clone())
@@ -62,6 +68,35 @@ pub(crate) async fn serve(
         .await;
     if let Err(e) = result {
         tracing::error!("gRPC server failed: {e}");
+    }
+}
+
+/// Keeps `grpc.health.v1` (overall, "", and `kvraft.Kv`) at SERVING while this server can do
+/// its job: it has heard from the coord (it joined) and its log is writable (not out of disk).
+/// NOT_SERVING otherwise, so probes and orchestrators see a server that cannot take part.
+async fn report_health(
+    health: tonic_health::server::HealthReporter,
+    handle: CoreHandle,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut last = None;
+    loop {
+        let joined = handle.last_coord_contact_ms.load(Ordering::Relaxed) > 0;
+        let writable = !handle.disk_full.load(Ordering::Relaxed);
+        let status = if joined && writable {
+            tonic_health::ServingStatus::Serving
+        } else {
+            tonic_health::ServingStatus::NotServing
+        };
+        if last != Some(status) {
+            health.set_service_status("", status).await;
+            health.set_service_status("kvraft.Kv", status).await;
+            last = Some(status);
+        }
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tokio::time::sleep(Duration::from_millis(HEALTH_REFRESH_MS)) => {}
+        }
     }
 }
 

@@ -1,6 +1,6 @@
 //! End-to-end tests: real coord and server processes on loopback, driven through the `client`
 //! binary and through kvslib. Numbered by area: t10 basic operations, t20 leader failover, t30
-//! exactly-once, t40 restarts, t42 disk loss, t50 partitions, t60 coord restart, t70 bad input,
+//! exactly-once, t40 restarts, t42 disk loss, t50 partitions, t60 coord restart, t65 the gRPC health service, t70 bad input,
 //! t71 malformed and extreme requests, t72 the fault-injection gate, t80 tracing (vector
 //! clocks), t85 OpenTelemetry spans.
 
@@ -14,6 +14,7 @@ mod t42_disk_loss;
 mod t50_partition;
 mod t55_campaign;
 mod t60_coord_restart;
+mod t65_health;
 mod t70_bad_input;
 mod t71_malformed_requests;
 mod t72_fault_gate;
