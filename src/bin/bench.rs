@@ -171,7 +171,7 @@ async fn soak_line(
         line.push_str(&format!(", {rate:.0} ops/s"));
     }
     for server in &config.servers {
-        let status = server_status(&server.addr).await;
+        let status = kvraft::cluster_status::server_status(&server.addr).await;
         line.push_str(&match status {
             Some(s) => format!(
                 " | s{} rss {:.0} MB log {:.0} MB snapshot {:.0} MB",
@@ -184,18 +184,6 @@ async fn soak_line(
         });
     }
     line
-}
-
-async fn server_status(addr: &str) -> Option<kvraft_proto::StatusResponse> {
-    let url = format!("http://{addr}");
-    let connect = kvraft_proto::admin_client::AdminClient::connect(url);
-    let mut client = tokio::time::timeout(Duration::from_secs(1), connect)
-        .await
-        .ok()?
-        .ok()?;
-    let mut req = tonic::Request::new(kvraft_proto::StatusRequest {});
-    req.set_timeout(Duration::from_secs(1));
-    Some(client.status(req).await.ok()?.into_inner())
 }
 
 async fn worker(

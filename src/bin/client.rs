@@ -102,12 +102,26 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Every server's state (role, term, commit and applied index, lag behind the leader, memory,
+    /// log size, whether it catches up after a lost disk) and the coord's leader view. Registers
+    /// no session.
+    Status {
+        /// Output format.
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        output: StatusFormat,
+    },
     /// Issue COUNT writes or reads and print a JSON record of each (see --help).
     #[command(after_help = RUN_HELP)]
     Run(RunArgs),
     /// Interactive prompt reading put/get/leader/help/quit lines from stdin.
     #[command(after_help = SHELL_HELP)]
     Shell,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum StatusFormat {
+    Table,
+    Json,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -177,6 +191,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             print_leader(&leader, out.as_deref())?;
             Ok(true)
         }
+        Some(Command::Status { output }) => print_status(&config, id, output).await,
         None => {
             let client = connect(&config, id).await?;
             finish(client.clone(), script(&client).await).await
@@ -201,6 +216,129 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             finish(client.clone(), shell(&client).await).await
         }
     }
+}
+
+/// `status`: one row per server and the coord's view; `Ok(false)` if a server is down or no
+/// leader is designated.
+async fn print_status(
+    config: &ClusterConfig,
+    client_id: &str,
+    format: StatusFormat,
+) -> anyhow::Result<bool> {
+    use kvraft::cluster_status;
+    let coord = cluster_status::coord_view(config, client_id).await;
+    let rows = cluster_status::servers(config).await;
+    let leader_commit = rows
+        .iter()
+        .filter_map(|r| r.status.as_ref())
+        .filter_map(|s| s.report.as_ref())
+        .filter(|r| coord.as_ref().is_some_and(|c| c.leader_id == r.server_id))
+        .map(|r| r.commit_index)
+        .next();
+    let all_up = rows.iter().all(|r| r.status.is_some());
+    let healthy = all_up && coord.as_ref().is_some_and(|c| c.leader_id != 0);
+    match format {
+        StatusFormat::Json => {
+            let servers: Vec<serde_json::Value> = rows
+                .iter()
+                .map(|row| status_json(row, leader_commit))
+                .collect();
+            let coord = coord.as_ref().map_or(
+                serde_json::Value::Null,
+                |c| json!({"term": c.term, "leader_id": c.leader_id, "leader_uuid": c.leader_uuid}),
+            );
+            say(json!({"coord": coord, "servers": servers}))?;
+        }
+        StatusFormat::Table => {
+            match &coord {
+                Some(c) if c.leader_id != 0 => {
+                    say(format!("coord: term {}, leader {}", c.term, c.leader_id))?
+                }
+                Some(c) => say(format!("coord: term {}, no leader designated", c.term))?,
+                None => say("coord: not answering")?,
+            }
+            say(format!(
+                "{:>3}  {:<21} {:<8} {:<12} {:>6} {:>9} {:>9} {:>6} {:>8} {:>8}",
+                "ID",
+                "ADDRESS",
+                "UUID",
+                "ROLE",
+                "TERM",
+                "COMMIT",
+                "APPLIED",
+                "LAG",
+                "RSS MB",
+                "LOG MB"
+            ))?;
+            for row in &rows {
+                say(status_line(row, leader_commit))?;
+            }
+        }
+    }
+    Ok(healthy)
+}
+
+/// A server's role as the table and the JSON show it.
+fn role_of(report: &kvraft_proto::ServerReport) -> &'static str {
+    if report.catching_up {
+        "catching-up"
+    } else if report.role == kvraft_proto::Role::Leader as i32 {
+        "leader"
+    } else {
+        "follower"
+    }
+}
+
+const MB: f64 = 1024.0 * 1024.0;
+
+fn status_line(row: &kvraft::cluster_status::ServerRow, leader_commit: Option<u64>) -> String {
+    let Some(status) = &row.status else {
+        return format!("{:>3}  {:<21} {:<8} {:<12}", row.id, row.addr, "-", "down");
+    };
+    let report = status.report.clone().unwrap_or_default();
+    let lag = leader_commit.map_or("-".to_string(), |c| {
+        c.saturating_sub(status.last_applied).to_string()
+    });
+    let uuid: String = report.uuid.chars().take(8).collect();
+    format!(
+        "{:>3}  {:<21} {:<8} {:<12} {:>6} {:>9} {:>9} {:>6} {:>8.1} {:>8.1}",
+        row.id,
+        row.addr,
+        uuid,
+        role_of(&report),
+        report.term,
+        report.commit_index,
+        status.last_applied,
+        lag,
+        status.rss_bytes as f64 / MB,
+        status.log_bytes as f64 / MB
+    )
+}
+
+fn status_json(
+    row: &kvraft::cluster_status::ServerRow,
+    leader_commit: Option<u64>,
+) -> serde_json::Value {
+    let Some(status) = &row.status else {
+        return json!({"id": row.id, "addr": row.addr, "up": false});
+    };
+    let report = status.report.clone().unwrap_or_default();
+    json!({
+        "id": row.id,
+        "addr": row.addr,
+        "up": true,
+        "uuid": report.uuid,
+        "role": role_of(&report),
+        "term": report.term,
+        "leader_id": report.leader_id,
+        "commit_index": report.commit_index,
+        "applied_index": status.last_applied,
+        "lag": leader_commit.map(|c| c.saturating_sub(status.last_applied)),
+        "catching_up": report.catching_up,
+        "rss_bytes": status.rss_bytes,
+        "log_bytes": status.log_bytes,
+        "snapshot_bytes": status.snapshot_bytes,
+    })
 }
 
 /// Closes the client (which ships its last trace events when tracing is on) and passes the

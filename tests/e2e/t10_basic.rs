@@ -187,3 +187,54 @@ async fn bench_prints_figures() {
     );
     assert!(!last.contains("rss 0 MB"), "{last}");
 }
+
+/// `client status`: one row per server and the coord's view, as a table or JSON; it registers
+/// no session (the log does not grow), and a stopped server shows as down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_every_server_without_writing() {
+    let mut cluster = Cluster::start(3);
+    let leader = cluster.wait_leader(|_| true).await.leader_id;
+    let before = cluster.status(leader).await.unwrap().last_applied;
+    let out = cluster.client("ops", &["status"]);
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains(&format!("leader {leader}")), "{text}");
+    let rows: Vec<&str> = text.lines().skip(2).collect();
+    assert_eq!(rows.len(), 3, "{text}");
+    assert_eq!(
+        rows.iter().filter(|r| r.contains(" leader ")).count(),
+        1,
+        "{text}"
+    );
+    let out = cluster.client("ops", &["status", "-o", "json"]);
+    let json: Value = serde_json::from_str(&stdout(&out)).expect("json");
+    assert_eq!(json["coord"]["leader_id"], leader);
+    let servers = json["servers"].as_array().unwrap();
+    assert_eq!(servers.len(), 3);
+    assert!(
+        servers.iter().all(|s| s["up"] == true && s["lag"].is_u64()),
+        "{json}"
+    );
+    assert_eq!(
+        cluster.status(leader).await.unwrap().last_applied,
+        before,
+        "nothing written"
+    );
+
+    let follower = cluster.ids().into_iter().find(|&i| i != leader).unwrap();
+    cluster.kill_server(follower);
+    let out = cluster.client("ops", &["status", "-o", "json"]);
+    assert!(
+        !out.status.success(),
+        "a down server makes the exit status non-zero"
+    );
+    let json: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let down: Vec<&Value> = json["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["up"] == false)
+        .collect();
+    assert_eq!(down.len(), 1);
+    assert_eq!(down[0]["id"], follower);
+}
