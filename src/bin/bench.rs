@@ -4,13 +4,16 @@
 //! each server's resident memory, log size on disk and snapshot size (from `Admin.Status`), so
 //! growth with history shows at a glance.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use clap::Parser;
+use hdrhistogram::Histogram;
 use kvraft::launch;
 use kvraft_common::ClusterConfig;
 
@@ -43,6 +46,9 @@ struct Args {
     /// While soaking, print throughput and every server's memory and disk use this often.
     #[arg(long, value_name = "SECS", default_value_t = 5)]
     report_every_secs: u64,
+    /// Also write the figures as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
 }
 
 /// How much work each worker does: a share of `--ops`, or everything until a deadline.
@@ -52,11 +58,47 @@ enum Budget {
     Until(Instant),
 }
 
-#[derive(Default)]
+/// Latencies in microseconds (1 µs to 10 min, 3 significant digits: bounded memory however
+/// long the run) and failed operations by kind.
 struct Samples {
-    puts: Vec<Duration>,
-    gets: Vec<Duration>,
-    errors: usize,
+    puts: Histogram<u64>,
+    gets: Histogram<u64>,
+    errors: BTreeMap<&'static str, u64>,
+}
+
+impl Samples {
+    fn new() -> Samples {
+        let histogram = || Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid bounds");
+        Samples {
+            puts: histogram(),
+            gets: histogram(),
+            errors: BTreeMap::new(),
+        }
+    }
+
+    fn add(&mut self, other: &Samples) {
+        self.puts.add(&other.puts).expect("same bounds");
+        self.gets.add(&other.gets).expect("same bounds");
+        for (kind, n) in &other.errors {
+            *self.errors.entry(kind).or_default() += n;
+        }
+    }
+
+    fn record(histogram: &mut Histogram<u64>, took: Duration) {
+        histogram.saturating_record(took.as_micros().clamp(1, 600_000_000) as u64);
+    }
+
+    fn failed(&mut self, error: &kvslib::Error) {
+        let kind = match error {
+            kvslib::Error::InvalidInput(_) => "invalid_input",
+            kvslib::Error::Timeout { .. } => "timeout",
+            kvslib::Error::SessionExpired => "session_expired",
+            kvslib::Error::Rejected(_) => "rejected",
+            kvslib::Error::Stale => "stale",
+            kvslib::Error::Unavailable(_) => "unavailable",
+        };
+        *self.errors.entry(kind).or_default() += 1;
+    }
 }
 
 #[tokio::main]
@@ -106,12 +148,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             tokio::spawn(async move { worker(client, value, t, budget, keys, reads, done).await })
         })
         .collect();
-    let mut all = Samples::default();
+    let mut all = Samples::new();
     for task in tasks {
-        let s = task.await?;
-        all.puts.extend(s.puts);
-        all.gets.extend(s.gets);
-        all.errors += s.errors;
+        all.add(&task.await?);
     }
     let elapsed = started.elapsed();
     client.close().await;
@@ -121,21 +160,70 @@ async fn run(args: Args) -> anyhow::Result<()> {
         println!("{}", soak_line(&config, ops, elapsed, None).await);
     }
     let done = all.puts.len() + all.gets.len();
+    let errors: u64 = all.errors.values().sum();
+    let throughput = done as f64 / elapsed.as_secs_f64();
     println!(
-        "bench: ops {done}, errors {}, concurrency {}, value_bytes {}, elapsed {:.2} s, \
-         throughput {:.0} ops/s, put p50 {} p99 {}, get p50 {} p99 {}",
-        all.errors,
+        "bench: ops {done}, errors {errors}, concurrency {}, value_bytes {}, elapsed {:.2} s, \
+         throughput {throughput:.0} ops/s, put {}, get {}",
         args.concurrency,
         args.value_bytes,
         elapsed.as_secs_f64(),
-        done as f64 / elapsed.as_secs_f64(),
-        percentile(&mut all.puts, 0.50),
-        percentile(&mut all.puts, 0.99),
-        percentile(&mut all.gets, 0.50),
-        percentile(&mut all.gets, 0.99),
+        latency_text(&all.puts),
+        latency_text(&all.gets),
     );
-    anyhow::ensure!(all.errors == 0, "{} operations failed", all.errors);
+    if errors > 0 {
+        println!("bench: errors by kind {:?}", all.errors);
+    }
+    if let Some(path) = &args.json {
+        let result = serde_json::json!({
+            "ops": done,
+            "errors": all.errors,
+            "concurrency": args.concurrency,
+            "value_bytes": args.value_bytes,
+            "keys": args.keys,
+            "read_fraction": args.read_fraction,
+            "elapsed_s": elapsed.as_secs_f64(),
+            "throughput_ops_s": throughput,
+            "put_ms": latency_json(&all.puts),
+            "get_ms": latency_json(&all.gets),
+        });
+        std::fs::write(path, format!("{result:#}\n"))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    anyhow::ensure!(errors == 0, "{errors} operations failed");
     Ok(())
+}
+
+/// The percentiles reported, with their labels.
+const PERCENTILES: [(&str, f64); 3] = [("p50", 50.0), ("p99", 99.0), ("p99.9", 99.9)];
+
+fn ms(micros: u64) -> f64 {
+    micros as f64 / 1000.0
+}
+
+fn latency_text(h: &Histogram<u64>) -> String {
+    if h.is_empty() {
+        return "p50 - p99 -".into();
+    }
+    let mut parts: Vec<String> = PERCENTILES
+        .iter()
+        .map(|(label, q)| format!("{label} {:.2} ms", ms(h.value_at_percentile(*q))))
+        .collect();
+    parts.push(format!("max {:.2} ms", ms(h.max())));
+    parts.join(" ")
+}
+
+fn latency_json(h: &Histogram<u64>) -> serde_json::Value {
+    if h.is_empty() {
+        return serde_json::Value::Null;
+    }
+    let mut map = serde_json::Map::new();
+    for (label, q) in PERCENTILES {
+        map.insert(label.into(), ms(h.value_at_percentile(q)).into());
+    }
+    map.insert("max".into(), ms(h.max()).into());
+    map.insert("count".into(), h.len().into());
+    serde_json::Value::Object(map)
 }
 
 /// Every `every`, one line: elapsed time, operations so far, the interval's throughput and
@@ -195,7 +283,7 @@ async fn worker(
     read_fraction: f64,
     done: Arc<AtomicU64>,
 ) -> Samples {
-    let mut s = Samples::default();
+    let mut s = Samples::new();
     // A cheap deterministic spread of reads among writes and of keys among tasks.
     let reads_per_1000 = (read_fraction.clamp(0.0, 1.0) * 1000.0) as usize;
     for i in 0.. {
@@ -211,24 +299,15 @@ async fn worker(
         let t = Instant::now();
         if (i * 617 + task) % 1000 < reads_per_1000 {
             match client.get(key).await {
-                Ok(_) => s.gets.push(t.elapsed()),
-                Err(_) => s.errors += 1,
+                Ok(_) => Samples::record(&mut s.gets, t.elapsed()),
+                Err(e) => s.failed(&e),
             }
         } else {
             match client.put(key, value.as_slice()).await {
-                Ok(_) => s.puts.push(t.elapsed()),
-                Err(_) => s.errors += 1,
+                Ok(_) => Samples::record(&mut s.puts, t.elapsed()),
+                Err(e) => s.failed(&e),
             }
         }
     }
     s
-}
-
-fn percentile(samples: &mut [Duration], p: f64) -> String {
-    if samples.is_empty() {
-        return "-".into();
-    }
-    samples.sort_unstable();
-    let i = ((samples.len() - 1) as f64 * p).round() as usize;
-    format!("{:.2} ms", samples[i].as_secs_f64() * 1000.0)
 }

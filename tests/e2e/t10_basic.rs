@@ -153,12 +153,23 @@ async fn bench_prints_figures() {
             "8",
             "--read-fraction",
             "0.5",
+            "--json",
         ])
+        .arg(cluster.dir.path().join("bench.json"))
         .output()
         .expect("run bench");
     let text = stdout(&out);
     assert!(text.contains("bench: ops 300, errors 0"), "{text}");
     assert!(text.contains("ops/s") && text.contains("get p50"), "{text}");
+    assert!(text.contains("p99.9") && text.contains("max"), "{text}");
+    let json = std::fs::read_to_string(cluster.dir.path().join("bench.json")).unwrap();
+    let json: Value = serde_json::from_str(&json).expect("bench JSON");
+    assert_eq!(json["ops"], 300);
+    assert!(json["throughput_ops_s"].as_f64().unwrap() > 0.0, "{json}");
+    let puts = json["put_ms"]["count"].as_u64().unwrap();
+    let gets = json["get_ms"]["count"].as_u64().unwrap();
+    assert_eq!(puts + gets, 300, "{json}");
+    assert!(json["put_ms"]["p99.9"].as_f64().unwrap() <= json["put_ms"]["max"].as_f64().unwrap());
 
     tracing::info!("--- soak mode: every server's memory and disk use, from Admin.Status");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_bench"))
