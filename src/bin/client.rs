@@ -71,8 +71,9 @@ commands:
     Logs go to stderr; set RUST_LOG (default: warn), e.g. RUST_LOG=kvslib=debug."
 )]
 struct Cli {
-    /// This client's id: names it in output and logs. Each run registers a fresh session, so
-    /// two runs of one id never mistake each other's requests for retries.
+    /// This client's id: names it in output and logs. Each run that reads or writes registers
+    /// a fresh session (`leader` and `status` register none), so two runs of one id never
+    /// mistake each other's requests for retries.
     client_id: String,
     /// Cluster config file (TOML): coord and server addresses, client timeouts.
     #[arg(long, default_value = "config/cluster.toml")]
