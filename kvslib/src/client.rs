@@ -84,6 +84,23 @@ impl Client {
     /// Starts the leader watch and registers a fresh session through the leader, within
     /// `client.op_timeout_ms`.
     pub async fn connect(config: &ClusterConfig, client_id: &str) -> Result<Client, Error> {
+        Client::start(config, client_id, true).await
+    }
+
+    /// Like [`Client::connect`], without registering a session: gets need none, so a client
+    /// that only reads appends nothing to the log. The first put registers one.
+    pub async fn connect_without_session(
+        config: &ClusterConfig,
+        client_id: &str,
+    ) -> Result<Client, Error> {
+        Client::start(config, client_id, false).await
+    }
+
+    async fn start(
+        config: &ClusterConfig,
+        client_id: &str,
+        register: bool,
+    ) -> Result<Client, Error> {
         if client_id.is_empty() {
             return Err(Error::InvalidInput("client id is empty".to_string()));
         }
@@ -104,9 +121,14 @@ impl Client {
         let coord_addr = config.coord.client_api_addr.clone();
         let watcher = Watcher::spawn(Arc::clone(&router), coord_addr, client_id.to_string());
         let deadline = Instant::now() + Duration::from_millis(config.client.op_timeout_ms);
-        // On error the watcher is dropped here, which stops it.
-        let session_id = session::register(&router, client_id, deadline).await?;
-        debug!(client_id, session_id, "session registered");
+        let session_id = if register {
+            // On error the watcher is dropped here, which stops it.
+            let id = session::register(&router, client_id, deadline).await?;
+            debug!(client_id, session_id = id, "session registered");
+            Some(id)
+        } else {
+            None
+        };
         Ok(Client::assemble(
             config,
             client_id,
@@ -121,7 +143,7 @@ impl Client {
         client_id: &str,
         router: Arc<Router>,
         watcher: Option<Watcher>,
-        session_id: u64,
+        session_id: Option<u64>,
     ) -> Client {
         Client {
             inner: Arc::new(Inner {
@@ -141,7 +163,8 @@ impl Client {
         &self.inner.client_id
     }
 
-    /// The current session id (it changes when an expired session is renewed).
+    /// The current session id (it changes when an expired session is renewed); 0 for a client
+    /// connected without a session that has not put anything yet.
     pub fn session_id(&self) -> u64 {
         self.inner.sessions.current_id()
     }
@@ -578,7 +601,7 @@ attempt_timeout_ms = 600000
     fn offline_client() -> Client {
         let config = offline_config();
         let router = Arc::new(Router::new(&config));
-        Client::assemble(&config, "c1", router, None, 1)
+        Client::assemble(&config, "c1", router, None, Some(1))
     }
 
     async fn refused(call: impl std::future::Future<Output = Result<(), Error>>) -> String {

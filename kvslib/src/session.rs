@@ -64,6 +64,17 @@ impl Session {
         })
     }
 
+    /// The stand-in of a client that has not registered a session yet: marked expired, so the
+    /// first put registers one (through `Sessions::usable`), as after an expiry.
+    fn unregistered() -> Arc<Session> {
+        Arc::new(Session {
+            id: 0,
+            seqs: Mutex::new(SeqTracker::new()),
+            finished: tokio::sync::Notify::new(),
+            expired: AtomicBool::new(true),
+        })
+    }
+
     fn seqs(&self) -> MutexGuard<'_, SeqTracker> {
         self.seqs.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -116,10 +127,13 @@ impl Drop for SeqGuard {
 }
 
 impl Sessions {
-    pub(crate) fn new(client_id: &str, session_id: u64) -> Sessions {
+    /// The sessions of `client_id`, starting with `session_id` (`None`: the first put
+    /// registers one).
+    pub(crate) fn new(client_id: &str, session_id: Option<u64>) -> Sessions {
+        let first = session_id.map_or_else(Session::unregistered, Session::new);
         Sessions {
             client_id: client_id.to_string(),
-            current: Mutex::new(Session::new(session_id)),
+            current: Mutex::new(first),
             renew_lock: tokio::sync::Mutex::new(()),
         }
     }
@@ -221,7 +235,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_new_session_starts_its_seqs_at_one() {
-        let sessions = Sessions::new("c1", 5);
+        let sessions = Sessions::new("c1", Some(5));
         let old = sessions.current();
         let _g = old.begin_put(later()).await.unwrap();
         *sessions.current.lock().unwrap() = Session::new(9);

@@ -500,3 +500,28 @@ async fn a_new_leader_not_yet_told_is_asked_again_not_probed_around() {
     assert_eq!(servers, vec![3, 3, 3, 3], "only the new leader is asked");
     client.close().await;
 }
+
+/// A client connected without a session reads without registering one (nothing appended to
+/// the log); its first put registers it, once.
+#[tokio::test]
+async fn a_reader_registers_no_session_until_it_puts() {
+    let (cluster, addrs) = three_servers().await;
+    let coord = closed_port().await;
+    let client = Client::connect_without_session(&config(&coord, &addrs, 5_000), "r1")
+        .await
+        .unwrap();
+    assert_eq!(client.session_id(), 0);
+    assert_eq!(client.get("k").await.unwrap(), None);
+    assert_eq!(cluster.lock().unwrap().sessions_registered, 0);
+    client.put("k", "v").await.unwrap();
+    client.put("k", "w").await.unwrap();
+    assert_eq!(cluster.lock().unwrap().sessions_registered, 1);
+    assert_ne!(client.session_id(), 0);
+    let seqs: Vec<u64> = attempts(&cluster)
+        .iter()
+        .filter(|(id, _)| *id == 2)
+        .map(|(_, r)| r.seq)
+        .collect();
+    assert_eq!(seqs, vec![1, 2]);
+    client.close().await;
+}

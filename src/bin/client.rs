@@ -71,8 +71,8 @@ commands:
     Logs go to stderr; set RUST_LOG (default: warn), e.g. RUST_LOG=kvslib=debug."
 )]
 struct Cli {
-    /// This client's id: names it in output and logs. Each run that reads or writes registers
-    /// a fresh session (`leader` and `status` register none), so two runs of one id never
+    /// This client's id: names it in output and logs. Each run that writes registers a fresh
+    /// session (`get`, `leader` and `status` register none), so two runs of one id never
     /// mistake each other's requests for retries.
     client_id: String,
     /// Cluster config file (TOML): coord and server addresses, client timeouts.
@@ -205,7 +205,10 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         }
         Some(Command::Get { key }) => {
             check_key_value(key.as_bytes(), None).map_err(anyhow::Error::msg)?;
-            let client = connect(&config, id).await?;
+            // A read needs no session: nothing is appended to the log.
+            let client = Client::connect_without_session(&config, id)
+                .await
+                .with_context(|| format!("cannot connect to the cluster as client {id:?}"))?;
             finish(client.clone(), get_once(&client, &key).await).await
         }
         Some(Command::Run(args)) => {

@@ -231,6 +231,10 @@ async fn status_shows_every_server_without_writing() {
         before,
         "nothing written"
     );
+    let out = cluster.client("ops", &["get", "absent"]);
+    assert_eq!(stdout(&out).trim(), "(not found)");
+    let after = cluster.status(leader).await.unwrap().last_applied;
+    assert_eq!(after, before, "a get registers no session either");
 
     let follower = cluster.ids().into_iter().find(|&i| i != leader).unwrap();
     cluster.kill_server(follower);
