@@ -20,8 +20,13 @@ pub struct ServerRow {
     pub status: Option<StatusResponse>,
 }
 
+/// Bytes in MiB, as the status lines print sizes.
+pub fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
 /// `Admin.Status` of the server at `addr`, or `None` if it does not answer within a second.
-pub async fn server_status(addr: &str) -> Option<StatusResponse> {
+async fn server_status(addr: &str) -> Option<StatusResponse> {
     let connect = AdminClient::connect(format!("http://{addr}"));
     let mut client = tokio::time::timeout(ASK_TIMEOUT, connect)
         .await

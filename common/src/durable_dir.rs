@@ -12,6 +12,14 @@
 //! crash can drop it, and with it every file created inside, fsynced or not. So each level
 //! this call creates is followed by an fsync of its parent. Levels that already existed are
 //! left alone.
+//!
+//! The small state files kept in those directories (a server's hard state and identity, the
+//! coord's term, members and cluster id) are written with [`replace_file_durable`] (a
+//! temporary file, fsynced, renamed over the old one, the directory fsynced: a crash leaves the
+//! old file or the new one) and read with [`read_small_text`] (bounded, so a wrong file is
+//! refused rather than slurped). Their text ends with a checksum line, [`seal`] and
+//! [`unseal`]: `crc32=<8 hex digits>` of every byte before it, so a flipped byte is an error,
+//! never a different value.
 
 use std::fs::{self, File};
 use std::io;
@@ -142,6 +150,38 @@ pub fn read_small_text(path: &Path, max_bytes: u64) -> Result<Option<String>, Re
         .map_err(|_| ReadSmallError::Invalid("not UTF-8 text".into()))
 }
 
+/// `body` followed by its checksum line, `crc32=<8 hex digits>\n`.
+pub fn seal(body: &str) -> String {
+    let crc = crc32fast::hash(body.as_bytes());
+    format!("{body}crc32={crc:08x}\n")
+}
+
+/// The body of a text written by [`seal`], once its checksum line matches; the error says what
+/// is wrong.
+pub fn unseal(text: &str) -> Result<&str, String> {
+    const MISSING: &str =
+        "no crc32= line at the end (a checksummed file ends with its crc32 line and a newline)";
+    let Some(lines) = text.strip_suffix('\n') else {
+        return Err(MISSING.to_string());
+    };
+    let start = lines.rfind('\n').map_or(0, |at| at + 1);
+    let (body, line) = (&text[..start], &lines[start..]);
+    let Some(hex) = line.strip_prefix("crc32=") else {
+        return Err(MISSING.to_string());
+    };
+    let stored = Some(hex)
+        .filter(|h| h.len() == 8 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+        .and_then(|h| u32::from_str_radix(h, 16).ok())
+        .ok_or_else(|| format!("crc32 line {line:?} is not crc32=<8 hex digits>"))?;
+    let computed = crc32fast::hash(body.as_bytes());
+    if stored != computed {
+        return Err(format!(
+            "checksum mismatch: stored {stored:08x}, computed {computed:08x} over {body:?}"
+        ));
+    }
+    Ok(body)
+}
+
 /// `dir` and its ancestors that are not directories yet, deepest first.
 fn missing_levels(dir: &Path) -> Vec<&Path> {
     let mut missing = Vec::new();
@@ -215,6 +255,25 @@ mod tests {
         let err = replace_file_durable(&missing, &root.path().join("no/t"), b"x").unwrap_err();
         assert_eq!(err.action, "create");
         assert!(err.to_string().contains("no/t"), "{err}");
+    }
+
+    #[test]
+    fn a_sealed_text_unseals_to_its_body_and_any_change_is_an_error() {
+        let sealed = seal("term=7\nleader=3\n");
+        assert_eq!(unseal(&sealed), Ok("term=7\nleader=3\n"));
+        let flipped = sealed.replace("term=7", "term=8");
+        assert!(unseal(&flipped)
+            .unwrap_err()
+            .starts_with("checksum mismatch"));
+        for bad in ["term=7\nlea", "garbage\n", ""] {
+            assert!(
+                unseal(bad).unwrap_err().starts_with("no crc32= line"),
+                "{bad:?}"
+            );
+        }
+        let short = unseal("x\ncrc32=12\n").unwrap_err();
+        assert!(short.contains("not crc32=<8 hex digits>"), "{short}");
+        assert_eq!(unseal(&seal("")), Ok(""));
     }
 
     #[test]

@@ -14,7 +14,7 @@ mod types;
 
 pub use config::{ClusterConfig, ConfigError, CoordConfig, ServerConfig};
 pub use durable_dir::{
-    create_dir_durable, read_small_text, replace_file_durable, sync_dir, DirError, ReadSmallError,
-    ReplaceError,
+    create_dir_durable, read_small_text, replace_file_durable, seal, sync_dir, unseal, DirError,
+    ReadSmallError, ReplaceError,
 };
 pub use types::{LogIndex, NodeId, Term};

@@ -98,6 +98,26 @@ impl CoreConfig {
     }
 }
 
+/// Where a server's report came from. A `Coord.Join` can come from anyone (the RPC is not
+/// authenticated yet): it marks the server alive and may record a server seen for the first
+/// time, but it never changes a storage record, raises the term or gets a leader adopted.
+/// Those come only from answers to the coord's own heartbeats, sent to the configured address
+/// (the next one is at most a heartbeat away).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Via {
+    Join,
+    HeartbeatAnswer,
+}
+
+impl Via {
+    fn name(self) -> &'static str {
+        match self {
+            Via::Join => "Join",
+            Via::HeartbeatAnswer => "heartbeat answer",
+        }
+    }
+}
+
 /// A server's role as it reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -304,7 +324,10 @@ impl CoordCore {
             .iter()
             .map(|&id| (id, Peer::default()))
             .collect();
-        let config_servers = config.servers.clone();
+        let members = members
+            .into_iter()
+            .filter(|(id, _)| config.servers.contains(id))
+            .collect();
         CoordCore {
             config,
             peers,
@@ -315,10 +338,7 @@ impl CoordCore {
                 leader_uuid: String::new(),
             },
             phase: Phase::Joining,
-            members: members
-                .into_iter()
-                .filter(|(id, _)| config_has(&config_servers, *id))
-                .collect(),
+            members,
             next_heartbeat_ms: now_ms,
             now_ms,
         }
@@ -374,10 +394,10 @@ impl CoordCore {
         match event {
             Event::Tick { now_ms } => self.on_tick(now_ms, &mut out),
             Event::Joined { id, report, now_ms } => {
-                self.on_report(id, report, now_ms, "Join", &mut out)
+                self.on_report(id, report, now_ms, Via::Join, &mut out)
             }
             Event::HeartbeatOk { id, report, now_ms } => {
-                self.on_report(id, report, now_ms, "heartbeat answer", &mut out)
+                self.on_report(id, report, now_ms, Via::HeartbeatAnswer, &mut out)
             }
             Event::HeartbeatFailed { id } => self.on_heartbeat_failed(id),
             Event::ServerGone { id } => self.on_server_gone(id, &mut out),
@@ -438,9 +458,11 @@ impl CoordCore {
         id: NodeId,
         report: ServerReport,
         now_ms: u64,
-        via: &str,
+        via: Via,
         out: &mut Vec<Command>,
     ) {
+        let trusted = via == Via::HeartbeatAnswer;
+        let via = via.name();
         if report.id != id {
             warn!(
                 server = %id,
@@ -454,12 +476,7 @@ impl CoordCore {
         if !self.mark_alive(id, &report, now_ms, via) {
             return;
         }
-        // A Join can come from anyone (the RPC is not authenticated yet): it marks the server
-        // alive and may record a server seen for the first time, but it never changes a
-        // storage record, raises the term or gets a leader adopted. Those come only from
-        // answers to the coord's own heartbeats, sent to the configured address (the next one
-        // is at most a heartbeat away).
-        let trusted = via != "Join";
+        // See `Via` for what an untrusted Join may change.
         if trusted || !self.members.contains_key(&id) {
             self.track_storage(id, &report, out);
         }
@@ -554,8 +571,13 @@ impl CoordCore {
         };
         self.members.insert(id, member);
         out.push(Command::PersistMembers(self.members.clone()));
+        self.replace_if_leader(id, "came back with other storage", out);
+    }
+
+    /// A leader of the stable view that failed or lost its storage is replaced at once.
+    fn replace_if_leader(&mut self, id: NodeId, why: &str, out: &mut Vec<Command>) {
         if id == self.view.leader && matches!(self.phase, Phase::Stable { .. }) {
-            let reason = format!("leader {id} came back with other storage");
+            let reason = format!("leader {id} {why}");
             self.start_epoch_change(Term(0), &reason, out);
         }
     }
@@ -635,10 +657,7 @@ impl CoordCore {
         }
         peer.alive = false;
         info!(server = %id, "ServerFail: server {id} refused the connection (not running)");
-        if id == self.view.leader && matches!(self.phase, Phase::Stable { .. }) {
-            let reason = format!("leader {id} is not running");
-            self.start_epoch_change(Term(0), &reason, out);
-        }
+        self.replace_if_leader(id, "is not running", out);
     }
 
     fn on_heartbeat_failed(&mut self, id: NodeId) {
@@ -749,9 +768,8 @@ impl CoordCore {
                 leader_failed |= id == self.view.leader;
             }
         }
-        if leader_failed && matches!(self.phase, Phase::Stable { .. }) {
-            let reason = format!("leader {} failed", self.view.leader);
-            self.start_epoch_change(Term(0), &reason, out);
+        if leader_failed {
+            self.replace_if_leader(self.view.leader, "failed", out);
         }
     }
 
@@ -967,8 +985,4 @@ impl CoordCore {
         }
         assert_eq!(durable, self.highest_term, "the highest term is persisted");
     }
-}
-
-fn config_has(servers: &[NodeId], id: NodeId) -> bool {
-    servers.contains(&id)
 }

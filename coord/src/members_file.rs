@@ -109,29 +109,11 @@ fn render(members: &Members) -> String {
         let state = if m.voter { "voter" } else { "catching-up" };
         text.push_str(&format!("{} {} {state}\n", id.0, m.uuid));
     }
-    let crc = crc32fast::hash(text.as_bytes());
-    text.push_str(&format!("crc32={crc:08x}\n"));
-    text
+    kvraft_common::seal(&text)
 }
 
 fn parse(text: &str) -> Result<Members, String> {
-    let Some(body) = text.strip_suffix('\n') else {
-        return Err("does not end with a newline".into());
-    };
-    let (covered, crc_line) = match body.rfind('\n') {
-        Some(at) => (&text[..=at], &body[at + 1..]),
-        None => return Err("the crc32 line is missing".into()),
-    };
-    let want = crc_line
-        .strip_prefix("crc32=")
-        .and_then(|hex| u32::from_str_radix(hex, 16).ok())
-        .ok_or_else(|| format!("last line is {crc_line:?}, expected crc32=<hex>"))?;
-    let got = crc32fast::hash(covered.as_bytes());
-    if got != want {
-        return Err(format!(
-            "checksum mismatch: the file says {want:08x}, its content is {got:08x}"
-        ));
-    }
+    let covered = kvraft_common::unseal(text)?;
     let mut lines = covered.lines();
     let header = lines.next().unwrap_or_default();
     if header != HEADER {

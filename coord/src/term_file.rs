@@ -129,9 +129,7 @@ impl TermFile {
 
 /// The v2 text of `term`: header and term lines, then the CRC-32 of those two lines.
 fn encode(term: Term) -> String {
-    let body = format!("{HEADER_V2}\n{}\n", term.0);
-    let crc = crc32fast::hash(body.as_bytes());
-    format!("{body}crc32={crc:08x}\n")
+    kvraft_common::seal(&format!("{HEADER_V2}\n{}\n", term.0))
 }
 
 /// Checks and parses a v2 or v1 file; the error says what is wrong.
@@ -142,13 +140,13 @@ fn parse(text: &str) -> Result<Term, String> {
     let lines: Vec<&str> = body.split('\n').collect();
     match lines[0] {
         HEADER_V2 => {
-            let [_, value, crc_line] = lines[..] else {
+            let [_, value, _crc] = lines[..] else {
                 return Err(format!(
                     "expected 3 lines (header, term, crc32=), found {}",
                     lines.len()
                 ));
             };
-            check_crc(&text[..text.len() - crc_line.len() - 1], crc_line)?;
+            kvraft_common::unseal(text)?;
             parse_term(value)
         }
         HEADER_V1 => {
@@ -164,22 +162,6 @@ fn parse(text: &str) -> Result<Term, String> {
             "first line is {header:?}, expected {HEADER_V2:?} (or {HEADER_V1:?})"
         )),
     }
-}
-
-/// Checks `crc_line` (`crc32=<8 hex digits>`) against the CRC-32 of `body`.
-fn check_crc(body: &str, crc_line: &str) -> Result<(), String> {
-    let hex = crc_line
-        .strip_prefix("crc32=")
-        .filter(|h| h.len() == 8 && h.bytes().all(|b| b.is_ascii_hexdigit()))
-        .ok_or_else(|| format!("last line {crc_line:?} is not crc32=<8 hex digits>"))?;
-    let stored = u32::from_str_radix(hex, 16).map_err(|e| format!("bad crc32 {hex:?}: {e}"))?;
-    let computed = crc32fast::hash(body.as_bytes());
-    if stored != computed {
-        return Err(format!(
-            "checksum mismatch: stored {stored:08x}, computed {computed:08x} over {body:?}"
-        ));
-    }
-    Ok(())
 }
 
 fn parse_term(value: &str) -> Result<Term, String> {

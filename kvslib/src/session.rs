@@ -13,8 +13,10 @@
 //! renewal never gives a put a second identity (its seq belongs to exactly one session); a
 //! put's seq is finished exactly once, by [`SeqGuard`]'s drop, also when the caller's future is
 //! cancelled; a seq is assigned only within the session window (`SESSION_WINDOW_MAX` above the
-//! ack watermark), waiting for older puts to finish if need be. Registration retries may leak a session whose answer was lost; the server expires
-//! it by TTL.
+//! ack watermark), waiting for older puts to finish if need be. A client connected without a
+//! session starts with an unregistered stand-in, marked expired, so its first put registers
+//! one. Registration retries may leak a session whose answer was lost; the server expires it
+//! by TTL.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -56,23 +58,22 @@ pub(crate) struct Sessions {
 impl Session {
     fn new(id: u64) -> Arc<Session> {
         assert!(id != 0, "invariant: session ids start at 1");
+        Session::with_id(id, false)
+    }
+
+    fn with_id(id: u64, expired: bool) -> Arc<Session> {
         Arc::new(Session {
             id,
             seqs: Mutex::new(SeqTracker::new()),
             finished: tokio::sync::Notify::new(),
-            expired: AtomicBool::new(false),
+            expired: AtomicBool::new(expired),
         })
     }
 
     /// The stand-in of a client that has not registered a session yet: marked expired, so the
     /// first put registers one (through `Sessions::usable`), as after an expiry.
     fn unregistered() -> Arc<Session> {
-        Arc::new(Session {
-            id: 0,
-            seqs: Mutex::new(SeqTracker::new()),
-            finished: tokio::sync::Notify::new(),
-            expired: AtomicBool::new(true),
-        })
+        Session::with_id(0, true)
     }
 
     fn seqs(&self) -> MutexGuard<'_, SeqTracker> {

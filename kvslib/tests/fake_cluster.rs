@@ -231,6 +231,17 @@ async fn three_servers() -> (Shared, Vec<String>) {
     (cluster, addrs)
 }
 
+/// What the fake coord publishes: `leader_id` leads `term` at `addr`.
+fn leader_info(term: u64, leader_id: u32, addr: &str) -> pb::LeaderInfo {
+    pb::LeaderInfo {
+        term,
+        leader_id,
+        leader_uuid: format!("uuid-{leader_id}"),
+        leader_addr: addr.to_string(),
+        trace_token: Default::default(),
+    }
+}
+
 fn attempts(cluster: &Shared) -> Vec<(u32, pb::PutRequest)> {
     cluster.lock().unwrap().attempts.clone()
 }
@@ -394,14 +405,7 @@ async fn a_dead_cluster_fails_by_the_deadline_without_claiming_definite_failure(
 #[tokio::test]
 async fn the_coord_watch_moves_the_client_to_a_new_leader() {
     let (cluster, addrs) = three_servers().await;
-    let info = |term, leader_id: u32, addr: &str| pb::LeaderInfo {
-        term,
-        leader_id,
-        leader_uuid: format!("uuid-{leader_id}"),
-        leader_addr: addr.to_string(),
-        trace_token: Default::default(),
-    };
-    let (tx, rx) = watch::channel(info(1, 2, &addrs[1]));
+    let (tx, rx) = watch::channel(leader_info(1, 2, &addrs[1]));
     let down = Arc::new(Mutex::new(false));
     let coord_addr = serve_coord(FakeCoord {
         leader: rx,
@@ -421,7 +425,7 @@ async fn the_coord_watch_moves_the_client_to_a_new_leader() {
     // Failover to server 3 in term 2, announced only by the coord; the coord then goes down.
     cluster.lock().unwrap().leader_id = 3;
     cluster.lock().unwrap().term = 2;
-    tx.send(info(2, 3, &addrs[2])).unwrap();
+    tx.send(leader_info(2, 3, &addrs[2])).unwrap();
     *down.lock().unwrap() = true;
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
@@ -468,14 +472,7 @@ async fn query_leader_gives_up_on_a_dead_coord_by_the_deadline() {
 #[tokio::test]
 async fn a_new_leader_not_yet_told_is_asked_again_not_probed_around() {
     let (cluster, addrs) = three_servers().await;
-    let info = |term, leader_id: u32, addr: &str| pb::LeaderInfo {
-        term,
-        leader_id,
-        leader_uuid: format!("uuid-{leader_id}"),
-        leader_addr: addr.to_string(),
-        trace_token: Default::default(),
-    };
-    let (tx, rx) = watch::channel(info(1, 2, &addrs[1]));
+    let (tx, rx) = watch::channel(leader_info(1, 2, &addrs[1]));
     let down = Arc::new(Mutex::new(false));
     let coord_addr = serve_coord(FakeCoord { leader: rx, down }).await;
     let client = Client::connect(&config(&coord_addr, &addrs, 5_000), "c1")
@@ -489,7 +486,7 @@ async fn a_new_leader_not_yet_told_is_asked_again_not_probed_around() {
         c.unaware_left = 3;
         c.attempts.clear();
     }
-    tx.send(info(2, 3, &addrs[2])).unwrap();
+    tx.send(leader_info(2, 3, &addrs[2])).unwrap();
     let deadline = Instant::now() + Duration::from_secs(3);
     while client.leader().await.unwrap().leader_id != 3 {
         assert!(Instant::now() < deadline, "watch update never arrived");

@@ -139,7 +139,6 @@ pub enum ClientError {
     },
     SessionExpired,
     Stale,
-    TooManyPending,
     /// The request breaks a rule of the protocol, whatever the server's state; the message
     /// names the field. Definite: the same request is refused everywhere, always.
     Invalid(String),
@@ -1356,9 +1355,8 @@ fn client_error(e: PutError) -> ClientError {
     match e {
         PutError::SessionExpired => ClientError::SessionExpired,
         PutError::Stale => ClientError::Stale,
-        PutError::TooManyPending => ClientError::TooManyPending,
         PutError::Invalid => ClientError::Invalid(
-            "the put breaks the session window (ack_seq <= seq < ack_seq + 1024)".to_string(),
+            "the put breaks its session window (ack_seq <= seq < ack_seq + window)".to_string(),
         ),
     }
 }

@@ -1147,3 +1147,28 @@ fn a_leader_waiting_for_a_catching_up_follower_keeps_leading() {
         "committed once 3 caught up"
     );
 }
+
+/// Rule 8: a follower refusing a message of an older term answers with read round 0, not the
+/// message's: that round belongs to the older term's leader, and echoed under the follower's
+/// term it would confirm a round of the current leader that this answer never saw.
+#[test]
+fn a_lower_term_refusal_confirms_no_read_round() {
+    let (mut net, _) = Net::with_leader(3);
+    net.settle();
+    net.prepare(2, 2);
+    net.log.clear();
+    let req = AppendEntriesRequest {
+        read_round: 7,
+        ..append_base()
+    };
+    net.step(2, Event::AppendEntries { stream: 1, req });
+    let answers: Vec<_> = net
+        .log
+        .iter()
+        .filter_map(|(_, c)| match c {
+            Command::SendAppendResponse { resp, .. } => Some((resp.term, resp.read_round)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(answers, vec![(2, 0)]);
+}

@@ -55,6 +55,10 @@ pub const GRPC_MESSAGE_BYTES_MAX: usize = 16 * 1024 * 1024;
 /// Distinct foreign cluster ids whose messages are logged (each once); more are refused
 /// without a log line, so a flood of made-up ids neither grows memory nor the log.
 const FOREIGN_CLUSTERS_LOGGED_MAX: usize = 16;
+/// At most one line per this period for refused peer messages, with the count of those not
+/// logged: a peer (or anyone who opens a replication stream) sending garbage must not grow the
+/// log without bound.
+const REFUSALS_LOGGED_EVERY_MS: u64 = 1_000;
 /// Pause before reconnecting a broken peer stream.
 const PEER_RECONNECT_MS: u64 = 50;
 
@@ -258,6 +262,8 @@ pub async fn run(
         otel: kvraft_telemetry::enabled().then(OtelSpans::default),
         meta,
         foreign_clusters: Default::default(),
+        refusals_logged_ms: 0,
+        refusals_unlogged: 0,
     };
     let result = core.run(rx, shutdown).await;
     let _ = stop_tx.send(true);
@@ -299,6 +305,10 @@ struct Core {
     /// Foreign cluster ids already logged (once each, however often they come; bounded by
     /// [`FOREIGN_CLUSTERS_LOGGED_MAX`]).
     foreign_clusters: std::collections::BTreeSet<String>,
+    /// When a refused peer message was last logged, and how many were refused since without a
+    /// line (see [`REFUSALS_LOGGED_EVERY_MS`]).
+    refusals_logged_ms: u64,
+    refusals_unlogged: u64,
 }
 
 impl Core {
@@ -466,6 +476,23 @@ impl Core {
         Ok(())
     }
 
+    /// Logs a refused peer message, at most once per [`REFUSALS_LOGGED_EVERY_MS`].
+    fn log_refusal(&mut self, from: NodeId, reason: &str) {
+        let now = monotonic_ms();
+        if self.refusals_logged_ms != 0 && now < self.refusals_logged_ms + REFUSALS_LOGGED_EVERY_MS
+        {
+            self.refusals_unlogged += 1;
+            return;
+        }
+        let unlogged = std::mem::take(&mut self.refusals_unlogged);
+        self.refusals_logged_ms = now.max(1);
+        tracing::warn!(
+            server = %self.replica.id(),
+            peer = %from,
+            "refused a peer message: {reason} ({unlogged} more refused since the last line)"
+        );
+    }
+
     /// The `crash_after_commit` fault: exit as leader once the index is committed, before any
     /// reply of this batch is sent.
     fn check_crash_fault(&self) {
@@ -596,9 +623,7 @@ impl Core {
                     let _ = tx.send(Ok(reply));
                 }
             }
-            Command::Refused { from, reason } => {
-                tracing::warn!(server = %self.replica.id(), peer = %from, "refused a peer message: {reason}");
-            }
+            Command::Refused { from, reason } => self.log_refusal(from, &reason),
             Command::RoleChanged { leader, term } => {
                 let tag = if leader {
                     "BecameLeader"

@@ -412,12 +412,6 @@ fn kv_error(e: ClientError) -> KvError {
              applied is unknown"
                 .to_string(),
         ),
-        ClientError::TooManyPending => (
-            ErrorCode::ErrorTooManyPending,
-            0,
-            0,
-            "too many requests of this session wait for an earlier one".to_string(),
-        ),
         ClientError::Invalid(message) => (ErrorCode::ErrorInvalidArgument, 0, 0, message),
         ClientError::Unavailable(message) => (ErrorCode::ErrorUnavailable, 0, 0, message),
     };

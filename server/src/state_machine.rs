@@ -11,8 +11,8 @@
 //! Sessions. A session is opened by a `RegisterSession` entry; its id is that entry's index,
 //! unique forever. Each put carries `(session_id, seq, ack_seq)`:
 //! - puts of one session apply in `seq` order: a put above the next expected seq waits in
-//!   `pending` (at most [`PENDING_PER_SESSION_MAX`]) until the seqs before it apply or are
-//!   abandoned;
+//!   `pending` until the seqs before it apply or are abandoned (at most the session window:
+//!   see the last rule);
 //! - `ack_seq` says the client is done with every seq below it: those results are dropped, and
 //!   seqs below it that never arrived are skipped (a late copy is answered `Stale`, which says
 //!   only that the server no longer knows: the seq may or may not have applied);
@@ -34,10 +34,6 @@ use kvraft_proto::log_entry::Payload;
 use kvraft_proto::{LogEntry, PutCommand};
 use prost::bytes::Bytes;
 
-/// Most puts of one session that may wait for an earlier seq. Bounds memory per session; the
-/// session window (`seq < ack_seq + SESSION_WINDOW_MAX`) already keeps a client within it.
-pub const PENDING_PER_SESSION_MAX: u64 = SESSION_WINDOW_MAX;
-
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Versioned {
     pub value: Bytes,
@@ -58,7 +54,6 @@ pub enum PutError {
     /// The seq is below the session's `ack_seq`: its result is gone, so whether it applied is
     /// unknown.
     Stale,
-    TooManyPending,
     /// The put breaks the session rules (`ack_seq <= seq < ack_seq + window`); nothing changed.
     Invalid,
 }
@@ -255,7 +250,7 @@ impl StateMachine {
             return;
         }
         if put.seq > session.next_seq {
-            self.hold(id, put, index, out);
+            self.hold(id, put, index);
             return;
         }
         // An earlier copy of this very request may be held (it waited for seqs this copy's
@@ -269,7 +264,7 @@ impl StateMachine {
         self.drain_pending(id, out);
     }
 
-    fn hold(&mut self, id: u64, put: &PutCommand, index: u64, out: &mut Vec<Outcome>) {
+    fn hold(&mut self, id: u64, put: &PutCommand, index: u64) {
         let session = self
             .sessions
             .get_mut(&id)
@@ -277,15 +272,12 @@ impl StateMachine {
         if session.pending.contains_key(&put.seq) {
             return; // a retry appended twice: the first copy answers when it applies
         }
-        if put.seq - session.next_seq > PENDING_PER_SESSION_MAX {
-            out.push(put_outcome(
-                id,
-                put.seq,
-                Err(PutError::TooManyPending),
-                false,
-            ));
-            return;
-        }
+        // `apply_put` checked `seq < ack_seq + window` and `advance_ack` moved `next_seq` to at
+        // least `ack_seq`: the window bounds what a session holds.
+        debug_assert!(
+            put.seq - session.next_seq < self.window,
+            "invariant: held puts stay within the session window"
+        );
         let held = (put.key.clone(), put.value.clone(), index);
         session.pending.insert(put.seq, held);
     }

@@ -443,7 +443,6 @@ impl Client {
                     rng.random_range(BACKOFF_MS)
                 }
             }
-            ClientError::TooManyPending => rng.random_range(BACKOFF_MS),
             ClientError::Unavailable(_) => rng.random_range(BACKOFF_MS),
             ClientError::SessionExpired => return self.session_expired(slot, now_ms, now_ns, rng),
             ClientError::Stale | ClientError::Invalid(_) => {

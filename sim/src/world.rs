@@ -1094,8 +1094,9 @@ impl World {
 
     /// A disk may be lost while every node is up and the coord records every node's current
     /// storage as a voter (none lost and not yet caught up): then a majority of servers with
-    /// their data always remains, so the cluster can recover. Losing more at once may cost availability for good (no voter
-    /// majority), which is the design, not a bug for the simulation to report.
+    /// their data always remains, so the cluster can recover. Losing more at once may cost
+    /// availability for good (no voter majority), which is the design, not a bug for the
+    /// simulation to report.
     fn may_lose_a_disk(&self) -> bool {
         self.nodes.iter().all(|n| {
             let member = self.coord_members.get(&NodeId(n.id));
@@ -1134,9 +1135,9 @@ impl World {
     }
 }
 
-/// The session limits of a run, from the seed: with faults, a third of the runs never expire or evict, a
-/// third expire idle sessions after a short TTL (clients idle longer now and then), a third
-/// have a session table barely larger than the clients (registrations evict).
+/// The session limits of a run, from the seed: with faults, a third of the runs never expire
+/// or evict, a third expire idle sessions after a short TTL (clients idle longer now and then),
+/// a third have a session table barely larger than the clients (registrations evict).
 fn session_limits(rng: &mut StdRng, cfg: &SimConfig, clients: usize) -> SessionLimits {
     let window = rng.random_range(2..=cfg.session_window_max.max(2));
     // Expiry and eviction are part of the fault mix: a run without faults keeps sessions.

@@ -253,22 +253,21 @@ async fn soak_line(
     elapsed: Duration,
     rate: Option<f64>,
 ) -> String {
-    const MB: f64 = 1024.0 * 1024.0;
     let mut line = format!("soak: {:.0} s, ops {ops}", elapsed.as_secs_f64());
     if let Some(rate) = rate {
         line.push_str(&format!(", {rate:.0} ops/s"));
     }
-    for server in &config.servers {
-        let status = kvraft::cluster_status::server_status(&server.addr).await;
-        line.push_str(&match status {
+    use kvraft::cluster_status::{mib, servers};
+    for row in servers(config).await {
+        line.push_str(&match row.status {
             Some(s) => format!(
                 " | s{} rss {:.0} MB log {:.0} MB snapshot {:.0} MB",
-                server.id,
-                s.rss_bytes as f64 / MB,
-                s.log_bytes as f64 / MB,
-                s.snapshot_bytes as f64 / MB
+                row.id,
+                mib(s.rss_bytes),
+                mib(s.log_bytes),
+                mib(s.snapshot_bytes)
             ),
-            None => format!(" | s{} down", server.id),
+            None => format!(" | s{} down", row.id),
         });
     }
     line

@@ -293,8 +293,6 @@ fn role_of(report: &kvraft_proto::ServerReport) -> &'static str {
     }
 }
 
-const MB: f64 = 1024.0 * 1024.0;
-
 fn status_line(row: &kvraft::cluster_status::ServerRow, leader_commit: Option<u64>) -> String {
     let Some(status) = &row.status else {
         return format!("{:>3}  {:<21} {:<8} {:<12}", row.id, row.addr, "-", "down");
@@ -314,8 +312,8 @@ fn status_line(row: &kvraft::cluster_status::ServerRow, leader_commit: Option<u6
         report.commit_index,
         status.last_applied,
         lag,
-        status.rss_bytes as f64 / MB,
-        status.log_bytes as f64 / MB
+        kvraft::cluster_status::mib(status.rss_bytes),
+        kvraft::cluster_status::mib(status.log_bytes)
     )
 }
 

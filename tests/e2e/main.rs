@@ -1,8 +1,8 @@
 //! End-to-end tests: real coord and server processes on loopback, driven through the `client`
 //! binary and through kvslib. Numbered by area: t10 basic operations, t20 leader failover, t30
-//! exactly-once, t40 restarts, t42 disk loss, t50 partitions, t60 coord restart, t65 the gRPC health service, t70 bad input,
-//! t71 malformed and extreme requests, t72 the fault-injection gate, t80 tracing (vector
-//! clocks), t85 OpenTelemetry spans.
+//! exactly-once, t40 restarts, t42 disk loss, t50 partitions, t60 coord restart, t65 the gRPC
+//! health service, t70 bad input, t71 malformed and extreme requests, t72 the fault-injection
+//! gate, t80 tracing (vector clocks), t85 OpenTelemetry spans.
 
 mod harness;
 mod t10_basic;

@@ -789,3 +789,34 @@ fn a_refused_connection_fails_the_server_at_once() {
         "an epoch change at 20 ms, not at 300"
     );
 }
+
+/// Rule 1 at the end of the term space: a server holding term 2^64 - 1 (only a forged message
+/// can have put it there) makes the coord record that term, and then refuse to start an epoch
+/// change rather than wrap to a term already used.
+#[test]
+fn the_coord_never_issues_a_term_past_the_largest() {
+    let mut core = stable_cluster(3);
+    let out = step(
+        &mut core,
+        Event::PrepareRejected {
+            id: NodeId(2),
+            term: Term(u64::MAX),
+        },
+    );
+    assert!(out.is_empty(), "{out:?}");
+    assert_eq!(core.highest_term(), Term(1));
+    let mut core = CoordCore::new(config(3, WaitFor::All), Term(4), 0);
+    let out = step(&mut core, heartbeat_ok(1, u64::MAX, Role::Follower, 0));
+    assert_eq!(out.first(), Some(&Command::PersistTerm(Term(u64::MAX))));
+    step(&mut core, heartbeat_ok(2, u64::MAX, Role::Follower, 0));
+    step(&mut core, heartbeat_ok(3, u64::MAX, Role::Follower, 0));
+    for t in (50..2_000).step_by(50) {
+        let out = step(&mut core, tick(t));
+        assert!(
+            !out.iter()
+                .any(|c| matches!(c, Command::PersistTerm(_) | Command::SendPrepare { .. })),
+            "{out:?}"
+        );
+    }
+    assert_eq!(core.highest_term(), Term(u64::MAX));
+}

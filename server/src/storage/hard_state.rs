@@ -81,27 +81,13 @@ fn body(hs: HardState) -> String {
 }
 
 fn encode(hs: HardState) -> Vec<u8> {
-    let body = body(hs);
-    let crc = crc32fast::hash(body.as_bytes());
-    format!("{body}crc32={crc:08x}\n").into_bytes()
+    kvraft_common::seal(&body(hs)).into_bytes()
 }
 
 /// Checks and parses a file written by [`encode`]; the error says what is wrong.
 fn decode(bytes: &[u8]) -> Result<HardState, String> {
     let text = std::str::from_utf8(bytes).map_err(|_| "not UTF-8 text".to_string())?;
-    let crc_at = text
-        .rfind("crc32=")
-        .ok_or_else(|| format!("no crc32= line in {text:?}"))?;
-    let (body, crc_line) = text.split_at(crc_at);
-    let crc_hex = value(crc_line.strip_suffix('\n').unwrap_or(crc_line), "crc32")?;
-    let stored = u32::from_str_radix(crc_hex, 16)
-        .map_err(|e| format!("bad crc32 line {crc_line:?}: {e}"))?;
-    let computed = crc32fast::hash(body.as_bytes());
-    if stored != computed {
-        return Err(format!(
-            "checksum mismatch: stored {stored:08x}, computed {computed:08x} over {body:?}"
-        ));
-    }
+    let body = kvraft_common::unseal(text)?;
     let lines: Vec<&str> = body.lines().collect();
     let [term, leader] = lines[..] else {
         return Err(format!("expected term= and leader= lines, found {body:?}"));
