@@ -310,6 +310,9 @@ pub struct Replica {
     /// The coord's list of servers catching up after losing their storage (rule 10), with the
     /// storage identity each came back with.
     catching_up: BTreeMap<NodeId, String>,
+    /// The last term this process answered `Prepare` for (in memory: a restarted process has
+    /// answered none). Only the process whose answer the coord chose may lead that term.
+    prepared_term: u64,
     /// This server's own clock, in ms from any origin; only ever moves forward.
     now_ms: u64,
     out: Vec<Command>,
@@ -344,6 +347,7 @@ impl Replica {
             ack_stream: None,
             leader: None,
             catching_up: BTreeMap::new(),
+            prepared_term: 0,
             now_ms: 0,
             out: Vec::new(),
         }
@@ -590,14 +594,21 @@ impl Replica {
             if term > self.hard.term && leader != self.cfg.id {
                 self.adopt_term(term, leader);
             } else if term == self.hard.term && self.hard.leader == 0 {
-                self.accept_leader(leader);
-                // Leadership of a term starts only here, right after the designation is
-                // saved. A server that restarts with `leader == self` saved never leads that
-                // term again: it may have lost entries of the term that followers hold, and a
-                // second no-op at the same index would break log matching (rule 6). The coord
-                // sees it report "follower" and starts a new term.
-                if leader == self.cfg.id {
-                    self.become_leader();
+                if leader == self.cfg.id && self.prepared_term != term {
+                    // Designated on a Prepare answer this process did not give: it restarted
+                    // since, or its storage was replaced (rule 10) and the coord chose it for
+                    // a log it no longer holds. It must not lead; the coord sees it report
+                    // "follower" and starts a new term.
+                } else {
+                    self.accept_leader(leader);
+                    // Leadership of a term starts only here, right after the designation is
+                    // saved. A server that restarts with `leader == self` saved never leads
+                    // that term again: it may have lost entries of the term that followers
+                    // hold, and a second no-op at the same index would break log matching
+                    // (rule 6). The coord sees it report "follower" and starts a new term.
+                    if leader == self.cfg.id {
+                        self.become_leader();
+                    }
                 }
             }
         }
@@ -657,6 +668,7 @@ impl Replica {
         if term > self.hard.term {
             self.adopt_term(term, NodeId::NONE);
         }
+        self.prepared_term = term;
         let durable = self.durability.durable_index;
         let reply_msg = Reply::Prepare {
             ok: true,

@@ -1172,3 +1172,24 @@ fn a_lower_term_refusal_confirms_no_read_round() {
         .collect();
     assert_eq!(answers, vec![(2, 0)]);
 }
+
+/// Rules 2 and 10: only the process whose Prepare answer the coord chose may lead the term.
+/// Here server 2 answered Prepare(2) with its log, then lost its disk and came back empty
+/// before the designation arrived: the empty process learns the term and is designated, but
+/// must not lead (its log lacks every committed entry); it stays a follower.
+#[test]
+fn a_server_designated_on_an_answer_it_did_not_give_does_not_lead() {
+    let (mut net, session) = Net::with_leader(3);
+    let p = net.put(1, session, 1, "k", "v");
+    net.settle();
+    put_version(net.take(1, p));
+    net.nodes.get_mut(&1).unwrap().isolated = true;
+    for id in [2, 3] {
+        net.prepare(id, 2);
+    }
+    net.wipe(2);
+    net.coord_view(2, 2, NodeId::NONE, None);
+    net.coord_view(2, 2, NodeId(2), Some(Vec::new()));
+    assert!(!net.node(2).is_leader(), "an empty process never leads");
+    assert_ne!(net.node(2).report().role, kvraft_proto::Role::Leader as i32);
+}
