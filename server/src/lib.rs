@@ -10,9 +10,11 @@
 //!
 //! - [`replica`]: the decisions (replication, commit, epoch handling, reads), no IO.
 //! - [`state_machine`]: the key-value map and exactly-once sessions.
+//! - [`engine`]: where the state machine keeps them (redb on disk, or memory in tests).
 //! - [`storage`]: the checksummed log file, the hard state, the data-directory identity.
 //! - [`runtime`], [`service`]: tokio/tonic glue that executes the core's commands.
 
+pub mod engine;
 pub mod faults;
 mod otel_spans;
 pub mod replica;

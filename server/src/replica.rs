@@ -319,8 +319,22 @@ pub struct Replica {
 }
 
 impl Replica {
-    /// A replica recovered from disk: `entries` are the log (durable), `hard` the hard state.
+    /// A replica with an empty state machine in memory over `entries` (tests).
     pub fn new(cfg: ReplicaConfig, hard: HardState, entries: Vec<LogEntry>) -> Self {
+        let sm = StateMachine::new(cfg.session_ttl_ms, cfg.sessions_max);
+        Self::recovered(cfg, hard, entries, sm).expect("invariant: an empty state fits any log")
+    }
+
+    /// A replica recovered from disk: `entries` are the log (durable), `hard` the hard state,
+    /// `sm` the state machine as its engine holds it. The log must hold the last applied entry
+    /// with the same term (the state machine applies only entries durable in the log, so it
+    /// always does unless the files come from different servers or histories).
+    pub fn recovered(
+        cfg: ReplicaConfig,
+        hard: HardState,
+        entries: Vec<LogEntry>,
+        sm: StateMachine,
+    ) -> Result<Self, String> {
         assert!(cfg.servers.contains(&cfg.id), "invariant: id is configured");
         for (i, e) in entries.iter().enumerate() {
             assert_eq!(e.index, i as u64 + 1, "invariant: recovered log is dense");
@@ -330,14 +344,28 @@ impl Replica {
             (1..=limits::SESSION_WINDOW_MAX).contains(&cfg.session_window),
             "invariant: 1 <= session_window <= SESSION_WINDOW_MAX"
         );
-        let sm = StateMachine::new(cfg.session_ttl_ms, cfg.sessions_max)
-            .with_session_window(cfg.session_window);
-        Replica {
+        let applied = sm.last_applied();
+        if applied > 0 {
+            let term = entries.get(applied as usize - 1).map(|e| e.term);
+            if term != Some(sm.applied_term()) {
+                return Err(format!(
+                    "the state file has applied entry {applied} of term {}, but the log {}",
+                    sm.applied_term(),
+                    match term {
+                        None => format!("ends at {durable_index}"),
+                        Some(t) => format!("holds term {t} there"),
+                    }
+                ));
+            }
+        }
+        let sm = sm.with_session_window(cfg.session_window);
+        Ok(Replica {
             majority: cfg.servers.len() / 2 + 1,
             cfg,
             hard,
             log: entries,
-            commit_index: 0,
+            // Only committed entries are ever applied.
+            commit_index: applied,
             sm,
             durability: Durability {
                 durable_index,
@@ -350,7 +378,7 @@ impl Replica {
             prepared_term: 0,
             now_ms: 0,
             out: Vec::new(),
-        }
+        })
     }
 
     // ------------------------------------------------------------------ queries
@@ -915,14 +943,34 @@ impl Replica {
         self.apply_committed();
     }
 
+    /// Applies committed entries that are durable in this server's log (so the log holds
+    /// every entry the engine has applied: a restart replays what the engine had not made
+    /// durable), then writes them to the engine as one batch.
     fn apply_committed(&mut self) {
-        while self.sm.last_applied() < self.commit_index {
+        let to = self.commit_index.min(self.durability.durable_index);
+        if self.sm.last_applied() >= to || self.sm.failure().is_some() {
+            return;
+        }
+        while self.sm.last_applied() < to && self.sm.failure().is_none() {
             let index = self.sm.last_applied() + 1;
             let outcomes = self.sm.apply(&self.log[(index - 1) as usize]);
             for outcome in outcomes {
                 self.answer(outcome);
             }
         }
+        self.sm.finish_batch();
+    }
+
+    /// Makes the state machine durable up to what it has applied; returns that index. The log
+    /// below it is no longer needed for a restart.
+    pub fn sync_state(&mut self) -> Result<u64, crate::engine::EngineError> {
+        self.sm.sync()
+    }
+
+    /// The state machine's engine failed: the server must stop, and nothing this step
+    /// returned may be executed (its answers may rest on a write that did not happen).
+    pub fn failure(&self) -> Option<&str> {
+        self.sm.failure()
     }
 
     fn answer(&mut self, outcome: Outcome) {
@@ -1099,7 +1147,7 @@ impl Replica {
             ready.push(leader.reads.pop_front().expect("invariant: front exists"));
         }
         for read in ready {
-            let value = self.sm.get(&read.key).map(|v| (v.value.clone(), v.version));
+            let value = self.sm.read(&read.key).map(|v| (v.value, v.version));
             self.reply(read.reply, Reply::Get(Ok(value)));
         }
     }
@@ -1326,6 +1374,7 @@ impl Replica {
         if self.durability.durable_index == before {
             return;
         }
+        self.apply_committed();
         if self.leader.is_some() {
             self.advance_commit();
         } else if let Some((stream, round)) = self.ack_stream {

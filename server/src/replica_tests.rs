@@ -447,7 +447,10 @@ fn conflicting_suffix_is_replaced_and_logs_converge() {
         assert_eq!(a.entry(i), b.entry(i), "entry {i}");
     }
     assert_eq!(
-        a.state_machine().get(b"k").map(|v| v.value.clone()),
+        a.state_machine()
+            .get(b"k")
+            .unwrap()
+            .map(|v| v.value.clone()),
         Some(Bytes::from("kept"))
     );
 }
@@ -856,7 +859,7 @@ fn retry_after_failover_applies_once() {
     let retry = net.put(2, session, 1, "k", "v");
     net.settle();
     assert_eq!(put_version(net.take(2, retry)), (1, true));
-    let value = net.node(2).state_machine().get(b"k").unwrap();
+    let value = net.node(2).state_machine().get(b"k").unwrap().unwrap();
     assert_eq!(value.version, 1);
 }
 
@@ -885,7 +888,7 @@ fn put_of_unknown_session_is_refused() {
     }
     assert_eq!(net.nodes[&1].written, written, "nothing appended");
     net.settle();
-    assert!(net.node(1).state_machine().get(b"k").is_none());
+    assert!(net.node(1).state_machine().get(b"k").unwrap().is_none());
 }
 
 /// Rule 7 with a deposed leader: a leader cut off from a newer term has not seen sessions
@@ -1102,7 +1105,15 @@ fn a_retry_with_a_higher_ack_seq_releases_a_waiting_put() {
     assert_eq!(put_version(net.take(1, first)), (1, false));
     assert_eq!(put_version(net.take(1, same)), (1, false));
     assert_eq!(put_version(net.take(1, released)), (1, false));
-    assert_eq!(net.node(1).state_machine().get(b"k").unwrap().version, 1);
+    assert_eq!(
+        net.node(1)
+            .state_machine()
+            .get(b"k")
+            .unwrap()
+            .unwrap()
+            .version,
+        1
+    );
 }
 
 /// Rule 10, liveness: while a wiped follower catches up and the other follower is down, the

@@ -36,10 +36,12 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tonic::transport::{Channel, Endpoint};
 
+use crate::engine::RedbEngine;
 use crate::faults::Faults;
 use crate::otel_spans::OtelSpans;
 use crate::replica::{Command, Event, Replica, ReplicaConfig, Reply, ReplyTo, StreamId};
 use crate::service;
+use crate::state_machine::StateMachine;
 use crate::storage::{FileLogStore, HardStateFile, LogStore, ServerMeta, StorageError, Syncer};
 use crate::trace_events::TraceEvents;
 
@@ -59,6 +61,11 @@ const FOREIGN_CLUSTERS_LOGGED_MAX: usize = 16;
 /// logged: a peer (or anyone who opens a replication stream) sending garbage must not grow the
 /// log without bound.
 const REFUSALS_LOGGED_EVERY_MS: u64 = 1_000;
+/// The state machine's file in the data directory.
+pub const STATE_FILE: &str = "state.redb";
+/// Period of the state machine's durable commits. What it applied since the last one is
+/// replayed from the log after a crash, so this bounds the replay, not what is kept.
+pub const STATE_SYNC_EVERY_MS: u64 = 100;
 /// Pause before reconnecting a broken peer stream.
 const PEER_RECONNECT_MS: u64 = 50;
 
@@ -224,7 +231,26 @@ pub async fn run(
         session_window: kvraft_common::limits::SESSION_WINDOW_MAX,
         heartbeat_ms: config.server.replication_heartbeat_ms,
     };
-    let replica = Replica::new(rcfg, hard, entries);
+    let state_path = dir.join(STATE_FILE);
+    let engine = tokio::task::block_in_place(|| RedbEngine::open(&state_path))?;
+    let sm = StateMachine::open(
+        Box::new(engine),
+        config.server.session_ttl_ms,
+        config.server.sessions_max,
+    )?;
+    tracing::info!(
+        server = id,
+        applied = sm.last_applied(),
+        "state machine opened at {}",
+        state_path.display()
+    );
+    let replica = Replica::recovered(rcfg, hard, entries, sm).map_err(|e| {
+        anyhow::anyhow!(
+            "data directory {}: {e}; the state file and the log do not belong together \
+             (start the server with an empty directory to rebuild it from the cluster)",
+            dir.display()
+        )
+    })?;
     let (tx, rx) = mpsc::channel(INPUT_QUEUE_MAX);
     let handle = CoreHandle {
         tx: tx.clone(),
@@ -261,6 +287,7 @@ pub async fn run(
         trace: tracer.clone().map(|t| TraceEvents::new(t, id)),
         otel: kvraft_telemetry::enabled().then(OtelSpans::default),
         meta,
+        state_synced_ms: monotonic_ms(),
         foreign_clusters: Default::default(),
         refusals_logged_ms: 0,
         refusals_unlogged: 0,
@@ -302,6 +329,8 @@ struct Core {
     otel: Option<OtelSpans>,
     /// Holds the data-directory lock for the life of the server.
     meta: ServerMeta,
+    /// When the state machine was last made durable (see [`STATE_SYNC_EVERY_MS`]).
+    state_synced_ms: u64,
     /// Foreign cluster ids already logged (once each, however often they come; bounded by
     /// [`FOREIGN_CLUSTERS_LOGGED_MAX`]).
     foreign_clusters: std::collections::BTreeSet<String>,
@@ -340,11 +369,17 @@ impl Core {
                 }
             }
             cmds.extend(self.replica.flush());
+            if let Some(failure) = self.replica.failure() {
+                // Nothing of this step is executed: its answers may rest on a lost write.
+                anyhow::bail!("the state machine's engine failed: {failure}; stopping the server");
+            }
             self.check_crash_fault();
             self.execute(cmds)?;
             self.flush_backlog()?;
             self.start_sync();
+            self.sync_state_if_due(false)?;
         }
+        self.sync_state_if_due(true)?;
         tracing::info!(server = %self.replica.id(), "server stopping");
         Ok(())
     }
@@ -473,6 +508,20 @@ impl Core {
             }
         };
         cmds.extend(self.replica.step(event));
+        Ok(())
+    }
+
+    /// Makes the state machine durable every [`STATE_SYNC_EVERY_MS`] (or now, with `now`):
+    /// until then the log holds what it applied, and a restart replays that much.
+    fn sync_state_if_due(&mut self, now: bool) -> anyhow::Result<()> {
+        let at = monotonic_ms();
+        if !now && at < self.state_synced_ms + STATE_SYNC_EVERY_MS {
+            return Ok(());
+        }
+        self.state_synced_ms = at;
+        let applied = tokio::task::block_in_place(|| self.replica.sync_state())
+            .context("cannot make the state machine durable; stopping the server")?;
+        tracing::trace!(applied, "state machine durable");
         Ok(())
     }
 

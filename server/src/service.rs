@@ -644,6 +644,8 @@ impl Admin for CoreHandle {
             rss_bytes: rss_bytes(),
             log_bytes: crate::storage::log_disk_bytes(&self.data_dir),
             snapshot_bytes: 0,
+            state_bytes: std::fs::metadata(self.data_dir.join(crate::runtime::STATE_FILE))
+                .map_or(0, |m| m.len()),
         }))
     }
 

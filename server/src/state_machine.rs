@@ -29,17 +29,14 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use crate::engine::{Engine, EngineError, MemEngine, WriteBatch};
+
 use kvraft_common::limits::{self, SESSION_WINDOW_MAX};
 use kvraft_proto::log_entry::Payload;
 use kvraft_proto::{LogEntry, PutCommand};
 use prost::bytes::Bytes;
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Versioned {
-    pub value: Bytes,
-    /// Number of puts applied to this key; a duplicate apply would show up here.
-    pub version: u64,
-}
+pub use crate::engine::Versioned;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PutResult {
@@ -85,9 +82,18 @@ struct Session {
     pending: BTreeMap<u64, (Bytes, Bytes, u64)>,
 }
 
-#[derive(Debug)]
 pub struct StateMachine {
-    kv: HashMap<Bytes, Versioned>,
+    /// The keys and values, the sessions and the applied position as of the last batch
+    /// written (see [`StateMachine::finish_batch`]).
+    engine: Box<dyn Engine>,
+    /// Keys changed by entries applied since the last batch was written.
+    overlay: HashMap<Bytes, Versioned>,
+    /// How many of them the engine does not hold yet.
+    overlay_created: u64,
+    /// Sessions changed or removed since the last batch was written.
+    dirty: BTreeSet<u64>,
+    /// The first engine failure; once set nothing more is applied (the server stops).
+    failure: Option<String>,
     sessions: HashMap<u64, Session>,
     /// (last_active_ms, session_id), for expiry and eviction in time order.
     by_activity: BTreeSet<(u64, u64)>,
@@ -96,19 +102,115 @@ pub struct StateMachine {
     /// Most unacknowledged requests per session (see `limits::check_put_seq`).
     window: u64,
     last_applied: u64,
+    /// Term of the entry at `last_applied`.
+    applied_term: u64,
+    /// `last_applied` when the last batch was written.
+    written_applied: u64,
+}
+
+impl std::fmt::Debug for StateMachine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateMachine")
+            .field("last_applied", &self.last_applied)
+            .field("sessions", &self.sessions.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl StateMachine {
+    /// An empty state machine in memory (tests, the simulation's reference replay).
     pub fn new(session_ttl_ms: u64, sessions_max: usize) -> Self {
+        Self::open(Box::new(MemEngine::new()), session_ttl_ms, sessions_max)
+            .expect("invariant: an empty memory engine opens")
+    }
+
+    /// The state machine `engine` holds: its applied position and sessions.
+    pub fn open(
+        engine: Box<dyn Engine>,
+        session_ttl_ms: u64,
+        sessions_max: usize,
+    ) -> Result<Self, EngineError> {
         assert!(sessions_max > 0, "invariant: sessions_max > 0");
-        StateMachine {
-            kv: HashMap::new(),
-            sessions: HashMap::new(),
-            by_activity: BTreeSet::new(),
+        let recovered = engine.recovered()?;
+        let mut sessions = HashMap::new();
+        let mut by_activity = BTreeSet::new();
+        for (id, bytes) in recovered.sessions {
+            let session = decode_session(&bytes)
+                .map_err(|e| EngineError(format!("session {id} in the state file: {e}")))?;
+            by_activity.insert((session.last_active_ms, id));
+            sessions.insert(id, session);
+        }
+        Ok(StateMachine {
+            engine,
+            overlay: HashMap::new(),
+            overlay_created: 0,
+            dirty: BTreeSet::new(),
+            failure: None,
+            sessions,
+            by_activity,
             session_ttl_ms,
             sessions_max,
             window: SESSION_WINDOW_MAX,
-            last_applied: 0,
+            last_applied: recovered.applied_index,
+            applied_term: recovered.applied_term,
+            written_applied: recovered.applied_index,
+        })
+    }
+
+    /// Term of the last applied entry (0 when nothing is applied).
+    pub fn applied_term(&self) -> u64 {
+        self.applied_term
+    }
+
+    /// The first engine failure, if any: the server must stop (nothing more applies).
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.as_deref()
+    }
+
+    /// Writes what was applied since the last batch as one atomic engine write: the changed
+    /// keys, the changed sessions and the applied position together.
+    pub fn finish_batch(&mut self) {
+        if self.failure.is_some() || self.written_applied == self.last_applied {
+            return;
+        }
+        let sessions = std::mem::take(&mut self.dirty)
+            .into_iter()
+            .map(|id| (id, self.sessions.get(&id).map(encode_session)))
+            .collect();
+        let batch = WriteBatch {
+            puts: std::mem::take(&mut self.overlay).into_iter().collect(),
+            sessions,
+            applied: (self.last_applied, self.applied_term),
+        };
+        match self.engine.write(batch) {
+            Ok(()) => {
+                self.written_applied = self.last_applied;
+                self.overlay_created = 0;
+            }
+            Err(e) => self.failure = Some(e.to_string()),
+        }
+    }
+
+    /// Writes the open batch and makes everything written durable; returns the applied index
+    /// that is now durable.
+    pub fn sync(&mut self) -> Result<u64, EngineError> {
+        self.finish_batch();
+        if let Some(f) = &self.failure {
+            return Err(EngineError(f.clone()));
+        }
+        self.engine.sync()?;
+        Ok(self.written_applied)
+    }
+
+    /// A key's value for a read; an engine failure is recorded (see [`Self::failure`]) and
+    /// reads as absent.
+    pub fn read(&mut self, key: &[u8]) -> Option<Versioned> {
+        match self.get(key) {
+            Ok(v) => v,
+            Err(e) => {
+                self.failure.get_or_insert(e.to_string());
+                None
+            }
         }
     }
 
@@ -126,16 +228,17 @@ impl StateMachine {
         self.last_applied
     }
 
-    pub fn get(&self, key: &[u8]) -> Option<&Versioned> {
-        self.kv.get(key)
+    /// A key's current value, with what was applied since the last batch.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Versioned>, EngineError> {
+        match self.overlay.get(key) {
+            Some(v) => Ok(Some(v.clone())),
+            None => self.engine.get(key),
+        }
     }
 
-    pub fn len(&self) -> usize {
-        self.kv.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.kv.is_empty()
+    /// Number of keys.
+    pub fn key_count(&self) -> Result<u64, EngineError> {
+        Ok(self.engine.key_count()? + self.overlay_created)
     }
 
     pub fn has_session(&self, session_id: u64) -> bool {
@@ -154,8 +257,12 @@ impl StateMachine {
             self.last_applied + 1,
             "invariant: entries apply in index order without gaps"
         );
-        self.last_applied = entry.index;
         let mut out = Vec::new();
+        if self.failure.is_some() {
+            return out;
+        }
+        self.last_applied = entry.index;
+        self.applied_term = entry.term;
         self.expire_sessions(entry.time_ms, &mut out);
         match &entry.payload {
             None | Some(Payload::Noop(_)) => {}
@@ -184,6 +291,7 @@ impl StateMachine {
             pending: BTreeMap::new(),
         };
         self.sessions.insert(index, session);
+        self.dirty.insert(index);
         self.by_activity.insert((now_ms, index));
         out.push(Outcome::SessionRegistered { index });
     }
@@ -200,6 +308,7 @@ impl StateMachine {
     /// Drops a session; puts still waiting in it are answered `SessionExpired`.
     fn remove_session(&mut self, id: u64, at: u64, out: &mut Vec<Outcome>) {
         self.by_activity.remove(&(at, id));
+        self.dirty.insert(id);
         if let Some(session) = self.sessions.remove(&id) {
             for seq in session.pending.keys() {
                 out.push(put_outcome(id, *seq, Err(PutError::SessionExpired), false));
@@ -236,6 +345,8 @@ impl StateMachine {
             out.push(put_outcome(id, put.seq, Err(PutError::Invalid), false));
             return;
         }
+        // Everything below changes only this session.
+        self.dirty.insert(id);
         self.touch(id, now_ms);
         self.advance_ack(id, put.ack_seq, out);
         let session = &self.sessions[&id];
@@ -347,16 +458,34 @@ impl StateMachine {
         index: u64,
         out: &mut Vec<Outcome>,
     ) {
-        let entry = self.kv.entry(key).or_insert(Versioned {
-            value: Bytes::new(),
-            version: 0,
-        });
-        entry.value = value;
-        entry.version += 1;
-        let result = PutResult {
-            version: entry.version,
-            index,
+        let previous = match self.overlay.get(&key) {
+            Some(v) => Ok(Some(v.clone())),
+            None => self.engine.get(&key),
         };
+        let previous = match previous {
+            Ok(v) => v,
+            Err(e) => {
+                // Nothing more applies; the server stops before any reply of this batch.
+                self.failure.get_or_insert(e.to_string());
+                return;
+            }
+        };
+        // Revisions follow the order in which the map changes: the index of the entry being
+        // applied (a held put changes the map when a later entry releases it).
+        let revision = self.last_applied;
+        let version = previous.as_ref().map_or(0, |v| v.version) + 1;
+        if previous.is_none() {
+            self.overlay_created += 1;
+        }
+        let create_revision = previous.map_or(revision, |v| v.create_revision);
+        let versioned = Versioned {
+            value,
+            version,
+            create_revision,
+            mod_revision: revision,
+        };
+        self.overlay.insert(key, versioned);
+        let result = PutResult { version, index };
         let session = self
             .sessions
             .get_mut(&id)
@@ -368,6 +497,91 @@ impl StateMachine {
         session.next_seq += 1;
         session.results.insert(seq, result);
         out.push(put_outcome(id, seq, Ok(result), false));
+    }
+}
+
+/// Format of a stored session (little-endian): `next_seq u64 | acked u64 | last_active_ms u64 |
+/// results u32, each seq u64 version u64 index u64 | held u32, each seq u64 index u64 key_len
+/// u32 key value_len u32 value`.
+fn encode_session(s: &Session) -> Vec<u8> {
+    let mut out = Vec::with_capacity(32 + s.results.len() * 24);
+    for w in [s.next_seq, s.acked, s.last_active_ms] {
+        out.extend_from_slice(&w.to_le_bytes());
+    }
+    out.extend_from_slice(&(s.results.len() as u32).to_le_bytes());
+    for (seq, r) in &s.results {
+        for w in [*seq, r.version, r.index] {
+            out.extend_from_slice(&w.to_le_bytes());
+        }
+    }
+    out.extend_from_slice(&(s.pending.len() as u32).to_le_bytes());
+    for (seq, (key, value, index)) in &s.pending {
+        out.extend_from_slice(&seq.to_le_bytes());
+        out.extend_from_slice(&index.to_le_bytes());
+        for b in [key, value] {
+            out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+            out.extend_from_slice(b);
+        }
+    }
+    out
+}
+
+fn decode_session(bytes: &[u8]) -> Result<Session, String> {
+    let mut r = Reader { bytes, at: 0 };
+    let (next_seq, acked, last_active_ms) = (r.u64()?, r.u64()?, r.u64()?);
+    let mut results = BTreeMap::new();
+    for _ in 0..r.u32()? {
+        let (seq, version, index) = (r.u64()?, r.u64()?, r.u64()?);
+        results.insert(seq, PutResult { version, index });
+    }
+    let mut pending = BTreeMap::new();
+    for _ in 0..r.u32()? {
+        let (seq, index) = (r.u64()?, r.u64()?);
+        let key = r.bytes()?;
+        let value = r.bytes()?;
+        pending.insert(seq, (key, value, index));
+    }
+    if r.at != bytes.len() {
+        return Err(format!("{} bytes after the record", bytes.len() - r.at));
+    }
+    Ok(Session {
+        next_seq,
+        acked,
+        last_active_ms,
+        results,
+        pending,
+    })
+}
+
+/// Reads a stored session; every length is checked against what is left.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8], String> {
+        let end = self.at.checked_add(n).filter(|&e| e <= self.bytes.len());
+        let end = end.ok_or_else(|| {
+            format!(
+                "truncated: {n} bytes wanted at offset {} of {}",
+                self.at,
+                self.bytes.len()
+            )
+        })?;
+        let out = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(out)
+    }
+    fn u64(&mut self) -> Result<u64, String> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8")))
+    }
+    fn u32(&mut self) -> Result<u32, String> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4")))
+    }
+    fn bytes(&mut self) -> Result<Bytes, String> {
+        let n = self.u32()? as usize;
+        Ok(Bytes::copy_from_slice(self.take(n)?))
     }
 }
 
@@ -410,7 +624,12 @@ mod tests {
                 time_ms,
                 payload: Some(payload),
             };
-            self.sm.apply(&e)
+            let out = self.sm.apply(&e);
+            // Every other entry ends a batch, so batches of one and of two go through the engine.
+            if self.index.is_multiple_of(2) {
+                self.sm.finish_batch();
+            }
+            out
         }
         fn register(&mut self, time_ms: u64) -> u64 {
             let out = self.push(
@@ -431,7 +650,7 @@ mod tests {
             self.push(t, Payload::Put(cmd))
         }
         fn value(&self, k: &str) -> Option<(String, u64)> {
-            let v = self.sm.get(k.as_bytes())?;
+            let v = self.sm.get(k.as_bytes()).unwrap()?;
             Some((String::from_utf8(v.value.to_vec()).unwrap(), v.version))
         }
     }
@@ -723,5 +942,104 @@ mod tests {
                 assert!(sm.sessions.len() <= sm.sessions_max, "seed {seed}");
             }
         }
+    }
+
+    /// A crash between a synced batch and later unsynced ones: the engine reopens at the synced
+    /// applied index with that moment's sessions, and replaying the log from there gives the
+    /// same answers and the same state as never crashing.
+    #[test]
+    fn a_crash_after_sync_resumes_from_the_synced_position() {
+        let entries: Vec<LogEntry> = {
+            let mut v = vec![payload_entry(
+                1,
+                Payload::RegisterSession(RegisterSession::default()),
+            )];
+            for (i, (seq, ack)) in [(1, 1), (3, 1), (2, 1), (4, 3), (5, 5), (4, 3)]
+                .iter()
+                .enumerate()
+            {
+                let cmd = PutCommand {
+                    session_id: 1,
+                    seq: *seq,
+                    ack_seq: *ack,
+                    key: Bytes::from(format!("k{}", i % 2)),
+                    value: Bytes::from(format!("v{i}")),
+                };
+                v.push(payload_entry(i as u64 + 2, Payload::Put(cmd)));
+            }
+            v
+        };
+        let mut straight = StateMachine::new(1_000, 3);
+        let want: Vec<Vec<Outcome>> = entries.iter().map(|e| straight.apply(e)).collect();
+        for synced_at in 0..entries.len() {
+            let engine = MemEngine::new();
+            let mut sm = StateMachine::open(Box::new(engine.clone()), 1_000, 3).unwrap();
+            for e in &entries[..synced_at] {
+                sm.apply(e);
+            }
+            assert_eq!(sm.sync().unwrap(), synced_at as u64);
+            for e in &entries[synced_at..] {
+                sm.apply(e);
+                sm.finish_batch();
+            }
+            drop(sm);
+            engine.crash();
+            let mut sm = StateMachine::open(Box::new(engine), 1_000, 3).unwrap();
+            assert_eq!(sm.last_applied(), synced_at as u64);
+            for (i, e) in entries.iter().enumerate().skip(synced_at) {
+                assert_eq!(
+                    sm.apply(e),
+                    want[i],
+                    "entry {} after a crash at {synced_at}",
+                    i + 1
+                );
+            }
+            for k in ["k0", "k1"] {
+                assert_eq!(
+                    sm.get(k.as_bytes()).unwrap(),
+                    straight.get(k.as_bytes()).unwrap()
+                );
+            }
+            assert_eq!(sm.key_count().unwrap(), 2);
+        }
+    }
+
+    fn payload_entry(index: u64, payload: Payload) -> LogEntry {
+        LogEntry {
+            term: 1,
+            index,
+            time_ms: 10 * index,
+            payload: Some(payload),
+        }
+    }
+
+    #[test]
+    fn a_damaged_session_record_is_an_error() {
+        let mut session = Session {
+            next_seq: 3,
+            acked: 1,
+            last_active_ms: 5,
+            results: BTreeMap::from([(
+                1,
+                PutResult {
+                    version: 1,
+                    index: 2,
+                },
+            )]),
+            pending: BTreeMap::from([(4, (Bytes::from_static(b"k"), Bytes::from_static(b"v"), 7))]),
+        };
+        let bytes = encode_session(&session);
+        let back = decode_session(&bytes).unwrap();
+        assert_eq!(
+            (back.next_seq, back.results, back.pending),
+            (3, session.results.clone(), session.pending.clone())
+        );
+        for cut in 0..bytes.len() {
+            assert!(decode_session(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        session.acked = 2;
+        let mut long = encode_session(&session);
+        long.push(0);
+        assert!(decode_session(&long).is_err());
     }
 }

@@ -4,7 +4,9 @@
 //! with) lasts as long as its disk: a crash keeps it, losing the disk makes a new one.
 
 use kvraft_common::NodeId;
+use kvraft_server::engine::MemEngine;
 use kvraft_server::replica::{Replica, ReplicaConfig};
+use kvraft_server::state_machine::StateMachine;
 
 use crate::disk::Disk;
 
@@ -29,6 +31,8 @@ pub struct SimNode {
     /// `None` while crashed.
     pub replica: Option<Replica>,
     pub disk: Disk,
+    /// The state machine's engine on this disk: a crash keeps what it last synced.
+    pub engine: MemEngine,
     pub incarnation: u64,
     /// Bumped when the disk is lost; part of the storage identity.
     pub disk_generation: u64,
@@ -51,6 +55,7 @@ impl SimNode {
             id,
             replica: None,
             disk: Disk::default(),
+            engine: MemEngine::new(),
             incarnation: 0,
             disk_generation: 0,
             clock_offset_ms,
@@ -78,7 +83,15 @@ impl SimNode {
             heartbeat_ms: self.heartbeat_ms,
         };
         let (hard, entries) = self.disk.crash(0);
-        self.replica = Some(Replica::new(cfg, hard, entries));
+        let sm = StateMachine::open(
+            Box::new(self.engine.clone()),
+            self.limits.ttl_ms,
+            self.limits.sessions_max,
+        )
+        .expect("invariant: the memory engine never fails");
+        let replica = Replica::recovered(cfg, hard, entries, sm)
+            .expect("invariant: the engine applies only entries durable in the log");
+        self.replica = Some(replica);
     }
 
     /// The identity of the current disk, as a data directory's uuid.
@@ -93,6 +106,7 @@ impl SimNode {
         self.incarnation += 1;
         self.disk_generation += 1;
         self.disk = Disk::default();
+        self.engine = MemEngine::new();
     }
 
     /// Crashes the process: the replica is gone, the disk keeps its durable part plus
@@ -102,5 +116,6 @@ impl SimNode {
         self.incarnation += 1;
         let (hard, entries) = self.disk.crash(extra_unsynced);
         self.disk = Disk::recovered(hard, entries);
+        self.engine.crash();
     }
 }

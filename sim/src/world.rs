@@ -54,6 +54,8 @@ const RPC_TIMEOUT_HEARTBEATS: u64 = 2;
 const FSYNC_MS: std::ops::RangeInclusive<u64> = 1..=8;
 const FSYNC_SLOW_MS: std::ops::RangeInclusive<u64> = 20..=120;
 const FSYNC_SLOW_PERMILLE: u32 = 50;
+/// Chance per tick and node that the state machine is made durable (‰).
+const STATE_SYNC_PERMILLE: u32 = 100;
 /// How long a partition lasts, and how long a crashed process stays down (ms).
 const PARTITION_MS: std::ops::RangeInclusive<u64> = 100..=1_500;
 const DOWN_MS: std::ops::RangeInclusive<u64> = 50..=1_500;
@@ -458,6 +460,15 @@ impl World {
                 for id in 1..=self.nodes.len() as u32 {
                     let clock_ms = now_ms + self.nodes[id as usize - 1].clock_offset_ms;
                     self.step_node(id, Event::Tick { now_ms: clock_ms })?;
+                    // The runtime makes the state machine durable on a timer; here at random
+                    // moments, so crashes fall at every distance from the last one.
+                    if chance(&mut self.rng, STATE_SYNC_PERMILLE) {
+                        if let Some(replica) = self.nodes[id as usize - 1].replica.as_mut() {
+                            replica
+                                .sync_state()
+                                .map_err(|e| format!("node {id}: state sync failed: {e}"))?;
+                        }
+                    }
                 }
                 self.step_coord(coord::Event::Tick { now_ms });
                 self.schedule(now_ms + self.cfg.tick_ms, Item::Tick);

@@ -340,6 +340,7 @@ fn status_json(
         "rss_bytes": status.rss_bytes,
         "log_bytes": status.log_bytes,
         "snapshot_bytes": status.snapshot_bytes,
+        "state_bytes": status.state_bytes,
     })
 }
 
