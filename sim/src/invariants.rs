@@ -288,7 +288,9 @@ impl Invariants {
                 None => h = fnv(h, b"-"),
             }
         }
-        let len = sm.key_count().expect("invariant: the memory engine never fails");
+        let len = sm
+            .key_count()
+            .expect("invariant: the memory engine never fails");
         fnv(h, &len.to_le_bytes())
     }
 }

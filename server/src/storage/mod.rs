@@ -12,6 +12,7 @@
 //! <dir>/meta        "server_id=<n>\nuuid=<uuid>\n", written once on first start
 //! <dir>/hard_state  "term=<n>\nleader=<n>\ncrc32=<hex>\n", replaced atomically by rename
 //! <dir>/log         log records back to back, entry indices 1, 2, 3, ... in order
+//! <dir>/state.redb  the state machine (see `crate::engine`), not written by this module
 //!
 //! one log record:
 //! +----------------+----------------+---------------------------------+
