@@ -218,6 +218,8 @@ pub async fn run(
         uuid = %meta.uuid,
         entries = recovery.entries,
         torn_tail_bytes = recovery.truncated_tail_bytes,
+        segments = recovery.segments,
+        converted = recovery.converted_legacy_log,
         term = hard.term,
         "ServerStart: recovered {}",
         dir.display()

@@ -117,7 +117,10 @@ async fn corrupt_log_record_refuses_start_and_torn_tail_is_truncated() {
     }
     client.close().await;
     cluster.kill_server(1);
-    let log = cluster.config.servers[0].data_dir.join("log");
+    let log = cluster.config.servers[0]
+        .data_dir
+        .join("wal")
+        .join("seg-00000000000000000001.log");
     let good = std::fs::read(&log).unwrap();
 
     tracing::info!("--- a torn final record is cut off and the server starts");
@@ -236,11 +239,7 @@ async fn data_directory_of_another_cluster_is_refused() {
     let from = a.config.servers[0].data_dir.clone();
     let to = b.config.servers[0].data_dir.clone();
     std::fs::remove_dir_all(&to).unwrap();
-    std::fs::create_dir_all(&to).unwrap();
-    for entry in std::fs::read_dir(&from).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
-    }
+    copy_dir(&from, &to);
     b.start_server(1);
     let log_path = b.dir.path().join("server1.log");
     Cluster::wait_for("the server to refuse the foreign cluster's coord", || {
@@ -259,4 +258,17 @@ async fn data_directory_of_another_cluster_is_refused() {
         async move { b.leader_info().await.is_some_and(|l| l.leader_id == 0) }
     })
     .await;
+}
+
+/// Copies a data directory (its files and the log's segment directory).
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &to.join(entry.file_name()));
+        } else {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
 }

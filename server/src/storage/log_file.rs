@@ -1,23 +1,33 @@
-//! The file-backed log: one append-only file `<dir>/log` of checksummed records (format in the
-//! [`super`] module doc), with an in-memory table of record offsets.
+//! The file-backed log: a directory `<dir>/wal` of segment files, each a header followed by
+//! checksummed records (format in the [`super`] module doc), with an in-memory table of record
+//! offsets per segment.
 //!
 //! ```text
-//!  append(entries) --pwrite at end_offset--> OS page cache --Syncer::sync (fdatasync)--> disk
-//!  truncate_from(i) --set_len(offsets[i-1]) + fdatasync--> disk
-//!  open(dir) --read all, check every record--> (store, entries, Recovery)
+//!  append(entries) --pwrite at the end of the last segment--> page cache --Syncer::sync--> disk
+//!      (a segment past SEGMENT_BYTES_TARGET is fsynced and closed; the next starts a new file)
+//!  truncate_from(i) --delete later segments, set_len in the one holding i, fdatasync--> disk
+//!  remove_segments_below(i) --delete the leading segments that hold only entries below i
+//!  open(dir) --read every segment, check every header and record--> (store, entries, Recovery)
 //! ```
 //!
-//! Invariants: `offsets[i]` is the byte offset of the record holding index `i + 1`, and
-//! `end_offset` is the file length as the OS sees it. On open, a bad record is a torn tail (cut
-//! off, with a warning) only when no valid record follows it anywhere in the file; otherwise it
-//! is corruption and the open fails naming the file and offset (DESIGN.md rule 9). A record
-//! whose checksum is valid but whose index does not continue the log is always corruption.
+//! Invariants: segments hold consecutive indices, each starting where the previous ended, and
+//! a segment's file name and header both give its first index; only the last segment may be
+//! empty, and only it may end in a torn record (a segment is fsynced before the next one is
+//! created). On open a bad record is a torn tail (cut off, with a warning) only at the end of
+//! the last segment and only when no valid record follows it; otherwise it is corruption and
+//! the open fails naming the file and offset (DESIGN.md rule 9). A header with another magic
+//! number or format version is refused with an error naming the file, never misread.
+//!
+//! A data directory written before segments existed has a single file `<dir>/log` (records from
+//! index 1, no header). It is converted on open: its valid records are copied into a first
+//! segment, made durable, and only then is `<dir>/log` removed, so a crash at any point leaves
+//! either the old file (converted again on the next open) or the segment.
 
 use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use kvraft_common::{create_dir_durable, sync_dir};
 use kvraft_proto::LogEntry;
@@ -25,12 +35,30 @@ use prost::Message;
 
 use super::{io_err, LogStore, StorageError, Syncer};
 
-/// Name of the log file inside the data directory.
-const LOG_FILE_NAME: &str = "log";
+/// The segment directory inside the data directory.
+const WAL_DIR: &str = "wal";
+/// The single log file of data directories written before segments (converted on open).
+const LEGACY_LOG_FILE: &str = "log";
+/// First bytes of every segment file.
+const SEGMENT_MAGIC: [u8; 8] = *b"KVRFTLOG";
+/// The segment layout this server writes and reads; another number is refused.
+pub const SEGMENT_FORMAT: u32 = 1;
+/// Segment header: magic (8) | format u32 LE | first index u64 LE | crc32 of those 20 bytes.
+const SEGMENT_HEADER_BYTES: usize = 24;
+/// A segment that has reached this size is closed before the next append; the unit in which
+/// the log is deleted once the state machine holds it.
+pub const SEGMENT_BYTES_TARGET: u64 = 16 * 1024 * 1024;
 
 /// Bytes the log of data directory `dir` takes on disk now (0 if it cannot be read).
 pub fn log_disk_bytes(dir: &Path) -> u64 {
-    std::fs::metadata(dir.join(LOG_FILE_NAME)).map_or(0, |m| m.len())
+    let segments = std::fs::read_dir(dir.join(WAL_DIR)).map_or(0, |entries| {
+        entries
+            .filter_map(|e| e.ok()?.metadata().ok())
+            .map(|m| m.len())
+            .sum()
+    });
+    let legacy = std::fs::metadata(dir.join(LEGACY_LOG_FILE)).map_or(0, |m| m.len());
+    segments + legacy
 }
 
 /// Bytes of a record header: payload length and payload checksum, both u32 LE.
@@ -48,60 +76,325 @@ const TAIL_SEARCH_HASH_BYTES_MAX: usize = 1024 * 1024 * 1024;
 /// What [`FileLogStore::open`] found and repaired.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Recovery {
-    /// Entries read back from the file.
+    /// Entries read back from the segments.
     pub entries: usize,
-    /// Bytes of a torn record cut from the end of the file (0 after a clean shutdown).
+    /// Bytes of a torn record cut from the end of the last segment (0 after a clean shutdown).
     pub truncated_tail_bytes: u64,
+    /// Segment files read.
+    pub segments: usize,
+    /// The directory held a pre-segment `log` file, now converted.
+    pub converted_legacy_log: bool,
 }
 
-/// A [`LogStore`] in a single file; see the module doc.
-pub struct FileLogStore {
-    /// Path of the log file, for error messages.
+/// One segment file.
+struct Segment {
+    first: u64,
     path: PathBuf,
     file: File,
-    /// `offsets[i]` is where the record of index `i + 1` starts, so a truncation is one
-    /// `set_len` and needs no re-reading.
+    /// `offsets[i]` is where the record of index `first + i` starts.
     offsets: Vec<u64>,
     /// Length of the file: the next record is written here.
-    end_offset: u64,
-    /// Shared with the sync thread; owns its own file descriptor of the same file.
+    end: u64,
+}
+
+impl Segment {
+    fn last_index(&self) -> u64 {
+        self.first + self.offsets.len() as u64 - 1
+    }
+}
+
+/// A [`LogStore`] in segment files; see the module doc.
+pub struct FileLogStore {
+    wal: PathBuf,
+    /// Never empty; the last one takes appends.
+    segments: Vec<Segment>,
+    segment_bytes: u64,
+    /// Shared with the sync thread; holds its own descriptor of the last segment.
     syncer: Arc<FileSyncer>,
 }
 
+fn segment_name(first: u64) -> String {
+    format!("seg-{first:020}.log")
+}
+
+/// The first index a segment file name gives, or `None` for any other name.
+fn parse_segment_name(name: &str) -> Option<u64> {
+    let digits = name.strip_prefix("seg-")?.strip_suffix(".log")?;
+    (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| digits.parse().ok())
+        .flatten()
+}
+
+fn segment_header(first: u64) -> [u8; SEGMENT_HEADER_BYTES] {
+    let mut h = [0u8; SEGMENT_HEADER_BYTES];
+    h[..8].copy_from_slice(&SEGMENT_MAGIC);
+    h[8..12].copy_from_slice(&SEGMENT_FORMAT.to_le_bytes());
+    h[12..20].copy_from_slice(&first.to_le_bytes());
+    let crc = crc32fast::hash(&h[..20]);
+    h[20..].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+/// Checks a segment's header against its name's first index.
+fn check_segment_header(bytes: &[u8], path: &Path, first: u64) -> Result<(), StorageError> {
+    let corrupt = |reason: String| StorageError::Corrupt {
+        path: path.to_path_buf(),
+        offset: 0,
+        reason,
+    };
+    if bytes.len() < SEGMENT_HEADER_BYTES {
+        return Err(corrupt(format!(
+            "segment header needs {SEGMENT_HEADER_BYTES} bytes, the file has {}",
+            bytes.len()
+        )));
+    }
+    if bytes[..8] != SEGMENT_MAGIC {
+        return Err(corrupt(
+            "not a kvraft log segment (wrong magic number)".to_string(),
+        ));
+    }
+    let crc = u32::from_le_bytes(bytes[20..24].try_into().expect("4 bytes"));
+    if crc != crc32fast::hash(&bytes[..20]) {
+        return Err(corrupt("segment header checksum mismatch".to_string()));
+    }
+    let format = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
+    if format != SEGMENT_FORMAT {
+        return Err(StorageError::InvalidState {
+            path: path.to_path_buf(),
+            reason: format!(
+                "log segment format {format}; this server reads format {SEGMENT_FORMAT} \
+                 (written by another version of kvraft)"
+            ),
+        });
+    }
+    let stored = u64::from_le_bytes(bytes[12..20].try_into().expect("8 bytes"));
+    if stored != first {
+        return Err(corrupt(format!(
+            "header says first index {stored}, the file name says {first}"
+        )));
+    }
+    Ok(())
+}
+
+/// Creates segment `first` durably (header written and fsynced, directory entry fsynced),
+/// holding `records` (already encoded, starting at index `first`) after the header.
+fn create_segment(wal: &Path, first: u64, records: &[u8]) -> Result<File, StorageError> {
+    let path = wal.join(segment_name(first));
+    let tmp = wal.join(format!("{}.tmp", segment_name(first)));
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(io_err(&tmp))?;
+    let mut contents = segment_header(first).to_vec();
+    contents.extend_from_slice(records);
+    file.write_all_at(&contents, 0).map_err(io_err(&tmp))?;
+    file.sync_data().map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
+    sync_dir(wal)?;
+    Ok(file)
+}
+
 impl FileLogStore {
-    /// Opens (or creates) `<dir>/log`, reads and checks every record, cuts a torn tail and
-    /// returns the store positioned after the last valid record, with the entries read.
+    /// Opens (or creates) the log of data directory `dir`, reads and checks every segment,
+    /// cuts a torn tail and returns the store positioned after the last valid record, with the
+    /// entries read.
     pub fn open(dir: &Path) -> Result<(FileLogStore, Vec<LogEntry>, Recovery), StorageError> {
+        Self::open_with(dir, SEGMENT_BYTES_TARGET)
+    }
+
+    /// As [`FileLogStore::open`], closing segments at `segment_bytes` (tests use small ones).
+    pub fn open_with(
+        dir: &Path,
+        segment_bytes: u64,
+    ) -> Result<(FileLogStore, Vec<LogEntry>, Recovery), StorageError> {
         create_dir_durable(dir)?;
-        let path = dir.join(LOG_FILE_NAME);
-        let file = open_or_create(dir, &path)?;
-        let bytes = read_all(&file, &path)?;
-        let scan = scan_records(&bytes).map_err(|bad| StorageError::Corrupt {
-            path: path.clone(),
-            offset: bad.offset as u64,
-            reason: bad.reason,
-        })?;
-        let truncated_tail_bytes = (bytes.len() - scan.valid_len) as u64;
-        if truncated_tail_bytes > 0 {
-            cut_torn_tail(&file, &path, scan.valid_len as u64, truncated_tail_bytes)?;
-        }
-        let recovery = Recovery {
-            entries: scan.entries.len(),
-            truncated_tail_bytes,
+        let wal = dir.join(WAL_DIR);
+        create_dir_durable(&wal)?;
+        let mut recovery = Recovery {
+            entries: 0,
+            truncated_tail_bytes: 0,
+            segments: 0,
+            converted_legacy_log: false,
         };
+        let legacy = dir.join(LEGACY_LOG_FILE);
+        if legacy.exists() {
+            recovery.truncated_tail_bytes = convert_legacy_log(dir, &legacy, &wal)?;
+            recovery.converted_legacy_log = true;
+        }
+        let mut firsts = Vec::new();
+        for item in std::fs::read_dir(&wal).map_err(io_err(&wal))? {
+            let item = item.map_err(io_err(&wal))?;
+            let name = item.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".tmp") {
+                // An interrupted segment creation: never part of the log.
+                let path = item.path();
+                std::fs::remove_file(&path).map_err(io_err(&path))?;
+            } else if let Some(first) = parse_segment_name(&name) {
+                firsts.push(first);
+            } else {
+                tracing::warn!(path = %item.path().display(), "not a log segment; ignored");
+            }
+        }
+        firsts.sort_unstable();
+        if firsts.is_empty() {
+            create_segment(&wal, 1, &[])?;
+            firsts.push(1);
+        }
+        let mut segments = Vec::with_capacity(firsts.len());
+        let mut entries = Vec::new();
+        let count = firsts.len();
+        for (i, &first) in firsts.iter().enumerate() {
+            let path = wal.join(segment_name(first));
+            if let Some(prev) = segments.last() {
+                let prev: &Segment = prev;
+                if prev.last_index() + 1 != first {
+                    return Err(StorageError::Corrupt {
+                        path,
+                        offset: 0,
+                        reason: format!(
+                            "segment starts at index {first}, but the previous one ends at {}",
+                            prev.last_index()
+                        ),
+                    });
+                }
+            }
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(io_err(&path))?;
+            let bytes = read_all(&file, &path)?;
+            check_segment_header(&bytes, &path, first)?;
+            let body = &bytes[SEGMENT_HEADER_BYTES..];
+            let last = i + 1 == count;
+            let scan = scan_records(body, first, last, SEGMENT_HEADER_BYTES).map_err(|bad| {
+                StorageError::Corrupt {
+                    path: path.clone(),
+                    offset: (SEGMENT_HEADER_BYTES + bad.offset) as u64,
+                    reason: bad.reason,
+                }
+            })?;
+            if !last && scan.entries.is_empty() {
+                return Err(StorageError::Corrupt {
+                    path,
+                    offset: SEGMENT_HEADER_BYTES as u64,
+                    reason: "an empty segment before the last one".to_string(),
+                });
+            }
+            let valid_end = (SEGMENT_HEADER_BYTES + scan.valid_len) as u64;
+            let tail = bytes.len() as u64 - valid_end;
+            if tail > 0 {
+                cut_torn_tail(&file, &path, valid_end, tail)?;
+                recovery.truncated_tail_bytes += tail;
+            }
+            let offsets = scan
+                .offsets
+                .iter()
+                .map(|o| o + SEGMENT_HEADER_BYTES as u64)
+                .collect();
+            entries.extend(scan.entries);
+            segments.push(Segment {
+                first,
+                path,
+                file,
+                offsets,
+                end: valid_end,
+            });
+        }
+        recovery.entries = entries.len();
+        recovery.segments = segments.len();
+        let current = segments.last().expect("invariant: at least one segment");
         let syncer = Arc::new(FileSyncer {
-            path: path.clone(),
-            file: file.try_clone().map_err(io_err(&path))?,
+            current: Mutex::new((
+                current.path.clone(),
+                current.file.try_clone().map_err(io_err(&current.path))?,
+            )),
         });
         let store = FileLogStore {
-            path,
-            file,
-            offsets: scan.offsets,
-            end_offset: scan.valid_len as u64,
+            wal,
+            segments,
+            segment_bytes: segment_bytes.max(1),
             syncer,
         };
-        Ok((store, scan.entries, recovery))
+        Ok((store, entries, recovery))
     }
+
+    /// Index of the first entry the log holds (or would hold next, when empty).
+    pub fn first_index(&self) -> u64 {
+        self.segments[0].first
+    }
+
+    /// Number of segment files.
+    pub fn segment_count(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// Deletes the leading segments that hold only entries below `index` (never the last
+    /// segment); returns how many. The caller must hold those entries elsewhere durably (the
+    /// state machine) before calling.
+    pub fn remove_segments_below(&mut self, index: u64) -> Result<usize, StorageError> {
+        let mut removed = 0;
+        while self.segments.len() > 1 && self.segments[1].first <= index {
+            let seg = self.segments.remove(0);
+            std::fs::remove_file(&seg.path).map_err(io_err(&seg.path))?;
+            removed += 1;
+        }
+        if removed > 0 {
+            sync_dir(&self.wal)?;
+        }
+        Ok(removed)
+    }
+
+    /// Closes the last segment (fsynced) and starts a new one at the next index.
+    fn roll(&mut self) -> Result<(), StorageError> {
+        let last = self
+            .segments
+            .last()
+            .expect("invariant: at least one segment");
+        last.file.sync_data().map_err(io_err(&last.path))?;
+        let first = self.last_index() + 1;
+        let file = create_segment(&self.wal, first, &[])?;
+        let path = self.wal.join(segment_name(first));
+        self.syncer
+            .replace(path.clone(), file.try_clone().map_err(io_err(&path))?);
+        self.segments.push(Segment {
+            first,
+            path,
+            file,
+            offsets: Vec::new(),
+            end: SEGMENT_HEADER_BYTES as u64,
+        });
+        Ok(())
+    }
+}
+
+/// Converts a pre-segment `<dir>/log` into segment 1; returns the torn-tail bytes dropped.
+fn convert_legacy_log(dir: &Path, legacy: &Path, wal: &Path) -> Result<u64, StorageError> {
+    let file = File::open(legacy).map_err(io_err(legacy))?;
+    let bytes = read_all(&file, legacy)?;
+    let scan = scan_records(&bytes, 1, true, 0).map_err(|bad| StorageError::Corrupt {
+        path: legacy.to_path_buf(),
+        offset: bad.offset as u64,
+        reason: bad.reason,
+    })?;
+    // Whatever an earlier, interrupted conversion left is replaced.
+    for item in std::fs::read_dir(wal).map_err(io_err(wal))? {
+        let path = item.map_err(io_err(wal))?.path();
+        std::fs::remove_file(&path).map_err(io_err(&path))?;
+    }
+    create_segment(wal, 1, &bytes[..scan.valid_len])?;
+    std::fs::remove_file(legacy).map_err(io_err(legacy))?;
+    sync_dir(dir)?;
+    tracing::info!(
+        path = %legacy.display(),
+        entries = scan.entries.len(),
+        "converted the log file into segment files under {}",
+        wal.display()
+    );
+    Ok((bytes.len() - scan.valid_len) as u64)
 }
 
 impl LogStore for FileLogStore {
@@ -110,35 +403,77 @@ impl LogStore for FileLogStore {
             return Ok(());
         }
         assert_continues(self.last_index(), entries);
-        let (buf, starts) = encode_records(entries, self.end_offset);
-        if let Err(source) = self.file.write_all_at(&buf, self.end_offset) {
+        let full = self
+            .segments
+            .last()
+            .is_some_and(|s| !s.offsets.is_empty() && s.end >= self.segment_bytes);
+        if full {
+            self.roll()?;
+        }
+        let seg = self
+            .segments
+            .last_mut()
+            .expect("invariant: at least one segment");
+        let (buf, starts) = encode_records(entries, seg.end);
+        if let Err(source) = seg.file.write_all_at(&buf, seg.end) {
             // Best effort: drop a partial write so it cannot sit between records if the
             // caller retries. The error below takes the server out either way.
-            let _ = self.file.set_len(self.end_offset);
-            return Err(io_err(&self.path)(source));
+            let _ = seg.file.set_len(seg.end);
+            return Err(io_err(&seg.path)(source));
         }
-        self.offsets.extend(starts);
-        self.end_offset += buf.len() as u64;
+        seg.offsets.extend(starts);
+        seg.end += buf.len() as u64;
         Ok(())
     }
 
     fn truncate_from(&mut self, index: u64) -> Result<(), StorageError> {
-        assert!(index >= 1, "truncate_from({index}): log indices start at 1");
+        assert!(
+            index >= self.first_index(),
+            "truncate_from({index}): below the log's first index {}",
+            self.first_index()
+        );
         if index > self.last_index() {
             return Ok(());
         }
-        let keep = (index - 1) as usize;
-        let offset = self.offsets[keep];
-        self.file.set_len(offset).map_err(io_err(&self.path))?;
-        self.offsets.truncate(keep);
-        self.end_offset = offset;
+        // The newest segments first, so a crash leaves a contiguous log.
+        let mut removed = false;
+        while self.segments.len() > 1 && self.segments.last().is_some_and(|s| s.first > index) {
+            let seg = self.segments.pop().expect("checked");
+            std::fs::remove_file(&seg.path).map_err(io_err(&seg.path))?;
+            removed = true;
+        }
+        let seg = self
+            .segments
+            .last_mut()
+            .expect("invariant: at least one segment");
+        let keep = (index - seg.first) as usize;
+        let offset = seg
+            .offsets
+            .get(keep)
+            .copied()
+            .expect("invariant: index is within the last segment");
+        seg.file.set_len(offset).map_err(io_err(&seg.path))?;
+        seg.offsets.truncate(keep);
+        seg.end = offset;
         // Durable now, before new records overwrite the same bytes: otherwise a crash could
         // leave new records followed by old ones, which recovery must call corruption.
-        self.file.sync_data().map_err(io_err(&self.path))
+        seg.file.sync_data().map_err(io_err(&seg.path))?;
+        if removed {
+            let (path, file) = (
+                seg.path.clone(),
+                seg.file.try_clone().map_err(io_err(&seg.path))?,
+            );
+            self.syncer.replace(path, file);
+            sync_dir(&self.wal)?;
+        }
+        Ok(())
     }
 
     fn last_index(&self) -> u64 {
-        self.offsets.len() as u64
+        self.segments
+            .last()
+            .expect("invariant: at least one segment")
+            .last_index()
     }
 
     fn syncer(&self) -> Arc<dyn Syncer> {
@@ -146,16 +481,29 @@ impl LogStore for FileLogStore {
     }
 }
 
-/// Makes the log file durable from another thread; fdatasync on its own descriptor covers
-/// every write and `set_len` made through any descriptor of the file before the call.
+/// Makes the last segment durable from another thread; fdatasync on its own descriptor covers
+/// every write and `set_len` made through any descriptor of the file before the call. Earlier
+/// segments were fsynced when they were closed.
 struct FileSyncer {
-    path: PathBuf,
-    file: File,
+    current: Mutex<(PathBuf, File)>,
+}
+
+impl FileSyncer {
+    fn replace(&self, path: PathBuf, file: File) {
+        *self.current.lock().unwrap_or_else(PoisonError::into_inner) = (path, file);
+    }
 }
 
 impl Syncer for FileSyncer {
     fn sync(&self) -> Result<(), StorageError> {
-        self.file.sync_data().map_err(io_err(&self.path))
+        let (path, file) = {
+            let guard = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+            (
+                guard.0.clone(),
+                guard.1.try_clone().map_err(io_err(&guard.0))?,
+            )
+        };
+        file.sync_data().map_err(io_err(&path))
     }
 }
 
@@ -190,25 +538,6 @@ fn encode_records(entries: &[LogEntry], base_offset: u64) -> (Vec<u8>, Vec<u64>)
         buf.extend_from_slice(&payload);
     }
     (buf, starts)
-}
-
-/// Opens the log file for reading and writing, creating it (and making its directory entry
-/// durable) on first start.
-fn open_or_create(dir: &Path, path: &Path) -> Result<File, StorageError> {
-    match OpenOptions::new().read(true).write(true).open(path) {
-        Ok(file) => Ok(file),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(path)
-                .map_err(io_err(path))?;
-            sync_dir(dir)?;
-            Ok(file)
-        }
-        Err(e) => Err(io_err(path)(e)),
-    }
 }
 
 fn read_all(mut file: &File, path: &Path) -> Result<Vec<u8>, StorageError> {
@@ -250,30 +579,51 @@ struct BadRecord {
     reason: String,
 }
 
-/// Reads records from the start; stops at a torn tail, fails at corruption.
-fn scan_records(bytes: &[u8]) -> Result<Scan, BadRecord> {
+/// Reads records from the start, the first holding index `first`; stops at a torn tail
+/// (only where one may be: `tail_allowed`), fails at corruption.
+/// `base` is where `bytes` start in the file (for the offsets named in errors).
+fn scan_records(
+    bytes: &[u8],
+    first: u64,
+    tail_allowed: bool,
+    base: usize,
+) -> Result<Scan, BadRecord> {
     let mut scan = Scan::default();
     while scan.valid_len < bytes.len() {
         let offset = scan.valid_len;
-        let expected = scan.entries.len() as u64 + 1;
+        let expected = first + scan.entries.len() as u64;
         match read_record(&bytes[offset..], expected) {
             Ok((entry, record_len)) => {
                 scan.offsets.push(offset as u64);
                 scan.entries.push(entry);
                 scan.valid_len += record_len;
             }
-            Err(problem) => return classify(bytes, offset, expected, problem).map(|()| scan),
+            Err(problem) if tail_allowed => {
+                return classify(bytes, offset, expected, problem, base).map(|()| scan)
+            }
+            Err(problem) => {
+                let reason = format!(
+                    "{problem} in a segment that was closed whole, so it is not a torn tail"
+                );
+                return Err(BadRecord { offset, reason });
+            }
         }
     }
     Ok(scan)
 }
 
 /// Decides whether the bad record at `offset` is a torn tail (`Ok`) or corruption.
-fn classify(bytes: &[u8], offset: usize, expected: u64, problem: Problem) -> Result<(), BadRecord> {
+fn classify(
+    bytes: &[u8],
+    offset: usize,
+    expected: u64,
+    problem: Problem,
+    base: usize,
+) -> Result<(), BadRecord> {
     let reason = match problem {
         // A record with a valid checksum was written whole: a wrong index is never a torn write.
         Problem::Index { .. } => problem.to_string(),
-        _ => match valid_record_after(bytes, offset + 1, expected) {
+        _ => match valid_record_after(bytes, offset + 1, expected, base) {
             None => return Ok(()),
             Some(found) => format!("{problem}, but {found} follows, so it is not a torn tail"),
         },
@@ -296,7 +646,7 @@ enum Problem {
     Checksum { stored: u32, computed: u32 },
     #[error("payload does not decode as a log entry: {0}")]
     Decode(String),
-    #[error("entry has index {found}, expected {expected} (indices must be consecutive from 1)")]
+    #[error("entry has index {found}, expected {expected} (indices must be consecutive)")]
     Index { found: u64, expected: u64 },
 }
 
@@ -350,7 +700,7 @@ fn read_payload(payload: &[u8], stored: u32) -> Result<LogEntry, Problem> {
 /// Searches every byte position from `from` on for a record that passes all checks and holds
 /// an index >= `min_index`; describes the first one found. `None` means nothing valid follows,
 /// so the bad record before `from` is a torn tail.
-fn valid_record_after(bytes: &[u8], from: usize, min_index: u64) -> Option<String> {
+fn valid_record_after(bytes: &[u8], from: usize, min_index: u64, base: usize) -> Option<String> {
     let mut hashed = 0;
     for offset in from..bytes.len() {
         let rest = &bytes[offset..];
@@ -366,8 +716,9 @@ fn valid_record_after(bytes: &[u8], from: usize, min_index: u64) -> Option<Strin
         match read_payload(&rest[HEADER_BYTES..HEADER_BYTES + len], stored) {
             Ok(entry) if entry.index >= min_index => {
                 return Some(format!(
-                    "a valid record of index {} at byte offset {offset}",
-                    entry.index
+                    "a valid record of index {} at byte offset {}",
+                    entry.index,
+                    base + offset
                 ));
             }
             _ => continue,
@@ -410,10 +761,23 @@ mod tests {
         FileLogStore::open(dir).expect("open log")
     }
 
+    /// The first segment's file.
+    fn seg1(dir: &Path) -> PathBuf {
+        dir.join(WAL_DIR).join(segment_name(1))
+    }
+
+    /// Bytes of records in the first segment (after its header).
     fn file_len(dir: &Path) -> u64 {
-        std::fs::metadata(dir.join(LOG_FILE_NAME))
-            .expect("stat log")
-            .len()
+        std::fs::metadata(seg1(dir)).expect("stat log").len() - SEGMENT_HEADER_BYTES as u64
+    }
+
+    fn recovered(entries: usize, cut: u64) -> Recovery {
+        Recovery {
+            entries,
+            truncated_tail_bytes: cut,
+            segments: 1,
+            converted_legacy_log: false,
+        }
     }
 
     /// Writes records 1..=n through the store and returns the file length.
@@ -425,15 +789,16 @@ mod tests {
     }
 
     fn append_raw(dir: &Path, bytes: &[u8]) {
-        let mut all = std::fs::read(dir.join(LOG_FILE_NAME)).expect("read log");
+        let mut all = std::fs::read(seg1(dir)).expect("read log");
         all.extend_from_slice(bytes);
-        std::fs::write(dir.join(LOG_FILE_NAME), all).expect("write log");
+        std::fs::write(seg1(dir), all).expect("write log");
     }
 
+    /// Flips a bit of the byte at `offset` of the records (after the segment header).
     fn flip_byte(dir: &Path, offset: usize) {
-        let mut all = std::fs::read(dir.join(LOG_FILE_NAME)).expect("read log");
-        all[offset] ^= 0x10;
-        std::fs::write(dir.join(LOG_FILE_NAME), all).expect("write log");
+        let mut all = std::fs::read(seg1(dir)).expect("read log");
+        all[SEGMENT_HEADER_BYTES + offset] ^= 0x10;
+        std::fs::write(seg1(dir), all).expect("write log");
     }
 
     fn expect_corrupt(dir: &Path) -> (u64, String, String) {
@@ -464,13 +829,7 @@ mod tests {
         let (store, got, recovery) = open(&data);
         assert_eq!(store.last_index(), 0);
         assert!(got.is_empty());
-        assert_eq!(
-            recovery,
-            Recovery {
-                entries: 0,
-                truncated_tail_bytes: 0
-            }
-        );
+        assert_eq!(recovery, recovered(0, 0));
         assert_eq!(file_len(&data), 0);
     }
 
@@ -490,13 +849,7 @@ mod tests {
         let (store, got, recovery) = open(dir.path());
         assert_eq!(got, want);
         assert_eq!(store.last_index(), 3);
-        assert_eq!(
-            recovery,
-            Recovery {
-                entries: 3,
-                truncated_tail_bytes: 0
-            }
-        );
+        assert_eq!(recovery, recovered(3, 0));
         assert_eq!(file_len(dir.path()), expected_len as u64);
     }
 
@@ -547,13 +900,7 @@ mod tests {
         let (mut store, got, recovery) = open(dir.path());
         assert_eq!(got, entries(1, 2, 1));
         let cut = tail.len() as u64;
-        assert_eq!(
-            recovery,
-            Recovery {
-                entries: 2,
-                truncated_tail_bytes: cut
-            }
-        );
+        assert_eq!(recovery, recovered(2, cut));
         assert_eq!(file_len(dir.path()), valid_len);
 
         store
@@ -601,16 +948,19 @@ mod tests {
         flip_byte(dir.path(), HEADER_BYTES + 2);
 
         let (offset, reason, message) = expect_corrupt(dir.path());
-        assert_eq!(offset, 0);
+        assert_eq!(offset, SEGMENT_HEADER_BYTES as u64);
         assert!(reason.starts_with("checksum mismatch"), "{reason}");
-        let rec1 = record(&entry(1, 1)).len();
+        let rec1 = SEGMENT_HEADER_BYTES + record(&entry(1, 1)).len();
         assert!(
             reason.contains(&format!("index 2 at byte offset {rec1}")),
             "{reason}"
         );
-        let path = dir.path().join(LOG_FILE_NAME);
+        let path = seg1(dir.path());
         assert!(message.contains(&path.display().to_string()), "{message}");
-        assert!(message.contains("at byte offset 0:"), "{message}");
+        assert!(
+            message.contains(&format!("at byte offset {SEGMENT_HEADER_BYTES}:")),
+            "{message}"
+        );
         assert_eq!(
             file_len(dir.path()),
             len_before,
@@ -627,7 +977,7 @@ mod tests {
         flip_byte(dir.path(), 2);
 
         let (offset, reason, _) = expect_corrupt(dir.path());
-        assert_eq!(offset, 0);
+        assert_eq!(offset, SEGMENT_HEADER_BYTES as u64);
         assert!(reason.contains("runs past the end of the file"), "{reason}");
     }
 
@@ -638,18 +988,19 @@ mod tests {
         append_raw(dir.path(), &record(&entry(4, 1)));
 
         let (offset, reason, _) = expect_corrupt(dir.path());
-        let expected_offset = record(&entry(1, 1)).len() + record(&entry(2, 1)).len();
+        let expected_offset =
+            SEGMENT_HEADER_BYTES + record(&entry(1, 1)).len() + record(&entry(2, 1)).len();
         assert_eq!(offset, expected_offset as u64);
         assert_eq!(
             reason,
-            "entry has index 4, expected 3 (indices must be consecutive from 1)"
+            "entry has index 4, expected 3 (indices must be consecutive)"
         );
     }
 
     #[test]
-    fn first_entry_must_have_index_1() {
+    fn first_entry_of_a_pre_segment_log_must_have_index_1() {
         let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join(LOG_FILE_NAME), record(&entry(2, 1))).expect("write");
+        std::fs::write(dir.path().join(LEGACY_LOG_FILE), record(&entry(2, 1))).expect("write");
         let (offset, reason, _) = expect_corrupt(dir.path());
         assert_eq!(offset, 0);
         assert!(reason.contains("index 2, expected 1"), "{reason}");
@@ -677,5 +1028,110 @@ mod tests {
         store.syncer().sync().expect("sync");
         drop(store);
         assert_eq!(open(dir.path()).1, entries(1, 50, 1));
+    }
+
+    #[test]
+    fn segments_roll_reopen_truncate_across_and_are_removed_below_an_index() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let small = 3 * record(&entry(1, 1)).len() as u64;
+        let (mut store, _, _) = FileLogStore::open_with(dir.path(), small).expect("open");
+        for i in 1..=20 {
+            store.append(&[entry(i, 1)]).expect("append");
+        }
+        store.syncer().sync().expect("sync");
+        let count = store.segment_count();
+        assert!(count >= 5, "{count} segments");
+        drop(store);
+        let (mut store, got, recovery) = FileLogStore::open_with(dir.path(), small).expect("open");
+        assert_eq!(got, entries(1, 20, 1));
+        assert_eq!(recovery.segments, count);
+
+        // Truncation reaching back over several segments deletes them.
+        store.truncate_from(8).expect("truncate");
+        assert_eq!(store.last_index(), 7);
+        assert!(store.segment_count() < count);
+        store.append(&entries(8, 12, 2)).expect("append");
+        store.syncer().sync().expect("sync");
+
+        assert_eq!(store.remove_segments_below(1).expect("remove"), 0);
+        let removed = store.remove_segments_below(10).expect("remove");
+        assert!(removed >= 2, "{removed} removed");
+        let first = store.first_index();
+        assert!(first > 1 && first <= 10, "first index {first}");
+        drop(store);
+        let (store, got, _) = FileLogStore::open_with(dir.path(), small).expect("open");
+        let mut want = entries(1, 7, 1);
+        want.extend(entries(8, 12, 2));
+        assert_eq!(got, want[(first - 1) as usize..].to_vec());
+        assert_eq!((store.first_index(), store.last_index()), (first, 12));
+        // The last segment is never removed, even when everything is below the index.
+        let (mut store, _, _) = FileLogStore::open_with(dir.path(), small).expect("open");
+        store.remove_segments_below(1_000).expect("remove");
+        assert_eq!(store.segment_count(), 1);
+        assert_eq!(store.last_index(), 12);
+    }
+
+    #[test]
+    fn a_pre_segment_log_is_converted_keeping_its_valid_records() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut legacy: Vec<u8> = entries(1, 4, 1).iter().flat_map(record).collect();
+        legacy.extend_from_slice(&record(&entry(5, 1))[..7]); // torn tail
+        std::fs::write(dir.path().join(LEGACY_LOG_FILE), &legacy).expect("write");
+        // What an interrupted earlier conversion left.
+        std::fs::create_dir_all(dir.path().join(WAL_DIR)).expect("mkdir");
+        std::fs::write(seg1(dir.path()), b"half").expect("write");
+        let (mut store, got, recovery) = open(dir.path());
+        assert_eq!(got, entries(1, 4, 1));
+        assert!(recovery.converted_legacy_log);
+        assert_eq!(recovery.truncated_tail_bytes, 7);
+        assert!(!dir.path().join(LEGACY_LOG_FILE).exists());
+        store.append(&[entry(5, 2)]).expect("append");
+        drop(store);
+        let (_, got, recovery) = open(dir.path());
+        assert_eq!(got.len(), 5);
+        assert!(!recovery.converted_legacy_log);
+    }
+
+    #[test]
+    fn a_segment_of_another_format_or_magic_is_refused_naming_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_log(dir.path(), 2);
+        let mut bytes = std::fs::read(seg1(dir.path())).expect("read");
+        bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
+        let crc = crc32fast::hash(&bytes[..20]);
+        bytes[20..24].copy_from_slice(&crc.to_le_bytes());
+        std::fs::write(seg1(dir.path()), &bytes).expect("write");
+        let err = FileLogStore::open(dir.path())
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(err.contains("format 2") && err.contains("seg-"), "{err}");
+        bytes[0] = b'X';
+        std::fs::write(seg1(dir.path()), &bytes).expect("write");
+        let err = FileLogStore::open(dir.path())
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(err.contains("magic"), "{err}");
+    }
+
+    #[test]
+    fn a_torn_record_in_a_closed_segment_is_corruption() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let small = 2 * record(&entry(1, 1)).len() as u64;
+        let (mut store, _, _) = FileLogStore::open_with(dir.path(), small).expect("open");
+        for i in 1..=6 {
+            store.append(&[entry(i, 1)]).expect("append");
+        }
+        drop(store);
+        let mut bytes = std::fs::read(seg1(dir.path())).expect("read");
+        let len = bytes.len();
+        bytes.truncate(len - 3);
+        std::fs::write(seg1(dir.path()), &bytes).expect("write");
+        let err = FileLogStore::open_with(dir.path(), small)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(err.contains("closed whole"), "{err}");
     }
 }

@@ -11,8 +11,15 @@
 //! <dir>/LOCK        empty; held with an exclusive lock while a server process uses <dir>
 //! <dir>/meta        "server_id=<n>\nuuid=<uuid>\n", written once on first start
 //! <dir>/hard_state  "term=<n>\nleader=<n>\ncrc32=<hex>\n", replaced atomically by rename
-//! <dir>/log         log records back to back, entry indices 1, 2, 3, ... in order
+//! <dir>/wal/seg-<first index, 20 digits>.log
+//!                   log segments: a header, then records back to back, indices consecutive
+//!                   within and across segments (see `log_file.rs`)
 //! <dir>/state.redb  the state machine (see `crate::engine`), not written by this module
+//!
+//! segment header (24 bytes):
+//! +------------+-----------+----------------+--------------------+
+//! | "KVRFTLOG" | format u32| first index u64| crc32 of bytes 0-19|
+//! +------------+-----------+----------------+--------------------+
 //!
 //! one log record:
 //! +----------------+----------------+---------------------------------+
@@ -22,8 +29,8 @@
 //!  0                4                8                      8 + payload_len
 //! ```
 //!
-//! Invariants: the log holds consecutive indices starting at 1; every record is checksummed; on
-//! open, a torn record at the tail (an interrupted write) is cut off, while a bad record with
+//! Invariants: the log holds consecutive indices; every record is checksummed; on open, a torn
+//! record at the tail of the last segment (an interrupted write) is cut off, while a bad record with
 //! valid data after it is corruption and refuses to open, naming the file and byte offset
 //! (DESIGN.md rule 9). Hard state and meta are replaced by write-temp, fsync, rename, fsync-dir,
 //! so a crash leaves either the old or the new file, never a mix.
