@@ -945,12 +945,9 @@ impl Replica {
 
     /// Applies committed entries that are durable in this server's log (so the log holds
     /// every entry the engine has applied: a restart replays what the engine had not made
-    /// durable), then writes them to the engine as one batch.
+    /// durable). They reach the engine with the next [`Replica::write_state`].
     fn apply_committed(&mut self) {
         let to = self.commit_index.min(self.durability.durable_index);
-        if self.sm.last_applied() >= to || self.sm.failure().is_some() {
-            return;
-        }
         while self.sm.last_applied() < to && self.sm.failure().is_none() {
             let index = self.sm.last_applied() + 1;
             let outcomes = self.sm.apply(&self.log[(index - 1) as usize]);
@@ -958,6 +955,11 @@ impl Replica {
                 self.answer(outcome);
             }
         }
+    }
+
+    /// Writes what was applied since the last call to the engine, as one atomic batch (not
+    /// durable: see [`Replica::sync_state`]).
+    pub fn write_state(&mut self) {
         self.sm.finish_batch();
     }
 

@@ -63,9 +63,13 @@ const FOREIGN_CLUSTERS_LOGGED_MAX: usize = 16;
 const REFUSALS_LOGGED_EVERY_MS: u64 = 1_000;
 /// The state machine's file in the data directory.
 pub const STATE_FILE: &str = "state.redb";
-/// Period of the state machine's durable commits. What it applied since the last one is
-/// replayed from the log after a crash, so this bounds the replay, not what is kept.
-pub const STATE_SYNC_EVERY_MS: u64 = 100;
+/// Period of the state machine's engine writes, each made durable at once: entries applied in
+/// between wait in memory (bounded by `state_machine::OVERLAY_KEYS_MAX` and
+/// `OVERLAY_BYTES_MAX`, past which they are written early, not durably) and go to the engine
+/// in one transaction; a crash replays them from the log. Fewer, larger writes cost the B-tree
+/// far less: with 10 ms between writes, a 3-server bench at 64 in flight wrote 5.5 times the
+/// bytes of the log and ran at 0.74 times the throughput; at 1 s, 1.3 times and 0.95 times.
+pub const STATE_SYNC_EVERY_MS: u64 = 1_000;
 /// Pause before reconnecting a broken peer stream.
 const PEER_RECONNECT_MS: u64 = 50;
 
@@ -513,8 +517,9 @@ impl Core {
         Ok(())
     }
 
-    /// Makes the state machine durable every [`STATE_SYNC_EVERY_MS`] (or now, with `now`):
-    /// until then the log holds what it applied, and a restart replays that much.
+    /// Writes what the state machine applied and makes it durable, every
+    /// [`STATE_SYNC_EVERY_MS`] (or now, with `now`): until then the log holds what it applied,
+    /// and a restart replays that much.
     fn sync_state_if_due(&mut self, now: bool) -> anyhow::Result<()> {
         let at = monotonic_ms();
         if !now && at < self.state_synced_ms + STATE_SYNC_EVERY_MS {

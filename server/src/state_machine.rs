@@ -38,6 +38,13 @@ use prost::bytes::Bytes;
 
 pub use crate::engine::Versioned;
 
+/// Most keys applied and not yet written to the engine: past it the batch is written at once
+/// (otherwise the runtime writes it with each durable commit), which bounds the overlay's
+/// memory.
+pub const OVERLAY_KEYS_MAX: usize = 65_536;
+/// Most key and value bytes in the overlay, for the same reason.
+pub const OVERLAY_BYTES_MAX: usize = 32 * 1024 * 1024;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PutResult {
     pub version: u64,
@@ -90,6 +97,8 @@ pub struct StateMachine {
     overlay: HashMap<Bytes, Versioned>,
     /// How many of them the engine does not hold yet.
     overlay_created: u64,
+    /// Key and value bytes put into the overlay (replaced ones included: an upper bound).
+    overlay_bytes: usize,
     /// Sessions changed or removed since the last batch was written.
     dirty: BTreeSet<u64>,
     /// The first engine failure; once set nothing more is applied (the server stops).
@@ -144,6 +153,7 @@ impl StateMachine {
             engine,
             overlay: HashMap::new(),
             overlay_created: 0,
+            overlay_bytes: 0,
             dirty: BTreeSet::new(),
             failure: None,
             sessions,
@@ -168,7 +178,9 @@ impl StateMachine {
     }
 
     /// Writes what was applied since the last batch as one atomic engine write: the changed
-    /// keys, the changed sessions and the applied position together.
+    /// keys, the changed sessions and the applied position together. Called before each durable
+    /// commit (and when the overlay is full): one engine write covers many commits, and until
+    /// then reads are served from the overlay.
     pub fn finish_batch(&mut self) {
         if self.failure.is_some() || self.written_applied == self.last_applied {
             return;
@@ -186,6 +198,7 @@ impl StateMachine {
             Ok(()) => {
                 self.written_applied = self.last_applied;
                 self.overlay_created = 0;
+                self.overlay_bytes = 0;
             }
             Err(e) => self.failure = Some(e.to_string()),
         }
@@ -270,6 +283,9 @@ impl StateMachine {
                 self.register(entry.index, entry.time_ms, &mut out);
             }
             Some(Payload::Put(put)) => self.apply_put(put, entry.index, entry.time_ms, &mut out),
+        }
+        if self.overlay.len() >= OVERLAY_KEYS_MAX || self.overlay_bytes >= OVERLAY_BYTES_MAX {
+            self.finish_batch();
         }
         out
     }
@@ -484,6 +500,7 @@ impl StateMachine {
             create_revision,
             mod_revision: revision,
         };
+        self.overlay_bytes += key.len() + versioned.value.len();
         self.overlay.insert(key, versioned);
         let result = PutResult { version, index };
         let session = self

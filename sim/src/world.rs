@@ -54,6 +54,8 @@ const RPC_TIMEOUT_HEARTBEATS: u64 = 2;
 const FSYNC_MS: std::ops::RangeInclusive<u64> = 1..=8;
 const FSYNC_SLOW_MS: std::ops::RangeInclusive<u64> = 20..=120;
 const FSYNC_SLOW_PERMILLE: u32 = 50;
+/// Chance per tick and node that what the state machine applied is written to its engine (‰).
+const STATE_WRITE_PERMILLE: u32 = 300;
 /// Chance per tick and node that the state machine is made durable (‰).
 const STATE_SYNC_PERMILLE: u32 = 100;
 /// How long a partition lasts, and how long a crashed process stays down (ms).
@@ -462,6 +464,11 @@ impl World {
                     self.step_node(id, Event::Tick { now_ms: clock_ms })?;
                     // The runtime makes the state machine durable on a timer; here at random
                     // moments, so crashes fall at every distance from the last one.
+                    if chance(&mut self.rng, STATE_WRITE_PERMILLE) {
+                        if let Some(replica) = self.nodes[id as usize - 1].replica.as_mut() {
+                            replica.write_state();
+                        }
+                    }
                     if chance(&mut self.rng, STATE_SYNC_PERMILLE) {
                         if let Some(replica) = self.nodes[id as usize - 1].replica.as_mut() {
                             replica

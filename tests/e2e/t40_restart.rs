@@ -88,7 +88,7 @@ async fn a_killed_server_resumes_from_its_state_file() {
     // (STATE_SYNC_EVERY_MS), so every server has made some of it durable.
     let started = std::time::Instant::now();
     let mut n = 0;
-    while started.elapsed() < std::time::Duration::from_millis(800) && n < 20_000 {
+    while started.elapsed() < std::time::Duration::from_millis(2_500) && n < 50_000 {
         write_range(&client, n..n + 10).await;
         n += 10;
     }
