@@ -2,9 +2,12 @@
 //! latency percentiles, errors); asserts nothing about speed, since machines differ. With
 //! `--secs` it soaks: runs for that long and prints, every `--report-every-secs` and at the end,
 //! each server's resident memory, log size on disk and snapshot size (from `Admin.Status`), so
-//! growth with history shows at a glance.
+//! growth with history shows at a glance. `--warmup-secs` runs the load unmeasured first;
+//! `--connections` spreads the callers over several clients (each its own gRPC channel and
+//! session). A progress bar is drawn on stderr when it is a terminal.
 
 use std::collections::BTreeMap;
+use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,9 +31,16 @@ struct Args {
     /// Total operations.
     #[arg(long, default_value_t = 20_000)]
     ops: usize,
-    /// Concurrent callers sharing one client (pipelined requests).
+    /// Concurrent callers in all, spread over the connections (pipelined requests).
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
+    /// Clients (each its own gRPC channel and session) the callers are spread over.
+    #[arg(long, default_value_t = 1)]
+    connections: usize,
+    /// Run the load this long before measuring; nothing done meanwhile counts in the figures
+    /// (nor against `--ops`).
+    #[arg(long, value_name = "SECS", default_value_t = 0)]
+    warmup_secs: u64,
     /// Size of each value in bytes.
     #[arg(long, default_value_t = 100)]
     value_bytes: usize,
@@ -118,13 +128,17 @@ async fn main() -> ExitCode {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(
-        args.concurrency > 0 && args.keys > 0,
-        "--concurrency and --keys must be above 0"
+        args.concurrency > 0 && args.keys > 0 && args.connections > 0,
+        "--concurrency, --connections and --keys must be above 0"
     );
     let config = ClusterConfig::load(&args.config)?;
-    let client = kvslib::Client::connect(&config, "bench").await?;
+    let mut clients = Vec::with_capacity(args.connections);
+    for c in 0..args.connections {
+        clients.push(kvslib::Client::connect(&config, &format!("bench-{c}")).await?);
+    }
     let value = Arc::new(vec![b'x'; args.value_bytes]);
-    let started = Instant::now();
+    let warmup_end = Instant::now() + Duration::from_secs(args.warmup_secs);
+    let started = warmup_end;
     let done_ops = Arc::new(AtomicU64::new(0));
     let reporter = args.secs.map(|_| {
         let every = Duration::from_secs(args.report_every_secs.max(1));
@@ -135,25 +149,49 @@ async fn run(args: Args) -> anyhow::Result<()> {
             every,
         ))
     });
+    let progress = progress_bar(&args);
     let tasks: Vec<_> = (0..args.concurrency)
         .map(|t| {
-            let (client, value, done) = (client.clone(), value.clone(), done_ops.clone());
+            let client = clients[t % clients.len()].clone();
+            let (value, done) = (value.clone(), done_ops.clone());
             let budget = match args.secs {
                 Some(secs) => Budget::Until(started + Duration::from_secs(secs)),
                 None => Budget::Ops(
                     args.ops / args.concurrency + usize::from(t < args.ops % args.concurrency),
                 ),
             };
-            let (keys, reads) = (args.keys, args.read_fraction);
-            tokio::spawn(async move { worker(client, value, t, budget, keys, reads, done).await })
+            let load = Load {
+                task: t,
+                keys: args.keys,
+                read_fraction: args.read_fraction,
+                warmup_end,
+            };
+            tokio::spawn(async move { worker(client, value, load, budget, done).await })
         })
         .collect();
+    let ticker = progress.clone().map(|bar| {
+        let done = done_ops.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                bar.set_position(done.load(Ordering::Relaxed));
+            }
+        })
+    });
     let mut all = Samples::new();
     for task in tasks {
         all.add(&task.await?);
     }
+    if let Some(ticker) = ticker {
+        ticker.abort();
+    }
+    if let Some(bar) = progress {
+        bar.finish_and_clear();
+    }
     let elapsed = started.elapsed();
-    client.close().await;
+    for client in clients {
+        client.close().await;
+    }
     if let Some(reporter) = reporter {
         reporter.abort();
         let ops = done_ops.load(Ordering::Relaxed);
@@ -163,9 +201,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let errors: u64 = all.errors.values().sum();
     let throughput = done as f64 / elapsed.as_secs_f64();
     println!(
-        "bench: ops {done}, errors {errors}, concurrency {}, value_bytes {}, elapsed {:.2} s, \
-         throughput {throughput:.0} ops/s, put {}, get {}",
+        "bench: ops {done}, errors {errors}, concurrency {}, connections {}, value_bytes {}, \
+         elapsed {:.2} s, throughput {throughput:.0} ops/s, put {}, get {}",
         args.concurrency,
+        args.connections,
         args.value_bytes,
         elapsed.as_secs_f64(),
         latency_text(&all.puts),
@@ -179,6 +218,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "ops": done,
             "errors": all.errors,
             "concurrency": args.concurrency,
+            "connections": args.connections,
+            "warmup_s": args.warmup_secs,
             "value_bytes": args.value_bytes,
             "keys": args.keys,
             "read_fraction": args.read_fraction,
@@ -274,40 +315,72 @@ async fn soak_line(
     line
 }
 
+/// What one worker does, apart from its budget.
+struct Load {
+    task: usize,
+    keys: usize,
+    read_fraction: f64,
+    /// Operations finishing before this are the warm-up: not recorded, not counted.
+    warmup_end: Instant,
+}
+
 async fn worker(
     client: kvslib::Client,
     value: Arc<Vec<u8>>,
-    task: usize,
+    load: Load,
     budget: Budget,
-    keys: usize,
-    read_fraction: f64,
     done: Arc<AtomicU64>,
 ) -> Samples {
     let mut s = Samples::new();
+    let mut warmup = Samples::new();
     // A cheap deterministic spread of reads among writes and of keys among tasks.
-    let reads_per_1000 = (read_fraction.clamp(0.0, 1.0) * 1000.0) as usize;
+    let reads_per_1000 = (load.read_fraction.clamp(0.0, 1.0) * 1000.0) as usize;
+    let task = load.task;
+    let mut measured = 0usize;
     for i in 0.. {
-        let more = match budget {
-            Budget::Ops(n) => i < n,
-            Budget::Until(deadline) => Instant::now() < deadline,
-        };
+        let warming = Instant::now() < load.warmup_end;
+        let more = warming
+            || match budget {
+                Budget::Ops(n) => measured < n,
+                Budget::Until(deadline) => Instant::now() < deadline,
+            };
         if !more {
             break;
         }
-        done.fetch_add(1, Ordering::Relaxed);
-        let key = format!("bench{}", (task * 7919 + i * 104_729) % keys);
+        let key = format!("bench{}", (task * 7919 + i * 104_729) % load.keys);
         let t = Instant::now();
+        let into = if warming { &mut warmup } else { &mut s };
         if (i * 617 + task) % 1000 < reads_per_1000 {
             match client.get(key).await {
-                Ok(_) => Samples::record(&mut s.gets, t.elapsed()),
-                Err(e) => s.failed(&e),
+                Ok(_) => Samples::record(&mut into.gets, t.elapsed()),
+                Err(e) => into.failed(&e),
             }
         } else {
             match client.put(key, value.as_slice()).await {
-                Ok(_) => Samples::record(&mut s.puts, t.elapsed()),
-                Err(e) => s.failed(&e),
+                Ok(_) => Samples::record(&mut into.puts, t.elapsed()),
+                Err(e) => into.failed(&e),
             }
+        }
+        if !warming {
+            measured += 1;
+            done.fetch_add(1, Ordering::Relaxed);
         }
     }
     s
+}
+
+/// A progress bar on stderr (operations, or seconds when soaking), only when stderr is a
+/// terminal: piped or captured output stays plain lines.
+fn progress_bar(args: &Args) -> Option<indicatif::ProgressBar> {
+    if !std::io::stderr().is_terminal() || args.secs.is_some() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(args.ops as u64);
+    let style = indicatif::ProgressStyle::with_template(
+        "{spinner} {elapsed_precise} [{bar:40}] {pos}/{len} ops ({per_sec}, eta {eta})",
+    )
+    .expect("valid template")
+    .progress_chars("=> ");
+    bar.set_style(style);
+    Some(bar)
 }

@@ -153,6 +153,10 @@ async fn bench_prints_figures() {
             "8",
             "--read-fraction",
             "0.5",
+            "--connections",
+            "2",
+            "--warmup-secs",
+            "1",
             "--json",
         ])
         .arg(cluster.dir.path().join("bench.json"))
@@ -164,7 +168,12 @@ async fn bench_prints_figures() {
     assert!(text.contains("p99.9") && text.contains("max"), "{text}");
     let json = std::fs::read_to_string(cluster.dir.path().join("bench.json")).unwrap();
     let json: Value = serde_json::from_str(&json).expect("bench JSON");
+    // The warm-up's operations are not among the 300 measured.
     assert_eq!(json["ops"], 300);
+    assert_eq!(
+        (json["connections"].as_u64(), json["warmup_s"].as_u64()),
+        (Some(2), Some(1))
+    );
     assert!(json["throughput_ops_s"].as_f64().unwrap() > 0.0, "{json}");
     let puts = json["put_ms"]["count"].as_u64().unwrap();
     let gets = json["get_ms"]["count"].as_u64().unwrap();
@@ -193,7 +202,7 @@ async fn bench_prints_figures() {
         assert!(last.contains(&format!("s{id} rss ")), "{last}");
     }
     assert!(
-        last.contains(" log ") && last.contains(" snapshot "),
+        last.contains(" log ") && last.contains(" state ") && last.contains(" snapshot "),
         "{last}"
     );
     assert!(!last.contains("rss 0 MB"), "{last}");
