@@ -36,7 +36,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tonic::transport::{Channel, Endpoint};
 
-use crate::engine::RedbEngine;
+use crate::engine::{Engine as _, EngineError, EngineSyncer, RedbEngine};
 use crate::faults::Faults;
 use crate::otel_spans::OtelSpans;
 use crate::replica::{Command, Event, Replica, ReplicaConfig, Reply, ReplyTo, StreamId};
@@ -131,6 +131,8 @@ pub(crate) enum Input {
     AppendResponse(AppendEntriesResponse),
     PeerDisconnected(NodeId),
     Synced(u64, Result<(), StorageError>),
+    /// The state machine is durable up to this applied index.
+    StateSynced(u64, Result<(), EngineError>),
 }
 
 /// Cloneable handle the gRPC services use to reach the core.
@@ -239,6 +241,7 @@ pub async fn run(
     };
     let state_path = dir.join(STATE_FILE);
     let engine = tokio::task::block_in_place(|| RedbEngine::open(&state_path))?;
+    let state_syncer = engine.syncer();
     let sm = StateMachine::open(
         Box::new(engine),
         config.server.session_ttl_ms,
@@ -294,6 +297,8 @@ pub async fn run(
         otel: kvraft_telemetry::enabled().then(OtelSpans::default),
         meta,
         state_synced_ms: monotonic_ms(),
+        state_syncer,
+        state_sync_in_flight: false,
         foreign_clusters: Default::default(),
         refusals_logged_ms: 0,
         refusals_unlogged: 0,
@@ -335,8 +340,12 @@ struct Core {
     otel: Option<OtelSpans>,
     /// Holds the data-directory lock for the life of the server.
     meta: ServerMeta,
-    /// When the state machine was last made durable (see [`STATE_SYNC_EVERY_MS`]).
+    /// When the state machine was last written for a durable commit (see
+    /// [`STATE_SYNC_EVERY_MS`]).
     state_synced_ms: u64,
+    /// Makes the state machine's engine durable on a blocking thread.
+    state_syncer: Arc<dyn EngineSyncer>,
+    state_sync_in_flight: bool,
     /// Foreign cluster ids already logged (once each, however often they come; bounded by
     /// [`FOREIGN_CLUSTERS_LOGGED_MAX`]).
     foreign_clusters: std::collections::BTreeSet<String>,
@@ -506,6 +515,12 @@ impl Core {
                 Event::AppendEntriesResponse { resp }
             }
             Input::PeerDisconnected(peer) => Event::PeerDisconnected { peer },
+            Input::StateSynced(applied, result) => {
+                result.context("cannot make the state machine durable; stopping the server")?;
+                tracing::trace!(applied, "state machine durable");
+                self.state_sync_in_flight = false;
+                return Ok(());
+            }
             Input::Synced(write_id, result) => {
                 result.context("fsync of the log failed; stopping the server")?;
                 tracing::trace!(write_id, "log fsynced");
@@ -517,18 +532,32 @@ impl Core {
         Ok(())
     }
 
-    /// Writes what the state machine applied and makes it durable, every
-    /// [`STATE_SYNC_EVERY_MS`] (or now, with `now`): until then the log holds what it applied,
-    /// and a restart replays that much.
+    /// Writes what the state machine applied to its engine and makes it durable, every
+    /// [`STATE_SYNC_EVERY_MS`]: the write here, the durable commit (an fsync) on a blocking
+    /// thread, so the core goes on serving meanwhile. Until it completes the log holds what
+    /// was applied, and a restart replays that much. With `now` (shutdown) both happen here.
     fn sync_state_if_due(&mut self, now: bool) -> anyhow::Result<()> {
         let at = monotonic_ms();
-        if !now && at < self.state_synced_ms + STATE_SYNC_EVERY_MS {
+        if now {
+            tokio::task::block_in_place(|| self.replica.sync_state())
+                .context("cannot make the state machine durable; stopping the server")?;
+            return Ok(());
+        }
+        if self.state_sync_in_flight || at < self.state_synced_ms + STATE_SYNC_EVERY_MS {
             return Ok(());
         }
         self.state_synced_ms = at;
-        let applied = tokio::task::block_in_place(|| self.replica.sync_state())
-            .context("cannot make the state machine durable; stopping the server")?;
-        tracing::trace!(applied, "state machine durable");
+        tokio::task::block_in_place(|| self.replica.write_state());
+        if let Some(failure) = self.replica.failure() {
+            anyhow::bail!("the state machine's engine failed: {failure}; stopping the server");
+        }
+        self.state_sync_in_flight = true;
+        let applied = self.replica.last_applied();
+        let (syncer, tx) = (self.state_syncer.clone(), self.tx.clone());
+        tokio::task::spawn_blocking(move || {
+            let result = syncer.sync();
+            let _ = tx.blocking_send(Input::StateSynced(applied, result));
+        });
         Ok(())
     }
 

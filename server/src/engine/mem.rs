@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use prost::bytes::Bytes;
 
-use super::{Engine, EngineError, Recovered, Versioned, WriteBatch};
+use super::{Engine, EngineError, EngineSyncer, Recovered, Versioned, WriteBatch};
 
 #[derive(Clone, Debug, Default)]
 struct State {
@@ -75,9 +75,11 @@ impl Engine for MemEngine {
     }
 
     fn sync(&mut self) -> Result<(), EngineError> {
-        let mut s = lock(&self.shared);
-        s.durable = s.live.clone();
-        Ok(())
+        EngineSyncer::sync(self)
+    }
+
+    fn syncer(&self) -> Arc<dyn EngineSyncer> {
+        Arc::new(self.clone())
     }
 
     fn recovered(&self) -> Result<Recovered, EngineError> {
@@ -92,5 +94,13 @@ impl Engine for MemEngine {
                 .map(|(&k, v)| (k, v.clone()))
                 .collect(),
         })
+    }
+}
+
+impl EngineSyncer for MemEngine {
+    fn sync(&self) -> Result<(), EngineError> {
+        let mut s = lock(&self.shared);
+        s.durable = s.live.clone();
+        Ok(())
     }
 }

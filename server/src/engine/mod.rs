@@ -65,6 +65,12 @@ pub struct Recovered {
 #[error("{0}")]
 pub struct EngineError(pub String);
 
+/// Makes every write an engine has finished durable; callable from another thread while the
+/// engine's owner goes on reading (a write of the owner waits for it).
+pub trait EngineSyncer: Send + Sync {
+    fn sync(&self) -> Result<(), EngineError>;
+}
+
 pub trait Engine: Send {
     /// The key's current value, seeing every write so far.
     fn get(&self, key: &[u8]) -> Result<Option<Versioned>, EngineError>;
@@ -76,6 +82,8 @@ pub trait Engine: Send {
     fn sync(&mut self) -> Result<(), EngineError>;
     /// The applied position and the sessions, as of the latest write.
     fn recovered(&self) -> Result<Recovered, EngineError>;
+    /// A handle doing what [`Engine::sync`] does, from another thread.
+    fn syncer(&self) -> std::sync::Arc<dyn EngineSyncer>;
 }
 
 /// Format of a stored value: `version u64 | create_revision u64 | mod_revision u64 | value`,

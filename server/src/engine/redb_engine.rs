@@ -14,14 +14,16 @@
 //! an error naming it, never misread.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use redb::{
     Database, Durability, ReadOnlyTable, ReadableDatabase, ReadableTable, ReadableTableMetadata,
     TableDefinition,
 };
 
-use super::{decode_value, encode_value, Engine, EngineError, Recovered, Versioned, WriteBatch};
+use super::{
+    decode_value, encode_value, Engine, EngineError, EngineSyncer, Recovered, Versioned, WriteBatch,
+};
 
 const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
 const SESSIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("sessions");
@@ -33,7 +35,7 @@ pub const STATE_FORMAT: u64 = 1;
 pub const ENGINE_CACHE_BYTES: usize = 64 * 1024 * 1024;
 
 pub struct RedbEngine {
-    db: Database,
+    db: Arc<Database>,
     path: PathBuf,
     /// A read view of the latest commit, opened on the first read after a write.
     reader: Mutex<Option<ReadOnlyTable<&'static [u8], &'static [u8]>>>,
@@ -50,7 +52,7 @@ impl RedbEngine {
             .create(path)
             .map_err(|e| err("cannot open", &e))?;
         let engine = RedbEngine {
-            db,
+            db: Arc::new(db),
             path: path.to_path_buf(),
             reader: Mutex::new(None),
         };
@@ -154,11 +156,14 @@ impl Engine for RedbEngine {
     }
 
     fn sync(&mut self) -> Result<(), EngineError> {
-        let mut txn = self.db.begin_write().map_err(|e| self.err("begin", &e))?;
-        txn.set_durability(Durability::Immediate)
-            .map_err(|e| self.err("durability", &e))?;
-        txn.set_quick_repair(true);
-        txn.commit().map_err(|e| self.err("durable commit", &e))
+        durable_commit(&self.db, &self.path)
+    }
+
+    fn syncer(&self) -> Arc<dyn EngineSyncer> {
+        Arc::new(RedbSyncer {
+            db: self.db.clone(),
+            path: self.path.clone(),
+        })
     }
 
     fn recovered(&self) -> Result<Recovered, EngineError> {
@@ -187,5 +192,29 @@ impl Engine for RedbEngine {
             applied_term,
             sessions,
         })
+    }
+}
+
+/// An empty transaction committed with `Durability::Immediate` (and quick repair): it makes
+/// every earlier `Durability::None` commit durable.
+fn durable_commit(db: &Database, path: &Path) -> Result<(), EngineError> {
+    let err = |what: &str, e: &dyn std::fmt::Display| {
+        EngineError(format!("state file {}: {what}: {e}", path.display()))
+    };
+    let mut txn = db.begin_write().map_err(|e| err("begin", &e))?;
+    txn.set_durability(Durability::Immediate)
+        .map_err(|e| err("durability", &e))?;
+    txn.set_quick_repair(true);
+    txn.commit().map_err(|e| err("durable commit", &e))
+}
+
+struct RedbSyncer {
+    db: Arc<Database>,
+    path: PathBuf,
+}
+
+impl EngineSyncer for RedbSyncer {
+    fn sync(&self) -> Result<(), EngineError> {
+        durable_commit(&self.db, &self.path)
     }
 }
