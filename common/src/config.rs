@@ -102,6 +102,11 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
 }
 
+/// Default of `[server] state_sync_ms`.
+pub const STATE_SYNC_MS_DEFAULT: u64 = 1_000;
+/// Bounds of `[server] state_sync_ms`: at most a minute of log is replayed after a crash.
+pub const STATE_SYNC_MS_RANGE: std::ops::RangeInclusive<u64> = 10..=60_000;
+
 /// Settings every server shares.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -112,6 +117,10 @@ pub struct ServerOptions {
     pub sessions_max: usize,
     /// Period of the leader's empty AppendEntries (commit index propagation, liveness).
     pub replication_heartbeat_ms: u64,
+    /// How often the state machine's changes are written to its engine and made durable
+    /// (ms). Shorter: less log replayed after a crash; longer: fewer engine writes, which
+    /// cost throughput (docs/storage.md has the figures).
+    pub state_sync_ms: u64,
     /// Serve `Admin.SetFaults` and accept the `server` fault flags. Off by default: anyone who
     /// can reach a server's address could otherwise partition or crash it (a remote kill
     /// switch). The `server --allow-fault-injection` flag turns it on for one process.
@@ -161,6 +170,7 @@ impl Default for ServerOptions {
             session_ttl_ms: 60 * 60 * 1000,
             sessions_max: 10_000,
             replication_heartbeat_ms: 50,
+            state_sync_ms: STATE_SYNC_MS_DEFAULT,
             allow_fault_injection: false,
         }
     }
@@ -280,6 +290,17 @@ impl ClusterConfig {
                 "session_ttl_ms, sessions_max and replication_heartbeat_ms must be above 0".into(),
             ));
         }
+        if !STATE_SYNC_MS_RANGE.contains(&o.state_sync_ms) {
+            return Err((
+                "server.state_sync_ms".into(),
+                format!(
+                    "{} is outside {}..={} ms",
+                    o.state_sync_ms,
+                    STATE_SYNC_MS_RANGE.start(),
+                    STATE_SYNC_MS_RANGE.end()
+                ),
+            ));
+        }
         let t = &self.tracing;
         if t.enabled {
             check_addr("tracing.server_addr".into(), &t.server_addr)?;
@@ -365,6 +386,24 @@ data_dir = "data/server1"
         let text = base() + "[server]\nallow_fault_injection = true\n";
         let c = ClusterConfig::parse(&text, Path::new("t.toml")).unwrap();
         assert!(c.server.allow_fault_injection);
+    }
+
+    #[test]
+    fn state_sync_period_defaults_to_a_second_and_is_bounded() {
+        let c = ClusterConfig::parse(&base(), Path::new("t.toml")).unwrap();
+        assert_eq!(c.server.state_sync_ms, STATE_SYNC_MS_DEFAULT);
+        for bad in [0, 9, 60_001] {
+            let e = err(&(base() + &format!("[server]\nstate_sync_ms = {bad}\n")));
+            assert!(
+                e.contains("server.state_sync_ms") && e.contains("outside"),
+                "{e}"
+            );
+        }
+        let c = ClusterConfig::parse(
+            &(base() + "[server]\nstate_sync_ms = 250\n"),
+            Path::new("t.toml"),
+        );
+        assert_eq!(c.unwrap().server.state_sync_ms, 250);
     }
 
     #[test]

@@ -63,13 +63,13 @@ const FOREIGN_CLUSTERS_LOGGED_MAX: usize = 16;
 const REFUSALS_LOGGED_EVERY_MS: u64 = 1_000;
 /// The state machine's file in the data directory.
 pub const STATE_FILE: &str = "state.redb";
-/// Period of the state machine's engine writes, each made durable at once: entries applied in
-/// between wait in memory (bounded by `state_machine::OVERLAY_KEYS_MAX` and
-/// `OVERLAY_BYTES_MAX`, past which they are written early, not durably) and go to the engine
-/// in one transaction; a crash replays them from the log. Fewer, larger writes cost the B-tree
-/// far less: with 10 ms between writes, a 3-server bench at 64 in flight wrote 5.5 times the
-/// bytes of the log and ran at 0.74 times the throughput; at 1 s, 1.3 times and 0.95 times.
-pub const STATE_SYNC_EVERY_MS: u64 = 1_000;
+// The state machine's engine writes, each made durable at once, come every `[server]
+// state_sync_ms` (default 1 s): entries applied in between wait in memory (bounded by
+// `state_machine::OVERLAY_KEYS_MAX` and `OVERLAY_BYTES_MAX`, past which they are written early,
+// not durably) and go to the engine in one transaction; a crash replays them from the log.
+// Fewer, larger writes cost the B-tree far less: with 10 ms between writes, a 3-server bench at
+// 64 in flight wrote 5.5 times the bytes of the log and ran at 0.74 times the throughput; at
+// 1 s, 1.3 times and 0.95 times.
 /// Pause before reconnecting a broken peer stream.
 const PEER_RECONNECT_MS: u64 = 50;
 
@@ -297,6 +297,7 @@ pub async fn run(
         otel: kvraft_telemetry::enabled().then(OtelSpans::default),
         meta,
         state_synced_ms: monotonic_ms(),
+        state_sync_ms: config.server.state_sync_ms,
         state_syncer,
         state_sync_in_flight: false,
         foreign_clusters: Default::default(),
@@ -340,9 +341,10 @@ struct Core {
     otel: Option<OtelSpans>,
     /// Holds the data-directory lock for the life of the server.
     meta: ServerMeta,
-    /// When the state machine was last written for a durable commit (see
-    /// [`STATE_SYNC_EVERY_MS`]).
+    /// When the state machine was last written for a durable commit, and how often it is
+    /// (`[server] state_sync_ms`).
     state_synced_ms: u64,
+    state_sync_ms: u64,
     /// Makes the state machine's engine durable on a blocking thread.
     state_syncer: Arc<dyn EngineSyncer>,
     state_sync_in_flight: bool,
@@ -533,7 +535,7 @@ impl Core {
     }
 
     /// Writes what the state machine applied to its engine and makes it durable, every
-    /// [`STATE_SYNC_EVERY_MS`]: the write here, the durable commit (an fsync) on a blocking
+    /// `state_sync_ms`: the write here, the durable commit (an fsync) on a blocking
     /// thread, so the core goes on serving meanwhile. Until it completes the log holds what
     /// was applied, and a restart replays that much. With `now` (shutdown) both happen here.
     fn sync_state_if_due(&mut self, now: bool) -> anyhow::Result<()> {
@@ -543,7 +545,7 @@ impl Core {
                 .context("cannot make the state machine durable; stopping the server")?;
             return Ok(());
         }
-        if self.state_sync_in_flight || at < self.state_synced_ms + STATE_SYNC_EVERY_MS {
+        if self.state_sync_in_flight || at < self.state_synced_ms + self.state_sync_ms {
             return Ok(());
         }
         self.state_synced_ms = at;

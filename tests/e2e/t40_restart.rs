@@ -85,7 +85,7 @@ async fn a_killed_server_resumes_from_its_state_file() {
         .await
         .unwrap();
     // Keep writing for well over the state machine's durable-commit period
-    // (STATE_SYNC_EVERY_MS), so every server has made some of it durable.
+    // (`[server] state_sync_ms`, 1 s by default), so every server has made some of it durable.
     let started = std::time::Instant::now();
     let mut n = 0;
     while started.elapsed() < std::time::Duration::from_millis(2_500) && n < 50_000 {
