@@ -26,7 +26,7 @@ pub fn mib(bytes: u64) -> f64 {
 }
 
 /// `Admin.Status` of the server at `addr`, or `None` if it does not answer within a second.
-async fn server_status(addr: &str) -> Option<StatusResponse> {
+pub async fn server_status(addr: &str) -> Option<StatusResponse> {
     let connect = AdminClient::connect(format!("http://{addr}"));
     let mut client = tokio::time::timeout(ASK_TIMEOUT, connect)
         .await

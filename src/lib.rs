@@ -3,3 +3,4 @@
 
 pub mod cluster_status;
 pub mod launch;
+pub mod procs;

@@ -59,6 +59,15 @@ struct Args {
     /// Also write the figures as JSON to this file.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+    /// Failover mode: start the config's cluster (coord and servers, run by the `demo` binary
+    /// beside this one, on the config's data directories), then TRIALS times run a sequential
+    /// writer, SIGKILL the leader's process, and report the longest gap between acknowledged
+    /// writes and the time from the kill to the first write acknowledged after it.
+    #[arg(long, value_name = "TRIALS")]
+    failover: Option<usize>,
+    /// Where the failover mode's processes write their logs.
+    #[arg(long, value_name = "DIR", default_value = "data/bench-logs")]
+    log_dir: PathBuf,
 }
 
 /// How much work each worker does: a share of `--ops`, or everything until a deadline.
@@ -127,6 +136,9 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(trials) = args.failover {
+        return failover(&args, trials).await;
+    }
     anyhow::ensure!(
         args.concurrency > 0 && args.keys > 0 && args.connections > 0,
         "--concurrency, --connections and --keys must be above 0"
@@ -383,4 +395,161 @@ fn progress_bar(args: &Args) -> Option<indicatif::ProgressBar> {
     .progress_chars("=> ");
     bar.set_style(style);
     Some(bar)
+}
+
+/// Deadline of each wait of the failover mode (a leader, writes resuming, a catch-up).
+const FAILOVER_WAIT: Duration = Duration::from_secs(30);
+/// Acknowledged writes before the kill, and after the first one that follows it.
+const FAILOVER_WRITES_AROUND: usize = 200;
+
+/// One failover trial's figures (ms).
+struct Trial {
+    killed: u32,
+    longest_gap_ms: f64,
+    kill_to_first_ack_ms: f64,
+}
+
+async fn failover(args: &Args, trials: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(trials > 0, "--failover needs at least 1 trial");
+    let config = ClusterConfig::load(&args.config)?;
+    let exe = std::env::current_exe()
+        .context("cannot find this executable")?
+        .with_file_name("demo");
+    anyhow::ensure!(
+        exe.exists(),
+        "bench --failover runs the cluster with the demo binary beside it, and {} does not \
+         exist (build it: cargo build --release --bins)",
+        exe.display()
+    );
+    std::fs::create_dir_all(&args.log_dir)
+        .with_context(|| format!("cannot create {}", args.log_dir.display()))?;
+    let mut procs = kvraft::procs::Procs::new(exe, args.config.clone(), args.log_dir.clone());
+    procs.start("coord", &["coord".into()])?;
+    for s in &config.servers {
+        procs.start(
+            &format!("server{}", s.id),
+            &["server".into(), s.id.to_string()],
+        )?;
+    }
+    let client = kvslib::Client::connect(&config, "bench-failover").await?;
+    let mut results = Vec::new();
+    for trial in 1..=trials {
+        let result = one_failover(&config, &client, &mut procs).await;
+        let t = result.with_context(|| format!("failover trial {trial}"))?;
+        println!(
+            "failover trial {trial}: killed server {}, longest gap {:.1} ms, kill to first ack \
+             {:.1} ms",
+            t.killed, t.longest_gap_ms, t.kill_to_first_ack_ms
+        );
+        results.push(t);
+    }
+    client.close().await;
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let gaps: Vec<f64> = results.iter().map(|t| t.longest_gap_ms).collect();
+    let firsts: Vec<f64> = results.iter().map(|t| t.kill_to_first_ack_ms).collect();
+    let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+    println!(
+        "failover: trials {trials}, longest gap median {:.1} ms max {:.1} ms, kill to first ack \
+         median {:.1} ms max {:.1} ms",
+        median(gaps.clone()),
+        max(&gaps),
+        median(firsts.clone()),
+        max(&firsts)
+    );
+    if let Some(path) = &args.json {
+        let result = serde_json::json!({
+            "trials": trials,
+            "longest_gap_ms": gaps,
+            "kill_to_first_ack_ms": firsts,
+            "killed": results.iter().map(|t| t.killed).collect::<Vec<_>>(),
+        });
+        std::fs::write(path, format!("{result:#}\n"))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    drop(procs); // kills the cluster it started, by the children's handles
+    Ok(())
+}
+
+/// One trial: writes until [`FAILOVER_WRITES_AROUND`] are acknowledged, kills the leader,
+/// writes until as many more are acknowledged after the kill, restarts the killed server and
+/// waits for it to catch up.
+async fn one_failover(
+    config: &ClusterConfig,
+    client: &kvslib::Client,
+    procs: &mut kvraft::procs::Procs,
+) -> anyhow::Result<Trial> {
+    let deadline = Instant::now() + FAILOVER_WAIT;
+    let leader = loop {
+        procs.check_alive()?;
+        if let Ok(info) = client.leader().await {
+            if info.has_leader() {
+                break info.leader_id;
+            }
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "no leader within {FAILOVER_WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut acks: Vec<Instant> = Vec::new();
+    let mut killed_at = None;
+    let mut i = 0u64;
+    loop {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "writes did not resume within {FAILOVER_WAIT:?}"
+        );
+        let key = format!("failover{}", i % 1000);
+        i += 1;
+        if client.put(key, b"v".as_slice()).await.is_ok() {
+            acks.push(Instant::now());
+        }
+        match killed_at {
+            None if acks.len() >= FAILOVER_WRITES_AROUND => {
+                procs.kill(&format!("server{leader}"));
+                killed_at = Some((Instant::now(), acks.len()));
+            }
+            Some((_, before)) if acks.len() >= before + FAILOVER_WRITES_AROUND => break,
+            _ => {}
+        }
+    }
+    let (kill, before) = killed_at.expect("set before the loop ends");
+    let longest_gap = acks
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or_default();
+    let first_after = acks[before] - kill;
+    procs.start(
+        &format!("server{leader}"),
+        &["server".into(), leader.to_string()],
+    )?;
+    // Back to full strength before the next trial: the restarted server holds the commit.
+    let target = client.put("failover-mark", b"v".as_slice()).await?.index;
+    let addr = config
+        .server(leader)
+        .map_err(anyhow::Error::msg)?
+        .addr
+        .clone();
+    loop {
+        procs.check_alive()?;
+        let status = kvraft::cluster_status::server_status(&addr).await;
+        if status.is_some_and(|s| s.last_applied >= target) {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline + FAILOVER_WAIT,
+            "server {leader} did not catch up after its restart"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(Trial {
+        killed: leader,
+        longest_gap_ms: longest_gap.as_secs_f64() * 1000.0,
+        kill_to_first_ack_ms: first_after.as_secs_f64() * 1000.0,
+    })
 }

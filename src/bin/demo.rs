@@ -3,15 +3,14 @@
 //! takes), runs the scripted workload with a leader crash (SIGKILL) halfway through, restarts
 //! the killed server, and keeps the cluster running until Ctrl-C.
 
-use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use kvraft::launch;
+use kvraft::procs::Procs;
 use kvraft_common::ClusterConfig;
 
 /// Deadline for the cluster to designate a leader at start.
@@ -89,84 +88,6 @@ async fn main() -> ExitCode {
     }
 }
 
-/// The child processes, killed (SIGKILL) when dropped.
-struct Procs {
-    exe: PathBuf,
-    config: PathBuf,
-    log_dir: PathBuf,
-    children: BTreeMap<String, Child>,
-}
-
-impl Procs {
-    fn start(&mut self, name: &str, role_args: &[String]) -> anyhow::Result<()> {
-        let log_path = self.log_dir.join(format!("{name}.log"));
-        let log = File::create(&log_path)
-            .with_context(|| format!("cannot create {}", log_path.display()))?;
-        let child = Command::new(&self.exe)
-            .arg("--config")
-            .arg(&self.config)
-            .args(role_args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("cannot start {name}"))?;
-        self.children.insert(name.to_string(), child);
-        Ok(())
-    }
-
-    fn kill(&mut self, name: &str) {
-        if let Some(mut child) = self.children.remove(name) {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Fails with the tail of its log if a child has exited.
-    fn check_alive(&mut self) -> anyhow::Result<()> {
-        let exited = self
-            .children
-            .iter_mut()
-            .find_map(|(name, child)| Some((name.clone(), child.try_wait().ok()??)));
-        let Some((name, status)) = exited else {
-            return Ok(());
-        };
-        self.children.remove(&name);
-        let log = self.log_dir.join(format!("{name}.log"));
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        let tail = &lines[lines.len().saturating_sub(5)..];
-        bail!(
-            "{name} exited ({status}); end of {}:\n{}",
-            log.display(),
-            tail.join("\n")
-        )
-    }
-
-    /// Waits (bounded) for children that got Ctrl-C with us, then kills what is left.
-    fn stop(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        for (_, child) in self.children.iter_mut() {
-            while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        let names: Vec<String> = self.children.keys().cloned().collect();
-        for name in names {
-            self.kill(&name);
-        }
-    }
-}
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        let names: Vec<String> = self.children.keys().cloned().collect();
-        for name in names {
-            self.kill(&name);
-        }
-    }
-}
-
 async fn demo(args: &Args) -> anyhow::Result<()> {
     let config = ClusterConfig::load(&args.config)?;
     if args.fresh {
@@ -174,12 +95,11 @@ async fn demo(args: &Args) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&args.log_dir)
         .with_context(|| format!("cannot create {}", args.log_dir.display()))?;
-    let mut procs = Procs {
-        exe: std::env::current_exe().context("cannot find this executable")?,
-        config: args.config.clone(),
-        log_dir: args.log_dir.clone(),
-        children: BTreeMap::new(),
-    };
+    let mut procs = Procs::new(
+        std::env::current_exe().context("cannot find this executable")?,
+        args.config.clone(),
+        args.log_dir.clone(),
+    );
     println!(
         "starting coord and {} servers from {} (logs in {})",
         config.servers.len(),

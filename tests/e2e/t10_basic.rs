@@ -208,6 +208,53 @@ async fn bench_prints_figures() {
     assert!(!last.contains("rss 0 MB"), "{last}");
 }
 
+/// `bench --failover`: starts the config's cluster itself (the demo binary's roles), kills
+/// the leader in each trial, reports the gap and the time to the first acknowledged write, and
+/// stops what it started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_failover_mode_reports_each_trial() {
+    let cluster = Cluster::new(3);
+    let json_path = cluster.dir.path().join("failover.json");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bench"))
+        .arg("--config")
+        .arg(&cluster.config_path)
+        .args(["--failover", "2", "--log-dir"])
+        .arg(cluster.dir.path().join("bench-logs"))
+        .arg("--json")
+        .arg(&json_path)
+        .output()
+        .expect("run bench");
+    let text = stdout(&out);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("failover trial 2: killed server"), "{text}");
+    assert!(
+        text.contains("failover: trials 2, longest gap median"),
+        "{text}"
+    );
+    let json: Value = serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    let gaps = json["longest_gap_ms"].as_array().unwrap();
+    let firsts = json["kill_to_first_ack_ms"].as_array().unwrap();
+    assert_eq!((gaps.len(), firsts.len()), (2, 2), "{json}");
+    for (gap, first) in gaps.iter().zip(firsts) {
+        assert!(
+            gap.as_f64().unwrap() >= first.as_f64().unwrap() - 1.0,
+            "{json}"
+        );
+    }
+    // What it started is gone: the servers' ports can be bound again.
+    for s in &cluster.config.servers {
+        Cluster::wait_for("the failover cluster's ports to be free", || {
+            let addr = s.addr.clone();
+            async move { std::net::TcpListener::bind(addr).is_ok() }
+        })
+        .await;
+    }
+}
+
 /// `client status`: one row per server and the coord's view, as a table or JSON; it registers
 /// no session (the log does not grow), and a stopped server shows as down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,99 @@
+//! Child processes of a local cluster (the coord and the servers, as roles of the `demo`
+//! binary), each logging to its own file, killed (SIGKILL) by their own handles when dropped.
+//! Used by `demo` and by `bench --failover`.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+/// The child processes, killed (SIGKILL) when dropped.
+pub struct Procs {
+    exe: PathBuf,
+    config: PathBuf,
+    log_dir: PathBuf,
+    children: BTreeMap<String, Child>,
+}
+
+impl Procs {
+    /// No children yet; `exe` is run as `exe --config <config> <role args>`.
+    pub fn new(exe: PathBuf, config: PathBuf, log_dir: PathBuf) -> Procs {
+        Procs {
+            exe,
+            config,
+            log_dir,
+            children: BTreeMap::new(),
+        }
+    }
+
+    pub fn start(&mut self, name: &str, role_args: &[String]) -> anyhow::Result<()> {
+        let log_path = self.log_dir.join(format!("{name}.log"));
+        let log = File::create(&log_path)
+            .with_context(|| format!("cannot create {}", log_path.display()))?;
+        let child = Command::new(&self.exe)
+            .arg("--config")
+            .arg(&self.config)
+            .args(role_args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start {name}"))?;
+        self.children.insert(name.to_string(), child);
+        Ok(())
+    }
+
+    pub fn kill(&mut self, name: &str) {
+        if let Some(mut child) = self.children.remove(name) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Fails with the tail of its log if a child has exited.
+    pub fn check_alive(&mut self) -> anyhow::Result<()> {
+        let exited = self
+            .children
+            .iter_mut()
+            .find_map(|(name, child)| Some((name.clone(), child.try_wait().ok()??)));
+        let Some((name, status)) = exited else {
+            return Ok(());
+        };
+        self.children.remove(&name);
+        let log = self.log_dir.join(format!("{name}.log"));
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = &lines[lines.len().saturating_sub(5)..];
+        bail!(
+            "{name} exited ({status}); end of {}:\n{}",
+            log.display(),
+            tail.join("\n")
+        )
+    }
+
+    /// Waits (bounded) for children that got Ctrl-C with us, then kills what is left.
+    pub fn stop(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for (_, child) in self.children.iter_mut() {
+            while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let names: Vec<String> = self.children.keys().cloned().collect();
+        for name in names {
+            self.kill(&name);
+        }
+    }
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        let names: Vec<String> = self.children.keys().cloned().collect();
+        for name in names {
+            self.kill(&name);
+        }
+    }
+}
