@@ -333,6 +333,41 @@ fn commit_needs_fsync_on_a_majority_of_all_servers() {
     assert_eq!(put_version(net.take(1, put)), (1, false));
 }
 
+/// Rules 5 and 9: an entry is applied only once this server's own log holds it durably, even
+/// when a majority of followers has already committed it. The state machine's engine may make
+/// what was applied durable at any time, and a restart replays the log after the engine's
+/// applied index: the log must still hold everything up to it.
+#[test]
+fn an_entry_applies_only_once_the_local_log_holds_it_durably() {
+    let (mut net, session) = Net::with_leader(3);
+    let index = net.node(1).last_index() + 1;
+    let put = net.put(1, session, 1, "k", "v");
+    net.deliver();
+    // Both followers fsync and acknowledge: committed by a majority without the leader.
+    net.sync(2);
+    net.sync(3);
+    net.deliver();
+    assert_eq!(
+        net.node(1).commit_index(),
+        index,
+        "2 of 3 durable: committed"
+    );
+    assert!(net.node(1).durable_index() < index);
+    assert!(
+        net.node(1).last_applied() < index,
+        "not applied before the leader's fsync"
+    );
+    assert!(net.take(1, put).is_none(), "not answered before it applies");
+    // A follower learns the commit, but applies only what its own fsync covered: here all.
+    net.settle();
+    assert_eq!(net.node(1).last_applied(), index);
+    assert_eq!(put_version(net.take(1, put)), (1, false));
+    for id in 1..=3 {
+        let n = net.node(id);
+        assert!(n.last_applied() <= n.durable_index(), "node {id}");
+    }
+}
+
 /// Rule 3: with only a minority reachable nothing commits, however long we wait.
 #[test]
 fn minority_leader_commits_nothing() {
