@@ -262,7 +262,7 @@ async fn print_status(
                 None => say("coord: not answering")?,
             }
             say(format!(
-                "{:>3}  {:<21} {:<8} {:<12} {:>6} {:>9} {:>9} {:>6} {:>8} {:>8}",
+                "{:>3}  {:<21} {:<8} {:<12} {:>6} {:>9} {:>9} {:>6} {:>8} {:>8} {:>8}",
                 "ID",
                 "ADDRESS",
                 "UUID",
@@ -272,7 +272,8 @@ async fn print_status(
                 "APPLIED",
                 "LAG",
                 "RSS MB",
-                "LOG MB"
+                "LOG MB",
+                "STATE MB"
             ))?;
             for row in &rows {
                 say(status_line(row, leader_commit))?;
@@ -303,7 +304,7 @@ fn status_line(row: &kvraft::cluster_status::ServerRow, leader_commit: Option<u6
     });
     let uuid: String = report.uuid.chars().take(8).collect();
     format!(
-        "{:>3}  {:<21} {:<8} {:<12} {:>6} {:>9} {:>9} {:>6} {:>8.1} {:>8.1}",
+        "{:>3}  {:<21} {:<8} {:<12} {:>6} {:>9} {:>9} {:>6} {:>8.1} {:>8.1} {:>8.1}",
         row.id,
         row.addr,
         uuid,
@@ -313,7 +314,8 @@ fn status_line(row: &kvraft::cluster_status::ServerRow, leader_commit: Option<u6
         status.last_applied,
         lag,
         kvraft::cluster_status::mib(status.rss_bytes),
-        kvraft::cluster_status::mib(status.log_bytes)
+        kvraft::cluster_status::mib(status.log_bytes),
+        kvraft::cluster_status::mib(status.state_bytes)
     )
 }
 

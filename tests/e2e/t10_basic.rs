@@ -266,6 +266,10 @@ async fn status_shows_every_server_without_writing() {
     let text = stdout(&out);
     assert!(out.status.success(), "{text}");
     assert!(text.contains(&format!("leader {leader}")), "{text}");
+    assert!(
+        text.contains("LOG MB") && text.contains("STATE MB"),
+        "{text}"
+    );
     let rows: Vec<&str> = text.lines().skip(2).collect();
     assert_eq!(rows.len(), 3, "{text}");
     assert_eq!(
@@ -279,7 +283,9 @@ async fn status_shows_every_server_without_writing() {
     let servers = json["servers"].as_array().unwrap();
     assert_eq!(servers.len(), 3);
     assert!(
-        servers.iter().all(|s| s["up"] == true && s["lag"].is_u64()),
+        servers
+            .iter()
+            .all(|s| s["up"] == true && s["lag"].is_u64() && s["state_bytes"].as_u64() > Some(0)),
         "{json}"
     );
     assert_eq!(
