@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use kvraft_common::ClusterConfig;
 
 /// The child processes, killed (SIGKILL) when dropped.
 pub struct Procs {
@@ -44,6 +45,46 @@ impl Procs {
             .with_context(|| format!("cannot start {name}"))?;
         self.children.insert(name.to_string(), child);
         Ok(())
+    }
+
+    /// The coord and every server of `config`.
+    pub fn start_cluster(&mut self, config: &ClusterConfig) -> anyhow::Result<()> {
+        self.start("coord", &["coord".into()])?;
+        for s in &config.servers {
+            self.start_server(s.id)?;
+        }
+        Ok(())
+    }
+
+    /// Server `id`, as the child named `server<id>`.
+    pub fn start_server(&mut self, id: u32) -> anyhow::Result<()> {
+        self.start(&format!("server{id}"), &["server".into(), id.to_string()])
+    }
+
+    /// SIGKILL of server `id` (see [`Procs::start_server`]).
+    pub fn kill_server(&mut self, id: u32) {
+        self.kill(&format!("server{id}"));
+    }
+
+    /// Waits until the coord names a leader, failing if a child exits or `timeout` passes.
+    pub async fn wait_for_leader(
+        &mut self,
+        config: &ClusterConfig,
+        timeout: Duration,
+    ) -> anyhow::Result<kvslib::LeaderInfo> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.check_alive()?;
+            if let Ok(info) = kvslib::query_leader(config, "procs").await {
+                if info.has_leader() {
+                    return Ok(info);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("no leader within {timeout:?}; see the logs");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     pub fn kill(&mut self, name: &str) {

@@ -368,6 +368,46 @@ fn an_entry_applies_only_once_the_local_log_holds_it_durably() {
     }
 }
 
+/// Rule 9: a state file and a log that do not belong together are refused, not trusted: the
+/// log must hold the state file's last applied entry, with the same term.
+#[test]
+fn a_state_file_ahead_of_the_log_or_of_another_term_is_refused() {
+    use crate::engine::{Engine as _, MemEngine, WriteBatch};
+    use crate::state_machine::StateMachine;
+    let engine = MemEngine::new();
+    engine
+        .clone()
+        .write(WriteBatch {
+            applied: (3, 2),
+            ..WriteBatch::default()
+        })
+        .unwrap();
+    let open = |entries: Vec<LogEntry>| {
+        let sm = StateMachine::open(Box::new(engine.clone()), 60_000, 100).unwrap();
+        Replica::recovered(config(1, 3), HardState::default(), entries, sm)
+            .map(|r| r.commit_index())
+    };
+    let log = |terms: &[u64]| -> Vec<LogEntry> {
+        terms
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| entry(i as u64 + 1, t))
+            .collect()
+    };
+    let short = open(log(&[1, 2])).unwrap_err();
+    assert!(
+        short.contains("applied entry 3") && short.contains("ends at 2"),
+        "{short}"
+    );
+    let other = open(log(&[1, 2, 1])).unwrap_err();
+    assert!(other.contains("holds term 1"), "{other}");
+    assert_eq!(
+        open(log(&[1, 2, 2, 2])),
+        Ok(3),
+        "commit starts at the applied index"
+    );
+}
+
 /// Rule 3: with only a minority reachable nothing commits, however long we wait.
 #[test]
 fn minority_leader_commits_nothing() {

@@ -63,13 +63,6 @@ const FOREIGN_CLUSTERS_LOGGED_MAX: usize = 16;
 const REFUSALS_LOGGED_EVERY_MS: u64 = 1_000;
 /// The state machine's file in the data directory.
 pub const STATE_FILE: &str = "state.redb";
-// The state machine's engine writes, each made durable at once, come every `[server]
-// state_sync_ms` (default 1 s): entries applied in between wait in memory (bounded by
-// `state_machine::OVERLAY_KEYS_MAX` and `OVERLAY_BYTES_MAX`, past which they are written early,
-// not durably) and go to the engine in one transaction; a crash replays them from the log.
-// Fewer, larger writes cost the B-tree far less: with 10 ms between writes, a 3-server bench at
-// 64 in flight wrote 5.5 times the bytes of the log and ran at 0.74 times the throughput; at
-// 1 s, 1.3 times and 0.95 times.
 /// Pause before reconnecting a broken peer stream.
 const PEER_RECONNECT_MS: u64 = 50;
 
@@ -342,7 +335,12 @@ struct Core {
     /// Holds the data-directory lock for the life of the server.
     meta: ServerMeta,
     /// When the state machine was last written for a durable commit, and how often it is
-    /// (`[server] state_sync_ms`).
+    /// (`[server] state_sync_ms`, default 1 s). Entries applied in between wait in memory
+    /// (bounded by `state_machine::OVERLAY_KEYS_MAX` and `OVERLAY_BYTES_MAX`, past which they
+    /// are written early, not durably) and go to the engine in one transaction; a crash replays
+    /// them from the log. Fewer, larger writes cost the B-tree far less: with 10 ms between
+    /// writes, a 3-server bench at 64 in flight wrote 5.5 times the bytes of the log and ran at
+    /// 0.74 times the throughput; at 1 s, 1.3 times and 0.95 times.
     state_synced_ms: u64,
     state_sync_ms: u64,
     /// Makes the state machine's engine durable on a blocking thread.
@@ -386,10 +384,9 @@ impl Core {
                 }
             }
             cmds.extend(self.replica.flush());
-            if let Some(failure) = self.replica.failure() {
-                // Nothing of this step is executed: its answers may rest on a lost write.
-                anyhow::bail!("the state machine's engine failed: {failure}; stopping the server");
-            }
+            // Nothing of this step is executed after a failure: its answers may rest on a lost
+            // write.
+            self.check_engine()?;
             self.check_crash_fault();
             self.execute(cmds)?;
             self.flush_backlog()?;
@@ -550,9 +547,7 @@ impl Core {
         }
         self.state_synced_ms = at;
         tokio::task::block_in_place(|| self.replica.write_state());
-        if let Some(failure) = self.replica.failure() {
-            anyhow::bail!("the state machine's engine failed: {failure}; stopping the server");
-        }
+        self.check_engine()?;
         self.state_sync_in_flight = true;
         let applied = self.replica.last_applied();
         let (syncer, tx) = (self.state_syncer.clone(), self.tx.clone());
@@ -561,6 +556,16 @@ impl Core {
             let _ = tx.blocking_send(Input::StateSynced(applied, result));
         });
         Ok(())
+    }
+
+    /// Stops the server once the state machine's engine has failed.
+    fn check_engine(&self) -> anyhow::Result<()> {
+        match self.replica.failure() {
+            Some(failure) => {
+                anyhow::bail!("the state machine's engine failed: {failure}; stopping the server")
+            }
+            None => Ok(()),
+        }
     }
 
     /// Logs a refused peer message, at most once per [`REFUSALS_LOGGED_EVERY_MS`].

@@ -38,9 +38,9 @@ use prost::bytes::Bytes;
 
 pub use crate::engine::Versioned;
 
-/// Most keys applied and not yet written to the engine: past it the batch is written at once
-/// (otherwise the runtime writes it with each durable commit), which bounds the overlay's
-/// memory.
+/// Most keys and sessions changed and not yet written to the engine: past it the batch is
+/// written at once (otherwise the runtime writes it with each durable commit), which bounds
+/// the overlay's memory and the set of changed sessions.
 pub const OVERLAY_KEYS_MAX: usize = 65_536;
 /// Most key and value bytes in the overlay, for the same reason.
 pub const OVERLAY_BYTES_MAX: usize = 32 * 1024 * 1024;
@@ -211,7 +211,7 @@ impl StateMachine {
         if let Some(f) = &self.failure {
             return Err(EngineError(f.clone()));
         }
-        self.engine.sync()?;
+        self.engine.syncer().sync()?;
         Ok(self.written_applied)
     }
 
@@ -284,7 +284,9 @@ impl StateMachine {
             }
             Some(Payload::Put(put)) => self.apply_put(put, entry.index, entry.time_ms, &mut out),
         }
-        if self.overlay.len() >= OVERLAY_KEYS_MAX || self.overlay_bytes >= OVERLAY_BYTES_MAX {
+        if self.overlay.len() + self.dirty.len() >= OVERLAY_KEYS_MAX
+            || self.overlay_bytes >= OVERLAY_BYTES_MAX
+        {
             self.finish_batch();
         }
         out
@@ -474,9 +476,10 @@ impl StateMachine {
         index: u64,
         out: &mut Vec<Outcome>,
     ) {
+        // Only the counters of the previous value are needed, not the value itself.
         let previous = match self.overlay.get(&key) {
-            Some(v) => Ok(Some(v.clone())),
-            None => self.engine.get(&key),
+            Some(v) => Ok(Some((v.version, v.create_revision))),
+            None => self.engine.counters(&key),
         };
         let previous = match previous {
             Ok(v) => v,
@@ -489,11 +492,11 @@ impl StateMachine {
         // Revisions follow the order in which the map changes: the index of the entry being
         // applied (a held put changes the map when a later entry releases it).
         let revision = self.last_applied;
-        let version = previous.as_ref().map_or(0, |v| v.version) + 1;
+        let version = previous.map_or(0, |(version, _)| version) + 1;
         if previous.is_none() {
             self.overlay_created += 1;
         }
-        let create_revision = previous.map_or(revision, |v| v.create_revision);
+        let create_revision = previous.map_or(revision, |(_, created)| created);
         let versioned = Versioned {
             value,
             version,

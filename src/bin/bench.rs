@@ -332,7 +332,7 @@ struct Load {
     task: usize,
     keys: usize,
     read_fraction: f64,
-    /// Operations finishing before this are the warm-up: not recorded, not counted.
+    /// Operations started before this are the warm-up: not recorded, not counted.
     warmup_end: Instant,
 }
 
@@ -344,7 +344,6 @@ async fn worker(
     done: Arc<AtomicU64>,
 ) -> Samples {
     let mut s = Samples::new();
-    let mut warmup = Samples::new();
     // A cheap deterministic spread of reads among writes and of keys among tasks.
     let reads_per_1000 = (load.read_fraction.clamp(0.0, 1.0) * 1000.0) as usize;
     let task = load.task;
@@ -361,22 +360,22 @@ async fn worker(
         }
         let key = format!("bench{}", (task * 7919 + i * 104_729) % load.keys);
         let t = Instant::now();
-        let into = if warming { &mut warmup } else { &mut s };
-        if (i * 617 + task) % 1000 < reads_per_1000 {
-            match client.get(key).await {
-                Ok(_) => Samples::record(&mut into.gets, t.elapsed()),
-                Err(e) => into.failed(&e),
-            }
+        let is_get = (i * 617 + task) % 1000 < reads_per_1000;
+        let result = if is_get {
+            client.get(key).await.map(drop)
         } else {
-            match client.put(key, value.as_slice()).await {
-                Ok(_) => Samples::record(&mut into.puts, t.elapsed()),
-                Err(e) => into.failed(&e),
-            }
+            client.put(key, value.as_slice()).await.map(drop)
+        };
+        if warming {
+            continue;
         }
-        if !warming {
-            measured += 1;
-            done.fetch_add(1, Ordering::Relaxed);
+        match result {
+            Ok(()) if is_get => Samples::record(&mut s.gets, t.elapsed()),
+            Ok(()) => Samples::record(&mut s.puts, t.elapsed()),
+            Err(e) => s.failed(&e),
         }
+        measured += 1;
+        done.fetch_add(1, Ordering::Relaxed);
     }
     s
 }
@@ -424,13 +423,7 @@ async fn failover(args: &Args, trials: usize) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.log_dir)
         .with_context(|| format!("cannot create {}", args.log_dir.display()))?;
     let mut procs = kvraft::procs::Procs::new(exe, args.config.clone(), args.log_dir.clone());
-    procs.start("coord", &["coord".into()])?;
-    for s in &config.servers {
-        procs.start(
-            &format!("server{}", s.id),
-            &["server".into(), s.id.to_string()],
-        )?;
-    }
+    procs.start_cluster(&config)?;
     let client = kvslib::Client::connect(&config, "bench-failover").await?;
     let mut results = Vec::new();
     for trial in 1..=trials {
@@ -481,20 +474,11 @@ async fn one_failover(
     client: &kvslib::Client,
     procs: &mut kvraft::procs::Procs,
 ) -> anyhow::Result<Trial> {
+    let leader = procs
+        .wait_for_leader(config, FAILOVER_WAIT)
+        .await?
+        .leader_id;
     let deadline = Instant::now() + FAILOVER_WAIT;
-    let leader = loop {
-        procs.check_alive()?;
-        if let Ok(info) = client.leader().await {
-            if info.has_leader() {
-                break info.leader_id;
-            }
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "no leader within {FAILOVER_WAIT:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
     let mut acks: Vec<Instant> = Vec::new();
     let mut killed_at = None;
     let mut i = 0u64;
@@ -510,7 +494,7 @@ async fn one_failover(
         }
         match killed_at {
             None if acks.len() >= FAILOVER_WRITES_AROUND => {
-                procs.kill(&format!("server{leader}"));
+                procs.kill_server(leader);
                 killed_at = Some((Instant::now(), acks.len()));
             }
             Some((_, before)) if acks.len() >= before + FAILOVER_WRITES_AROUND => break,
@@ -524,10 +508,7 @@ async fn one_failover(
         .max()
         .unwrap_or_default();
     let first_after = acks[before] - kill;
-    procs.start(
-        &format!("server{leader}"),
-        &["server".into(), leader.to_string()],
-    )?;
+    procs.start_server(leader)?;
     // Back to full strength before the next trial: the restarted server holds the commit.
     let target = client.put("failover-mark", b"v".as_slice()).await?.index;
     let addr = config

@@ -118,14 +118,8 @@ async fn demo(args: &Args) -> anyhow::Result<()> {
             config.tracing.shiviz_output_file.display()
         );
     }
-    procs.start("coord", &["coord".into()])?;
-    for s in &config.servers {
-        procs.start(
-            &format!("server{}", s.id),
-            &["server".into(), s.id.to_string()],
-        )?;
-    }
-    let leader = wait_for_leader(&config, &mut procs).await?;
+    procs.start_cluster(&config)?;
+    let leader = procs.wait_for_leader(&config, START_TIMEOUT).await?;
     println!(
         "leader: server {} (UUID {}), term {}",
         leader.leader_id, leader.leader_uuid, leader.term
@@ -137,8 +131,7 @@ async fn demo(args: &Args) -> anyhow::Result<()> {
         "leader now: server {} (UUID {}), term {}",
         after.leader_id, after.leader_uuid, after.term
     );
-    let name = format!("server{}", leader.leader_id);
-    procs.start(&name, &["server".into(), leader.leader_id.to_string()])?;
+    procs.start_server(leader.leader_id)?;
     println!(
         "restarted server {}: it rejoins as a follower and catches up",
         leader.leader_id
@@ -154,32 +147,13 @@ async fn demo(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_leader(
-    config: &ClusterConfig,
-    procs: &mut Procs,
-) -> anyhow::Result<kvslib::LeaderInfo> {
-    let deadline = Instant::now() + START_TIMEOUT;
-    loop {
-        procs.check_alive()?;
-        if let Ok(info) = kvslib::query_leader(config, "demo").await {
-            if info.has_leader() {
-                return Ok(info);
-            }
-        }
-        if Instant::now() > deadline {
-            bail!("no leader within {START_TIMEOUT:?}; see the logs");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// The scripted workload, killing the leader at op [`CRASH_AT`]. Returns how many ops failed.
 async fn workload(client: &kvslib::Client, procs: &mut Procs, leader: u32) -> usize {
     let mut failed = 0;
     for i in 0..WORKLOAD_OPS {
         if i == CRASH_AT {
             println!("--- killing the leader, server {leader}, with SIGKILL");
-            procs.kill(&format!("server{leader}"));
+            procs.kill_server(leader);
         }
         let (key, value) = (format!("k{i}"), format!("val{i}"));
         let started = Instant::now();

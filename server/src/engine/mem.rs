@@ -1,5 +1,5 @@
 //! An in-memory [`Engine`] with an engine's crash behaviour: writes change the "live" state at
-//! once, [`Engine::sync`] copies it to the "durable" state, and [`MemEngine::crash`] drops
+//! once, a sync ([`Engine::syncer`]) copies it to the "durable" state, and [`MemEngine::crash`] drops
 //! whatever was not synced. Clones share the state, so a test or the simulation keeps a handle
 //! after moving one into a replica, and restarts a replica on the same "disk".
 
@@ -55,6 +55,11 @@ impl Engine for MemEngine {
         Ok(lock(&self.shared).live.kv.get(key).cloned())
     }
 
+    fn counters(&self, key: &[u8]) -> Result<Option<(u64, u64)>, EngineError> {
+        let s = lock(&self.shared);
+        Ok(s.live.kv.get(key).map(|v| (v.version, v.create_revision)))
+    }
+
     fn key_count(&self) -> Result<u64, EngineError> {
         Ok(lock(&self.shared).live.kv.len() as u64)
     }
@@ -72,10 +77,6 @@ impl Engine for MemEngine {
         }
         s.live.applied = batch.applied;
         Ok(())
-    }
-
-    fn sync(&mut self) -> Result<(), EngineError> {
-        EngineSyncer::sync(self)
     }
 
     fn syncer(&self) -> Arc<dyn EngineSyncer> {

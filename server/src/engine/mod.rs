@@ -74,15 +74,16 @@ pub trait EngineSyncer: Send + Sync {
 pub trait Engine: Send {
     /// The key's current value, seeing every write so far.
     fn get(&self, key: &[u8]) -> Result<Option<Versioned>, EngineError>;
+    /// The key's `(version, create_revision)`, without reading its value out (applying a put
+    /// needs only these).
+    fn counters(&self, key: &[u8]) -> Result<Option<(u64, u64)>, EngineError>;
     /// Number of keys.
     fn key_count(&self) -> Result<u64, EngineError>;
     /// Applies `batch` atomically; not necessarily durable.
     fn write(&mut self, batch: WriteBatch) -> Result<(), EngineError>;
-    /// Makes every earlier write durable.
-    fn sync(&mut self) -> Result<(), EngineError>;
     /// The applied position and the sessions, as of the latest write.
     fn recovered(&self) -> Result<Recovered, EngineError>;
-    /// A handle doing what [`Engine::sync`] does, from another thread.
+    /// A handle that makes every earlier write durable, on any thread.
     fn syncer(&self) -> std::sync::Arc<dyn EngineSyncer>;
 }
 
@@ -98,6 +99,17 @@ pub(crate) fn encode_value(v: &Versioned) -> Vec<u8> {
 }
 
 pub(crate) fn decode_value(bytes: &[u8]) -> Result<Versioned, EngineError> {
+    let [version, create_revision, mod_revision] = decode_header(bytes)?;
+    Ok(Versioned {
+        version,
+        create_revision,
+        mod_revision,
+        value: Bytes::copy_from_slice(&bytes[24..]),
+    })
+}
+
+/// The three counters at the head of a stored value.
+pub(crate) fn decode_header(bytes: &[u8]) -> Result<[u64; 3], EngineError> {
     if bytes.len() < 24 {
         return Err(EngineError(format!(
             "stored value of {} bytes is shorter than its 24-byte header",
@@ -105,12 +117,7 @@ pub(crate) fn decode_value(bytes: &[u8]) -> Result<Versioned, EngineError> {
         )));
     }
     let word = |i: usize| u64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
-    Ok(Versioned {
-        version: word(0),
-        create_revision: word(1),
-        mod_revision: word(2),
-        value: Bytes::copy_from_slice(&bytes[24..]),
-    })
+    Ok([word(0), word(1), word(2)])
 }
 
 #[cfg(test)]
@@ -139,7 +146,7 @@ mod tests {
                 applied: (1, 1),
             })
             .unwrap();
-        engine.sync().unwrap();
+        engine.syncer().sync().unwrap();
         engine
             .write(WriteBatch {
                 puts: vec![(Bytes::from_static(b"a"), v("2", 2))],
@@ -154,6 +161,8 @@ mod tests {
         );
         assert_eq!(engine.recovered().unwrap().applied_index, 2);
         assert_eq!(engine.key_count().unwrap(), 1);
+        assert_eq!(engine.counters(b"a").unwrap(), Some((2, 1)));
+        assert_eq!(engine.counters(b"b").unwrap(), None);
         drop(engine);
         let engine = reopen();
         let rec = engine.recovered().unwrap();
@@ -200,6 +209,7 @@ mod tests {
     #[test]
     fn a_short_stored_value_is_an_error_not_a_panic() {
         assert!(decode_value(&[0; 23]).is_err());
+        assert!(decode_header(&[0; 23]).is_err());
         let v = Versioned {
             value: Bytes::from_static(b"xyz"),
             version: 3,

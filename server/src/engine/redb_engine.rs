@@ -8,7 +8,7 @@
 //! ```
 //!
 //! Each [`WriteBatch`] is one write transaction committed with `Durability::None`: atomic and
-//! visible at once, durable at the next [`Engine::sync`], an empty transaction committed with
+//! visible at once, durable at the next sync ([`Engine::syncer`]), an empty transaction committed with
 //! `Durability::Immediate` and quick repair (so a reopen after a crash does not walk the whole
 //! file). A clean close makes every commit durable. A file of another format is refused with
 //! an error naming it, never misread.
@@ -22,7 +22,8 @@ use redb::{
 };
 
 use super::{
-    decode_value, encode_value, Engine, EngineError, EngineSyncer, Recovered, Versioned, WriteBatch,
+    decode_header, decode_value, encode_value, Engine, EngineError, EngineSyncer, Recovered,
+    Versioned, WriteBatch,
 };
 
 const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
@@ -44,13 +45,10 @@ pub struct RedbEngine {
 impl RedbEngine {
     /// Opens (or creates) the engine file at `path`.
     pub fn open(path: &Path) -> Result<RedbEngine, EngineError> {
-        let err = |what: &str, e: &dyn std::fmt::Display| {
-            EngineError(format!("state file {}: {what}: {e}", path.display()))
-        };
         let db = Database::builder()
             .set_cache_size(ENGINE_CACHE_BYTES)
             .create(path)
-            .map_err(|e| err("cannot open", &e))?;
+            .map_err(|e| fail(path, "cannot open", &e))?;
         let engine = RedbEngine {
             db: Arc::new(db),
             path: path.to_path_buf(),
@@ -88,7 +86,7 @@ impl RedbEngine {
     }
 
     fn err(&self, what: &str, e: &dyn std::fmt::Display) -> EngineError {
-        EngineError(format!("state file {}: {what}: {e}", self.path.display()))
+        fail(&self.path, what, e)
     }
 
     fn with_reader<T>(
@@ -115,6 +113,18 @@ impl Engine for RedbEngine {
                 None => Ok(None),
                 Some(g) => decode_value(g.value())
                     .map(Some)
+                    .map_err(|e| self.err("bad value", &e)),
+            }
+        })
+    }
+
+    fn counters(&self, key: &[u8]) -> Result<Option<(u64, u64)>, EngineError> {
+        self.with_reader(|table| {
+            let found = table.get(key).map_err(|e| self.err("read", &e))?;
+            match found {
+                None => Ok(None),
+                Some(g) => decode_header(g.value())
+                    .map(|[version, create_revision, _]| Some((version, create_revision)))
                     .map_err(|e| self.err("bad value", &e)),
             }
         })
@@ -153,10 +163,6 @@ impl Engine for RedbEngine {
         txn.commit().map_err(|e| self.err("commit", &e))?;
         *self.reader.lock().unwrap_or_else(PoisonError::into_inner) = None;
         Ok(())
-    }
-
-    fn sync(&mut self) -> Result<(), EngineError> {
-        durable_commit(&self.db, &self.path)
     }
 
     fn syncer(&self) -> Arc<dyn EngineSyncer> {
@@ -198,14 +204,17 @@ impl Engine for RedbEngine {
 /// An empty transaction committed with `Durability::Immediate` (and quick repair): it makes
 /// every earlier `Durability::None` commit durable.
 fn durable_commit(db: &Database, path: &Path) -> Result<(), EngineError> {
-    let err = |what: &str, e: &dyn std::fmt::Display| {
-        EngineError(format!("state file {}: {what}: {e}", path.display()))
-    };
+    let err = |what: &str, e: &dyn std::fmt::Display| fail(path, what, e);
     let mut txn = db.begin_write().map_err(|e| err("begin", &e))?;
     txn.set_durability(Durability::Immediate)
         .map_err(|e| err("durability", &e))?;
     txn.set_quick_repair(true);
     txn.commit().map_err(|e| err("durable commit", &e))
+}
+
+/// An engine error naming the state file and what failed.
+fn fail(path: &Path, what: &str, e: &dyn std::fmt::Display) -> EngineError {
+    EngineError(format!("state file {}: {what}: {e}", path.display()))
 }
 
 struct RedbSyncer {

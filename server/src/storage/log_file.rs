@@ -243,13 +243,11 @@ impl FileLogStore {
             create_segment(&wal, 1, &[])?;
             firsts.push(1);
         }
-        let mut segments = Vec::with_capacity(firsts.len());
+        let mut segments: Vec<Segment> = Vec::with_capacity(firsts.len());
         let mut entries = Vec::new();
-        let count = firsts.len();
         for (i, &first) in firsts.iter().enumerate() {
             let path = wal.join(segment_name(first));
             if let Some(prev) = segments.last() {
-                let prev: &Segment = prev;
                 if prev.last_index() + 1 != first {
                     return Err(StorageError::Corrupt {
                         path,
@@ -261,58 +259,17 @@ impl FileLogStore {
                     });
                 }
             }
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&path)
-                .map_err(io_err(&path))?;
-            let bytes = read_all(&file, &path)?;
-            check_segment_header(&bytes, &path, first)?;
-            let body = &bytes[SEGMENT_HEADER_BYTES..];
-            let last = i + 1 == count;
-            let scan = scan_records(body, first, last, SEGMENT_HEADER_BYTES).map_err(|bad| {
-                StorageError::Corrupt {
-                    path: path.clone(),
-                    offset: (SEGMENT_HEADER_BYTES + bad.offset) as u64,
-                    reason: bad.reason,
-                }
-            })?;
-            if !last && scan.entries.is_empty() {
-                return Err(StorageError::Corrupt {
-                    path,
-                    offset: SEGMENT_HEADER_BYTES as u64,
-                    reason: "an empty segment before the last one".to_string(),
-                });
-            }
-            let valid_end = (SEGMENT_HEADER_BYTES + scan.valid_len) as u64;
-            let tail = bytes.len() as u64 - valid_end;
-            if tail > 0 {
-                cut_torn_tail(&file, &path, valid_end, tail)?;
-                recovery.truncated_tail_bytes += tail;
-            }
-            let offsets = scan
-                .offsets
-                .iter()
-                .map(|o| o + SEGMENT_HEADER_BYTES as u64)
-                .collect();
-            entries.extend(scan.entries);
-            segments.push(Segment {
-                first,
-                path,
-                file,
-                offsets,
-                end: valid_end,
-            });
+            let last = i + 1 == firsts.len();
+            let (segment, read, tail) = open_segment(path, first, last)?;
+            recovery.truncated_tail_bytes += tail;
+            entries.extend(read);
+            segments.push(segment);
         }
         recovery.entries = entries.len();
         recovery.segments = segments.len();
         let current = segments.last().expect("invariant: at least one segment");
-        let syncer = Arc::new(FileSyncer {
-            current: Mutex::new((
-                current.path.clone(),
-                current.file.try_clone().map_err(io_err(&current.path))?,
-            )),
-        });
+        let file = current.file.try_clone().map_err(io_err(&current.path))?;
+        let syncer = Arc::new(FileSyncer::new(&current.path, file));
         let store = FileLogStore {
             wal,
             segments,
@@ -359,7 +316,7 @@ impl FileLogStore {
         let file = create_segment(&self.wal, first, &[])?;
         let path = self.wal.join(segment_name(first));
         self.syncer
-            .replace(path.clone(), file.try_clone().map_err(io_err(&path))?);
+            .replace(&path, file.try_clone().map_err(io_err(&path))?);
         self.segments.push(Segment {
             first,
             path,
@@ -369,6 +326,50 @@ impl FileLogStore {
         });
         Ok(())
     }
+}
+
+/// Opens segment `first` at `path` and reads it: the segment, its entries and the bytes of a
+/// torn tail cut off (only the `last` segment may have one).
+fn open_segment(
+    path: PathBuf,
+    first: u64,
+    last: bool,
+) -> Result<(Segment, Vec<LogEntry>, u64), StorageError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(io_err(&path))?;
+    let bytes = read_all(&file, &path)?;
+    check_segment_header(&bytes, &path, first)?;
+    let body = &bytes[SEGMENT_HEADER_BYTES..];
+    let scan = scan_records(body, first, last, SEGMENT_HEADER_BYTES).map_err(|bad| {
+        StorageError::Corrupt {
+            path: path.clone(),
+            offset: bad.offset as u64,
+            reason: bad.reason,
+        }
+    })?;
+    if !last && scan.entries.is_empty() {
+        return Err(StorageError::Corrupt {
+            path,
+            offset: SEGMENT_HEADER_BYTES as u64,
+            reason: "an empty segment before the last one".to_string(),
+        });
+    }
+    let end = (SEGMENT_HEADER_BYTES + scan.valid_len) as u64;
+    let tail = bytes.len() as u64 - end;
+    if tail > 0 {
+        cut_torn_tail(&file, &path, end, tail)?;
+    }
+    let segment = Segment {
+        first,
+        path,
+        file,
+        offsets: scan.offsets,
+        end,
+    };
+    Ok((segment, scan.entries, tail))
 }
 
 /// Converts a pre-segment `<dir>/log` into segment 1; returns the torn-tail bytes dropped.
@@ -459,11 +460,8 @@ impl LogStore for FileLogStore {
         // leave new records followed by old ones, which recovery must call corruption.
         seg.file.sync_data().map_err(io_err(&seg.path))?;
         if removed {
-            let (path, file) = (
-                seg.path.clone(),
-                seg.file.try_clone().map_err(io_err(&seg.path))?,
-            );
-            self.syncer.replace(path, file);
+            let file = seg.file.try_clone().map_err(io_err(&seg.path))?;
+            self.syncer.replace(&seg.path, file);
             sync_dir(&self.wal)?;
         }
         Ok(())
@@ -485,24 +483,30 @@ impl LogStore for FileLogStore {
 /// every write and `set_len` made through any descriptor of the file before the call. Earlier
 /// segments were fsynced when they were closed.
 struct FileSyncer {
-    current: Mutex<(PathBuf, File)>,
+    /// Shared, not duplicated per sync: taking it costs no system call.
+    current: Mutex<(Arc<PathBuf>, Arc<File>)>,
 }
 
 impl FileSyncer {
-    fn replace(&self, path: PathBuf, file: File) {
-        *self.current.lock().unwrap_or_else(PoisonError::into_inner) = (path, file);
+    fn new(path: &Path, file: File) -> FileSyncer {
+        FileSyncer {
+            current: Mutex::new((Arc::new(path.to_path_buf()), Arc::new(file))),
+        }
+    }
+
+    fn replace(&self, path: &Path, file: File) {
+        *self.current.lock().unwrap_or_else(PoisonError::into_inner) =
+            (Arc::new(path.to_path_buf()), Arc::new(file));
     }
 }
 
 impl Syncer for FileSyncer {
     fn sync(&self) -> Result<(), StorageError> {
-        let (path, file) = {
-            let guard = self.current.lock().unwrap_or_else(PoisonError::into_inner);
-            (
-                guard.0.clone(),
-                guard.1.try_clone().map_err(io_err(&guard.0))?,
-            )
-        };
+        let (path, file) = self
+            .current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         file.sync_data().map_err(io_err(&path))
     }
 }
@@ -580,8 +584,8 @@ struct BadRecord {
 }
 
 /// Reads records from the start, the first holding index `first`; stops at a torn tail
-/// (only where one may be: `tail_allowed`), fails at corruption.
-/// `base` is where `bytes` start in the file (for the offsets named in errors).
+/// (only where one may be: `tail_allowed`), fails at corruption. `base` is where `bytes` start
+/// in the file: the record offsets returned and named in errors are file offsets.
 fn scan_records(
     bytes: &[u8],
     first: u64,
@@ -594,7 +598,7 @@ fn scan_records(
         let expected = first + scan.entries.len() as u64;
         match read_record(&bytes[offset..], expected) {
             Ok((entry, record_len)) => {
-                scan.offsets.push(offset as u64);
+                scan.offsets.push((base + offset) as u64);
                 scan.entries.push(entry);
                 scan.valid_len += record_len;
             }
@@ -605,6 +609,7 @@ fn scan_records(
                 let reason = format!(
                     "{problem} in a segment that was closed whole, so it is not a torn tail"
                 );
+                let offset = base + offset;
                 return Err(BadRecord { offset, reason });
             }
         }
@@ -628,6 +633,7 @@ fn classify(
             Some(found) => format!("{problem}, but {found} follows, so it is not a torn tail"),
         },
     };
+    let offset = base + offset;
     Err(BadRecord { offset, reason })
 }
 
@@ -1030,14 +1036,21 @@ mod tests {
         assert_eq!(open(dir.path()).1, entries(1, 50, 1));
     }
 
+    /// A log of entries 1..=n (term 1), appended one by one, whose segments close after
+    /// `per_segment` records; returns the store and the segment size used.
+    fn small_segments(dir: &Path, per_segment: u64, n: u64) -> (FileLogStore, u64) {
+        let small = per_segment * record(&entry(1, 1)).len() as u64;
+        let (mut store, _, _) = FileLogStore::open_with(dir, small).expect("open");
+        for i in 1..=n {
+            store.append(&[entry(i, 1)]).expect("append");
+        }
+        (store, small)
+    }
+
     #[test]
     fn segments_roll_reopen_truncate_across_and_are_removed_below_an_index() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let small = 3 * record(&entry(1, 1)).len() as u64;
-        let (mut store, _, _) = FileLogStore::open_with(dir.path(), small).expect("open");
-        for i in 1..=20 {
-            store.append(&[entry(i, 1)]).expect("append");
-        }
+        let (store, small) = small_segments(dir.path(), 3, 20);
         store.syncer().sync().expect("sync");
         let count = store.segment_count();
         assert!(count >= 5, "{count} segments");
@@ -1118,11 +1131,7 @@ mod tests {
     #[test]
     fn a_torn_record_in_a_closed_segment_is_corruption() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let small = 2 * record(&entry(1, 1)).len() as u64;
-        let (mut store, _, _) = FileLogStore::open_with(dir.path(), small).expect("open");
-        for i in 1..=6 {
-            store.append(&[entry(i, 1)]).expect("append");
-        }
+        let (store, small) = small_segments(dir.path(), 2, 6);
         drop(store);
         let mut bytes = std::fs::read(seg1(dir.path())).expect("read");
         let len = bytes.len();
