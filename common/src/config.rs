@@ -107,6 +107,15 @@ pub const STATE_SYNC_MS_DEFAULT: u64 = 1_000;
 /// Bounds of `[server] state_sync_ms`: at most a minute of log is replayed after a crash.
 pub const STATE_SYNC_MS_RANGE: std::ops::RangeInclusive<u64> = 10..=60_000;
 
+/// Defaults and bounds of `[server] log_tail_entries`, `log_tail_bytes` and
+/// `snapshot_chunk_bytes`.
+pub const LOG_TAIL_ENTRIES_DEFAULT: u64 = 10_000;
+pub const LOG_TAIL_ENTRIES_MAX: u64 = 10_000_000;
+pub const LOG_TAIL_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
+pub const LOG_TAIL_BYTES_MAX: u64 = 16 * 1024 * 1024 * 1024;
+pub const SNAPSHOT_CHUNK_BYTES_DEFAULT: u64 = 1024 * 1024;
+pub const SNAPSHOT_CHUNK_BYTES_RANGE: std::ops::RangeInclusive<u64> = 4096..=8 * 1024 * 1024;
+
 /// Settings every server shares.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -121,6 +130,13 @@ pub struct ServerOptions {
     /// (ms). Shorter: less log replayed after a crash; longer: fewer engine writes, which
     /// cost throughput (docs/storage.md has the figures).
     pub state_sync_ms: u64,
+    /// Log entries kept below the state machine's durable position, for followers that lag
+    /// a little: at most this many and about this many bytes (encoded entries), in memory and
+    /// on disk. A follower further behind is sent a snapshot instead.
+    pub log_tail_entries: u64,
+    pub log_tail_bytes: u64,
+    /// Size of one chunk of a snapshot sent to a follower (one chunk in flight per follower).
+    pub snapshot_chunk_bytes: u64,
     /// Serve `Admin.SetFaults` and accept the `server` fault flags. Off by default: anyone who
     /// can reach a server's address could otherwise partition or crash it (a remote kill
     /// switch). The `server --allow-fault-injection` flag turns it on for one process.
@@ -171,6 +187,9 @@ impl Default for ServerOptions {
             sessions_max: 10_000,
             replication_heartbeat_ms: 50,
             state_sync_ms: STATE_SYNC_MS_DEFAULT,
+            log_tail_entries: LOG_TAIL_ENTRIES_DEFAULT,
+            log_tail_bytes: LOG_TAIL_BYTES_DEFAULT,
+            snapshot_chunk_bytes: SNAPSHOT_CHUNK_BYTES_DEFAULT,
             allow_fault_injection: false,
         }
     }
@@ -301,6 +320,27 @@ impl ClusterConfig {
                 ),
             ));
         }
+        let bounded = [
+            (
+                "log_tail_entries",
+                o.log_tail_entries,
+                0..=LOG_TAIL_ENTRIES_MAX,
+            ),
+            ("log_tail_bytes", o.log_tail_bytes, 0..=LOG_TAIL_BYTES_MAX),
+            (
+                "snapshot_chunk_bytes",
+                o.snapshot_chunk_bytes,
+                SNAPSHOT_CHUNK_BYTES_RANGE,
+            ),
+        ];
+        for (name, value, range) in bounded {
+            if !range.contains(&value) {
+                return Err((
+                    format!("server.{name}"),
+                    format!("{value} is outside {}..={}", range.start(), range.end()),
+                ));
+            }
+        }
         let t = &self.tracing;
         if t.enabled {
             check_addr("tracing.server_addr".into(), &t.server_addr)?;
@@ -404,6 +444,19 @@ data_dir = "data/server1"
             Path::new("t.toml"),
         );
         assert_eq!(c.unwrap().server.state_sync_ms, 250);
+        for bad in [
+            "log_tail_entries = 10000001",
+            "log_tail_bytes = 17179869185",
+            "snapshot_chunk_bytes = 100",
+            "snapshot_chunk_bytes = 8388609",
+        ] {
+            let e = err(&(base() + &format!("[server]\n{bad}\n")));
+            let name = bad.split(' ').next().unwrap();
+            assert!(
+                e.contains(&format!("server.{name}")) && e.contains("outside"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

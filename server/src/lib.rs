@@ -18,6 +18,7 @@ pub mod engine;
 pub mod faults;
 mod otel_spans;
 pub mod replica;
+pub mod replica_log;
 pub mod runtime;
 pub mod service;
 pub mod state_machine;

@@ -37,6 +37,10 @@ use kvraft_proto::{
 use prost::bytes::Bytes;
 use prost::Message;
 
+use crate::replica_log::{LogBase, ReplicaLog};
+
+#[path = "replica_snapshot.rs"]
+mod snapshot;
 use crate::state_machine::{Outcome, PutError, PutResult, StateMachine};
 use crate::storage::HardState;
 
@@ -79,6 +83,13 @@ pub struct ReplicaConfig {
     pub session_window: u64,
     /// Period of the leader's empty AppendEntries.
     pub heartbeat_ms: u64,
+    /// Entries kept below the state machine's durable position, in memory and in the log
+    /// files, for followers that lag a little (one further behind gets a snapshot): at most
+    /// this many, and at most about `log_tail_bytes`.
+    pub log_tail_entries: u64,
+    pub log_tail_bytes: usize,
+    /// Size of one snapshot chunk (one in flight per follower).
+    pub snapshot_chunk_bytes: usize,
 }
 
 #[derive(Debug)]
@@ -125,6 +136,11 @@ pub enum Event {
     /// Every log write with id <= write_id is durable.
     Persisted {
         write_id: u64,
+    },
+    /// The state machine is durable up to this applied index (a restart no longer needs the
+    /// log at or below it).
+    StateDurable {
+        applied: u64,
     },
     Status {
         reply: ReplyTo,
@@ -178,6 +194,12 @@ pub enum Command {
     AppendLog(Vec<LogEntry>),
     /// Remove every entry with index >= the given one.
     TruncateLog(u64),
+    /// Entries at or below this index are no longer needed (the state machine holds them
+    /// durably, and the kept tail is below): the store may delete them.
+    CompactLog(u64),
+    /// Discard the whole log durably before any later command runs; it continues at the
+    /// given index (after an installed snapshot).
+    ResetLog(u64),
     SendAppend {
         to: NodeId,
         req: AppendEntriesRequest,
@@ -193,6 +215,19 @@ pub enum Command {
     /// Informational: this server became leader / follower (for logs and traces).
     RoleChanged {
         leader: bool,
+        term: u64,
+    },
+    /// Informational: a snapshot transfer to `to` started (`done` false) or completed, with
+    /// the bytes sent; for the log.
+    SnapshotSending {
+        to: NodeId,
+        index: u64,
+        bytes: u64,
+        done: bool,
+    },
+    /// Informational: this follower installed a snapshot of the leader's state machine.
+    SnapshotInstalled {
+        index: u64,
         term: u64,
     },
     /// Informational: a peer message was refused as invalid (DESIGN rule 11); for the log.
@@ -214,6 +249,8 @@ struct Peer {
     last_sent_ms: u64,
     /// Last time the peer answered in this term (any answer confirms it follows us).
     last_ack_ms: u64,
+    /// The snapshot transfer in flight, while the peer needs entries this leader compacted.
+    snapshot: Option<snapshot::Outgoing>,
 }
 
 #[derive(Debug)]
@@ -245,6 +282,8 @@ struct Leader {
     /// Catching-up peers (DESIGN rule 10): the storage identity each came back with and the
     /// index it must hold (matched in this term) before it counts again.
     catch_up_targets: BTreeMap<NodeId, (String, u64)>,
+    /// Last snapshot transfer id used in this term.
+    next_transfer: u64,
 }
 
 /// The attempts of one put waiting for it to apply (at most [`PUT_ATTEMPTS_WAITING_MAX`]).
@@ -281,6 +320,14 @@ impl Durability {
         }
     }
 
+    /// The log was discarded for a snapshot of everything up to `index` (durable).
+    fn reset(&mut self, index: u64) {
+        self.durable_index = index;
+        for (_, last) in self.pending.iter_mut() {
+            *last = (*last).min(index);
+        }
+    }
+
     fn persisted(&mut self, write_id: u64) {
         while let Some(&(id, last)) = self.pending.front() {
             if id > write_id {
@@ -296,8 +343,8 @@ pub struct Replica {
     cfg: ReplicaConfig,
     majority: usize,
     hard: HardState,
-    /// log[i] holds the entry with index i + 1.
-    log: Vec<LogEntry>,
+    /// The entries after the compacted base.
+    log: ReplicaLog,
     commit_index: u64,
     sm: StateMachine,
     durability: Durability,
@@ -306,6 +353,8 @@ pub struct Replica {
     /// Stream (and last ReadIndex round) of the current leader, acknowledged again whenever
     /// more of the log becomes durable.
     ack_stream: Option<(StreamId, u64)>,
+    /// The snapshot this follower is receiving.
+    incoming: Option<snapshot::Incoming>,
     leader: Option<Leader>,
     /// The coord's list of servers catching up after losing their storage (rule 10), with the
     /// storage identity each came back with.
@@ -322,48 +371,92 @@ impl Replica {
     /// A replica with an empty state machine in memory over `entries` (tests).
     pub fn new(cfg: ReplicaConfig, hard: HardState, entries: Vec<LogEntry>) -> Self {
         let sm = StateMachine::new(cfg.session_ttl_ms, cfg.sessions_max);
-        Self::recovered(cfg, hard, entries, sm).expect("invariant: an empty state fits any log")
+        Self::recovered(cfg, hard, 1, entries, sm).expect("invariant: an empty state fits any log")
     }
 
-    /// A replica recovered from disk: `entries` are the log (durable), `hard` the hard state,
-    /// `sm` the state machine as its engine holds it. The log must hold the last applied entry
-    /// with the same term (the state machine applies only entries durable in the log, so it
-    /// always does unless the files come from different servers or histories).
+    /// Whether a log starting at `log_start` (the index of its first entry, or of the next one
+    /// when it holds none) and holding `entries` fits the state machine `sm`: it must hold the
+    /// last applied entry with the same term, or start right after it. The state machine
+    /// applies only entries durable in the log and the log is compacted only below what the
+    /// state machine made durable, so it always does, unless the files come from different
+    /// servers or histories, or a snapshot was installed and the log not yet reset (see
+    /// [`StateMachine::from_snapshot`]).
+    pub fn log_fits(sm: &StateMachine, log_start: u64, entries: &[LogEntry]) -> Result<(), String> {
+        let applied = sm.last_applied();
+        let end = log_start + entries.len() as u64 - 1;
+        if log_start > applied + 1 {
+            return Err(format!(
+                "the log starts at entry {log_start}, but the state file has applied only up to \
+                 {applied}: the entries between are missing"
+            ));
+        }
+        if applied == 0 || log_start == applied + 1 {
+            return Ok(());
+        }
+        let term = entries.get((applied - log_start) as usize).map(|e| e.term);
+        if term == Some(sm.applied_term()) {
+            return Ok(());
+        }
+        Err(format!(
+            "the state file has applied entry {applied} of term {}, but the log {}",
+            sm.applied_term(),
+            match term {
+                None => format!("ends at {end}"),
+                Some(t) => format!("holds term {t} there"),
+            }
+        ))
+    }
+
+    /// A replica recovered from disk: `entries` are the log (durable), starting at
+    /// `log_start` (see [`Replica::log_fits`], which they must pass), `hard` the hard state,
+    /// `sm` the state machine as its engine holds it.
     pub fn recovered(
         cfg: ReplicaConfig,
         hard: HardState,
-        entries: Vec<LogEntry>,
+        log_start: u64,
+        mut entries: Vec<LogEntry>,
         sm: StateMachine,
     ) -> Result<Self, String> {
         assert!(cfg.servers.contains(&cfg.id), "invariant: id is configured");
+        assert!(log_start >= 1, "invariant: log indices start at 1");
         for (i, e) in entries.iter().enumerate() {
-            assert_eq!(e.index, i as u64 + 1, "invariant: recovered log is dense");
+            assert_eq!(
+                e.index,
+                log_start + i as u64,
+                "invariant: recovered log is dense"
+            );
         }
-        let durable_index = entries.len() as u64;
+        let durable_index = log_start + entries.len() as u64 - 1;
         assert!(
             (1..=limits::SESSION_WINDOW_MAX).contains(&cfg.session_window),
             "invariant: 1 <= session_window <= SESSION_WINDOW_MAX"
         );
+        Self::log_fits(&sm, log_start, &entries)?;
         let applied = sm.last_applied();
-        if applied > 0 {
-            let term = entries.get(applied as usize - 1).map(|e| e.term);
-            if term != Some(sm.applied_term()) {
-                return Err(format!(
-                    "the state file has applied entry {applied} of term {}, but the log {}",
-                    sm.applied_term(),
-                    match term {
-                        None => format!("ends at {durable_index}"),
-                        Some(t) => format!("holds term {t} there"),
-                    }
-                ));
+        // The base is an entry whose term is known: the state machine's position when the log
+        // starts right after it, else the log's first entry (dropped from memory).
+        let base = if log_start == 1 {
+            LogBase::default()
+        } else if log_start == applied + 1 {
+            LogBase {
+                index: applied,
+                term: sm.applied_term(),
+                time_ms: sm.applied_time_ms(),
             }
-        }
+        } else {
+            let first = entries.remove(0);
+            LogBase {
+                index: first.index,
+                term: first.term,
+                time_ms: first.time_ms,
+            }
+        };
         let sm = sm.with_session_window(cfg.session_window);
         Ok(Replica {
             majority: cfg.servers.len() / 2 + 1,
             cfg,
             hard,
-            log: entries,
+            log: ReplicaLog::new(base, entries),
             // Only committed entries are ever applied.
             commit_index: applied,
             sm,
@@ -373,6 +466,7 @@ impl Replica {
             },
             verified_index: 0,
             ack_stream: None,
+            incoming: None,
             leader: None,
             catching_up: BTreeMap::new(),
             prepared_term: 0,
@@ -402,20 +496,27 @@ impl Replica {
         self.sm.last_applied()
     }
     pub fn last_index(&self) -> u64 {
-        self.log.len() as u64
+        self.log.last_index()
     }
     pub fn durable_index(&self) -> u64 {
         self.durability.durable_index
     }
     pub fn entry(&self, index: u64) -> Option<&LogEntry> {
-        index.checked_sub(1).and_then(|i| self.log.get(i as usize))
+        self.log.get(index)
     }
     pub fn state_machine(&self) -> &StateMachine {
         &self.sm
     }
 
+    /// The in-memory log's base: entries at or below it are compacted.
+    pub fn log_base(&self) -> LogBase {
+        self.log.base()
+    }
+
+    /// The term at `index`, 0 where it is not known (compacted, or beyond the end); callers
+    /// that may ask below the base say what that means for them.
     fn term_at(&self, index: u64) -> u64 {
-        self.entry(index).map_or(0, |e| e.term)
+        self.log.term_at(index).unwrap_or(0)
     }
 
     pub fn report(&self) -> ServerReport {
@@ -524,6 +625,7 @@ impl Replica {
             Event::Put { cmd, reply } => self.on_put(cmd, reply),
             Event::Get { key, reply } => self.on_get(key, reply),
             Event::Persisted { write_id } => self.on_persisted(write_id),
+            Event::StateDurable { applied } => self.compact(applied),
             Event::Status { reply } => {
                 let status = Reply::Status {
                     report: self.report(),
@@ -569,6 +671,7 @@ impl Replica {
         self.step_down();
         self.verified_index = 0;
         self.ack_stream = None;
+        self.incoming = None;
     }
 
     fn accept_leader(&mut self, leader: NodeId) {
@@ -729,6 +832,7 @@ impl Replica {
                     probe_outstanding: false,
                     last_sent_ms: 0,
                     last_ack_ms: self.now_ms,
+                    snapshot: None,
                 };
                 (p, peer)
             })
@@ -741,9 +845,10 @@ impl Replica {
             reads: VecDeque::new(),
             put_waiters: BTreeMap::new(),
             register_waiters: BTreeMap::new(),
-            log_time_base_ms: self.log.last().map_or(0, |e| e.time_ms),
+            log_time_base_ms: self.log.last_time_ms(),
             now_base_ms: self.now_ms,
             catch_up_targets: BTreeMap::new(),
+            next_transfer: 0,
         });
         self.out.push(Command::RoleChanged {
             leader: true,
@@ -766,7 +871,7 @@ impl Replica {
             .as_ref()
             .expect("invariant: only a leader appends");
         let elapsed_ms = self.now_ms.saturating_sub(leader.now_base_ms);
-        let previous_ms = self.log.last().map_or(0, |e| e.time_ms);
+        let previous_ms = self.log.last_time_ms();
         let entry = LogEntry {
             term: self.hard.term,
             index,
@@ -794,10 +899,21 @@ impl Replica {
         let now = self.now_ms;
         let leader = self.leader.as_mut().expect("invariant: only leaders send");
         let read_round = leader.read_round;
+        let base = self.log.base();
         let peer = leader
             .peers
             .get_mut(&peer_id)
             .expect("invariant: known peer");
+        if peer.snapshot.is_some() || peer.next_index <= base.index {
+            // It needs entries this leader compacted: a snapshot, plus empty heartbeats at the
+            // base (their answers confirm read rounds; their hints are ignored meanwhile).
+            if heartbeat {
+                peer.last_sent_ms = now;
+                let req = self.append_request(base.index + 1, base.index, read_round);
+                self.out.push(Command::SendAppend { to: peer_id, req });
+            }
+            return self.send_snapshot(peer_id);
+        }
         let mut sends = Vec::new();
         if peer.probing {
             if !peer.probe_outstanding {
@@ -834,7 +950,7 @@ impl Replica {
     fn append_request(&self, from: u64, to: u64, read_round: u64) -> AppendEntriesRequest {
         let prev = from - 1;
         let entries = if to >= from {
-            self.log[(from - 1) as usize..to as usize].to_vec()
+            self.log.slice(from, to)
         } else {
             Vec::new()
         };
@@ -846,6 +962,7 @@ impl Replica {
             entries,
             leader_commit: self.commit_index,
             read_round,
+            snapshot: None,
             trace_context: Default::default(),
             trace_token: Bytes::new(),
         }
@@ -883,11 +1000,28 @@ impl Replica {
         }
         peer.acked_round = peer.acked_round.max(resp.read_round);
         peer.last_ack_ms = peer.last_ack_ms.max(self.now_ms);
+        let base = self.log.base().index;
         if resp.success {
             peer.match_index = peer.match_index.max(resp.match_index);
             peer.next_index = peer.next_index.max(peer.match_index + 1);
             peer.probing = false;
             peer.probe_outstanding = false;
+            if peer.match_index >= base {
+                if let Some(out) = peer.snapshot.take() {
+                    let (index, bytes) = (out.meta.index, out.bytes);
+                    let to = NodeId(resp.follower_id);
+                    let done = true;
+                    self.out.push(Command::SnapshotSending {
+                        to,
+                        index,
+                        bytes,
+                        done,
+                    });
+                }
+            }
+        } else if resp.snapshot_transfer != 0 {
+            let (from, transfer) = (NodeId(resp.follower_id), resp.snapshot_transfer);
+            self.on_snapshot_ack(from, transfer, resp.snapshot_next_seq);
         } else if resp.conflict_index > 0 {
             let conflict = resp.conflict_index.min(last + 1);
             if conflict <= peer.match_index {
@@ -895,9 +1029,11 @@ impl Replica {
                 // Its old acknowledgements no longer count.
                 peer.match_index = conflict - 1;
             }
-            peer.next_index = conflict;
-            peer.probing = true;
-            peer.probe_outstanding = false;
+            if peer.snapshot.is_none() {
+                peer.next_index = conflict;
+                peer.probing = true;
+                peer.probe_outstanding = false;
+            }
         }
         // A refusal without a hint (the follower follows another leader of this term) leaves
         // the probe outstanding: it is retried on the probe timer, not in a tight loop.
@@ -909,6 +1045,9 @@ impl Replica {
             return;
         };
         if let Some(peer) = leader.peers.get_mut(&peer_id) {
+            if let Some(out) = peer.snapshot.as_mut() {
+                out.resend_now();
+            }
             peer.probing = true;
             peer.probe_outstanding = false;
             peer.next_index = peer.match_index + 1;
@@ -950,7 +1089,11 @@ impl Replica {
         let to = self.commit_index.min(self.durability.durable_index);
         while self.sm.last_applied() < to && self.sm.failure().is_none() {
             let index = self.sm.last_applied() + 1;
-            let outcomes = self.sm.apply(&self.log[(index - 1) as usize]);
+            let entry = self
+                .log
+                .get(index)
+                .expect("invariant: unapplied entries are held");
+            let outcomes = self.sm.apply(entry);
             for outcome in outcomes {
                 self.answer(outcome);
             }
@@ -967,6 +1110,24 @@ impl Replica {
     /// below it is no longer needed for a restart.
     pub fn sync_state(&mut self) -> Result<u64, crate::engine::EngineError> {
         self.sm.sync()
+    }
+
+    /// Log compaction: drops the entries at or below `applied` (durable in the state machine)
+    /// but for the kept tail (`log_tail_entries`, `log_tail_bytes`), from memory and, by
+    /// `CompactLog`, from the store. A follower that needs a dropped entry gets a snapshot.
+    fn compact(&mut self, applied: u64) {
+        let applied = applied.min(self.sm.last_applied());
+        let point =
+            self.log
+                .compaction_point(applied, self.cfg.log_tail_entries, self.cfg.log_tail_bytes);
+        let point = match self.leader.as_ref().and_then(Self::transfers_floor) {
+            Some(floor) => point.min(floor),
+            None => point,
+        };
+        if point > self.log.base().index {
+            self.log.compact_to(point);
+            self.out.push(Command::CompactLog(point));
+        }
     }
 
     /// The state machine's engine failed: the server must stop, and nothing this step
@@ -1168,7 +1329,7 @@ impl Replica {
     /// until the coord has told it the current term: otherwise a deposed leader it can still
     /// reach could count its acknowledgements and overwrite committed entries.
     fn blank(&self) -> bool {
-        self.hard.term == 0 && self.log.is_empty()
+        self.hard.term == 0 && self.log.last_index() == 0
     }
 
     fn on_append_entries(&mut self, stream: StreamId, req: AppendEntriesRequest) {
@@ -1205,6 +1366,9 @@ impl Replica {
         if self.leader.is_some() {
             return; // a leader never receives its own term's AppendEntries from another
         }
+        if let Some(chunk) = req.snapshot {
+            return self.on_snapshot_chunk(stream, leader, req.term, req.read_round, chunk);
+        }
         if let Some(conflict) = self.log_mismatch(req.prev_log_index, req.prev_log_term) {
             return self.respond(stream, false, conflict, req.read_round);
         }
@@ -1237,6 +1401,12 @@ impl Replica {
             return Err(format!(
                 "leader_id {} is not a configured peer",
                 req.leader_id
+            ));
+        }
+        if req.snapshot.is_some() && !req.entries.is_empty() {
+            return Err(format!(
+                "a snapshot chunk with {} entries (a chunk comes alone)",
+                req.entries.len()
             ));
         }
         if req.prev_log_term > req.term {
@@ -1273,11 +1443,14 @@ impl Replica {
     /// committed (a correct leader of such a term holds every committed entry, rule 6; an older
     /// leader's message is refused by its term before this).
     fn check_committed_prefix(&self, req: &AppendEntriesRequest) -> Result<(), String> {
+        let base = self.log.base().index;
         for (i, e) in req.entries.iter().enumerate() {
             if e.index > self.commit_index {
                 break;
             }
-            if self.term_at(e.index) != e.term {
+            // Below the base the terms are gone; those entries are committed and applied here,
+            // and merging skips them.
+            if e.index >= base && self.term_at(e.index) != e.term {
                 return Err(format!(
                     "entries[{i}] (index {}, term {}) contradicts committed entry of term {}",
                     e.index,
@@ -1295,6 +1468,10 @@ impl Replica {
         if prev_index > self.last_index() {
             return Some(self.last_index() + 1);
         }
+        if prev_index < self.log.base().index {
+            // Compacted here, so committed: every leader of this term or a newer one holds it.
+            return None;
+        }
         let ours = self.term_at(prev_index);
         if ours == prev_term {
             return None;
@@ -1310,7 +1487,11 @@ impl Replica {
     /// committed entry), append the rest.
     fn merge_entries(&mut self, entries: Vec<LogEntry>) {
         let mut fresh = Vec::new();
+        let base = self.log.base().index;
         for entry in entries {
+            if entry.index <= base {
+                continue; // compacted here: committed and applied
+            }
             if !fresh.is_empty() || entry.index > self.last_index() {
                 fresh.push(entry);
                 continue;
@@ -1324,7 +1505,7 @@ impl Replica {
                 entry.index,
                 self.commit_index
             );
-            self.log.truncate((entry.index - 1) as usize);
+            self.log.truncate_from(entry.index);
             self.durability.truncated(entry.index);
             self.out.push(Command::TruncateLog(entry.index));
             fresh.push(entry);
@@ -1338,34 +1519,28 @@ impl Replica {
     }
 
     fn respond_success(&mut self, stream: StreamId, read_round: u64) {
-        let matched = self.durability.durable_index.min(self.verified_index);
-        self.out.push(Command::SendAppendResponse {
-            stream,
-            resp: AppendEntriesResponse {
-                term: self.hard.term,
-                follower_id: self.cfg.id.0,
-                success: true,
-                match_index: matched,
-                conflict_index: 0,
-                read_round,
-                trace_token: Bytes::new(),
-            },
-        });
+        let mut resp = self.response(true, 0, read_round);
+        resp.match_index = self.durability.durable_index.min(self.verified_index);
+        self.out.push(Command::SendAppendResponse { stream, resp });
     }
 
     fn respond(&mut self, stream: StreamId, success: bool, conflict: u64, read_round: u64) {
-        self.out.push(Command::SendAppendResponse {
-            stream,
-            resp: AppendEntriesResponse {
-                term: self.hard.term,
-                follower_id: self.cfg.id.0,
-                success,
-                match_index: 0,
-                conflict_index: conflict,
-                read_round,
-                trace_token: Bytes::new(),
-            },
-        });
+        let resp = self.response(success, conflict, read_round);
+        self.out.push(Command::SendAppendResponse { stream, resp });
+    }
+
+    fn response(&self, success: bool, conflict: u64, read_round: u64) -> AppendEntriesResponse {
+        AppendEntriesResponse {
+            term: self.hard.term,
+            follower_id: self.cfg.id.0,
+            success,
+            match_index: 0,
+            conflict_index: conflict,
+            read_round,
+            snapshot_transfer: 0,
+            snapshot_next_seq: 0,
+            trace_token: Bytes::new(),
+        }
     }
 
     // ------------------------------------------------------------------ durability, time
@@ -1425,11 +1600,11 @@ fn client_error(e: PutError) -> ClientError {
 }
 
 /// Last index of a batch starting at `from`, within the entry and byte budgets.
-fn batch_end(log: &[LogEntry], from: u64, last: u64) -> u64 {
+fn batch_end(log: &ReplicaLog, from: u64, last: u64) -> u64 {
     let mut bytes = 0usize;
     let mut to = from;
     while to <= last && (to - from) < BATCH_ENTRIES_MAX as u64 {
-        let len = log[(to - 1) as usize].encoded_len();
+        let len = log.get(to).map_or(0, |e| e.encoded_len());
         if to > from && bytes + len > BATCH_BYTES_MAX {
             break;
         }

@@ -37,6 +37,9 @@ fn config(id: u32, n: u32) -> ReplicaConfig {
         sessions_max: 100,
         session_window: kvraft_common::limits::SESSION_WINDOW_MAX,
         heartbeat_ms: 50,
+        log_tail_entries: 10_000,
+        log_tail_bytes: usize::MAX,
+        snapshot_chunk_bytes: 1024,
     }
 }
 
@@ -84,7 +87,13 @@ impl Net {
         match cmd {
             Command::SaveHardState(hs) => node.saved.push(hs),
             Command::AppendLog(_) => node.written += 1,
-            Command::TruncateLog(_) | Command::RoleChanged { .. } | Command::Refused { .. } => {}
+            Command::TruncateLog(_)
+            | Command::CompactLog(_)
+            | Command::ResetLog(_)
+            | Command::RoleChanged { .. }
+            | Command::Refused { .. }
+            | Command::SnapshotSending { .. }
+            | Command::SnapshotInstalled { .. } => {}
             Command::SendAppend { to, req } => {
                 let stream = u64::from(from);
                 self.queue
@@ -223,7 +232,18 @@ impl Net {
 
     /// A 3-node cluster with node 1 leader of term 1 and a registered session.
     fn with_leader(n: u32) -> (Net, u64) {
+        Self::with_leader_using(n, |_| {})
+    }
+
+    /// As [`Net::with_leader`], every node's configuration changed by `tweak`.
+    fn with_leader_using(n: u32, tweak: impl Fn(&mut ReplicaConfig)) -> (Net, u64) {
         let mut net = Net::new(n);
+        for id in 1..=n {
+            let mut cfg = config(id, n);
+            tweak(&mut cfg);
+            let node = net.nodes.get_mut(&id).unwrap();
+            node.replica = Replica::new(cfg, HardState::default(), Vec::new());
+        }
         let all: Vec<u32> = (1..=n).collect();
         net.elect(1, 1, &all);
         net.settle();
@@ -378,13 +398,17 @@ fn a_state_file_ahead_of_the_log_or_of_another_term_is_refused() {
     engine
         .clone()
         .write(WriteBatch {
-            applied: (3, 2),
+            applied: crate::engine::Applied {
+                index: 3,
+                term: 2,
+                time_ms: 0,
+            },
             ..WriteBatch::default()
         })
         .unwrap();
     let open = |entries: Vec<LogEntry>| {
         let sm = StateMachine::open(Box::new(engine.clone()), 60_000, 100).unwrap();
-        Replica::recovered(config(1, 3), HardState::default(), entries, sm)
+        Replica::recovered(config(1, 3), HardState::default(), 1, entries, sm)
             .map(|r| r.commit_index())
     };
     let log = |terms: &[u64]| -> Vec<LogEntry> {
@@ -406,6 +430,112 @@ fn a_state_file_ahead_of_the_log_or_of_another_term_is_refused() {
         Ok(3),
         "commit starts at the applied index"
     );
+    // A compacted log: it may start right after the applied entry (the base is then the
+    // state file's position) or at or below it (the base is its first entry), not later.
+    let open_from = |start: u64, terms: &[u64]| {
+        let sm = StateMachine::open(Box::new(engine.clone()), 60_000, 100).unwrap();
+        let entries = terms
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| entry(start + i as u64, t))
+            .collect();
+        Replica::recovered(config(1, 3), HardState::default(), start, entries, sm)
+            .map(|r| (r.log_base().index, r.log_base().term, r.last_index()))
+    };
+    assert_eq!(open_from(4, &[2, 3]), Ok((3, 2, 5)));
+    assert_eq!(open_from(4, &[]), Ok((3, 2, 3)));
+    assert_eq!(open_from(2, &[2, 2, 3]), Ok((2, 2, 4)));
+    let gap = open_from(5, &[3]).unwrap_err();
+    assert!(
+        gap.contains("starts at entry 5") && gap.contains("missing"),
+        "{gap}"
+    );
+    let other = open_from(3, &[1, 2]).unwrap_err();
+    assert!(other.contains("holds term 1"), "{other}");
+}
+
+/// Makes node `id`'s state machine durable and tells its core (which compacts the log).
+fn make_state_durable(net: &mut Net, id: u32) {
+    let node = net.nodes.get_mut(&id).unwrap();
+    let applied = node.replica.sync_state().expect("memory engine");
+    net.step(id, Event::StateDurable { applied });
+}
+
+/// Log compaction and snapshot transfer: a follower cut off while the leader compacts past it
+/// gets the leader's state machine in chunks (one in flight, several of them), installs it
+/// and continues from the log; afterwards every replica holds the same keys and versions.
+#[test]
+fn a_follower_behind_the_compacted_log_catches_up_by_snapshot() {
+    let (mut net, session) = Net::with_leader_using(3, |c| {
+        c.log_tail_entries = 2;
+        c.snapshot_chunk_bytes = 64;
+    });
+    net.nodes.get_mut(&3).unwrap().isolated = true;
+    for seq in 1..=40 {
+        let r = net.put(
+            1,
+            session,
+            seq,
+            &format!("k{}", seq % 7),
+            &format!("v{seq}"),
+        );
+        net.settle();
+        assert!(net.take(1, r).is_some(), "put {seq} answered");
+    }
+    for id in [1, 2] {
+        make_state_durable(&mut net, id);
+    }
+    let base = net.node(1).log_base().index;
+    assert_eq!(
+        base,
+        net.node(1).last_applied() - 2,
+        "the tail of 2 is kept"
+    );
+    assert!(
+        base > net.node(3).last_index() + 10,
+        "node 3 needs compacted entries"
+    );
+    net.nodes.get_mut(&3).unwrap().isolated = false;
+    net.log.clear();
+    for t in 1..=200 {
+        net.step(1, Event::Tick { now_ms: t * 50 });
+        net.settle();
+        if net.node(3).last_applied() == net.node(1).last_applied() {
+            break;
+        }
+    }
+    assert_eq!(net.node(3).last_applied(), net.node(1).last_applied());
+    let chunks = net
+        .log
+        .iter()
+        .filter(|(from, c)| {
+            *from == 1
+                && matches!(c, Command::SendAppend { to, req } if to.0 == 3 && req.snapshot.is_some())
+        })
+        .count();
+    assert!(chunks > 3, "{chunks} chunks");
+    assert!(net
+        .log
+        .iter()
+        .any(|(id, c)| *id == 3 && matches!(c, Command::SnapshotInstalled { .. })));
+    let r = net.put(1, session, 41, "k0", "after");
+    net.settle();
+    assert!(net.take(1, r).is_some());
+    // The next heartbeat carries the commit index to the followers.
+    net.step(1, Event::Tick { now_ms: 1_000_000 });
+    net.settle();
+    for id in [2, 3] {
+        assert_eq!(net.node(id).last_applied(), net.node(1).last_applied());
+    }
+    for k in 0..7 {
+        let key = format!("k{k}");
+        let want = net.node(1).state_machine().get(key.as_bytes()).unwrap();
+        assert!(want.is_some());
+        for id in [2, 3] {
+            let got = net.node(id).state_machine().get(key.as_bytes()).unwrap();
+            assert_eq!(got, want, "node {id} key {key}");
+        }
+    }
 }
 
 /// Rule 3: with only a minority reachable nothing commits, however long we wait.
@@ -468,6 +598,7 @@ fn second_leader_in_same_term_is_refused() {
         }],
         leader_commit: 0,
         read_round: 0,
+        snapshot: None,
         trace_context: Default::default(),
         trace_token: Bytes::new(),
     };
@@ -576,6 +707,7 @@ fn append_base() -> AppendEntriesRequest {
         entries: Vec::new(),
         leader_commit: 0,
         read_round: 0,
+        snapshot: None,
         trace_context: Default::default(),
         trace_token: Bytes::new(),
     }

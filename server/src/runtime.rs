@@ -36,7 +36,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tonic::transport::{Channel, Endpoint};
 
-use crate::engine::{Engine as _, EngineError, EngineSyncer, RedbEngine};
+use crate::engine::{EngineError, RedbEngine};
 use crate::faults::Faults;
 use crate::otel_spans::OtelSpans;
 use crate::replica::{Command, Event, Replica, ReplicaConfig, Reply, ReplyTo, StreamId};
@@ -199,7 +199,7 @@ pub async fn run(
     let me = config.server(id).map_err(anyhow::Error::msg)?.clone();
     let dir = &me.data_dir;
     let meta = ServerMeta::open_or_create(dir, id)?;
-    let (store, entries, recovery) = FileLogStore::open(dir)?;
+    let (mut store, mut entries, recovery) = FileLogStore::open(dir)?;
     let (hard_file, hard) = HardStateFile::open(dir)?;
     // Whatever recovery read may sit only in the page cache after a process crash: make it
     // durable before reporting it as our log position.
@@ -231,10 +231,12 @@ pub async fn run(
         sessions_max: config.server.sessions_max,
         session_window: kvraft_common::limits::SESSION_WINDOW_MAX,
         heartbeat_ms: config.server.replication_heartbeat_ms,
+        log_tail_entries: config.server.log_tail_entries,
+        log_tail_bytes: usize::try_from(config.server.log_tail_bytes).unwrap_or(usize::MAX),
+        snapshot_chunk_bytes: config.server.snapshot_chunk_bytes as usize,
     };
     let state_path = dir.join(STATE_FILE);
     let engine = tokio::task::block_in_place(|| RedbEngine::open(&state_path))?;
-    let state_syncer = engine.syncer();
     let sm = StateMachine::open(
         Box::new(engine),
         config.server.session_ttl_ms,
@@ -246,13 +248,26 @@ pub async fn run(
         "state machine opened at {}",
         state_path.display()
     );
-    let replica = Replica::recovered(rcfg, hard, entries, sm).map_err(|e| {
-        anyhow::anyhow!(
-            "data directory {}: {e}; the state file and the log do not belong together \
+    if sm.from_snapshot() && Replica::log_fits(&sm, store.first_index(), &entries).is_err() {
+        // A snapshot was installed and the process stopped before its log was reset: the
+        // install's last step, redone.
+        let next = sm.last_applied() + 1;
+        tokio::task::block_in_place(|| store.reset_to(next))?;
+        entries.clear();
+        tracing::info!(
+            server = id,
+            next,
+            "log reset after the snapshot installed last run"
+        );
+    }
+    let replica =
+        Replica::recovered(rcfg, hard, store.first_index(), entries, sm).map_err(|e| {
+            anyhow::anyhow!(
+                "data directory {}: {e}; the state file and the log do not belong together \
              (start the server with an empty directory to rebuild it from the cluster)",
-            dir.display()
-        )
-    })?;
+                dir.display()
+            )
+        })?;
     let (tx, rx) = mpsc::channel(INPUT_QUEUE_MAX);
     let handle = CoreHandle {
         tx: tx.clone(),
@@ -291,7 +306,6 @@ pub async fn run(
         meta,
         state_synced_ms: monotonic_ms(),
         state_sync_ms: config.server.state_sync_ms,
-        state_syncer,
         state_sync_in_flight: false,
         foreign_clusters: Default::default(),
         refusals_logged_ms: 0,
@@ -343,8 +357,6 @@ struct Core {
     /// 0.74 times the throughput; at 1 s, 1.3 times and 0.95 times.
     state_synced_ms: u64,
     state_sync_ms: u64,
-    /// Makes the state machine's engine durable on a blocking thread.
-    state_syncer: Arc<dyn EngineSyncer>,
     state_sync_in_flight: bool,
     /// Foreign cluster ids already logged (once each, however often they come; bounded by
     /// [`FOREIGN_CLUSTERS_LOGGED_MAX`]).
@@ -518,7 +530,7 @@ impl Core {
                 result.context("cannot make the state machine durable; stopping the server")?;
                 tracing::trace!(applied, "state machine durable");
                 self.state_sync_in_flight = false;
-                return Ok(());
+                Event::StateDurable { applied }
             }
             Input::Synced(write_id, result) => {
                 result.context("fsync of the log failed; stopping the server")?;
@@ -550,7 +562,8 @@ impl Core {
         self.check_engine()?;
         self.state_sync_in_flight = true;
         let applied = self.replica.last_applied();
-        let (syncer, tx) = (self.state_syncer.clone(), self.tx.clone());
+        // Fetched each time: an installed snapshot replaces the engine's file.
+        let (syncer, tx) = (self.replica.state_machine().syncer(), self.tx.clone());
         tokio::task::spawn_blocking(move || {
             let result = syncer.sync();
             let _ = tx.blocking_send(Input::StateSynced(applied, result));
@@ -677,6 +690,17 @@ impl Core {
                 tokio::task::block_in_place(|| self.hard_file.save(hs))?;
             }
             Command::TruncateLog(from) => self.truncate(from)?,
+            Command::CompactLog(upto) => {
+                let removed = tokio::task::block_in_place(|| self.store.compact_to(upto))?;
+                if removed > 0 {
+                    tracing::debug!(server = %self.replica.id(), upto, removed, "log compacted");
+                }
+            }
+            Command::ResetLog(next) => {
+                self.backlog.clear();
+                tokio::task::block_in_place(|| self.store.reset_to(next))?;
+                tracing::info!(server = %self.replica.id(), next, "log reset after a snapshot");
+            }
             Command::SendAppend { to, mut req } => {
                 if let Some(peer) = self.peers.get(&to) {
                     if let Some(t) = &mut self.trace {
@@ -716,6 +740,22 @@ impl Core {
                 }
             }
             Command::Refused { from, reason } => self.log_refusal(from, &reason),
+            Command::SnapshotSending {
+                to,
+                index,
+                bytes,
+                done,
+            } => {
+                let server = self.replica.id();
+                if done {
+                    tracing::info!(%server, peer = %to, index, bytes, "snapshot sent");
+                } else {
+                    tracing::info!(%server, peer = %to, index, "sending a snapshot");
+                }
+            }
+            Command::SnapshotInstalled { index, term } => {
+                tracing::info!(server = %self.replica.id(), index, term, "snapshot installed");
+            }
             Command::RoleChanged { leader, term } => {
                 let tag = if leader {
                     "BecameLeader"

@@ -29,7 +29,9 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use crate::engine::{Engine, EngineError, MemEngine, WriteBatch};
+use crate::engine::{
+    Applied, Engine, EngineError, MemEngine, SnapshotMeta, SnapshotSink, SnapshotSource, WriteBatch,
+};
 
 use kvraft_common::limits::{self, SESSION_WINDOW_MAX};
 use kvraft_proto::log_entry::Payload;
@@ -113,8 +115,12 @@ pub struct StateMachine {
     last_applied: u64,
     /// Term of the entry at `last_applied`.
     applied_term: u64,
+    /// Log time of the entry at `last_applied`.
+    applied_time_ms: u64,
     /// `last_applied` when the last batch was written.
     written_applied: u64,
+    /// See [`StateMachine::from_snapshot`].
+    from_snapshot: bool,
 }
 
 impl std::fmt::Debug for StateMachine {
@@ -163,6 +169,8 @@ impl StateMachine {
             window: SESSION_WINDOW_MAX,
             last_applied: recovered.applied_index,
             applied_term: recovered.applied_term,
+            applied_time_ms: recovered.applied_time_ms,
+            from_snapshot: recovered.from_snapshot,
             written_applied: recovered.applied_index,
         })
     }
@@ -170,6 +178,11 @@ impl StateMachine {
     /// Term of the last applied entry (0 when nothing is applied).
     pub fn applied_term(&self) -> u64 {
         self.applied_term
+    }
+
+    /// Log time of the last applied entry.
+    pub fn applied_time_ms(&self) -> u64 {
+        self.applied_time_ms
     }
 
     /// The first engine failure, if any: the server must stop (nothing more applies).
@@ -192,7 +205,11 @@ impl StateMachine {
         let batch = WriteBatch {
             puts: std::mem::take(&mut self.overlay).into_iter().collect(),
             sessions,
-            applied: (self.last_applied, self.applied_term),
+            applied: Applied {
+                index: self.last_applied,
+                term: self.applied_term,
+                time_ms: self.applied_time_ms,
+            },
         };
         match self.engine.write(batch) {
             Ok(()) => {
@@ -213,6 +230,66 @@ impl StateMachine {
         }
         self.engine.syncer().sync()?;
         Ok(self.written_applied)
+    }
+
+    /// Records an engine failure (the first one stays): nothing more applies, the server stops.
+    pub fn record_failure(&mut self, e: EngineError) {
+        self.failure.get_or_insert(e.to_string());
+    }
+
+    /// A handle that makes the engine's writes durable on any thread (fetch it again after an
+    /// install: the engine's content is then another file).
+    pub fn syncer(&self) -> std::sync::Arc<dyn crate::engine::EngineSyncer> {
+        self.engine.syncer()
+    }
+
+    /// Whether the engine's content was installed from a snapshot and nothing was written
+    /// since: the local log may then end before it, or hold other entries there, and is reset
+    /// after it on restart (the install's last step, redone).
+    pub fn from_snapshot(&self) -> bool {
+        self.from_snapshot
+    }
+
+    /// A consistent view of everything applied, to stream to a follower (what was applied
+    /// since the last batch is written first). A failure is recorded.
+    pub fn snapshot(&mut self) -> Result<Box<dyn SnapshotSource>, EngineError> {
+        self.finish_batch();
+        if let Some(f) = &self.failure {
+            return Err(EngineError(f.clone()));
+        }
+        self.engine
+            .snapshot()
+            .inspect_err(|e| self.record_failure(EngineError(e.to_string())))
+    }
+
+    /// Starts receiving a snapshot of the leader's state machine. A failure is recorded.
+    pub fn begin_install(
+        &mut self,
+        meta: SnapshotMeta,
+    ) -> Result<Box<dyn SnapshotSink>, EngineError> {
+        self.engine
+            .begin_install(meta)
+            .inspect_err(|e| self.record_failure(EngineError(e.to_string())))
+    }
+
+    /// Replaces the whole state (keys, sessions, applied position) by a received snapshot,
+    /// durably and atomically. A failure is recorded.
+    pub fn install(&mut self, sink: Box<dyn SnapshotSink>) -> Result<(), EngineError> {
+        let (ttl, max, window) = (self.session_ttl_ms, self.sessions_max, self.window);
+        let result = self.engine.install(sink).and_then(|()| {
+            let engine = std::mem::replace(&mut self.engine, Box::new(MemEngine::new()));
+            Ok(StateMachine::open(engine, ttl, max)?.with_session_window(window))
+        });
+        match result {
+            Ok(installed) => {
+                *self = installed;
+                Ok(())
+            }
+            Err(e) => {
+                self.record_failure(EngineError(e.to_string()));
+                Err(e)
+            }
+        }
     }
 
     /// A key's value for a read; an engine failure is recorded (see [`Self::failure`]) and
@@ -276,6 +353,7 @@ impl StateMachine {
         }
         self.last_applied = entry.index;
         self.applied_term = entry.term;
+        self.applied_time_ms = entry.time_ms;
         self.expire_sessions(entry.time_ms, &mut out);
         match &entry.payload {
             None | Some(Payload::Noop(_)) => {}

@@ -3,6 +3,8 @@
 //! ```text
 //!   AppendLog ──▶ log (written, in the page cache) ──fsync──▶ durable prefix
 //!   TruncateLog ─▶ set_len + sync_data: everything written so far is durable at once
+//!   CompactLog ──▶ entries at or below the index dropped (durable in the state machine)
+//!   ResetLog ────▶ every entry dropped, the log continues at the index; durable at once
 //!   SaveHardState ─▶ durable at once (the runtime fsyncs it before the next command)
 //!   crash ─▶ durable prefix + (maybe) a random part of the unsynced tail survives
 //! ```
@@ -27,6 +29,9 @@ pub struct SyncStart {
 pub struct Disk {
     /// Saved with fsync before the next command ran.
     pub hard: HardState,
+    /// Index of `log[0]` (of the next entry when the log is empty): 1 until a compaction or
+    /// a reset.
+    first: u64,
     /// Every entry written (the file as the OS sees it).
     log: Vec<LogEntry>,
     /// `log[..durable_len]` survives any crash.
@@ -41,12 +46,50 @@ pub struct Disk {
 
 impl Disk {
     /// A fresh disk holding `entries` durably (a restart, after recovery's own fsync).
-    pub fn recovered(hard: HardState, entries: Vec<LogEntry>) -> Disk {
+    pub fn recovered(hard: HardState, first: u64, entries: Vec<LogEntry>) -> Disk {
         Disk {
             hard,
+            first,
             durable_len: entries.len(),
             log: entries,
             ..Disk::default()
+        }
+    }
+
+    /// Index of the first entry held (or of the next one when none is).
+    pub fn first(&self) -> u64 {
+        self.first.max(1)
+    }
+
+    /// Index of the last entry written.
+    pub fn last_index(&self) -> u64 {
+        self.first() + self.log.len() as u64 - 1
+    }
+
+    /// Index of the last durable entry.
+    pub fn durable_index(&self) -> u64 {
+        self.first() + self.durable_len as u64 - 1
+    }
+
+    /// `LogStore::compact_to`: entries at or below `index` may go (here exactly those).
+    pub fn compact_to(&mut self, index: u64) {
+        let drop = index.saturating_add(1).saturating_sub(self.first()) as usize;
+        let drop = drop.min(self.durable_len);
+        self.log.drain(..drop);
+        self.durable_len -= drop;
+        if let Some((_, len)) = self.in_flight.as_mut() {
+            *len = len.saturating_sub(drop);
+        }
+        self.first = self.first() + drop as u64;
+    }
+
+    /// `LogStore::reset_to`: every entry dropped durably; the log continues at `next`.
+    pub fn reset_to(&mut self, next: u64) {
+        self.log.clear();
+        self.durable_len = 0;
+        self.first = next;
+        if let Some((_, len)) = self.in_flight.as_mut() {
+            *len = 0;
         }
     }
 
@@ -62,7 +105,7 @@ impl Disk {
         for e in entries {
             assert_eq!(
                 e.index,
-                self.log.len() as u64 + 1,
+                self.last_index() + 1,
                 "invariant: appends continue the log densely"
             );
             self.log.push(e.clone());
@@ -73,7 +116,8 @@ impl Disk {
     /// `FileLogStore::truncate_from`: `set_len` then `sync_data`, so every write issued before
     /// it is durable too.
     pub fn truncate(&mut self, from: u64) {
-        let keep = (from.max(1) - 1) as usize;
+        let keep = from.max(self.first()) - self.first();
+        let keep = keep as usize;
         self.log.truncate(keep);
         self.durable_len = self.log.len();
         if let Some((_, len)) = self.in_flight.as_mut() {
@@ -104,10 +148,10 @@ impl Disk {
     }
 
     /// What survives a crash: the durable prefix plus `extra` entries of the unsynced tail
-    /// (clamped), as the hard state and the log a restarted server recovers.
-    pub fn crash(&self, extra: usize) -> (HardState, Vec<LogEntry>) {
+    /// (clamped), as the hard state, the first index and the log a restarted server recovers.
+    pub fn crash(&self, extra: usize) -> (HardState, u64, Vec<LogEntry>) {
         let keep = (self.durable_len + extra).min(self.log.len());
-        (self.hard, self.log[..keep].to_vec())
+        (self.hard, self.first(), self.log[..keep].to_vec())
     }
 
     /// Entries written but not yet durable.
@@ -139,7 +183,7 @@ mod tests {
         assert_eq!(disk.start_sync(), None, "one fsync at a time");
         assert_eq!(disk.complete_sync(), 1);
         assert_eq!(disk.durable_len(), 1);
-        assert_eq!(disk.crash(0).1.len(), 1);
+        assert_eq!(disk.crash(0).2.len(), 1);
         assert_eq!(disk.start_sync(), Some(SyncStart { write_id: 2 }));
     }
 
@@ -157,6 +201,6 @@ mod tests {
             1,
             "the old fsync vouches for nothing new"
         );
-        assert_eq!(disk.crash(1).1.last().map(|e| e.term), Some(2));
+        assert_eq!(disk.crash(1).2.last().map(|e| e.term), Some(2));
     }
 }

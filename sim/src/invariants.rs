@@ -97,11 +97,31 @@ impl Invariants {
         self.committed.len() as u64
     }
 
-    /// A node (re)started with `entries` as its log.
-    pub fn restart(&mut self, node: u32, entries: &[LogEntry]) -> Result<(), String> {
-        self.shadows.insert(node, Vec::new());
+    /// A node (re)started with `entries` as its log, starting at index `first` (what is
+    /// below was compacted: committed, so its prefix hashes are the committed log's).
+    pub fn restart(&mut self, node: u32, first: u64, entries: &[LogEntry]) -> Result<(), String> {
+        self.seed_shadow(node, first)?;
         self.node_applied.insert(node, 0);
         self.on_append(node, entries)
+    }
+
+    /// `ResetLog(next)` after a snapshot install: the node's log is the committed one up to
+    /// `next - 1`.
+    pub fn on_reset(&mut self, node: u32, next: u64) -> Result<(), String> {
+        self.seed_shadow(node, next)
+    }
+
+    fn seed_shadow(&mut self, node: u32, first: u64) -> Result<(), String> {
+        let below = (first.max(1) - 1) as usize;
+        if below > self.committed_chain.len() {
+            return Err(format!(
+                "node {node}'s log starts at {first}, but only {} entries are known committed",
+                self.committed_chain.len()
+            ));
+        }
+        self.shadows
+            .insert(node, self.committed_chain[..below].to_vec());
+        Ok(())
     }
 
     pub fn on_append(&mut self, node: u32, entries: &[LogEntry]) -> Result<(), String> {

@@ -62,6 +62,9 @@ pub struct FaultCounts {
     pub coord_crashes: u64,
     /// Not a fault: leaderships taken (`RoleChanged { leader: true }`), to show churn.
     pub leaders_elected: u64,
+    /// Not a fault: log compactions (`CompactLog`) and snapshots installed.
+    pub compactions: u64,
+    pub snapshots_installed: u64,
 }
 
 impl FaultCounts {
@@ -78,6 +81,8 @@ impl FaultCounts {
         self.torn_tails += o.torn_tails;
         self.coord_crashes += o.coord_crashes;
         self.leaders_elected += o.leaders_elected;
+        self.compactions += o.compactions;
+        self.snapshots_installed += o.snapshots_installed;
     }
 }
 
@@ -128,7 +133,7 @@ impl fmt::Display for SimStats {
             "seeds={} steps={} sim_s={} ops: puts_ok={} gets_ok={} unknown={} committed={} \
              faults: dropped={} duplicated={} reordered={} isolations={} coord_partitions={} \
              splits={} one_way={} crashes={} disk_losses={} torn_tails={} coord_crashes={} \
-             (leaderships={}) \
+             (leaderships={} compactions={} snapshots_installed={}) \
              acked_writes_checked={} linearizable={} inconclusive={} violations={}",
             self.seeds,
             self.steps,
@@ -149,6 +154,8 @@ impl fmt::Display for SimStats {
             x.torn_tails,
             x.coord_crashes,
             x.leaders_elected,
+            x.compactions,
+            x.snapshots_installed,
             self.acked_writes_checked,
             self.checker_linearizable,
             self.checker_inconclusive,

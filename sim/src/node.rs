@@ -19,7 +19,12 @@ pub struct SessionLimits {
     pub sessions_max: usize,
     /// Most unacknowledged requests per session; small, so clients reach it.
     pub window: u64,
+    /// Entries kept below the state machine's durable position (`[server] log_tail_entries`).
+    pub log_tail_entries: u64,
 }
+
+/// Small snapshot chunks, so a transfer takes several (and some get lost or repeated).
+const SNAPSHOT_CHUNK_BYTES: usize = 256;
 
 /// TTL of a run whose sessions never expire.
 pub const SESSION_TTL_NEVER_MS: u64 = u64::MAX / 4;
@@ -81,15 +86,24 @@ impl SimNode {
             sessions_max: self.limits.sessions_max,
             session_window: self.limits.window,
             heartbeat_ms: self.heartbeat_ms,
+            log_tail_entries: self.limits.log_tail_entries,
+            log_tail_bytes: usize::MAX,
+            snapshot_chunk_bytes: SNAPSHOT_CHUNK_BYTES,
         };
-        let (hard, entries) = self.disk.crash(0);
+        let (hard, mut first, mut entries) = self.disk.crash(0);
         let sm = StateMachine::open(
             Box::new(self.engine.clone()),
             self.limits.ttl_ms,
             self.limits.sessions_max,
         )
         .expect("invariant: the memory engine never fails");
-        let replica = Replica::recovered(cfg, hard, entries, sm)
+        if sm.from_snapshot() && Replica::log_fits(&sm, first, &entries).is_err() {
+            // As the runtime: an install whose log reset did not happen is finished.
+            first = sm.last_applied() + 1;
+            entries.clear();
+            self.disk.reset_to(first);
+        }
+        let replica = Replica::recovered(cfg, hard, first, entries, sm)
             .expect("invariant: the engine applies only entries durable in the log");
         self.replica = Some(replica);
     }
@@ -114,8 +128,8 @@ impl SimNode {
     pub fn crash(&mut self, extra_unsynced: usize) {
         self.replica = None;
         self.incarnation += 1;
-        let (hard, entries) = self.disk.crash(extra_unsynced);
-        self.disk = Disk::recovered(hard, entries);
+        let (hard, first, entries) = self.disk.crash(extra_unsynced);
+        self.disk = Disk::recovered(hard, first, entries);
         self.engine.crash();
     }
 }

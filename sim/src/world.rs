@@ -58,6 +58,8 @@ const FSYNC_SLOW_PERMILLE: u32 = 50;
 const STATE_WRITE_PERMILLE: u32 = 300;
 /// Chance per tick and node that the state machine is made durable (‰).
 const STATE_SYNC_PERMILLE: u32 = 100;
+/// Log entries kept below the durable state machine position, per run.
+const LOG_TAIL_ENTRIES: std::ops::RangeInclusive<u64> = 0..=40;
 /// How long a partition lasts, and how long a crashed process stays down (ms).
 const PARTITION_MS: std::ops::RangeInclusive<u64> = 100..=1_500;
 const DOWN_MS: std::ops::RangeInclusive<u64> = 50..=1_500;
@@ -134,7 +136,7 @@ enum Item {
         to: Endpoint,
         from_life: u64,
         to_life: u64,
-        msg: Msg,
+        msg: Box<Msg>,
     },
     Fsync {
         node: u32,
@@ -293,7 +295,7 @@ impl World {
             deadline_ms,
         };
         for id in 1..=n as u32 {
-            world.inv.restart(id, &[])?;
+            world.inv.restart(id, 1, &[])?;
         }
         world.schedule(0, Item::Tick);
         world.schedule(cfg.fault_ms, Item::EndFaults);
@@ -471,9 +473,10 @@ impl World {
                     }
                     if chance(&mut self.rng, STATE_SYNC_PERMILLE) {
                         if let Some(replica) = self.nodes[id as usize - 1].replica.as_mut() {
-                            replica
+                            let applied = replica
                                 .sync_state()
                                 .map_err(|e| format!("node {id}: state sync failed: {e}"))?;
+                            self.step_node(id, Event::StateDurable { applied })?;
                         }
                     }
                 }
@@ -492,7 +495,7 @@ impl World {
                     self.lost(&msg);
                     return Ok(());
                 }
-                self.deliver(to, msg)?;
+                self.deliver(to, *msg)?;
             }
             Item::Fsync { node, life } => {
                 let n = &mut self.nodes[node as usize - 1];
@@ -761,7 +764,7 @@ impl World {
                 to,
                 from_life,
                 to_life,
-                msg: msg.clone(),
+                msg: Box::new(msg.clone()),
             };
             self.schedule(self.now_ms + d, item);
         }
@@ -796,14 +799,19 @@ impl World {
         }
         let node = &self.nodes[i];
         let replica = node.replica.as_ref().expect("invariant: stepped above");
-        if node.disk.log().len() as u64 != replica.last_index()
-            || (node.disk.durable_len() as u64) < replica.durable_index()
+        // What the state machine holds durably counts as durable log (an installed snapshot).
+        let durable = node.disk.durable_index().max(node.engine.durable_applied());
+        if node.disk.last_index() != replica.last_index()
+            || durable < replica.durable_index()
+            || node.disk.first() > replica.log_base().index + 1
         {
             return Err(format!(
-                "simulator wiring: node {id}'s disk ({} written, {} durable) disagrees with its \
-                 replica ({} entries, {} durable)",
-                node.disk.log().len(),
-                node.disk.durable_len(),
+                "simulator wiring: node {id}'s disk (entries {}..={}, durable to {}) disagrees \
+                 with its replica (base {}, last {}, durable to {})",
+                node.disk.first(),
+                node.disk.last_index(),
+                node.disk.durable_index(),
+                replica.log_base().index,
                 replica.last_index(),
                 replica.durable_index()
             ));
@@ -830,6 +838,14 @@ impl World {
             Command::TruncateLog(from) => {
                 self.nodes[i].disk.truncate(from);
                 self.inv.on_truncate(id, from);
+            }
+            Command::CompactLog(upto) => {
+                self.nodes[i].disk.compact_to(upto);
+                self.faults.compactions += 1;
+            }
+            Command::ResetLog(next) => {
+                self.nodes[i].disk.reset_to(next);
+                self.inv.on_reset(id, next)?;
             }
             Command::SendAppend { to, req } => {
                 let generation = self.network.stream(id, to.0);
@@ -886,6 +902,8 @@ impl World {
                      here: {reason}"
                 ));
             }
+            Command::SnapshotSending { .. } => {}
+            Command::SnapshotInstalled { .. } => self.faults.snapshots_installed += 1,
             Command::RoleChanged { leader, term } => {
                 if leader {
                     self.faults.leaders_elected += 1;
@@ -1137,7 +1155,8 @@ impl World {
         }
         node.start();
         let entries = node.disk.log().to_vec();
-        self.inv.restart(id, &entries)
+        let first = node.disk.first();
+        self.inv.restart(id, first, &entries)
     }
 
     fn restart_coord(&mut self) {
@@ -1173,6 +1192,8 @@ fn session_limits(rng: &mut StdRng, cfg: &SimConfig, clients: usize) -> SessionL
         ttl_ms,
         sessions_max,
         window,
+        // Short tails, so compaction runs often and lagging or restarted nodes need snapshots.
+        log_tail_entries: rng.random_range(LOG_TAIL_ENTRIES),
     }
 }
 
@@ -1269,7 +1290,7 @@ fn report_from_proto(report: kvraft_proto::ServerReport) -> coord::ServerReport 
 fn describe(item: &Item) -> String {
     match item {
         Item::Deliver { from, to, msg, .. } => {
-            let what = match msg {
+            let what = match msg.as_ref() {
                 Msg::Append { req, .. } => format!(
                     "AppendEntries t{} prev {}/{} n={} commit {} round {}",
                     req.term,

@@ -193,6 +193,27 @@ async fn malformed_and_extreme_requests_leave_the_cluster_serving() {
                     entries,
                     leader_commit: u64::MAX,
                     read_round: u64::MAX,
+                    // Snapshot chunks with made-up positions, ids and bytes (a third of them
+                    // with a checksum that holds, so the records themselves are checked).
+                    snapshot: rng.random_bool(0.5).then(|| {
+                        let data = random_bytes(&mut rng, 256);
+                        let crc32 = if rng.random_bool(0.3) {
+                            crc32fast::hash(&data)
+                        } else {
+                            rng.random()
+                        };
+                        kvraft_proto::SnapshotChunk {
+                            format: rng.random_range(0..3),
+                            index: EXTREMES[rng.random_range(0..EXTREMES.len())],
+                            term: EXTREMES[rng.random_range(0..EXTREMES.len())],
+                            time_ms: rng.random(),
+                            transfer: rng.random(),
+                            seq: rng.random_range(0..3),
+                            last: rng.random_bool(0.5),
+                            data,
+                            crc32,
+                        }
+                    }),
                     trace_context: Default::default(),
                     trace_token: random_bytes(&mut rng, 32),
                 });

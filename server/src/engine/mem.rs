@@ -2,25 +2,39 @@
 //! once, a sync ([`Engine::syncer`]) copies it to the "durable" state, and [`MemEngine::crash`] drops
 //! whatever was not synced. Clones share the state, so a test or the simulation keeps a handle
 //! after moving one into a replica, and restarts a replica on the same "disk".
+//!
+//! A snapshot source is a copy of the live state taken by [`Engine::snapshot`]; a sink gathers
+//! a state, which [`Engine::install`] makes both the live and the durable state at once (as the
+//! redb engine's rename is durable at once).
 
+use std::any::Any;
 use std::collections::BTreeMap;
+use std::ops::Bound;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use prost::bytes::Bytes;
 
-use super::{Engine, EngineError, EngineSyncer, Recovered, Versioned, WriteBatch};
+use super::snapshot::{decode_chunk, ChunkBuilder, Cursor, Record, TAG_KV, TAG_SESSION};
+use super::{
+    decode_value, encode_value, Applied, Engine, EngineError, EngineSyncer, Recovered,
+    SnapshotMeta, SnapshotSink, SnapshotSource, Versioned, WriteBatch,
+};
 
 #[derive(Clone, Debug, Default)]
 struct State {
     kv: BTreeMap<Bytes, Versioned>,
     sessions: BTreeMap<u64, Vec<u8>>,
-    applied: (u64, u64),
+    applied: Applied,
+    /// Installed from a snapshot, no write since.
+    from_snapshot: bool,
 }
 
 #[derive(Debug, Default)]
 struct Shared {
     live: State,
     durable: State,
+    /// Number of the latest `begin_install`: only its sink may be installed.
+    install_generation: u64,
 }
 
 /// See the module doc.
@@ -42,7 +56,7 @@ impl MemEngine {
 
     /// The applied index a crash now would leave.
     pub fn durable_applied(&self) -> u64 {
-        lock(&self.shared).durable.applied.0
+        lock(&self.shared).durable.applied.index
     }
 }
 
@@ -76,6 +90,7 @@ impl Engine for MemEngine {
             };
         }
         s.live.applied = batch.applied;
+        s.live.from_snapshot = false;
         Ok(())
     }
 
@@ -86,8 +101,10 @@ impl Engine for MemEngine {
     fn recovered(&self) -> Result<Recovered, EngineError> {
         let s = lock(&self.shared);
         Ok(Recovered {
-            applied_index: s.live.applied.0,
-            applied_term: s.live.applied.1,
+            applied_index: s.live.applied.index,
+            applied_term: s.live.applied.term,
+            applied_time_ms: s.live.applied.time_ms,
+            from_snapshot: s.live.from_snapshot,
             sessions: s
                 .live
                 .sessions
@@ -95,6 +112,124 @@ impl Engine for MemEngine {
                 .map(|(&k, v)| (k, v.clone()))
                 .collect(),
         })
+    }
+
+    fn snapshot(&self) -> Result<Box<dyn SnapshotSource>, EngineError> {
+        let state = lock(&self.shared).live.clone();
+        Ok(Box::new(MemSource {
+            state,
+            cursor: Cursor::default(),
+        }))
+    }
+
+    fn begin_install(&self, meta: SnapshotMeta) -> Result<Box<dyn SnapshotSink>, EngineError> {
+        let mut s = lock(&self.shared);
+        s.install_generation += 1;
+        Ok(Box::new(MemSink {
+            engine: self.shared.clone(),
+            generation: s.install_generation,
+            meta,
+            state: State::default(),
+            cursor: Cursor::default(),
+        }))
+    }
+
+    fn install(&mut self, sink: Box<dyn SnapshotSink>) -> Result<(), EngineError> {
+        let refuse = |why: &str| EngineError(format!("memory engine: install: {why}"));
+        let sink = sink
+            .into_any()
+            .downcast::<MemSink>()
+            .map_err(|_| refuse("the sink is not one of a memory engine"))?;
+        if !Arc::ptr_eq(&sink.engine, &self.shared) {
+            return Err(refuse("the sink was begun by another engine"));
+        }
+        let mut s = lock(&self.shared);
+        if sink.generation != s.install_generation {
+            return Err(refuse("the sink was superseded by a later begin_install"));
+        }
+        s.install_generation += 1;
+        let mut state = sink.state;
+        state.applied = sink.meta.into();
+        state.from_snapshot = true;
+        s.live = state.clone();
+        s.durable = state;
+        Ok(())
+    }
+}
+
+/// A copy of the live state, read out as chunks.
+struct MemSource {
+    state: State,
+    cursor: Cursor,
+}
+
+impl SnapshotSource for MemSource {
+    fn meta(&self) -> SnapshotMeta {
+        self.state.applied.into()
+    }
+
+    fn next_chunk(&mut self, max_bytes: usize) -> Result<Option<Vec<u8>>, EngineError> {
+        let mut chunk = ChunkBuilder::new(max_bytes);
+        if let Cursor::Sessions(after) = self.cursor {
+            let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
+            for (&id, session) in self.state.sessions.range((lower, Bound::Unbounded)) {
+                if !chunk.fits(8, session.len()) {
+                    return Ok(chunk.finish());
+                }
+                chunk.push(TAG_SESSION, &id.to_le_bytes(), session);
+                self.cursor = Cursor::Sessions(Some(id));
+            }
+            self.cursor = Cursor::Kv(None);
+        }
+        if let Cursor::Kv(after) = &self.cursor {
+            let after = after.clone();
+            let lower = after.as_deref().map_or(Bound::Unbounded, Bound::Excluded);
+            for (key, v) in self.state.kv.range::<[u8], _>((lower, Bound::Unbounded)) {
+                if !chunk.fits(key.len(), 24 + v.value.len()) {
+                    return Ok(chunk.finish());
+                }
+                chunk.push(TAG_KV, key, &encode_value(v));
+                self.cursor = Cursor::Kv(Some(key.to_vec()));
+            }
+            self.cursor = Cursor::Done;
+        }
+        Ok(chunk.finish())
+    }
+}
+
+/// Gathers a received snapshot's state.
+struct MemSink {
+    engine: Arc<Mutex<Shared>>,
+    generation: u64,
+    meta: SnapshotMeta,
+    state: State,
+    cursor: Cursor,
+}
+
+impl SnapshotSink for MemSink {
+    fn meta(&self) -> SnapshotMeta {
+        self.meta
+    }
+
+    fn write_chunk(&mut self, data: &[u8]) -> Result<(), EngineError> {
+        let (records, cursor) = decode_chunk(data, &self.cursor)?;
+        for record in records {
+            match record {
+                Record::Session { id, session } => {
+                    self.state.sessions.insert(id, session.to_vec());
+                }
+                Record::Kv { key, value } => {
+                    let v = decode_value(value)?;
+                    self.state.kv.insert(Bytes::copy_from_slice(key), v);
+                }
+            }
+        }
+        self.cursor = cursor;
+        Ok(())
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn Any + Send> {
+        self
     }
 }
 

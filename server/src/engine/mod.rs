@@ -2,9 +2,12 @@
 //! session table and the position of the last applied log entry, all changed together.
 //!
 //! ```text
-//!   StateMachine ──WriteBatch (puts, sessions, applied index+term)──▶ Engine::write  (atomic)
+//!   StateMachine ──WriteBatch (puts, sessions, applied index+term+time)──▶ Engine::write  (atomic)
 //!                                                       Engine::sync ──▶ durable (every earlier write)
-//!   restart ──▶ Engine::recovered: applied index+term and sessions of the last durable write
+//!   restart ──▶ Engine::recovered: applied index+term+time and sessions of the last durable write
+//!   snapshot transfer (snapshot.rs):
+//!     Engine::snapshot ──▶ SnapshotSource ──chunks──▶ SnapshotSink ◀── Engine::begin_install
+//!                                                        └──▶ Engine::install (whole content, atomic)
 //! ```
 //!
 //! Rules every engine keeps:
@@ -14,18 +17,22 @@
 //!   is the durable record of what `sync` has not covered: a restarted server replays it from
 //!   the recovered applied index + 1 (the state machine applies only entries that are durable in
 //!   the local log, so the log always holds them);
-//! - reads (`get`) see every write so far, durable or not.
+//! - reads (`get`) see every write so far, durable or not;
+//! - `install` replaces the whole content by a received snapshot, durably and atomically: after
+//!   a crash the engine holds its old content or the whole snapshot, never a mix.
 //!
 //! Two engines: [`RedbEngine`] on disk (the server), [`MemEngine`] in memory with the same
 //! crash behaviour (tests and the deterministic simulation).
 
 mod mem;
 mod redb_engine;
+mod snapshot;
 
 use prost::bytes::Bytes;
 
 pub use mem::MemEngine;
 pub use redb_engine::RedbEngine;
+pub use snapshot::{SnapshotMeta, SnapshotSink, SnapshotSource, SNAPSHOT_FORMAT};
 
 /// One key's value and the counters kept with it. Revisions are log indices.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -46,8 +53,16 @@ pub struct WriteBatch {
     pub puts: Vec<(Bytes, Versioned)>,
     /// `(session id, Some(encoded session))` writes, `None` removes.
     pub sessions: Vec<(u64, Option<Vec<u8>>)>,
-    /// Index and term of the last entry applied.
-    pub applied: (u64, u64),
+    /// The last entry applied.
+    pub applied: Applied,
+}
+
+/// The position of the last applied log entry: its index, term and log time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub index: u64,
+    pub term: u64,
+    pub time_ms: u64,
 }
 
 /// What an engine holds when it is opened: the last durable write's view.
@@ -55,6 +70,11 @@ pub struct WriteBatch {
 pub struct Recovered {
     pub applied_index: u64,
     pub applied_term: u64,
+    /// Log time of the last applied entry.
+    pub applied_time_ms: u64,
+    /// The content came from [`Engine::install`] and no `write` followed it: the applied
+    /// position may then be ahead of the local log (which the snapshot replaces).
+    pub from_snapshot: bool,
     /// Encoded sessions, by id.
     pub sessions: Vec<(u64, Vec<u8>)>,
 }
@@ -83,8 +103,19 @@ pub trait Engine: Send {
     fn write(&mut self, batch: WriteBatch) -> Result<(), EngineError>;
     /// The applied position and the sessions, as of the latest write.
     fn recovered(&self) -> Result<Recovered, EngineError>;
-    /// A handle that makes every earlier write durable, on any thread.
+    /// A handle that makes every earlier write durable, on any thread. An [`Engine::install`]
+    /// replaces what it syncs: fetch it again after one.
     fn syncer(&self) -> std::sync::Arc<dyn EngineSyncer>;
+    /// A consistent view of the state as of the latest write (durable or not), read out as
+    /// chunks; later writes do not show in it.
+    fn snapshot(&self) -> Result<Box<dyn SnapshotSource>, EngineError>;
+    /// Starts receiving a snapshot standing for `meta`; an earlier unfinished one is discarded
+    /// (its sink can no longer be installed).
+    fn begin_install(&self, meta: SnapshotMeta) -> Result<Box<dyn SnapshotSink>, EngineError>;
+    /// Makes the snapshot received by `sink` (one of this engine's latest `begin_install`)
+    /// durable and then the engine's whole content, atomically, with the sink's meta as the
+    /// applied position and `from_snapshot` set. Reads then see it; fetch the syncer again.
+    fn install(&mut self, sink: Box<dyn SnapshotSink>) -> Result<(), EngineError>;
 }
 
 /// Format of a stored value: `version u64 | create_revision u64 | mod_revision u64 | value`,
@@ -143,7 +174,11 @@ mod tests {
             .write(WriteBatch {
                 puts: vec![(Bytes::from_static(b"a"), v("1", 1))],
                 sessions: vec![(7, Some(vec![1, 2, 3]))],
-                applied: (1, 1),
+                applied: Applied {
+                    index: 1,
+                    term: 1,
+                    time_ms: 10,
+                },
             })
             .unwrap();
         engine.syncer().sync().unwrap();
@@ -151,7 +186,11 @@ mod tests {
             .write(WriteBatch {
                 puts: vec![(Bytes::from_static(b"a"), v("2", 2))],
                 sessions: vec![(7, None), (9, Some(vec![4]))],
-                applied: (2, 1),
+                applied: Applied {
+                    index: 2,
+                    term: 1,
+                    time_ms: 20,
+                },
             })
             .unwrap();
         assert_eq!(
@@ -159,7 +198,9 @@ mod tests {
             Some(v("2", 2)),
             "reads see unsynced writes"
         );
-        assert_eq!(engine.recovered().unwrap().applied_index, 2);
+        let rec = engine.recovered().unwrap();
+        assert_eq!((rec.applied_index, rec.applied_time_ms), (2, 20));
+        assert!(!rec.from_snapshot);
         assert_eq!(engine.key_count().unwrap(), 1);
         assert_eq!(engine.counters(b"a").unwrap(), Some((2, 1)));
         assert_eq!(engine.counters(b"b").unwrap(), None);
@@ -167,15 +208,22 @@ mod tests {
         let engine = reopen();
         let rec = engine.recovered().unwrap();
         if synced_only {
-            assert_eq!((rec.applied_index, rec.applied_term), (1, 1));
+            assert_eq!(
+                (rec.applied_index, rec.applied_term, rec.applied_time_ms),
+                (1, 1, 10)
+            );
             assert_eq!(rec.sessions, vec![(7, vec![1, 2, 3])]);
             assert_eq!(engine.get(b"a").unwrap(), Some(v("1", 1)));
         } else {
-            assert_eq!((rec.applied_index, rec.applied_term), (2, 1));
+            assert_eq!(
+                (rec.applied_index, rec.applied_term, rec.applied_time_ms),
+                (2, 1, 20)
+            );
             assert_eq!(rec.sessions, vec![(9, vec![4])]);
             assert_eq!(engine.get(b"a").unwrap(), Some(v("2", 2)));
         }
         assert_eq!(engine.get(b"b").unwrap(), None);
+        assert!(!rec.from_snapshot);
     }
 
     #[test]

@@ -291,7 +291,7 @@ impl FileLogStore {
 
     /// Deletes the leading segments that hold only entries below `index` (never the last
     /// segment); returns how many. The caller must hold those entries elsewhere durably (the
-    /// state machine) before calling.
+    /// state machine) before calling. Oldest first, so a crash leaves a contiguous log.
     pub fn remove_segments_below(&mut self, index: u64) -> Result<usize, StorageError> {
         let mut removed = 0;
         while self.segments.len() > 1 && self.segments[1].first <= index {
@@ -464,6 +464,33 @@ impl LogStore for FileLogStore {
             self.syncer.replace(&seg.path, file);
             sync_dir(&self.wal)?;
         }
+        Ok(())
+    }
+
+    fn compact_to(&mut self, index: u64) -> Result<usize, StorageError> {
+        self.remove_segments_below(index.saturating_add(1))
+    }
+
+    fn reset_to(&mut self, next: u64) -> Result<(), StorageError> {
+        assert!(next >= 1, "invariant: log indices start at 1");
+        // The old segments go first (newest first: a crash leaves a contiguous prefix, or
+        // nothing), then the new empty one is created durably. Whoever resets holds the entries
+        // below `next` elsewhere and redoes the reset after a crash.
+        while let Some(seg) = self.segments.pop() {
+            std::fs::remove_file(&seg.path).map_err(io_err(&seg.path))?;
+        }
+        sync_dir(&self.wal)?;
+        let file = create_segment(&self.wal, next, &[])?;
+        let path = self.wal.join(segment_name(next));
+        self.syncer
+            .replace(&path, file.try_clone().map_err(io_err(&path))?);
+        self.segments.push(Segment {
+            first: next,
+            path,
+            file,
+            offsets: Vec::new(),
+            end: SEGMENT_HEADER_BYTES as u64,
+        });
         Ok(())
     }
 
@@ -1082,6 +1109,31 @@ mod tests {
         store.remove_segments_below(1_000).expect("remove");
         assert_eq!(store.segment_count(), 1);
         assert_eq!(store.last_index(), 12);
+    }
+
+    #[test]
+    fn a_reset_log_continues_at_the_given_index_and_reopens_there() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut store, small) = small_segments(dir.path(), 3, 10);
+        store.reset_to(500).expect("reset");
+        assert_eq!((store.first_index(), store.last_index()), (500, 499));
+        assert_eq!(store.segment_count(), 1);
+        drop(store);
+        let (mut store, got, _) = FileLogStore::open_with(dir.path(), small).expect("open");
+        assert!(got.is_empty());
+        assert_eq!((store.first_index(), store.last_index()), (500, 499));
+        for e in entries(500, 507, 3) {
+            store.append(&[e]).expect("append");
+        }
+        store.syncer().sync().expect("sync");
+        // compact_to keeps what is above the index, in whole segments.
+        let removed = store.compact_to(504).expect("compact");
+        assert!(removed >= 1, "{removed}");
+        drop(store);
+        let (store, got, _) = FileLogStore::open_with(dir.path(), small).expect("open");
+        assert_eq!(store.last_index(), 507);
+        assert!(store.first_index() > 500 && store.first_index() <= 505);
+        assert_eq!(got.last().map(|e| e.index), Some(507));
     }
 
     #[test]

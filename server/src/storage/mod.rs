@@ -37,7 +37,6 @@
 
 mod hard_state;
 mod log_file;
-mod mem;
 mod meta;
 
 use std::path::{Path, PathBuf};
@@ -47,7 +46,6 @@ use kvraft_common::DirError;
 
 pub use hard_state::{HardState, HardStateFile};
 pub use log_file::{log_disk_bytes, FileLogStore, Recovery};
-pub use mem::MemLogStore;
 pub use meta::ServerMeta;
 
 /// Everything that can go wrong in the storage layer. Each variant names the file concerned;
@@ -94,16 +92,22 @@ impl From<DirError> for StorageError {
 ///   that started after them has returned. Never acknowledge an entry before that.
 /// - A truncation is durable no later than the next sync (the file store makes it durable
 ///   before `truncate_from` returns, so old and new bytes never mix after a crash).
-/// - Indices are consecutive from 1; an append that does not continue the log is a bug and
-///   panics.
+/// - Indices are consecutive from the first one kept (1, until a compaction or a reset); an
+///   append that does not continue the log is a bug and panics.
 pub trait LogStore: Send + 'static {
     /// Appends entries whose indices continue the log exactly:
     /// `entries[0].index == last_index() + 1` and each next index one higher.
     fn append(&mut self, entries: &[kvraft_proto::LogEntry]) -> Result<(), StorageError>;
     /// Removes every entry with index >= `index` (no-op if beyond the end). `index` >= 1.
     fn truncate_from(&mut self, index: u64) -> Result<(), StorageError>;
-    /// Index of the last entry, 0 when the log is empty.
+    /// Index of the last entry (the one before the first index when the log is empty).
     fn last_index(&self) -> u64;
+    /// Entries at or below `index` are held durably elsewhere (the state machine) and may be
+    /// deleted; a store deletes whole files, so it may keep some. Returns how many files went.
+    fn compact_to(&mut self, index: u64) -> Result<usize, StorageError>;
+    /// Durably discards every entry; the log continues at `next` (after an installed
+    /// snapshot). A crash part-way leaves a contiguous log or an empty one.
+    fn reset_to(&mut self, next: u64) -> Result<(), StorageError>;
     /// A handle that makes every append/truncate issued BEFORE the call to `sync()` durable.
     /// Called from another thread (tokio `spawn_blocking`) while the owner keeps appending.
     fn syncer(&self) -> Arc<dyn Syncer>;
