@@ -7,7 +7,9 @@
 //! - crash after commit: the process exits as leader once the commit index reaches an index,
 //!   before any reply for it is sent;
 //! - delay: every outgoing replication message waits this long;
-//! - disk full: log writes fail with ENOSPC until cleared (a storage fault hook).
+//! - disk full: log writes fail with ENOSPC until cleared (a storage fault hook);
+//! - crash after a snapshot install: the process exits once the state file holds a received
+//!   snapshot, before the log is reset (the restart must finish the install).
 //!
 //! Shared by the gRPC handlers and the runtime; the lock is never held across an `.await`.
 
@@ -25,6 +27,7 @@ struct State {
     delay: Duration,
     disk_full: bool,
     one_way: bool,
+    crash_after_snapshot_install: bool,
 }
 
 #[derive(Debug, Default)]
@@ -43,6 +46,7 @@ pub struct FaultSpec {
     pub disk_full: bool,
     /// The peer partition drops only what this server sends.
     pub one_way: bool,
+    pub crash_after_snapshot_install: bool,
 }
 
 impl Faults {
@@ -67,6 +71,11 @@ impl Faults {
         s.delay = spec.delay;
         s.disk_full = spec.disk_full;
         s.one_way = spec.one_way;
+        s.crash_after_snapshot_install = spec.crash_after_snapshot_install;
+    }
+
+    pub fn crash_after_snapshot_install(&self) -> bool {
+        self.lock().crash_after_snapshot_install
     }
 
     pub fn coord_partitioned(&self) -> bool {

@@ -183,7 +183,18 @@ pub enum Reply {
     Status {
         report: ServerReport,
         last_applied: u64,
+        log: LogStatus,
     },
+}
+
+/// The in-memory log and snapshot figures `Admin.Status` reports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LogStatus {
+    pub base_index: u64,
+    pub entries_held: u64,
+    pub bytes_held: u64,
+    pub snapshots_sent: u64,
+    pub snapshots_installed: u64,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -355,6 +366,8 @@ pub struct Replica {
     ack_stream: Option<(StreamId, u64)>,
     /// The snapshot this follower is receiving.
     incoming: Option<snapshot::Incoming>,
+    /// Snapshots sent and installed (the other fields unused).
+    snapshot_counts: LogStatus,
     leader: Option<Leader>,
     /// The coord's list of servers catching up after losing their storage (rule 10), with the
     /// storage identity each came back with.
@@ -467,6 +480,7 @@ impl Replica {
             verified_index: 0,
             ack_stream: None,
             incoming: None,
+            snapshot_counts: LogStatus::default(),
             leader: None,
             catching_up: BTreeMap::new(),
             prepared_term: 0,
@@ -630,6 +644,12 @@ impl Replica {
                 let status = Reply::Status {
                     report: self.report(),
                     last_applied: self.sm.last_applied(),
+                    log: LogStatus {
+                        base_index: self.log.base().index,
+                        entries_held: self.log.held() as u64,
+                        bytes_held: self.log.bytes() as u64,
+                        ..self.snapshot_counts
+                    },
                 };
                 self.reply(reply, status)
             }
@@ -1008,6 +1028,7 @@ impl Replica {
             peer.probe_outstanding = false;
             if peer.match_index >= base {
                 if let Some(out) = peer.snapshot.take() {
+                    self.snapshot_counts.snapshots_sent += 1;
                     let (index, bytes) = (out.meta.index, out.bytes);
                     let to = NodeId(resp.follower_id);
                     let done = true;
@@ -1128,6 +1149,13 @@ impl Replica {
             self.log.compact_to(point);
             self.out.push(Command::CompactLog(point));
         }
+    }
+
+    /// A consistent view of the whole state machine as applied now (for a digest).
+    pub fn state_view(
+        &mut self,
+    ) -> Result<Box<dyn crate::engine::SnapshotSource>, crate::engine::EngineError> {
+        self.sm.snapshot()
     }
 
     /// The state machine's engine failed: the server must stop, and nothing this step

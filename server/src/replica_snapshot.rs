@@ -316,6 +316,7 @@ impl Replica {
         self.durability.durable_index = self.durability.durable_index.max(meta.index);
         self.commit_index = self.commit_index.max(meta.index);
         self.verified_index = self.verified_index.max(meta.index);
+        self.snapshot_counts.snapshots_installed += 1;
         self.out.push(Command::SnapshotInstalled {
             index: meta.index,
             term: meta.term,

@@ -36,7 +36,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tonic::transport::{Channel, Endpoint};
 
-use crate::engine::{EngineError, RedbEngine};
+use crate::engine::{EngineError, RedbEngine, SnapshotSource};
 use crate::faults::Faults;
 use crate::otel_spans::OtelSpans;
 use crate::replica::{Command, Event, Replica, ReplicaConfig, Reply, ReplyTo, StreamId};
@@ -63,6 +63,8 @@ const FOREIGN_CLUSTERS_LOGGED_MAX: usize = 16;
 const REFUSALS_LOGGED_EVERY_MS: u64 = 1_000;
 /// The state machine's file in the data directory.
 pub const STATE_FILE: &str = "state.redb";
+/// A snapshot being received from the leader (renamed over the state file once complete).
+pub const SNAPSHOT_RECEIVE_FILE: &str = "state.redb.snapshot";
 /// Pause before reconnecting a broken peer stream.
 const PEER_RECONNECT_MS: u64 = 50;
 
@@ -118,6 +120,8 @@ pub(crate) type ResponseSender = mpsc::Sender<Result<AppendEntriesResponse, toni
 
 pub(crate) enum Input {
     Call(Call, oneshot::Sender<Result<Reply, tonic::Status>>),
+    /// A consistent view of the state machine, for `Admin.Digest`.
+    View(oneshot::Sender<Result<Box<dyn SnapshotSource>, EngineError>>),
     StreamOpened(StreamId, ResponseSender),
     AppendEntries(StreamId, AppendEntriesRequest),
     StreamClosed(StreamId),
@@ -469,6 +473,12 @@ impl Core {
 
     fn handle(&mut self, input: Input, cmds: &mut Vec<Command>) -> anyhow::Result<()> {
         let event = match input {
+            Input::View(reply) => {
+                let view = tokio::task::block_in_place(|| self.replica.state_view());
+                self.check_engine()?;
+                let _ = reply.send(view);
+                return Ok(());
+            }
             Input::Call(mut call, reply) => {
                 if let Err(refused) = self.check_cluster(&mut call)? {
                     let _ = reply.send(Err(refused));
@@ -697,6 +707,10 @@ impl Core {
                 }
             }
             Command::ResetLog(next) => {
+                if self.faults.crash_after_snapshot_install() {
+                    tracing::warn!(next, "fault injection: crashing after a snapshot install");
+                    std::process::exit(87);
+                }
                 self.backlog.clear();
                 tokio::task::block_in_place(|| self.store.reset_to(next))?;
                 tracing::info!(server = %self.replica.id(), next, "log reset after a snapshot");

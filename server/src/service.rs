@@ -628,25 +628,73 @@ impl CoreHandle {
     }
 }
 
+/// Chunk size the digest reads the state in (its value does not change the digest: records
+/// are whole in every chunk and hashed in order).
+const DIGEST_CHUNK_BYTES: usize = 1024 * 1024;
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+fn fnv1a(mut h: u64, bytes: &[u8]) -> u64 {
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
 #[tonic::async_trait]
 impl Admin for CoreHandle {
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         let Some(Reply::Status {
             report,
             last_applied,
+            log,
         }) = self.call(Call::Status).await
         else {
             return Err(unavailable());
         };
+        let size = |name: &str| std::fs::metadata(self.data_dir.join(name)).map_or(0, |m| m.len());
         Ok(Response::new(StatusResponse {
             report: Some(report),
             last_applied,
             rss_bytes: rss_bytes(),
             log_bytes: crate::storage::log_disk_bytes(&self.data_dir),
-            snapshot_bytes: 0,
-            state_bytes: std::fs::metadata(self.data_dir.join(crate::runtime::STATE_FILE))
-                .map_or(0, |m| m.len()),
+            snapshot_bytes: size(crate::runtime::SNAPSHOT_RECEIVE_FILE),
+            state_bytes: size(crate::runtime::STATE_FILE),
+            log_base_index: log.base_index,
+            log_entries_held: log.entries_held,
+            log_bytes_held: log.bytes_held,
+            snapshots_sent: log.snapshots_sent,
+            snapshots_installed: log.snapshots_installed,
         }))
+    }
+
+    async fn digest(&self, _: Request<DigestRequest>) -> Result<Response<DigestResponse>, Status> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.tx.send(crate::runtime::Input::View(tx)).await.is_err() {
+            return Err(unavailable());
+        }
+        let mut view = rx
+            .await
+            .map_err(|_| unavailable())?
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let digest = tokio::task::spawn_blocking(move || {
+            let meta = view.meta();
+            let mut resp = DigestResponse {
+                applied_index: meta.index,
+                applied_term: meta.term,
+                digest: FNV_OFFSET,
+                bytes: 0,
+            };
+            while let Some(chunk) = view.next_chunk(DIGEST_CHUNK_BYTES)? {
+                resp.digest = fnv1a(resp.digest, &chunk);
+                resp.bytes += chunk.len() as u64;
+            }
+            Ok::<_, crate::engine::EngineError>(resp)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(digest))
     }
 
     async fn set_faults(
@@ -665,6 +713,7 @@ impl Admin for CoreHandle {
             delay: Duration::from_millis(req.delay_ms),
             disk_full: req.disk_full,
             one_way: req.one_way,
+            crash_after_snapshot_install: req.crash_after_snapshot_install,
         };
         tracing::warn!(server = %self.id, ?spec, "fault injection set");
         self.faults.set(&spec);

@@ -314,10 +314,12 @@ async fn soak_line(
     for row in servers(config).await {
         line.push_str(&match row.status {
             Some(s) => format!(
-                " | s{} rss {:.0} MB log {:.0} MB state {:.0} MB snapshot {:.0} MB",
+                " | s{} rss {:.0} MB log {:.0} MB ({} held, base {}) state {:.0} MB snapshot {:.0} MB",
                 row.id,
                 mib(s.rss_bytes),
                 mib(s.log_bytes),
+                s.log_entries_held,
+                s.log_base_index,
                 mib(s.state_bytes),
                 mib(s.snapshot_bytes)
             ),

@@ -262,7 +262,7 @@ async fn print_status(
                 None => say("coord: not answering")?,
             }
             say(format!(
-                "{:>3}  {:<21} {:<8} {:<12} {:>6} {:>9} {:>9} {:>6} {:>8} {:>8} {:>8}",
+                "{:>3}  {:<21} {:<8} {:<12} {:>6} {:>9} {:>9} {:>6} {:>9} {:>8} {:>8} {:>8}",
                 "ID",
                 "ADDRESS",
                 "UUID",
@@ -271,6 +271,7 @@ async fn print_status(
                 "COMMIT",
                 "APPLIED",
                 "LAG",
+                "LOG BASE",
                 "RSS MB",
                 "LOG MB",
                 "STATE MB"
@@ -304,7 +305,7 @@ fn status_line(row: &kvraft::cluster_status::ServerRow, leader_commit: Option<u6
     });
     let uuid: String = report.uuid.chars().take(8).collect();
     format!(
-        "{:>3}  {:<21} {:<8} {:<12} {:>6} {:>9} {:>9} {:>6} {:>8.1} {:>8.1} {:>8.1}",
+        "{:>3}  {:<21} {:<8} {:<12} {:>6} {:>9} {:>9} {:>6} {:>9} {:>8.1} {:>8.1} {:>8.1}",
         row.id,
         row.addr,
         uuid,
@@ -313,6 +314,7 @@ fn status_line(row: &kvraft::cluster_status::ServerRow, leader_commit: Option<u6
         report.commit_index,
         status.last_applied,
         lag,
+        status.log_base_index,
         kvraft::cluster_status::mib(status.rss_bytes),
         kvraft::cluster_status::mib(status.log_bytes),
         kvraft::cluster_status::mib(status.state_bytes)
@@ -343,6 +345,11 @@ fn status_json(
         "log_bytes": status.log_bytes,
         "snapshot_bytes": status.snapshot_bytes,
         "state_bytes": status.state_bytes,
+        "log_base_index": status.log_base_index,
+        "log_entries_held": status.log_entries_held,
+        "log_bytes_held": status.log_bytes_held,
+        "snapshots_sent": status.snapshots_sent,
+        "snapshots_installed": status.snapshots_installed,
     })
 }
 

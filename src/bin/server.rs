@@ -50,6 +50,9 @@ pub struct Args {
     /// Delay every outgoing replication message by this many ms.
     #[arg(long, value_name = "MS", default_value_t = 0)]
     delay_ms: u64,
+    /// Exit right after installing a snapshot from the leader, before the log is reset.
+    #[arg(long)]
+    crash_after_snapshot_install: bool,
     /// Start the faults above this many ms after the server starts instead of at once.
     #[arg(long, value_name = "MS", default_value_t = 0)]
     faults_after_ms: u64,
@@ -65,6 +68,10 @@ impl Args {
             ("--one-way", self.one_way),
             ("--crash-after-commit", self.crash_after_commit != 0),
             ("--delay-ms", self.delay_ms != 0),
+            (
+                "--crash-after-snapshot-install",
+                self.crash_after_snapshot_install,
+            ),
             ("--faults-after-ms", self.faults_after_ms != 0),
         ]
         .into_iter()
@@ -86,6 +93,7 @@ async fn main() -> ExitCode {
             crash_after_commit: args.crash_after_commit,
             delay: Duration::from_millis(args.delay_ms),
             one_way: args.one_way,
+            crash_after_snapshot_install: args.crash_after_snapshot_install,
             ..FaultSpec::default()
         },
         after: Duration::from_millis(args.faults_after_ms),

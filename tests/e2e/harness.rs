@@ -130,6 +130,13 @@ impl Cluster {
         Self::with_coord_options(n, "")
     }
 
+    /// A cluster whose config has a `[server]` table with `options` (one `key = value` per
+    /// line).
+    pub fn with_server_options(n: usize, options: &str) -> Cluster {
+        // The coord's extra lines come last in its table: a table header there starts the next.
+        Self::with_coord_options(n, &format!("\n[server]\n{options}\n"))
+    }
+
     pub fn with_coord_options(n: usize, extra_coord: &str) -> Cluster {
         init_logging();
         let dir = tempfile::Builder::new()
@@ -338,6 +345,38 @@ impl Cluster {
         let mut req = tonic::Request::new(StatusRequest {});
         req.set_timeout(Duration::from_secs(2));
         Some(client.status(req).await.ok()?.into_inner())
+    }
+
+    /// `Admin.Digest` of server `id`: its applied index and the digest of its whole state.
+    pub async fn digest(&self, id: u32) -> Option<kvraft_proto::DigestResponse> {
+        let url = format!("http://{}", self.addr(id));
+        let mut client = AdminClient::connect(url).await.ok()?;
+        let mut req = tonic::Request::new(kvraft_proto::DigestRequest {});
+        req.set_timeout(Duration::from_secs(10));
+        Some(client.digest(req).await.ok()?.into_inner())
+    }
+
+    /// Waits until every running server reports the same applied index and digest (writes
+    /// must have stopped); returns it.
+    pub async fn wait_same_digest(&self) -> kvraft_proto::DigestResponse {
+        let ids: Vec<u32> = self.servers.keys().copied().collect();
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let mut digests = Vec::new();
+            for &id in &ids {
+                digests.push(self.digest(id).await);
+            }
+            if let Some(first) = digests[0] {
+                if digests.iter().all(|d| *d == Some(first)) {
+                    return first;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "servers {ids:?} never agreed on one state: {digests:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// A put sent straight to server `id`, without kvslib's routing and retries, answered

@@ -1,6 +1,7 @@
 //! End-to-end tests: real coord and server processes on loopback, driven through the `client`
 //! binary and through kvslib. Numbered by area: t10 basic operations, t20 leader failover, t30
-//! exactly-once, t40 restarts, t42 disk loss, t50 partitions, t60 coord restart, t65 the gRPC
+//! exactly-once, t40 restarts, t42 disk loss, t45 log
+//! compaction and snapshot catch-up, t50 partitions, t60 coord restart, t65 the gRPC
 //! health service, t70 bad input, t71 malformed and extreme requests, t72 the fault-injection
 //! gate, t80 tracing (vector clocks), t85 OpenTelemetry spans.
 
@@ -11,6 +12,7 @@ mod t25_random_kills;
 mod t30_exactly_once;
 mod t40_restart;
 mod t42_disk_loss;
+mod t45_snapshot;
 mod t50_partition;
 mod t55_campaign;
 mod t60_coord_restart;
