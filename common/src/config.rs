@@ -114,6 +114,9 @@ pub const LOG_TAIL_ENTRIES_MAX: u64 = 10_000_000;
 pub const LOG_TAIL_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
 pub const LOG_TAIL_BYTES_MAX: u64 = 16 * 1024 * 1024 * 1024;
 pub const SNAPSHOT_CHUNK_BYTES_DEFAULT: u64 = 1024 * 1024;
+/// Default and bounds of `[server] log_segment_bytes`.
+pub const LOG_SEGMENT_BYTES_DEFAULT: u64 = 16 * 1024 * 1024;
+pub const LOG_SEGMENT_BYTES_RANGE: std::ops::RangeInclusive<u64> = 64 * 1024..=1024 * 1024 * 1024;
 pub const SNAPSHOT_CHUNK_BYTES_RANGE: std::ops::RangeInclusive<u64> = 4096..=8 * 1024 * 1024;
 
 /// Settings every server shares.
@@ -137,6 +140,9 @@ pub struct ServerOptions {
     pub log_tail_bytes: u64,
     /// Size of one chunk of a snapshot sent to a follower (one chunk in flight per follower).
     pub snapshot_chunk_bytes: u64,
+    /// Size at which a log segment file is closed and the next begins; compaction deletes
+    /// whole segments, so the log on disk is at least one segment.
+    pub log_segment_bytes: u64,
     /// Serve `Admin.SetFaults` and accept the `server` fault flags. Off by default: anyone who
     /// can reach a server's address could otherwise partition or crash it (a remote kill
     /// switch). The `server --allow-fault-injection` flag turns it on for one process.
@@ -190,6 +196,7 @@ impl Default for ServerOptions {
             log_tail_entries: LOG_TAIL_ENTRIES_DEFAULT,
             log_tail_bytes: LOG_TAIL_BYTES_DEFAULT,
             snapshot_chunk_bytes: SNAPSHOT_CHUNK_BYTES_DEFAULT,
+            log_segment_bytes: LOG_SEGMENT_BYTES_DEFAULT,
             allow_fault_injection: false,
         }
     }
@@ -332,6 +339,11 @@ impl ClusterConfig {
                 o.snapshot_chunk_bytes,
                 SNAPSHOT_CHUNK_BYTES_RANGE,
             ),
+            (
+                "log_segment_bytes",
+                o.log_segment_bytes,
+                LOG_SEGMENT_BYTES_RANGE,
+            ),
         ];
         for (name, value, range) in bounded {
             if !range.contains(&value) {
@@ -449,6 +461,7 @@ data_dir = "data/server1"
             "log_tail_bytes = 17179869185",
             "snapshot_chunk_bytes = 100",
             "snapshot_chunk_bytes = 8388609",
+            "log_segment_bytes = 1000",
         ] {
             let e = err(&(base() + &format!("[server]\n{bad}\n")));
             let name = bad.split(' ').next().unwrap();

@@ -203,7 +203,8 @@ pub async fn run(
     let me = config.server(id).map_err(anyhow::Error::msg)?.clone();
     let dir = &me.data_dir;
     let meta = ServerMeta::open_or_create(dir, id)?;
-    let (mut store, mut entries, recovery) = FileLogStore::open(dir)?;
+    let (mut store, mut entries, recovery) =
+        FileLogStore::open_with(dir, config.server.log_segment_bytes)?;
     let (hard_file, hard) = HardStateFile::open(dir)?;
     // Whatever recovery read may sit only in the page cache after a process crash: make it
     // durable before reporting it as our log position.

@@ -241,3 +241,48 @@ async fn wiped_and_mid_install_killed_followers_are_rebuilt_by_snapshot() {
     cluster.wait_leader(|l| l.term > term).await;
     read_round(&cluster, 1, 100, 100).await;
 }
+
+/// Steady writes past many compactions: the log on disk and the entries held in memory stay
+/// below bounds set by the kept tail and the segment size, not by the number of writes, and
+/// every key reads back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steady_writes_keep_the_log_bounded_on_disk_and_in_memory() {
+    const ROUNDS: u32 = 60;
+    const ROUND_KEYS: u32 = 100;
+    const VALUE: usize = 1_000;
+    const SEGMENT: u64 = 64 * 1024;
+    let mut cluster = Cluster::with_server_options(
+        3,
+        &format!("log_tail_entries = 100\nstate_sync_ms = 50\nlog_segment_bytes = {SEGMENT}"),
+    );
+    cluster.start_all();
+    cluster.wait_leader(|_| true).await;
+    let mut most_log_bytes = 0;
+    let mut most_held = 0;
+    for round in 0..ROUNDS {
+        write_round(&cluster, round, ROUND_KEYS, VALUE, 4).await;
+        for id in cluster.ids() {
+            let s = cluster.status(id).await.expect("status");
+            most_log_bytes = most_log_bytes.max(s.log_bytes);
+            most_held = most_held.max(s.log_entries_held);
+        }
+    }
+    let written = u64::from(ROUNDS * ROUND_KEYS);
+    // 6,000 entries of over 1,000 bytes were written: more than 6 MB of log per server. What is
+    // kept is the tail (100 entries), what was applied since the last durable commit (50 ms of
+    // writes) and at most a few 64 KiB segments around them.
+    assert!(
+        most_log_bytes < 2 * 1024 * 1024,
+        "a log of {most_log_bytes} bytes after {written} puts"
+    );
+    assert!(
+        most_held < written / 3,
+        "{most_held} entries held after {written} puts"
+    );
+    for id in cluster.ids() {
+        let s = cluster.status(id).await.expect("status");
+        assert!(s.log_base_index > written / 2, "server {id}: {s:?}");
+    }
+    read_round(&cluster, ROUNDS - 1, ROUND_KEYS, VALUE).await;
+    cluster.wait_same_digest().await;
+}

@@ -205,7 +205,8 @@ impl FileLogStore {
         Self::open_with(dir, SEGMENT_BYTES_TARGET)
     }
 
-    /// As [`FileLogStore::open`], closing segments at `segment_bytes` (tests use small ones).
+    /// As [`FileLogStore::open`], closing segments at `segment_bytes` (`[server]
+    /// log_segment_bytes`; tests use small ones).
     pub fn open_with(
         dir: &Path,
         segment_bytes: u64,
