@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use kvraft_common::ClusterConfig;
 use kvraft_proto::admin_client::AdminClient;
-use kvraft_proto::{StatusRequest, StatusResponse};
+use kvraft_proto::{DigestRequest, DigestResponse, StatusRequest, StatusResponse};
 use kvslib::LeaderInfo;
 
 /// How long one server or the coord may take to answer.
@@ -35,6 +35,25 @@ pub async fn server_status(addr: &str) -> Option<StatusResponse> {
     let mut req = tonic::Request::new(StatusRequest {});
     req.set_timeout(ASK_TIMEOUT);
     Some(client.status(req).await.ok()?.into_inner())
+}
+
+/// How long one server may take to hash its whole state for `Admin.Digest`.
+const DIGEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// `Admin.Digest` of the server at `addr`, or the reason it gave none.
+pub async fn server_digest(addr: &str) -> Result<DigestResponse, String> {
+    let connect = AdminClient::connect(format!("http://{addr}"));
+    let mut client = tokio::time::timeout(ASK_TIMEOUT, connect)
+        .await
+        .map_err(|_| "no answer".to_string())?
+        .map_err(|e| e.to_string())?;
+    let mut req = tonic::Request::new(DigestRequest {});
+    req.set_timeout(DIGEST_TIMEOUT);
+    client
+        .digest(req)
+        .await
+        .map(|r| r.into_inner())
+        .map_err(|e| e.message().to_string())
 }
 
 /// Every configured server's status, in config order.

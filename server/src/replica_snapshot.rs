@@ -20,12 +20,19 @@
 //! entries that match the snapshot's last entry (it may have acknowledged them in this term);
 //! otherwise its whole log is older than the snapshot or conflicts with the leader's, and goes.
 //! While any transfer is in flight the leader does not compact past its snapshot's index, so
-//! the follower can continue from the log once it has installed it.
+//! the follower can continue from the log once it has installed it. So that a follower that is
+//! down cannot pin the leader's log (and its engine's read view), a transfer starts only to a
+//! follower heard from within [`QUORUM_LOSS_HEARTBEATS`], and one whose chunk goes unanswered
+//! for [`SNAPSHOT_STALL_HEARTBEATS`] is dropped (it starts again, from a fresh view, once the
+//! follower answers again).
 
 use kvraft_proto::{AppendEntriesRequest, SnapshotChunk};
 use prost::bytes::Bytes;
 
-use super::{Command, Leader, Replica, StreamId, PROBE_RETRY_HEARTBEATS};
+use super::{Command, Leader, Replica, StreamId, PROBE_RETRY_HEARTBEATS, QUORUM_LOSS_HEARTBEATS};
+
+/// A transfer whose chunk in flight is unanswered this many heartbeat periods is dropped.
+pub const SNAPSHOT_STALL_HEARTBEATS: u64 = 40;
 use crate::engine::{SnapshotMeta, SnapshotSink, SnapshotSource, SNAPSHOT_FORMAT};
 use crate::replica_log::LogBase;
 use kvraft_common::NodeId;
@@ -41,6 +48,8 @@ pub(super) struct Outgoing {
     last: bool,
     /// 0 until first sent.
     sent_ms: u64,
+    /// When the transfer started or a chunk was last acknowledged.
+    progress_ms: u64,
     /// Bytes sent so far, for the log line when it completes.
     pub bytes: u64,
 }
@@ -99,13 +108,20 @@ impl Replica {
     /// the engine failed: the server then stops).
     pub(super) fn send_snapshot(&mut self, peer_id: NodeId) {
         let now = self.now_ms;
-        let retry = self.cfg.heartbeat_ms * PROBE_RETRY_HEARTBEATS;
-        let needs_start = self
-            .leader
+        let hb = self.cfg.heartbeat_ms;
+        let retry = hb * PROBE_RETRY_HEARTBEATS;
+        let Some(peer) = self.leader.as_mut().and_then(|l| l.peers.get_mut(&peer_id)) else {
+            return;
+        };
+        if peer
+            .snapshot
             .as_ref()
-            .and_then(|l| l.peers.get(&peer_id))
-            .is_some_and(|p| p.snapshot.is_none());
-        if needs_start && !self.start_transfer(peer_id) {
+            .is_some_and(|out| now > out.progress_ms + hb * SNAPSHOT_STALL_HEARTBEATS)
+        {
+            peer.snapshot = None; // stalled: let compaction go on
+        }
+        let alive = now <= peer.last_ack_ms + hb * QUORUM_LOSS_HEARTBEATS;
+        if peer.snapshot.is_none() && (!alive || !self.start_transfer(peer_id)) {
             return;
         }
         let term = self.hard.term;
@@ -174,6 +190,7 @@ impl Replica {
             data,
             last,
             sent_ms: 0,
+            progress_ms: self.now_ms,
         };
         let peer = leader
             .peers
@@ -215,6 +232,7 @@ impl Replica {
             return;
         };
         out.seq = next_seq;
+        out.progress_ms = self.now_ms;
         out.bytes += data.len() as u64;
         out.data = data;
         out.last = last;

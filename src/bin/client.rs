@@ -106,6 +106,10 @@ enum Command {
     /// Every server's state (role, term, commit and applied index, lag behind the leader, memory,
     /// log size, whether it catches up after a lost disk) and the coord's leader view. Registers
     /// no session.
+    /// Every server's state machine digest (applied index and term, a hash of all keys, values
+    /// and sessions): servers at the same applied index must agree. Reads each server's whole
+    /// state; registers no session.
+    Digest,
     Status {
         /// Output format.
         #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
@@ -193,6 +197,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             Ok(true)
         }
         Some(Command::Status { output }) => print_status(&config, id, output).await,
+        Some(Command::Digest) => print_digests(&config).await,
         None => {
             let client = connect(&config, id).await?;
             finish(client.clone(), script(&client).await).await
@@ -319,6 +324,42 @@ fn status_line(row: &kvraft::cluster_status::ServerRow, leader_commit: Option<u6
         kvraft::cluster_status::mib(status.log_bytes),
         kvraft::cluster_status::mib(status.state_bytes)
     )
+}
+
+/// One line per server: applied index and term, digest, bytes hashed; exit status non-zero if
+/// a server did not answer or two servers at the same applied index disagree.
+async fn print_digests(config: &ClusterConfig) -> anyhow::Result<bool> {
+    let mut seen: std::collections::BTreeMap<(u64, u64), u64> = Default::default();
+    let mut ok = true;
+    for server in &config.servers {
+        match kvraft::cluster_status::server_digest(&server.addr).await {
+            Ok(d) => {
+                let agrees = *seen
+                    .entry((d.applied_index, d.applied_term))
+                    .or_insert(d.digest)
+                    == d.digest;
+                ok &= agrees;
+                println!(
+                    "server {}: applied {} term {} digest {:016x} bytes {}{}",
+                    server.id,
+                    d.applied_index,
+                    d.applied_term,
+                    d.digest,
+                    d.bytes,
+                    if agrees {
+                        ""
+                    } else {
+                        " DIFFERS from another server at the same index"
+                    }
+                );
+            }
+            Err(e) => {
+                ok = false;
+                println!("server {}: no digest: {e}", server.id);
+            }
+        }
+    }
+    Ok(ok)
 }
 
 fn status_json(
