@@ -114,6 +114,9 @@ pub const LOG_TAIL_ENTRIES_MAX: u64 = 10_000_000;
 pub const LOG_TAIL_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
 pub const LOG_TAIL_BYTES_MAX: u64 = 16 * 1024 * 1024 * 1024;
 pub const SNAPSHOT_CHUNK_BYTES_DEFAULT: u64 = 1024 * 1024;
+/// Bounds of `[server] max_value_bytes` (default `limits::VALUE_BYTES_MAX`).
+pub const MAX_VALUE_BYTES_RANGE: std::ops::RangeInclusive<u64> =
+    1024..=crate::limits::VALUE_BYTES_CEILING as u64;
 /// Default and bounds of `[server] log_segment_bytes`.
 pub const LOG_SEGMENT_BYTES_DEFAULT: u64 = 16 * 1024 * 1024;
 pub const LOG_SEGMENT_BYTES_RANGE: std::ops::RangeInclusive<u64> = 64 * 1024..=1024 * 1024 * 1024;
@@ -143,6 +146,9 @@ pub struct ServerOptions {
     /// Size at which a log segment file is closed and the next begins; compaction deletes
     /// whole segments, so the log on disk is at least one segment.
     pub log_segment_bytes: u64,
+    /// Longest value a put may carry; every process derives its gRPC message limit from it
+    /// (`ServerOptions::grpc_message_bytes`), clients refuse longer values before sending.
+    pub max_value_bytes: u64,
     /// Serve `Admin.SetFaults` and accept the `server` fault flags. Off by default: anyone who
     /// can reach a server's address could otherwise partition or crash it (a remote kill
     /// switch). The `server --allow-fault-injection` flag turns it on for one process.
@@ -186,6 +192,20 @@ impl Default for TracingOptions {
     }
 }
 
+impl ServerOptions {
+    /// Longest value a put may carry (`max_value_bytes`).
+    pub fn max_value(&self) -> usize {
+        usize::try_from(self.max_value_bytes).unwrap_or(usize::MAX)
+    }
+
+    /// The gRPC message limit of every process of this cluster, from the largest value and
+    /// snapshot chunk it must carry (`limits::grpc_message_bytes`).
+    pub fn grpc_message_bytes(&self) -> usize {
+        let chunk = usize::try_from(self.snapshot_chunk_bytes).unwrap_or(usize::MAX);
+        crate::limits::grpc_message_bytes(self.max_value(), chunk)
+    }
+}
+
 impl Default for ServerOptions {
     fn default() -> Self {
         ServerOptions {
@@ -197,6 +217,7 @@ impl Default for ServerOptions {
             log_tail_bytes: LOG_TAIL_BYTES_DEFAULT,
             snapshot_chunk_bytes: SNAPSHOT_CHUNK_BYTES_DEFAULT,
             log_segment_bytes: LOG_SEGMENT_BYTES_DEFAULT,
+            max_value_bytes: crate::limits::VALUE_BYTES_MAX as u64,
             allow_fault_injection: false,
         }
     }
@@ -344,6 +365,7 @@ impl ClusterConfig {
                 o.log_segment_bytes,
                 LOG_SEGMENT_BYTES_RANGE,
             ),
+            ("max_value_bytes", o.max_value_bytes, MAX_VALUE_BYTES_RANGE),
         ];
         for (name, value, range) in bounded {
             if !range.contains(&value) {
@@ -462,6 +484,7 @@ data_dir = "data/server1"
             "snapshot_chunk_bytes = 100",
             "snapshot_chunk_bytes = 8388609",
             "log_segment_bytes = 1000",
+            "max_value_bytes = 16777217",
         ] {
             let e = err(&(base() + &format!("[server]\n{bad}\n")));
             let name = bad.split(' ').next().unwrap();

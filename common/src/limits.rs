@@ -5,9 +5,23 @@
 /// Longest key in bytes. Keys are held in memory on every replica and in every log entry.
 pub const KEY_BYTES_MAX: usize = 1024;
 
-/// Longest value in bytes. One value must fit in a single gRPC message (4 MiB by default)
-/// together with its batch neighbours, so it is kept well below that.
+/// Longest value in bytes by default (`[server] max_value_bytes` sets it, up to
+/// [`VALUE_BYTES_CEILING`]). Every gRPC message limit is derived from it (see
+/// [`grpc_message_bytes`]).
 pub const VALUE_BYTES_MAX: usize = 1024 * 1024;
+/// The largest `max_value_bytes` a config may set.
+pub const VALUE_BYTES_CEILING: usize = 16 * 1024 * 1024;
+
+/// Byte budget of one AppendEntries batch (at least one entry is always sent, whatever its
+/// size).
+pub const BATCH_BYTES_MAX: usize = 2 * 1024 * 1024;
+
+/// The largest gRPC message a process must accept or send: a batch (or a snapshot chunk of
+/// `chunk_bytes`) plus one more entry with the largest key and value, plus room for the other
+/// fields.
+pub fn grpc_message_bytes(max_value_bytes: usize, chunk_bytes: usize) -> usize {
+    BATCH_BYTES_MAX.max(chunk_bytes) + max_value_bytes + KEY_BYTES_MAX + 64 * 1024
+}
 
 /// Longest client id in bytes. It is carried in every session's `RegisterSession` log entry.
 pub const CLIENT_ID_BYTES_MAX: usize = 256;
@@ -59,8 +73,18 @@ pub fn check_client_id(client_id: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Checks a key and value against the limits; the error says which one and by how much.
+/// Checks a key and value against the default limits; the error says which one and by how
+/// much.
 pub fn check_key_value(key: &[u8], value: Option<&[u8]>) -> Result<(), String> {
+    check_key_value_within(key, value, VALUE_BYTES_MAX)
+}
+
+/// As [`check_key_value`], with values of up to `max_value_bytes`.
+pub fn check_key_value_within(
+    key: &[u8],
+    value: Option<&[u8]>,
+    max_value_bytes: usize,
+) -> Result<(), String> {
     if key.is_empty() {
         return Err("key is empty".to_string());
     }
@@ -71,9 +95,9 @@ pub fn check_key_value(key: &[u8], value: Option<&[u8]>) -> Result<(), String> {
         ));
     }
     if let Some(value) = value {
-        if value.len() > VALUE_BYTES_MAX {
+        if value.len() > max_value_bytes {
             return Err(format!(
-                "value is {} bytes, longer than the limit of {VALUE_BYTES_MAX} bytes",
+                "value is {} bytes, longer than the limit of {max_value_bytes} bytes",
                 value.len()
             ));
         }

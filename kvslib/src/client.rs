@@ -14,7 +14,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kvraft_common::limits::check_key_value;
+use kvraft_common::limits::{check_key_value, check_key_value_within};
 use kvraft_common::ClusterConfig;
 use kvraft_proto as pb;
 use kvraft_tracing::action::{
@@ -63,6 +63,10 @@ struct Inner {
     client_id: String,
     coord_addr: String,
     op_timeout: Duration,
+    /// Longest value a put may carry, and the gRPC message limit derived from it (the
+    /// cluster's `[server] max_value_bytes`).
+    max_value_bytes: usize,
+    grpc_message_bytes: usize,
     router: Arc<Router>,
     sessions: Sessions,
     put_permits: Semaphore,
@@ -150,6 +154,8 @@ impl Client {
                 client_id: client_id.to_string(),
                 coord_addr: config.coord.client_api_addr.clone(),
                 op_timeout: Duration::from_millis(config.client.op_timeout_ms),
+                max_value_bytes: config.server.max_value(),
+                grpc_message_bytes: config.server.grpc_message_bytes(),
                 router,
                 sessions: Sessions::new(client_id, session_id),
                 put_permits: Semaphore::new(PUTS_IN_FLIGHT_MAX),
@@ -186,7 +192,8 @@ impl Client {
     }
 
     async fn put_in_span(&self, key: Vec<u8>, value: Vec<u8>) -> Result<PutOutcome, Error> {
-        check_key_value(&key, Some(&value)).map_err(Error::InvalidInput)?;
+        check_key_value_within(&key, Some(&value), self.inner.max_value_bytes)
+            .map_err(Error::InvalidInput)?;
         let deadline = self.deadline();
         let _permit = acquire(&self.inner.put_permits, "Put", deadline).await?;
         let inner = &self.inner;
@@ -249,6 +256,7 @@ impl Client {
         trace: Option<&Trace>,
     ) -> Result<PutOutcome, Error> {
         let client_id = &self.inner.client_id;
+        let limit = self.inner.grpc_message_bytes;
         let span = tracing::Span::current();
         self.inner
             .router
@@ -265,7 +273,7 @@ impl Client {
                 };
                 let span = || tracing::info_span!(parent: &span, "kv.Put", server = %addr);
                 let request = attempt_request(span, request);
-                put_attempt(channel, addr, request, trace.cloned())
+                put_attempt(channel, addr, request, trace.cloned(), limit)
             })
             .await
     }
@@ -308,6 +316,7 @@ impl Client {
             trace
         });
         let key = Bytes::copy_from_slice(key);
+        let limit = self.inner.grpc_message_bytes;
         let span = tracing::Span::current();
         let result = self
             .inner
@@ -320,7 +329,7 @@ impl Client {
                 };
                 let span = || tracing::info_span!(parent: &span, "kv.Get", server = %addr);
                 let request = attempt_request(span, request);
-                get_attempt(channel, addr, request, trace.clone())
+                get_attempt(channel, addr, request, trace.clone(), limit)
             })
             .await;
         if let Some(trace) = &trace {
@@ -497,14 +506,25 @@ fn attempt_request<T>(make_span: impl FnOnce() -> tracing::Span, msg: T) -> Atte
     Attempt { span, request }
 }
 
+/// A Kv client whose messages may be as large as the cluster's largest value needs.
+fn kv_client(
+    channel: tonic::transport::Channel,
+    limit: usize,
+) -> KvClient<tonic::transport::Channel> {
+    KvClient::new(channel)
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit)
+}
+
 async fn put_attempt(
     channel: tonic::transport::Channel,
     addr: String,
     attempt: Attempt<pb::PutRequest>,
     trace: Option<Trace>,
+    limit: usize,
 ) -> Result<PutOutcome, Failure> {
     let Attempt { span, request } = attempt;
-    let call = || async move { KvClient::new(channel).put(request).await };
+    let call = || async move { kv_client(channel, limit).put(request).await };
     let response = kv_call(&addr, trace.as_ref(), call)
         .instrument(span)
         .await?;
@@ -519,9 +539,10 @@ async fn get_attempt(
     addr: String,
     attempt: Attempt<pb::GetRequest>,
     trace: Option<Trace>,
+    limit: usize,
 ) -> Result<Option<Versioned>, Failure> {
     let Attempt { span, request } = attempt;
-    let call = || async move { KvClient::new(channel).get(request).await };
+    let call = || async move { kv_client(channel, limit).get(request).await };
     let response = kv_call(&addr, trace.as_ref(), call)
         .instrument(span)
         .await?;

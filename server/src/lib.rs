@@ -16,6 +16,7 @@
 
 pub mod engine;
 pub mod faults;
+pub mod log_writer;
 mod otel_spans;
 pub mod replica;
 pub mod replica_log;

@@ -46,9 +46,9 @@ use crate::storage::HardState;
 
 /// Most entries in one AppendEntries message.
 pub const BATCH_ENTRIES_MAX: usize = 512;
-/// Byte budget of one AppendEntries message (at least one entry is always sent). Keeps a
-/// batch well under the gRPC message limit with values of up to 1 MiB.
-pub const BATCH_BYTES_MAX: usize = 2 * 1024 * 1024;
+/// Byte budget of one AppendEntries message (at least one entry is always sent); the gRPC
+/// message limit is derived from it and the largest value.
+pub use kvraft_common::limits::BATCH_BYTES_MAX;
 /// Most entries sent to one follower and not yet acknowledged: bounds the memory a slow
 /// follower can pin in the leader's send queue.
 pub const INFLIGHT_ENTRIES_MAX: u64 = 4096;
@@ -90,6 +90,8 @@ pub struct ReplicaConfig {
     pub log_tail_bytes: usize,
     /// Size of one snapshot chunk (one in flight per follower).
     pub snapshot_chunk_bytes: usize,
+    /// Longest value a put may carry (`[server] max_value_bytes`).
+    pub max_value_bytes: usize,
 }
 
 #[derive(Debug)]
@@ -1228,7 +1230,9 @@ impl Replica {
             cmd.ack_seq,
             self.cfg.session_window,
         )
-        .and_then(|()| limits::check_key_value(&cmd.key, Some(&cmd.value)));
+        .and_then(|()| {
+            limits::check_key_value_within(&cmd.key, Some(&cmd.value), self.cfg.max_value_bytes)
+        });
         if let Err(e) = valid {
             return refuse(self, ClientError::Invalid(e));
         }

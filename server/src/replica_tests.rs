@@ -40,6 +40,7 @@ fn config(id: u32, n: u32) -> ReplicaConfig {
         log_tail_entries: 10_000,
         log_tail_bytes: usize::MAX,
         snapshot_chunk_bytes: 1024,
+        max_value_bytes: kvraft_common::limits::VALUE_BYTES_MAX,
     }
 }
 

@@ -38,6 +38,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::engine::{EngineError, RedbEngine, SnapshotSource};
 use crate::faults::Faults;
+use crate::log_writer::{DiskFull, LogDisk, LogWriter};
 use crate::otel_spans::OtelSpans;
 use crate::replica::{Command, Event, Replica, ReplicaConfig, Reply, ReplyTo, StreamId};
 use crate::service;
@@ -52,8 +53,6 @@ pub const INPUT_BATCH_MAX: usize = 1024;
 /// Capacity of each peer's outgoing queue; past it messages are dropped and the leader's
 /// probe/heartbeat logic resends.
 pub const PEER_QUEUE_MAX: usize = 1024;
-/// Largest gRPC message accepted: an AppendEntries batch plus headroom.
-pub const GRPC_MESSAGE_BYTES_MAX: usize = 16 * 1024 * 1024;
 /// Distinct foreign cluster ids whose messages are logged (each once); more are refused
 /// without a log line, so a flood of made-up ids neither grows memory nor the log.
 const FOREIGN_CLUSTERS_LOGGED_MAX: usize = 16;
@@ -136,6 +135,9 @@ pub(crate) enum Input {
 #[derive(Clone)]
 pub(crate) struct CoreHandle {
     pub tx: mpsc::Sender<Input>,
+    /// Longest value a put may carry, and the gRPC message limit derived from it.
+    pub max_value_bytes: usize,
+    pub grpc_message_bytes: usize,
     pub faults: Arc<Faults>,
     /// `Admin.SetFaults` is served: the server was started with fault injection allowed
     /// (flag or config). Otherwise the RPC would be a remote kill switch for anyone.
@@ -239,6 +241,7 @@ pub async fn run(
         log_tail_entries: config.server.log_tail_entries,
         log_tail_bytes: usize::try_from(config.server.log_tail_bytes).unwrap_or(usize::MAX),
         snapshot_chunk_bytes: config.server.snapshot_chunk_bytes as usize,
+        max_value_bytes: config.server.max_value(),
     };
     let state_path = dir.join(STATE_FILE);
     let engine = tokio::task::block_in_place(|| RedbEngine::open(&state_path))?;
@@ -276,6 +279,8 @@ pub async fn run(
     let (tx, rx) = mpsc::channel(INPUT_QUEUE_MAX);
     let handle = CoreHandle {
         tx: tx.clone(),
+        max_value_bytes: config.server.max_value(),
+        grpc_message_bytes: config.server.grpc_message_bytes(),
         faults: faults.clone(),
         fault_injection_allowed,
         id: NodeId(id),
@@ -291,7 +296,11 @@ pub async fn run(
     tokio::spawn(service::join_coord(config.clone(), handle.clone(), stop_rx));
     let core = Core {
         replica,
-        store: Box::new(store),
+        log: FaultyLog {
+            store,
+            faults: faults.clone(),
+        },
+        writer: LogWriter::default(),
         hard_file,
         replies: HashMap::new(),
         next_reply: 1,
@@ -299,12 +308,7 @@ pub async fn run(
         streams: HashMap::new(),
         faults,
         tx,
-        written: 0,
-        written_ok: 0,
-        backlog: Vec::new(),
         disk_full: handle.disk_full.clone(),
-        sync_requested: 0,
-        sync_in_flight: false,
         heartbeat_ms: config.server.replication_heartbeat_ms,
         trace: tracer.clone().map(|t| TraceEvents::new(t, id)),
         otel: kvraft_telemetry::enabled().then(OtelSpans::default),
@@ -327,7 +331,10 @@ pub async fn run(
 
 struct Core {
     replica: Replica,
-    store: Box<dyn LogStore>,
+    /// The log, and what writes it (batching, the disk-full backlog, group fsync; shared with
+    /// the simulation).
+    log: FaultyLog,
+    writer: LogWriter,
     hard_file: HardStateFile,
     replies: HashMap<ReplyTo, oneshot::Sender<Result<Reply, tonic::Status>>>,
     next_reply: ReplyTo,
@@ -335,17 +342,8 @@ struct Core {
     streams: HashMap<StreamId, ResponseSender>,
     faults: Arc<Faults>,
     tx: mpsc::Sender<Input>,
-    /// Log-write commands executed (the core counts the same way).
-    written: u64,
-    /// Log-write commands whose entries reached the OS; only these may be fsynced and
-    /// reported as `Persisted`.
-    written_ok: u64,
-    /// Entries that could not be written (disk full), in order, to retry.
-    backlog: Vec<kvraft_proto::LogEntry>,
     /// Set while the backlog is not empty; the client services refuse writes meanwhile.
     disk_full: Arc<AtomicBool>,
-    sync_requested: u64,
-    sync_in_flight: bool,
     heartbeat_ms: u64,
     /// Trace events; `None` when tracing is off.
     trace: Option<TraceEvents>,
@@ -406,7 +404,7 @@ impl Core {
             self.check_engine()?;
             self.check_crash_fault();
             self.execute(cmds)?;
-            self.flush_backlog()?;
+            self.flush_log()?;
             self.start_sync();
             self.sync_state_if_due(false)?;
         }
@@ -546,7 +544,7 @@ impl Core {
             Input::Synced(write_id, result) => {
                 result.context("fsync of the log failed; stopping the server")?;
                 tracing::trace!(write_id, "log fsynced");
-                self.sync_in_flight = false;
+                self.writer.synced();
                 Event::Persisted { write_id }
             }
         };
@@ -624,97 +622,56 @@ impl Core {
     }
 
     fn execute(&mut self, cmds: Vec<Command>) -> anyhow::Result<()> {
-        let mut batch: Vec<kvraft_proto::LogEntry> = Vec::new();
+        if self.faults.crash_after_snapshot_install()
+            && cmds.iter().any(|c| matches!(c, Command::ResetLog(_)))
+        {
+            tracing::warn!(
+                "fault injection: crashing after a snapshot install, before the log reset"
+            );
+            std::process::exit(87);
+        }
         for cmd in cmds {
-            if let Command::AppendLog(entries) = cmd {
-                if let Some(t) = &mut self.trace {
-                    t.appended(&entries, self.replica.is_leader());
-                }
-                self.written += 1;
-                batch.extend(entries);
-                continue;
+            if let (Command::AppendLog(entries), Some(t)) = (&cmd, &mut self.trace) {
+                t.appended(entries, self.replica.is_leader());
             }
-            self.write_batch(&mut batch)?;
-            self.execute_one(cmd)?;
+            let rest = tokio::task::block_in_place(|| self.writer.execute(cmd, &mut self.log))?;
+            if let Some(cmd) = rest {
+                self.execute_one(cmd)?;
+            }
         }
-        self.write_batch(&mut batch)
+        self.flush_log()
     }
 
-    fn write_batch(&mut self, batch: &mut Vec<kvraft_proto::LogEntry>) -> anyhow::Result<()> {
-        if !batch.is_empty() {
-            self.backlog.append(batch);
-        }
-        self.flush_backlog()
-    }
-
-    /// Writes the backlog if the disk takes it; a full disk leaves it for a later retry.
-    fn flush_backlog(&mut self) -> anyhow::Result<()> {
-        if self.backlog.is_empty() {
-            self.written_ok = self.written;
-            return Ok(());
-        }
-        let result = if self.faults.disk_full() {
-            Err(StorageError::Io {
-                path: "log (fault injection)".into(),
-                source: std::io::Error::from_raw_os_error(28),
-            })
-        } else {
-            self.store.append(&self.backlog)
-        };
-        match result {
-            Ok(()) => {
-                if self.disk_full.swap(false, Ordering::Relaxed) {
-                    tracing::warn!(server = %self.replica.id(), "log writable again; writes resume");
-                }
-                self.backlog.clear();
-                self.written_ok = self.written;
-                Ok(())
+    /// Writes what waits for the log (a full disk leaves it for the next call) and publishes a
+    /// change of the disk-full state.
+    fn flush_log(&mut self) -> anyhow::Result<()> {
+        self.writer.flush(&mut self.log)?;
+        match self.writer.take_change() {
+            Some(DiskFull::Full(e)) => {
+                self.disk_full.store(true, Ordering::Relaxed);
+                tracing::error!(
+                    server = %self.replica.id(),
+                    "{e}: disk full; client writes refused, nothing unwritten is acknowledged, \
+                     retrying until space returns"
+                );
             }
-            Err(e) if is_disk_full(&e) => {
-                if !self.disk_full.swap(true, Ordering::Relaxed) {
-                    tracing::error!(
-                        server = %self.replica.id(),
-                        "{e}: disk full; client writes refused, nothing unwritten is acknowledged, \
-                         retrying until space returns"
-                    );
-                }
-                Ok(())
+            Some(DiskFull::Writable) => {
+                self.disk_full.store(false, Ordering::Relaxed);
+                tracing::warn!(server = %self.replica.id(), "log writable again; writes resume");
             }
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    /// Truncation reaches the backlog first, then the file.
-    fn truncate(&mut self, from: u64) -> anyhow::Result<()> {
-        self.backlog.retain(|e| e.index < from);
-        self.store.truncate_from(from)?;
-        if self.backlog.is_empty() {
-            self.flush_backlog()?;
+            None => {}
         }
         Ok(())
     }
 
     fn execute_one(&mut self, cmd: Command) -> anyhow::Result<()> {
         match cmd {
-            Command::AppendLog(_) => unreachable!("batched by execute"),
+            Command::AppendLog(_)
+            | Command::TruncateLog(_)
+            | Command::CompactLog(_)
+            | Command::ResetLog(_) => unreachable!("log commands are the writer's"),
             Command::SaveHardState(hs) => {
                 tokio::task::block_in_place(|| self.hard_file.save(hs))?;
-            }
-            Command::TruncateLog(from) => self.truncate(from)?,
-            Command::CompactLog(upto) => {
-                let removed = tokio::task::block_in_place(|| self.store.compact_to(upto))?;
-                if removed > 0 {
-                    tracing::debug!(server = %self.replica.id(), upto, removed, "log compacted");
-                }
-            }
-            Command::ResetLog(next) => {
-                if self.faults.crash_after_snapshot_install() {
-                    tracing::warn!(next, "fault injection: crashing after a snapshot install");
-                    std::process::exit(87);
-                }
-                self.backlog.clear();
-                tokio::task::block_in_place(|| self.store.reset_to(next))?;
-                tracing::info!(server = %self.replica.id(), next, "log reset after a snapshot");
             }
             Command::SendAppend { to, mut req } => {
                 if let Some(peer) = self.peers.get(&to) {
@@ -786,20 +743,51 @@ impl Core {
         Ok(())
     }
 
-    /// Group commit: one fsync at a time, covering every write issued before it starts.
+    /// Group commit: one fsync at a time, covering every write that reached the OS before it
+    /// starts.
     fn start_sync(&mut self) {
-        if self.sync_in_flight || self.sync_requested >= self.written_ok {
+        let Some(target) = self.writer.sync_target() else {
             return;
-        }
-        self.sync_in_flight = true;
-        self.sync_requested = self.written_ok;
-        let target = self.written_ok;
-        let syncer: Arc<dyn Syncer> = self.store.syncer();
+        };
+        let syncer: Arc<dyn Syncer> = self.log.store.syncer();
         let tx = self.tx.clone();
         tokio::task::spawn_blocking(move || {
             let result = syncer.sync();
             let _ = tx.blocking_send(Input::Synced(target, result));
         });
+    }
+}
+
+/// The log as the writer sees it: the store, with the disk-full fault hook.
+struct FaultyLog {
+    store: FileLogStore,
+    faults: Arc<Faults>,
+}
+
+impl LogDisk for FaultyLog {
+    fn append(&mut self, entries: &[kvraft_proto::LogEntry]) -> Result<(), StorageError> {
+        if self.faults.disk_full() {
+            return Err(StorageError::Io {
+                path: "log (fault injection)".into(),
+                source: std::io::Error::from_raw_os_error(28),
+            });
+        }
+        self.store.append(entries)
+    }
+    fn truncate_from(&mut self, index: u64) -> Result<(), StorageError> {
+        self.store.truncate_from(index)
+    }
+    fn compact_to(&mut self, index: u64) -> Result<usize, StorageError> {
+        let removed = self.store.compact_to(index)?;
+        if removed > 0 {
+            tracing::debug!(upto = index, removed, "log compacted");
+        }
+        Ok(removed)
+    }
+    fn reset_to(&mut self, next: u64) -> Result<(), StorageError> {
+        self.store.reset_to(next)?;
+        tracing::info!(next, "log reset after a snapshot");
+        Ok(())
     }
 }
 
@@ -824,6 +812,7 @@ fn spawn_peer_links(
             core: tx.clone(),
             faults: faults.clone(),
             tracer: tracer.clone(),
+            grpc_message_bytes: config.server.grpc_message_bytes(),
         };
         tokio::spawn(link.run(prx));
         peers.insert(NodeId(s.id), ptx);
@@ -839,6 +828,8 @@ struct PeerLink {
     core: mpsc::Sender<Input>,
     faults: Arc<Faults>,
     tracer: Option<Tracer>,
+    /// The gRPC message limit (`ServerOptions::grpc_message_bytes`).
+    grpc_message_bytes: usize,
 }
 
 impl PeerLink {
@@ -879,8 +870,8 @@ impl PeerLink {
             return;
         }
         let mut client = ReplicationClient::new(self.channel.clone())
-            .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
-            .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX);
+            .max_decoding_message_size(self.grpc_message_bytes)
+            .max_encoding_message_size(self.grpc_message_bytes);
         let outbound = tokio_stream::wrappers::ReceiverStream::new(out_rx);
         let mut inbound = match client.replicate(outbound).await {
             Ok(resp) => resp.into_inner(),
@@ -919,13 +910,5 @@ impl PeerLink {
                 }
             }
         }
-    }
-}
-
-/// ENOSPC or EDQUOT: space may come back, so the write is retried rather than fatal.
-fn is_disk_full(e: &StorageError) -> bool {
-    match e {
-        StorageError::Io { source, .. } => matches!(source.raw_os_error(), Some(28) | Some(122)),
-        _ => false,
     }
 }

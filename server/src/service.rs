@@ -34,7 +34,7 @@ use tracing::Instrument as _;
 
 use crate::faults::FaultSpec;
 use crate::replica::{ClientError, Reply};
-use crate::runtime::{now_ms, Call, CoreHandle, Input, GRPC_MESSAGE_BYTES_MAX, PEER_QUEUE_MAX};
+use crate::runtime::{now_ms, Call, CoreHandle, Input, PEER_QUEUE_MAX};
 
 /// How often the `grpc.health.v1` status is brought up to date.
 const HEALTH_REFRESH_MS: u64 = 100;
@@ -45,6 +45,7 @@ pub(crate) async fn serve(
     handle: CoreHandle,
     mut stop: watch::Receiver<bool>,
 ) {
+    let grpc_message_bytes = handle.grpc_message_bytes;
     let (health, health_service) = tonic_health::server::health_reporter();
     tokio::spawn(report_health(health, handle.clone(), stop.clone()));
     let result = tonic::transport::Server::builder()
@@ -53,13 +54,13 @@ pub(crate) async fn serve(
         .add_service(ServerControlServer::new(handle.clone()))
         .add_service(
             ReplicationServer::new(handle.clone())
-                .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
-                .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX),
+                .max_decoding_message_size(grpc_message_bytes)
+                .max_encoding_message_size(grpc_message_bytes),
         )
         .add_service(
             KvServer::new(handle.clone())
-                .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
-                .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX),
+                .max_decoding_message_size(grpc_message_bytes)
+                .max_encoding_message_size(grpc_message_bytes),
         )
         .add_service(AdminServer::new(handle))
         .serve_with_incoming_shutdown(kvraft_common::net::nodelay_incoming(listener), async move {
@@ -518,7 +519,9 @@ impl CoreHandle {
                     limits::SESSION_WINDOW_MAX,
                 )
             })
-            .and_then(|()| limits::check_key_value(&req.key, Some(&req.value)));
+            .and_then(|()| {
+                limits::check_key_value_within(&req.key, Some(&req.value), self.max_value_bytes)
+            });
         if let Err(e) = valid {
             resp.error = error_of(ErrorCode::ErrorInvalidArgument, e);
             return Ok(Response::new(resp));

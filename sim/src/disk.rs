@@ -9,14 +9,19 @@
 //!   crash ─▶ durable prefix + (maybe) a random part of the unsynced tail survives
 //! ```
 //!
-//! Group commit as in `server/src/runtime.rs` (`start_sync`): one fsync at a time, covering
-//! every log write issued before it started; its completion is `Event::Persisted { write_id }`
-//! where write ids count `AppendLog` commands from 1 per incarnation. Between two truncations
-//! the log only grows, so "durable" is always a prefix of the written log; a truncation clamps
-//! the target of an fsync in flight (it cannot vouch for entries written after the truncation).
+//! The commands reach it through the server's own [`LogWriter`] (batching, the disk-full
+//! backlog, one group fsync at a time, as in the runtime); this is only the disk. An fsync
+//! started for write id W makes durable what was written when it started; its completion is
+//! `Event::Persisted { write_id: W }`. Between two truncations the log only grows, so "durable"
+//! is always a prefix of the written log; a truncation clamps the target of an fsync in flight
+//! (it cannot vouch for entries written after the truncation). A full disk refuses appends
+//! with ENOSPC until space returns.
+//!
+//! [`LogWriter`]: kvraft_server::log_writer::LogWriter
 
 use kvraft_proto::LogEntry;
-use kvraft_server::storage::HardState;
+use kvraft_server::log_writer::LogDisk;
+use kvraft_server::storage::{HardState, StorageError};
 
 /// An fsync the simulator will complete later.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,12 +41,10 @@ pub struct Disk {
     log: Vec<LogEntry>,
     /// `log[..durable_len]` survives any crash.
     durable_len: usize,
-    /// `AppendLog` commands of this incarnation (the replica counts the same way).
-    written: u64,
     /// Write id and log length covered by the fsync in flight.
     in_flight: Option<(u64, usize)>,
-    /// Highest write id an fsync was started for.
-    sync_requested: u64,
+    /// No space: appends fail with ENOSPC.
+    pub full: bool,
 }
 
 impl Disk {
@@ -102,6 +105,10 @@ impl Disk {
     }
 
     pub fn append(&mut self, entries: &[LogEntry]) {
+        assert!(
+            !self.full,
+            "invariant: appends to a full disk go through LogDisk"
+        );
         for e in entries {
             assert_eq!(
                 e.index,
@@ -110,7 +117,6 @@ impl Disk {
             );
             self.log.push(e.clone());
         }
-        self.written += 1;
     }
 
     /// `FileLogStore::truncate_from`: `set_len` then `sync_data`, so every write issued before
@@ -125,16 +131,12 @@ impl Disk {
         }
     }
 
-    /// Starts the next group fsync if none is running and writes wait for one.
-    pub fn start_sync(&mut self) -> Option<SyncStart> {
-        if self.in_flight.is_some() || self.sync_requested >= self.written {
-            return None;
-        }
-        self.sync_requested = self.written;
-        self.in_flight = Some((self.written, self.log.len()));
-        Some(SyncStart {
-            write_id: self.written,
-        })
+    /// Starts an fsync for write id `write_id` (the writer's `sync_target`): it covers what is
+    /// written now.
+    pub fn start_sync(&mut self, write_id: u64) -> SyncStart {
+        assert!(self.in_flight.is_none(), "invariant: one fsync at a time");
+        self.in_flight = Some((write_id, self.log.len()));
+        SyncStart { write_id }
     }
 
     /// The fsync in flight completed; returns its write id.
@@ -160,6 +162,31 @@ impl Disk {
     }
 }
 
+impl LogDisk for Disk {
+    fn append(&mut self, entries: &[LogEntry]) -> Result<(), StorageError> {
+        if self.full {
+            return Err(StorageError::Io {
+                path: "simulated disk".into(),
+                source: std::io::Error::from_raw_os_error(28),
+            });
+        }
+        Disk::append(self, entries);
+        Ok(())
+    }
+    fn truncate_from(&mut self, index: u64) -> Result<(), StorageError> {
+        self.truncate(index);
+        Ok(())
+    }
+    fn compact_to(&mut self, index: u64) -> Result<usize, StorageError> {
+        Disk::compact_to(self, index);
+        Ok(0)
+    }
+    fn reset_to(&mut self, next: u64) -> Result<(), StorageError> {
+        Disk::reset_to(self, next);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -177,21 +204,20 @@ mod tests {
     fn fsync_covers_writes_issued_before_it_started() {
         let mut disk = Disk::default();
         disk.append(&[entry(1, 1)]);
-        let sync = disk.start_sync().expect("a write waits");
+        let sync = disk.start_sync(1);
         assert_eq!(sync.write_id, 1);
         disk.append(&[entry(2, 1)]);
-        assert_eq!(disk.start_sync(), None, "one fsync at a time");
         assert_eq!(disk.complete_sync(), 1);
         assert_eq!(disk.durable_len(), 1);
         assert_eq!(disk.crash(0).2.len(), 1);
-        assert_eq!(disk.start_sync(), Some(SyncStart { write_id: 2 }));
+        assert_eq!(disk.start_sync(2), SyncStart { write_id: 2 });
     }
 
     #[test]
     fn truncation_is_durable_and_clamps_the_fsync_in_flight() {
         let mut disk = Disk::default();
         disk.append(&[entry(1, 1), entry(2, 1), entry(3, 1)]);
-        disk.start_sync().expect("started");
+        disk.start_sync(1);
         disk.truncate(2);
         assert_eq!(disk.durable_len(), 1);
         disk.append(&[entry(2, 2), entry(3, 2)]);

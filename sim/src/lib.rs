@@ -65,6 +65,10 @@ pub struct FaultCounts {
     /// Not a fault: log compactions (`CompactLog`) and snapshots installed.
     pub compactions: u64,
     pub snapshots_installed: u64,
+    /// A node's disk full for a while (appends fail with ENOSPC), and how often a log writer
+    /// went from writable to full or back.
+    pub disks_full: u64,
+    pub disk_full_changes: u64,
 }
 
 impl FaultCounts {
@@ -83,6 +87,8 @@ impl FaultCounts {
         self.leaders_elected += o.leaders_elected;
         self.compactions += o.compactions;
         self.snapshots_installed += o.snapshots_installed;
+        self.disks_full += o.disks_full;
+        self.disk_full_changes += o.disk_full_changes;
     }
 }
 
@@ -133,6 +139,7 @@ impl fmt::Display for SimStats {
             "seeds={} steps={} sim_s={} ops: puts_ok={} gets_ok={} unknown={} committed={} \
              faults: dropped={} duplicated={} reordered={} isolations={} coord_partitions={} \
              splits={} one_way={} crashes={} disk_losses={} torn_tails={} coord_crashes={} \
+             disks_full={} (full/writable changes {}) \
              (leaderships={} compactions={} snapshots_installed={}) \
              acked_writes_checked={} linearizable={} inconclusive={} violations={}",
             self.seeds,
@@ -153,6 +160,8 @@ impl fmt::Display for SimStats {
             x.disk_losses,
             x.torn_tails,
             x.coord_crashes,
+            x.disks_full,
+            x.disk_full_changes,
             x.leaders_elected,
             x.compactions,
             x.snapshots_installed,

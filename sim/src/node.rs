@@ -5,6 +5,7 @@
 
 use kvraft_common::NodeId;
 use kvraft_server::engine::MemEngine;
+use kvraft_server::log_writer::LogWriter;
 use kvraft_server::replica::{Replica, ReplicaConfig};
 use kvraft_server::state_machine::StateMachine;
 
@@ -36,6 +37,8 @@ pub struct SimNode {
     /// `None` while crashed.
     pub replica: Option<Replica>,
     pub disk: Disk,
+    /// The server's log writer (batching, disk-full backlog, group fsync); a crash loses it.
+    pub writer: LogWriter,
     /// The state machine's engine on this disk: a crash keeps what it last synced.
     pub engine: MemEngine,
     pub incarnation: u64,
@@ -60,6 +63,7 @@ impl SimNode {
             id,
             replica: None,
             disk: Disk::default(),
+            writer: LogWriter::default(),
             engine: MemEngine::new(),
             incarnation: 0,
             disk_generation: 0,
@@ -89,6 +93,7 @@ impl SimNode {
             log_tail_entries: self.limits.log_tail_entries,
             log_tail_bytes: usize::MAX,
             snapshot_chunk_bytes: SNAPSHOT_CHUNK_BYTES,
+            max_value_bytes: kvraft_common::limits::VALUE_BYTES_MAX,
         };
         let (hard, mut first, mut entries) = self.disk.crash(0);
         let sm = StateMachine::open(
@@ -106,6 +111,7 @@ impl SimNode {
         let replica = Replica::recovered(cfg, hard, first, entries, sm)
             .expect("invariant: the engine applies only entries durable in the log");
         self.replica = Some(replica);
+        self.writer = LogWriter::default();
     }
 
     /// The identity of the current disk, as a data directory's uuid.

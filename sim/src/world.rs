@@ -163,6 +163,10 @@ enum Item {
     Heal {
         partition: u64,
     },
+    /// A full disk has space again.
+    DiskSpace {
+        node: u32,
+    },
     RestartNode {
         node: u32,
     },
@@ -501,6 +505,7 @@ impl World {
                 let n = &mut self.nodes[node as usize - 1];
                 if n.is_up() && n.incarnation == life {
                     let write_id = n.disk.complete_sync();
+                    n.writer.synced();
                     self.step_node(node, Event::Persisted { write_id })?;
                 }
             }
@@ -538,11 +543,15 @@ impl World {
                 }
             }
             Item::Heal { partition } => self.network.heal(partition),
+            Item::DiskSpace { node } => self.nodes[node as usize - 1].disk.full = false,
             Item::RestartNode { node } => self.restart_node(node)?,
             Item::RestartCoord => self.restart_coord(),
             Item::EndFaults => {
                 self.phase = Phase::Quiet;
                 self.network.heal_all();
+                for node in &mut self.nodes {
+                    node.disk.full = false;
+                }
                 for id in 1..=self.nodes.len() as u32 {
                     self.restart_node(id)?;
                 }
@@ -784,11 +793,31 @@ impl World {
             trace_node(id, replica, &cmds);
         }
         for cmd in cmds {
-            self.execute(id, cmd)?;
+            match &cmd {
+                Command::AppendLog(entries) => self.inv.on_append(id, entries)?,
+                Command::TruncateLog(from) => self.inv.on_truncate(id, *from),
+                Command::CompactLog(_) => self.faults.compactions += 1,
+                Command::ResetLog(next) => self.inv.on_reset(id, *next)?,
+                _ => {}
+            }
+            let node = &mut self.nodes[i];
+            let rest = node
+                .writer
+                .execute(cmd, &mut node.disk)
+                .map_err(|e| format!("node {id}: log write failed: {e}"))?;
+            if let Some(cmd) = rest {
+                self.execute(id, cmd)?;
+            }
         }
         let node = &mut self.nodes[i];
-        if let Some(start) = node.disk.start_sync() {
-            let _ = start.write_id;
+        node.writer
+            .flush(&mut node.disk)
+            .map_err(|e| format!("node {id}: log write failed: {e}"))?;
+        if node.writer.take_change().is_some() {
+            self.faults.disk_full_changes += 1;
+        }
+        if let Some(write_id) = node.writer.sync_target() {
+            node.disk.start_sync(write_id);
             let ms = if chance(&mut self.rng, FSYNC_SLOW_PERMILLE) {
                 self.rng.random_range(FSYNC_SLOW_MS)
             } else {
@@ -801,7 +830,7 @@ impl World {
         let replica = node.replica.as_ref().expect("invariant: stepped above");
         // What the state machine holds durably counts as durable log (an installed snapshot).
         let durable = node.disk.durable_index().max(node.engine.durable_applied());
-        if node.disk.last_index() != replica.last_index()
+        if node.disk.last_index() + node.writer.pending() as u64 != replica.last_index()
             || durable < replica.durable_index()
             || node.disk.first() > replica.log_base().index + 1
         {
@@ -831,22 +860,10 @@ impl World {
                 }
                 self.nodes[i].disk.hard = hs;
             }
-            Command::AppendLog(entries) => {
-                self.nodes[i].disk.append(&entries);
-                self.inv.on_append(id, &entries)?;
-            }
-            Command::TruncateLog(from) => {
-                self.nodes[i].disk.truncate(from);
-                self.inv.on_truncate(id, from);
-            }
-            Command::CompactLog(upto) => {
-                self.nodes[i].disk.compact_to(upto);
-                self.faults.compactions += 1;
-            }
-            Command::ResetLog(next) => {
-                self.nodes[i].disk.reset_to(next);
-                self.inv.on_reset(id, next)?;
-            }
+            Command::AppendLog(_)
+            | Command::TruncateLog(_)
+            | Command::CompactLog(_)
+            | Command::ResetLog(_) => unreachable!("log commands are the writer's"),
             Command::SendAppend { to, req } => {
                 let generation = self.network.stream(id, to.0);
                 let msg = Msg::Append {
@@ -871,7 +888,14 @@ impl World {
             Command::Reply { to, reply } => match self.replies.remove(&(id, to)) {
                 Some(Route::Coord { rpc }) => {
                     let msg = match reply {
-                        Reply::Report(report) => Msg::HeartbeatReply { rpc, report },
+                        Reply::Report(mut report) => {
+                            if self.nodes[i].writer.disk_full() {
+                                // As the runtime: a server that cannot store entries does not
+                                // claim to lead, so the coord replaces it.
+                                report.role = kvraft_proto::Role::Follower as i32;
+                            }
+                            Msg::HeartbeatReply { rpc, report }
+                        }
                         Reply::Prepare {
                             ok,
                             term,
@@ -1006,7 +1030,7 @@ impl World {
 
     fn inject_fault(&mut self) -> Result<(), String> {
         let n = self.nodes.len() as u32;
-        let kind = self.rng.random_range(0..6);
+        let kind = self.rng.random_range(0..7);
         match kind {
             0 => {
                 // One node cut from everyone (servers, coord, clients), both ways.
@@ -1084,6 +1108,14 @@ impl World {
                     let at = self.now_ms + self.rng.random_range(DOWN_MS);
                     self.schedule(at, Item::RestartNode { node });
                 }
+            }
+            6 => {
+                // A full disk: log appends fail with ENOSPC for a while.
+                let node = self.victim();
+                self.nodes[node as usize - 1].disk.full = true;
+                let at = self.now_ms + self.rng.random_range(PARTITION_MS);
+                self.schedule(at, Item::DiskSpace { node });
+                self.faults.disks_full += 1;
             }
             _ => {
                 if self.coord.is_some() {

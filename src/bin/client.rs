@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use kvraft::launch;
-use kvraft_common::limits::check_key_value;
+use kvraft_common::limits::{check_key_value, check_key_value_within};
 use kvslib::{Client, ClusterConfig, Error, LeaderInfo};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -204,7 +204,9 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         }
         Some(Command::Put { key, value }) => {
             // Refuse bad input before touching the network.
-            check_key_value(key.as_bytes(), Some(value.as_bytes())).map_err(anyhow::Error::msg)?;
+            let max = config.server.max_value();
+            check_key_value_within(key.as_bytes(), Some(value.as_bytes()), max)
+                .map_err(anyhow::Error::msg)?;
             let client = connect(&config, id).await?;
             finish(client.clone(), put_once(&client, key, value).await).await
         }

@@ -286,3 +286,61 @@ async fn steady_writes_keep_the_log_bounded_on_disk_and_in_memory() {
     read_round(&cluster, ROUNDS - 1, ROUND_KEYS, VALUE).await;
     cluster.wait_same_digest().await;
 }
+
+/// `[server] max_value_bytes` sets the longest value, and every gRPC limit follows from it:
+/// values above the default 1 MiB go through puts, reads, replication and a snapshot (a chunk
+/// then holds one record larger than the chunk size); longer ones are refused by kvslib and by
+/// the server, with the limit named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_configured_value_limit_holds_through_replication_and_snapshots() {
+    const LIMIT: usize = 3 * 1024 * 1024;
+    let mut cluster = Cluster::with_server_options(
+        3,
+        &format!("max_value_bytes = {LIMIT}\nlog_tail_entries = 2\nstate_sync_ms = 50"),
+    );
+    cluster.start_all();
+    let leader = cluster.wait_leader(|_| true).await.leader_id;
+    let follower = cluster.ids().into_iter().find(|&id| id != leader).unwrap();
+    let client = kvslib::Client::connect(&cluster.config, "big")
+        .await
+        .expect("connect");
+    let big = vec![b'v'; LIMIT];
+    client
+        .put("big", big.clone())
+        .await
+        .expect("a value at the limit");
+    assert_eq!(client.get("big").await.expect("get"), Some(big.clone()));
+    let err = client
+        .put("big", vec![b'v'; LIMIT + 1])
+        .await
+        .expect_err("over the limit")
+        .to_string();
+    assert!(err.contains(&LIMIT.to_string()), "{err}");
+    let too_long = "v".repeat(LIMIT + 1);
+    let seq = 1_000;
+    let raw = crate::harness::RawPut {
+        session_id: client.session_id(),
+        seq,
+        ack_seq: seq,
+        key: "big",
+        value: &too_long,
+    };
+    let resp = cluster
+        .raw_put(leader, raw, std::time::Duration::from_secs(5))
+        .await
+        .expect("answered");
+    let refusal = resp.error.expect("refused").message;
+    assert!(refusal.contains(&LIMIT.to_string()), "{refusal}");
+
+    // A wiped follower gets the big value in a snapshot (the log holding it is compacted).
+    for i in 0..20 {
+        client.put(format!("small{i}"), "x").await.expect("put");
+    }
+    wait_compacted_past(&cluster, leader, 5).await;
+    cluster.kill_server(follower);
+    cluster.wipe_data_dir(follower);
+    cluster.start_server(follower);
+    wait_installed(&cluster, follower).await;
+    client.close().await;
+    cluster.wait_same_digest().await;
+}

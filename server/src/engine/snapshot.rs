@@ -78,8 +78,9 @@ pub(crate) const TAG_SESSION: u8 = 1;
 pub(crate) const TAG_KV: u8 = 2;
 /// Longest encoded session a sink accepts.
 pub(crate) const SESSION_BYTES_MAX: usize = 1024 * 1024;
-/// Longest stored kv value a sink accepts: the longest value and its 24-byte header.
-pub(crate) const KV_VALUE_BYTES_MAX: usize = limits::VALUE_BYTES_MAX + 24;
+/// Longest stored kv value a sink accepts: the longest value any config allows and its 24-byte
+/// header.
+pub(crate) const KV_VALUE_BYTES_MAX: usize = limits::VALUE_BYTES_CEILING + 24;
 /// Tag and the two lengths.
 const RECORD_OVERHEAD: usize = 9;
 
