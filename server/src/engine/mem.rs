@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use prost::bytes::Bytes;
 
-use super::snapshot::{decode_chunk, ChunkBuilder, Cursor, Record, TAG_KV, TAG_SESSION};
+use super::snapshot::{decode_chunk, ChunkBuilder, Cursor, Record};
 use super::{
     decode_value, encode_value, Applied, Engine, EngineError, EngineSyncer, Recovered,
     SnapshotMeta, SnapshotSink, SnapshotSource, Versioned, WriteBatch,
@@ -173,11 +173,9 @@ impl SnapshotSource for MemSource {
         if let Cursor::Sessions(after) = self.cursor {
             let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
             for (&id, session) in self.state.sessions.range((lower, Bound::Unbounded)) {
-                if !chunk.fits(8, session.len()) {
+                if !chunk.add_session(&mut self.cursor, id, session) {
                     return Ok(chunk.finish());
                 }
-                chunk.push(TAG_SESSION, &id.to_le_bytes(), session);
-                self.cursor = Cursor::Sessions(Some(id));
             }
             self.cursor = Cursor::Kv(None);
         }
@@ -185,11 +183,9 @@ impl SnapshotSource for MemSource {
             let after = after.clone();
             let lower = after.as_deref().map_or(Bound::Unbounded, Bound::Excluded);
             for (key, v) in self.state.kv.range::<[u8], _>((lower, Bound::Unbounded)) {
-                if !chunk.fits(key.len(), 24 + v.value.len()) {
+                if !chunk.add_kv(&mut self.cursor, key, &encode_value(v)) {
                     return Ok(chunk.finish());
                 }
-                chunk.push(TAG_KV, key, &encode_value(v));
-                self.cursor = Cursor::Kv(Some(key.to_vec()));
             }
             self.cursor = Cursor::Done;
         }

@@ -32,7 +32,7 @@ use redb::{
     ReadableTableMetadata, TableDefinition,
 };
 
-use super::snapshot::{decode_chunk, ChunkBuilder, Cursor, Record, TAG_KV, TAG_SESSION};
+use super::snapshot::{decode_chunk, ChunkBuilder, Cursor, Record};
 use super::{
     decode_header, decode_value, encode_value, Engine, EngineError, EngineSyncer, Recovered,
     SnapshotMeta, SnapshotSink, SnapshotSource, Versioned, WriteBatch,
@@ -467,12 +467,9 @@ impl SnapshotSource for RedbSource {
                 .map_err(|e| err("snapshot: sessions", &e))?;
             for row in rows {
                 let (id, session) = row.map_err(|e| err("snapshot: sessions", &e))?;
-                let (id, session) = (id.value(), session.value());
-                if !chunk.fits(8, session.len()) {
+                if !chunk.add_session(&mut self.cursor, id.value(), session.value()) {
                     return Ok(chunk.finish());
                 }
-                chunk.push(TAG_SESSION, &id.to_le_bytes(), session);
-                self.cursor = Cursor::Sessions(Some(id));
             }
             self.cursor = Cursor::Kv(None);
         }
@@ -488,12 +485,9 @@ impl SnapshotSource for RedbSource {
                 .map_err(|e| err("snapshot: kv", &e))?;
             for row in rows {
                 let (key, value) = row.map_err(|e| err("snapshot: kv", &e))?;
-                let (key, value) = (key.value(), value.value());
-                if !chunk.fits(key.len(), value.len()) {
+                if !chunk.add_kv(&mut self.cursor, key.value(), value.value()) {
                     return Ok(chunk.finish());
                 }
-                chunk.push(TAG_KV, key, value);
-                self.cursor = Cursor::Kv(Some(key.to_vec()));
             }
             self.cursor = Cursor::Done;
         }

@@ -129,6 +129,28 @@ impl ChunkBuilder {
         self.buf.extend_from_slice(val);
     }
 
+    /// Adds a session record and moves `cursor` past it; false (nothing added) when the
+    /// chunk is full.
+    pub(crate) fn add_session(&mut self, cursor: &mut Cursor, id: u64, session: &[u8]) -> bool {
+        if !self.fits(8, session.len()) {
+            return false;
+        }
+        self.push(TAG_SESSION, &id.to_le_bytes(), session);
+        *cursor = Cursor::Sessions(Some(id));
+        true
+    }
+
+    /// Adds a key's record (`stored`: the value in its stored encoding) and moves `cursor`
+    /// past it; false (nothing added) when the chunk is full.
+    pub(crate) fn add_kv(&mut self, cursor: &mut Cursor, key: &[u8], stored: &[u8]) -> bool {
+        if !self.fits(key.len(), stored.len()) {
+            return false;
+        }
+        self.push(TAG_KV, key, stored);
+        *cursor = Cursor::Kv(Some(key.to_vec()));
+        true
+    }
+
     /// The chunk, or `None` if no record went in.
     pub(crate) fn finish(self) -> Option<Vec<u8>> {
         (!self.buf.is_empty()).then_some(self.buf)
