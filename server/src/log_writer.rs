@@ -76,16 +76,16 @@ impl LogWriter {
             }
             Command::TruncateLog(from) => {
                 // The backlog first, then the disk.
-                self.backlog.retain(|e| e.index < from);
-                disk.truncate_from(from)?;
+                self.backlog.retain(|e| e.index < from.0);
+                disk.truncate_from(from.0)?;
             }
             Command::CompactLog(upto) => {
                 self.flush(disk)?;
-                disk.compact_to(upto)?;
+                disk.compact_to(upto.0)?;
             }
             Command::ResetLog(next) => {
                 self.backlog.clear();
-                disk.reset_to(next)?;
+                disk.reset_to(next.0)?;
             }
             other => {
                 self.flush(disk)?;
@@ -218,7 +218,8 @@ mod tests {
         assert_eq!(w.sync_target(), None, "nothing written waits for an fsync");
         // A truncation reaches the backlog first.
         w.execute(append(3), &mut disk).unwrap();
-        w.execute(Command::TruncateLog(3), &mut disk).unwrap();
+        w.execute(Command::TruncateLog(kvraft_common::LogIndex(3)), &mut disk)
+            .unwrap();
         disk.full = false;
         w.flush(&mut disk).unwrap();
         assert!(!w.disk_full());
@@ -241,7 +242,7 @@ mod tests {
             .execute(
                 Command::RoleChanged {
                     leader: true,
-                    term: 1,
+                    term: kvraft_common::Term(1),
                 },
                 &mut disk,
             )

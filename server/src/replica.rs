@@ -36,7 +36,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use kvraft_common::{limits, NodeId};
+use kvraft_common::{limits, LogIndex, NodeId, Term};
 use kvraft_proto::log_entry::Payload;
 use kvraft_proto::{
     AppendEntriesRequest, AppendEntriesResponse, LogEntry, Noop, PutCommand, RegisterSession,
@@ -83,7 +83,15 @@ pub const QUORUM_LOSS_HEARTBEATS: u64 = 6;
 pub const PUT_ATTEMPTS_WAITING_MAX: usize = 16;
 
 /// Opaque handle the runtime uses to route a reply to the waiting gRPC call.
-pub type ReplyTo = u64;
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ReplyTo(pub u64);
+
+impl ReplyTo {
+    /// The handle after this one (the runtime and the simulation number requests from 1).
+    pub fn next(self) -> ReplyTo {
+        ReplyTo(self.0 + 1)
+    }
+}
 /// Opaque handle of an incoming replication stream (a leader talking to this follower).
 pub type StreamId = u64;
 
@@ -121,13 +129,13 @@ pub enum Event {
     /// that lost their storage and catch up before they count again (DESIGN rule 10), each
     /// with the storage identity it came back with.
     CoordHeartbeat {
-        term: u64,
+        term: Term,
         leader: NodeId,
         catching_up: Option<Vec<(NodeId, String)>>,
         reply: ReplyTo,
     },
     Prepare {
-        term: u64,
+        term: Term,
         reply: ReplyTo,
     },
     AppendEntries {
@@ -160,7 +168,7 @@ pub enum Event {
     /// The state machine is durable up to this applied index (a restart no longer needs the
     /// log at or below it).
     StateDurable {
-        applied: u64,
+        applied: LogIndex,
     },
     Status {
         reply: ReplyTo,
@@ -171,7 +179,7 @@ pub enum Event {
 pub enum ClientError {
     NotLeader {
         leader: NodeId,
-        term: u64,
+        term: Term,
     },
     SessionExpired,
     Stale,
@@ -188,9 +196,9 @@ pub enum Reply {
     Report(ServerReport),
     Prepare {
         ok: bool,
-        term: u64,
-        last_log_term: u64,
-        last_log_index: u64,
+        term: Term,
+        last_log_term: Term,
+        last_log_index: LogIndex,
         /// This server's storage identity (the coord counts only voters' answers, rule 10).
         uuid: String,
     },
@@ -202,7 +210,7 @@ pub enum Reply {
     Get(Result<Option<(Bytes, u64)>, ClientError>),
     Status {
         report: ServerReport,
-        last_applied: u64,
+        last_applied: LogIndex,
         log: LogStatus,
     },
 }
@@ -224,13 +232,13 @@ pub enum Command {
     /// Write entries at the end of the log (no fsync: see `Event::Persisted`).
     AppendLog(Vec<LogEntry>),
     /// Remove every entry with index >= the given one.
-    TruncateLog(u64),
+    TruncateLog(LogIndex),
     /// Entries at or below this index are no longer needed (the state machine holds them
     /// durably, and the kept tail is below): the store may delete them.
-    CompactLog(u64),
+    CompactLog(LogIndex),
     /// Discard the whole log durably before any later command runs; it continues at the
     /// given index (after an installed snapshot).
-    ResetLog(u64),
+    ResetLog(LogIndex),
     SendAppend {
         to: NodeId,
         req: AppendEntriesRequest,
@@ -246,20 +254,20 @@ pub enum Command {
     /// Informational: this server became leader / follower (for logs and traces).
     RoleChanged {
         leader: bool,
-        term: u64,
+        term: Term,
     },
     /// Informational: a snapshot transfer to `to` started (`done` false) or completed, with
     /// the bytes sent; for the log.
     SnapshotSending {
         to: NodeId,
-        index: u64,
+        index: LogIndex,
         bytes: u64,
         done: bool,
     },
     /// Informational: this follower installed a snapshot of the leader's state machine.
     SnapshotInstalled {
-        index: u64,
-        term: u64,
+        index: LogIndex,
+        term: Term,
     },
     /// Informational: a peer message was refused as invalid (DESIGN rule 11); for the log.
     Refused {
@@ -540,8 +548,8 @@ impl Replica {
                 leader,
                 catching_up,
                 reply,
-            } => self.on_coord_heartbeat(term, leader, catching_up, reply),
-            Event::Prepare { term, reply } => self.on_prepare(term, reply),
+            } => self.on_coord_heartbeat(term.0, leader, catching_up, reply),
+            Event::Prepare { term, reply } => self.on_prepare(term.0, reply),
             Event::AppendEntries { stream, req } => self.on_append_entries(stream, req),
             Event::AppendEntriesResponse { resp } => self.on_append_response(resp),
             Event::PeerDisconnected { peer } => self.on_peer_disconnected(peer),
@@ -549,11 +557,11 @@ impl Replica {
             Event::Put { cmd, reply } => self.on_put(cmd, reply),
             Event::Get { key, reply } => self.on_get(key, reply),
             Event::Persisted { write_id } => self.on_persisted(write_id),
-            Event::StateDurable { applied } => self.compact(applied),
+            Event::StateDurable { applied } => self.compact(applied.0),
             Event::Status { reply } => {
                 let status = Reply::Status {
                     report: self.report(),
-                    last_applied: self.sm.last_applied(),
+                    last_applied: LogIndex(self.sm.last_applied()),
                     log: LogStatus {
                         base_index: self.log.base().index,
                         entries_held: self.log.held() as u64,
@@ -583,7 +591,7 @@ impl Replica {
     fn not_leader(&self) -> ClientError {
         ClientError::NotLeader {
             leader: NodeId(self.hard.leader),
-            term: self.hard.term,
+            term: Term(self.hard.term),
         }
     }
 
@@ -632,7 +640,7 @@ impl Replica {
         }
         self.out.push(Command::RoleChanged {
             leader: false,
-            term: self.hard.term,
+            term: Term(self.hard.term),
         });
     }
 
@@ -683,9 +691,9 @@ impl Replica {
         if term < self.hard.term {
             let reply_msg = Reply::Prepare {
                 ok: false,
-                term: self.hard.term,
-                last_log_term: 0,
-                last_log_index: 0,
+                term: Term(self.hard.term),
+                last_log_term: Term(0),
+                last_log_index: LogIndex(0),
                 uuid: self.cfg.uuid.clone(),
             };
             return self.reply(reply, reply_msg);
@@ -697,9 +705,9 @@ impl Replica {
         let durable = self.durability.durable_index;
         let reply_msg = Reply::Prepare {
             ok: true,
-            term,
-            last_log_term: self.term_at(durable),
-            last_log_index: durable,
+            term: Term(term),
+            last_log_term: Term(self.term_at(durable)),
+            last_log_index: LogIndex(durable),
             uuid: self.cfg.uuid.clone(),
         };
         self.reply(reply, reply_msg);
@@ -767,7 +775,7 @@ impl Replica {
         };
         if point > self.log.base().index {
             self.log.compact_to(point);
-            self.out.push(Command::CompactLog(point));
+            self.out.push(Command::CompactLog(LogIndex(point)));
         }
     }
 

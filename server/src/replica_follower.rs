@@ -188,7 +188,7 @@ impl Replica {
             );
             self.log.truncate_from(entry.index);
             self.durability.truncated(entry.index);
-            self.out.push(Command::TruncateLog(entry.index));
+            self.out.push(Command::TruncateLog(LogIndex(entry.index)));
             fresh.push(entry);
         }
         if fresh.is_empty() {

@@ -147,7 +147,7 @@ impl Replica {
         });
         self.out.push(Command::RoleChanged {
             leader: true,
-            term: self.hard.term,
+            term: Term(self.hard.term),
         });
         self.append_local(Payload::Noop(Noop {}));
         // Catching-up peers must reach at least the no-op: it follows every committed entry.
@@ -307,7 +307,7 @@ impl Replica {
             if peer.match_index >= base {
                 if let Some(out) = peer.snapshot.take() {
                     self.snapshot_counts.snapshots_sent += 1;
-                    let (index, bytes) = (out.meta.index, out.bytes);
+                    let (index, bytes) = (LogIndex(out.meta.index), out.bytes);
                     let to = NodeId(resp.follower_id);
                     let done = true;
                     self.out.push(Command::SnapshotSending {

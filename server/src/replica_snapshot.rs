@@ -35,7 +35,7 @@ use super::{Command, Leader, Replica, StreamId, PROBE_RETRY_HEARTBEATS, QUORUM_L
 pub const SNAPSHOT_STALL_HEARTBEATS: u64 = 40;
 use crate::engine::{SnapshotMeta, SnapshotSink, SnapshotSource, SNAPSHOT_FORMAT};
 use crate::replica_log::LogBase;
-use kvraft_common::NodeId;
+use kvraft_common::{LogIndex, NodeId, Term};
 
 /// A transfer the leader is sending to one follower.
 pub(super) struct Outgoing {
@@ -199,7 +199,7 @@ impl Replica {
         peer.snapshot = Some(out);
         self.out.push(Command::SnapshotSending {
             to: peer_id,
-            index: meta.index,
+            index: LogIndex(meta.index),
             bytes: 0,
             done: false,
         });
@@ -324,11 +324,11 @@ impl Replica {
         };
         if self.log.term_at(meta.index) == Some(meta.term) {
             self.log.compact_to(meta.index);
-            self.out.push(Command::CompactLog(meta.index));
+            self.out.push(Command::CompactLog(LogIndex(meta.index)));
         } else {
             self.log.reset(base);
             self.durability.reset(meta.index);
-            self.out.push(Command::ResetLog(meta.index + 1));
+            self.out.push(Command::ResetLog(LogIndex(meta.index + 1)));
         }
         // The snapshot is durable: it stands for the log up to its index.
         self.durability.durable_index = self.durability.durable_index.max(meta.index);
@@ -336,8 +336,8 @@ impl Replica {
         self.verified_index = self.verified_index.max(meta.index);
         self.snapshot_counts.snapshots_installed += 1;
         self.out.push(Command::SnapshotInstalled {
-            index: meta.index,
-            term: meta.term,
+            index: LogIndex(meta.index),
+            term: Term(meta.term),
         });
         true
     }

@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use kvraft_common::NodeId;
+use kvraft_common::{LogIndex, NodeId, Term};
 use kvraft_proto::{AppendEntriesRequest, LogEntry, PutCommand};
 use prost::bytes::Bytes;
 
@@ -63,7 +63,7 @@ impl Net {
             nodes,
             queue: VecDeque::new(),
             replies: HashMap::new(),
-            next_reply: 1,
+            next_reply: ReplyTo(1),
             log: Vec::new(),
         }
     }
@@ -164,7 +164,7 @@ impl Net {
     ) {
         let reply = self.reply_to();
         let view = Event::CoordHeartbeat {
-            term,
+            term: Term(term),
             leader,
             catching_up,
             reply,
@@ -173,13 +173,19 @@ impl Net {
     }
 
     fn reply_to(&mut self) -> ReplyTo {
-        self.next_reply += 1;
+        self.next_reply = self.next_reply.next();
         self.next_reply
     }
 
     fn prepare(&mut self, id: u32, term: u64) -> Reply {
         let reply = self.reply_to();
-        self.step(id, Event::Prepare { term, reply });
+        self.step(
+            id,
+            Event::Prepare {
+                term: Term(term),
+                reply,
+            },
+        );
         self.replies
             .remove(&(id, reply))
             .expect("prepare answers at once")
@@ -290,8 +296,11 @@ fn prepare_fences_durably_before_reporting_durable_position() {
     else {
         panic!()
     };
-    assert!(ok && term == 7);
-    assert_eq!((last_log_index, last_log_term), (durable, 1));
+    assert!(ok && term == Term(7));
+    assert_eq!(
+        (last_log_index, last_log_term),
+        (LogIndex(durable), Term(1))
+    );
     let save = net
         .log
         .iter()
@@ -308,7 +317,7 @@ fn prepare_fences_durably_before_reporting_durable_position() {
     let Reply::Prepare { ok, term, .. } = net.prepare(2, 6) else {
         panic!()
     };
-    assert!(!ok && term == 7);
+    assert!(!ok && term == Term(7));
 }
 
 /// Rule 4: the new leader appends a no-op of its term first and answers no read until that
@@ -459,7 +468,12 @@ fn a_state_file_ahead_of_the_log_or_of_another_term_is_refused() {
 fn make_state_durable(net: &mut Net, id: u32) {
     let node = net.nodes.get_mut(&id).unwrap();
     let applied = node.replica.sync_state().expect("memory engine");
-    net.step(id, Event::StateDurable { applied });
+    net.step(
+        id,
+        Event::StateDurable {
+            applied: LogIndex(applied),
+        },
+    );
 }
 
 /// Log compaction and snapshot transfer: a follower cut off while the leader compacts past it
@@ -585,7 +599,7 @@ fn older_term_is_refused_and_old_leader_steps_down() {
     assert_eq!(net.node(1).term(), 2);
     match net.take(1, put) {
         Some(Reply::Put {
-            result: Err(ClientError::NotLeader { term: 2, .. }),
+            result: Err(ClientError::NotLeader { term: Term(2), .. }),
             ..
         }) => {}
         other => panic!("expected NotLeader, got {other:?}"),
@@ -662,7 +676,7 @@ fn conflicting_suffix_is_replaced_and_logs_converge() {
     assert!(net
         .log
         .iter()
-        .any(|(id, c)| *id == 1 && matches!(c, Command::TruncateLog(i) if *i > committed)));
+        .any(|(id, c)| *id == 1 && matches!(c, Command::TruncateLog(i) if i.0 > committed)));
     let (a, b) = (net.node(1), net.node(2));
     assert_eq!(a.last_index(), b.last_index());
     for i in 1..=a.last_index() {
@@ -1191,10 +1205,10 @@ fn restarted_leader_does_not_resume_its_term() {
         .collect();
     let mut restarted = Replica::new(config(1, 3), hard, entries);
     let cmds = restarted.step(Event::CoordHeartbeat {
-        term: hard.term,
+        term: Term(hard.term),
         leader: NodeId(1),
         catching_up: None,
-        reply: 1,
+        reply: ReplyTo(1),
     });
     assert!(!restarted.is_leader());
     assert!(!cmds.iter().any(|c| matches!(c, Command::AppendLog(_))));

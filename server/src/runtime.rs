@@ -26,7 +26,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use kvraft_common::config::ClusterConfig;
-use kvraft_common::NodeId;
+use kvraft_common::{LogIndex, NodeId, Term};
 use kvraft_proto::replication_client::ReplicationClient;
 use kvraft_proto::{AppendEntriesRequest, AppendEntriesResponse, PutCommand};
 use kvraft_tracing::action::ServerStart;
@@ -101,12 +101,15 @@ impl Call {
                 catching_up,
                 ..
             } => Event::CoordHeartbeat {
-                term,
+                term: Term(term),
                 leader,
                 catching_up,
                 reply,
             },
-            Call::Prepare { term, .. } => Event::Prepare { term, reply },
+            Call::Prepare { term, .. } => Event::Prepare {
+                term: Term(term),
+                reply,
+            },
             Call::Register { client_id } => Event::RegisterSession { client_id, reply },
             Call::Put(cmd, ..) => Event::Put { cmd, reply },
             Call::Get(key) => Event::Get { key, reply },
@@ -303,7 +306,7 @@ pub async fn run(
         writer: LogWriter::default(),
         hard_file,
         replies: HashMap::new(),
-        next_reply: 1,
+        next_reply: ReplyTo(1),
         peers,
         streams: HashMap::new(),
         faults,
@@ -490,7 +493,7 @@ impl Core {
                     o.put_received(cmd.session_id, cmd.seq, std::mem::take(context));
                 }
                 let to = self.next_reply;
-                self.next_reply += 1;
+                self.next_reply = self.next_reply.next();
                 self.replies.insert(to, reply);
                 call.into_event(to)
             }
@@ -539,7 +542,9 @@ impl Core {
                 result.context("cannot make the state machine durable; stopping the server")?;
                 tracing::trace!(applied, "state machine durable");
                 self.state_sync_in_flight = false;
-                Event::StateDurable { applied }
+                Event::StateDurable {
+                    applied: LogIndex(applied),
+                }
             }
             Input::Synced(write_id, result) => {
                 result.context("fsync of the log failed; stopping the server")?;
@@ -720,13 +725,13 @@ impl Core {
             } => {
                 let server = self.replica.id();
                 if done {
-                    tracing::info!(%server, peer = %to, index, bytes, "snapshot sent");
+                    tracing::info!(%server, peer = %to, %index, bytes, "snapshot sent");
                 } else {
-                    tracing::info!(%server, peer = %to, index, "sending a snapshot");
+                    tracing::info!(%server, peer = %to, %index, "sending a snapshot");
                 }
             }
             Command::SnapshotInstalled { index, term } => {
-                tracing::info!(server = %self.replica.id(), index, term, "snapshot installed");
+                tracing::info!(server = %self.replica.id(), %index, %term, "snapshot installed");
             }
             Command::RoleChanged { leader, term } => {
                 let tag = if leader {
@@ -734,9 +739,9 @@ impl Core {
                 } else {
                     "BecameFollower"
                 };
-                tracing::info!(server = %self.replica.id(), term, "{tag}");
+                tracing::info!(server = %self.replica.id(), %term, "{tag}");
                 if let Some(t) = &mut self.trace {
-                    t.role_changed(leader, term);
+                    t.role_changed(leader, term.0);
                 }
             }
         }

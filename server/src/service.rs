@@ -322,9 +322,9 @@ impl ServerControl for CoreHandle {
         };
         Ok(Response::new(PrepareResponse {
             ok,
-            term,
-            last_log_term,
-            last_log_index,
+            term: term.0,
+            last_log_term: last_log_term.0,
+            last_log_index: last_log_index.0,
             uuid,
             trace_token: self.token_out(trace.as_ref(), "PrepareResponse").await,
         }))
@@ -396,7 +396,7 @@ fn kv_error(e: ClientError) -> KvError {
         ClientError::NotLeader { leader, term } => (
             ErrorCode::ErrorNotLeader,
             leader.0,
-            term,
+            term.0,
             "not the leader".to_string(),
         ),
         ClientError::SessionExpired => (
@@ -658,7 +658,7 @@ impl Admin for CoreHandle {
         let size = |name: &str| std::fs::metadata(self.data_dir.join(name)).map_or(0, |m| m.len());
         Ok(Response::new(StatusResponse {
             report: Some(report),
-            last_applied,
+            last_applied: last_applied.0,
             rss_bytes: rss_bytes(),
             log_bytes: crate::storage::log_disk_bytes(&self.data_dir),
             snapshot_bytes: size(crate::runtime::SNAPSHOT_RECEIVE_FILE),

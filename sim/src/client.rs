@@ -431,6 +431,7 @@ impl Client {
         };
         let delay = match error {
             ClientError::NotLeader { leader, term } => {
+                let term = term.0;
                 if term > self.leader.0 || (term == self.leader.0 && self.leader.1 == 0) {
                     self.leader = (term, leader.0);
                 }

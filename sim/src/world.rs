@@ -290,7 +290,7 @@ impl World {
             rpcs: BTreeMap::new(),
             next_rpc: 1,
             replies: BTreeMap::new(),
-            next_reply: 1,
+            next_reply: ReplyTo(1),
             network: Network::new(cfg),
             clients,
             history: History::default(),
@@ -480,7 +480,12 @@ impl World {
                             let applied = replica
                                 .sync_state()
                                 .map_err(|e| format!("node {id}: state sync failed: {e}"))?;
-                            self.step_node(id, Event::StateDurable { applied })?;
+                            self.step_node(
+                                id,
+                                Event::StateDurable {
+                                    applied: LogIndex(applied),
+                                },
+                            )?;
                         }
                     }
                 }
@@ -583,7 +588,7 @@ impl World {
                 self.step_node(
                     id,
                     Event::CoordHeartbeat {
-                        term,
+                        term: Term(term),
                         leader,
                         catching_up: Some(catching_up),
                         reply,
@@ -592,7 +597,13 @@ impl World {
             }
             (Endpoint::Node(id), Msg::Prepare { rpc, term }) => {
                 let reply = self.route(id, Route::Coord { rpc });
-                self.step_node(id, Event::Prepare { term, reply })
+                self.step_node(
+                    id,
+                    Event::Prepare {
+                        term: Term(term),
+                        reply,
+                    },
+                )
             }
             (
                 Endpoint::Node(id),
@@ -716,7 +727,7 @@ impl World {
 
     fn route(&mut self, node: u32, route: Route) -> ReplyTo {
         let reply = self.next_reply;
-        self.next_reply += 1;
+        self.next_reply = self.next_reply.next();
         self.replies.insert((node, reply), route);
         reply
     }
@@ -795,9 +806,9 @@ impl World {
         for cmd in cmds {
             match &cmd {
                 Command::AppendLog(entries) => self.inv.on_append(id, entries)?,
-                Command::TruncateLog(from) => self.inv.on_truncate(id, *from),
+                Command::TruncateLog(from) => self.inv.on_truncate(id, from.0),
                 Command::CompactLog(_) => self.faults.compactions += 1,
-                Command::ResetLog(next) => self.inv.on_reset(id, *next)?,
+                Command::ResetLog(next) => self.inv.on_reset(id, next.0)?,
                 _ => {}
             }
             let node = &mut self.nodes[i];
@@ -905,9 +916,9 @@ impl World {
                         } => Msg::PrepareReply {
                             rpc,
                             ok,
-                            term,
-                            last_log_term,
-                            last_log_index,
+                            term: term.0,
+                            last_log_term: last_log_term.0,
+                            last_log_index: last_log_index.0,
                             uuid,
                         },
                         other => return Err(format!("coord RPC answered with {other:?}")),
@@ -918,7 +929,7 @@ impl World {
                     let msg = Msg::Response { attempt, reply };
                     self.send(Endpoint::Node(id), Endpoint::Client(client), msg);
                 }
-                None => return Err(format!("node {id} answered unknown reply handle {to}")),
+                None => return Err(format!("node {id} answered unknown reply handle {}", to.0)),
             },
             Command::Refused { from, reason } => {
                 return Err(format!(
@@ -932,7 +943,7 @@ impl World {
                 if leader {
                     self.faults.leaders_elected += 1;
                     let replica = self.nodes[i].replica.as_ref().expect("invariant: stepping");
-                    self.inv.on_leader(id, term, replica)?;
+                    self.inv.on_leader(id, term.0, replica)?;
                 }
             }
         }
@@ -1271,7 +1282,7 @@ fn canonical_order(cmds: &mut [Command]) {
         match c {
             Command::SendAppend { to, .. } => Some((0, u64::from(to.0))),
             Command::SendAppendResponse { stream, .. } => Some((1, *stream)),
-            Command::Reply { to, .. } => Some((2, *to)),
+            Command::Reply { to, .. } => Some((2, to.0)),
             _ => None,
         }
     }
