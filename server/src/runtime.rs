@@ -64,6 +64,9 @@ const REFUSALS_LOGGED_EVERY_MS: u64 = 1_000;
 pub const STATE_FILE: &str = "state.redb";
 /// A snapshot being received from the leader (renamed over the state file once complete).
 pub const SNAPSHOT_RECEIVE_FILE: &str = "state.redb.snapshot";
+/// An engine write (one `state_sync_ms` of changes, on the core task) at least this long is
+/// logged at debug level.
+const ENGINE_WRITE_SLOW_MS: u64 = 10;
 /// Pause before reconnecting a broken peer stream.
 const PEER_RECONNECT_MS: u64 = 50;
 
@@ -572,7 +575,12 @@ impl Core {
             return Ok(());
         }
         self.state_synced_ms = at;
+        let started = std::time::Instant::now();
         tokio::task::block_in_place(|| self.replica.write_state());
+        let took_ms = started.elapsed().as_millis() as u64;
+        if took_ms >= ENGINE_WRITE_SLOW_MS {
+            tracing::debug!(server = %self.replica.id(), took_ms, "engine write");
+        }
         self.check_engine()?;
         self.state_sync_in_flight = true;
         let applied = self.replica.last_applied();
