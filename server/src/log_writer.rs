@@ -28,6 +28,25 @@ pub trait LogDisk {
     fn reset_to(&mut self, next: u64) -> Result<(), StorageError>;
 }
 
+/// At start: if the state file holds a snapshot installed by the last run whose log reset did
+/// not happen (the process stopped between the two), the reset is done now and the log is
+/// empty after the snapshot. Returns the log's first index and its entries, as the replica is
+/// to recover them.
+pub fn finish_interrupted_install(
+    sm: &crate::state_machine::StateMachine,
+    log_start: u64,
+    entries: Vec<LogEntry>,
+    disk: &mut dyn LogDisk,
+) -> Result<(u64, Vec<LogEntry>), StorageError> {
+    if !sm.from_snapshot() || crate::replica::Replica::log_fits(sm, log_start, &entries).is_ok() {
+        return Ok((log_start, entries));
+    }
+    let next = sm.last_applied() + 1;
+    disk.reset_to(next)?;
+    tracing::info!(next, "log reset after the snapshot installed last run");
+    Ok((next, Vec::new()))
+}
+
 /// ENOSPC or EDQUOT: space may come back, so the write is retried rather than fatal.
 pub fn is_disk_full(e: &StorageError) -> bool {
     match e {
@@ -133,6 +152,14 @@ impl LogWriter {
     /// Whether entries wait for disk space.
     pub fn disk_full(&self) -> bool {
         self.full
+    }
+
+    /// A server that cannot store entries does not claim to lead in its report to the coord,
+    /// so the coord replaces it (the replica core does not know the disk is full).
+    pub fn adjust_report(&self, reply: &mut crate::replica::Reply) {
+        if let (crate::replica::Reply::Report(report), true) = (reply, self.full) {
+            report.role = kvraft_proto::Role::Follower as i32;
+        }
     }
 
     /// The last change of the disk-full state, once.

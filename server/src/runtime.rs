@@ -211,8 +211,7 @@ pub async fn run(
     let me = config.server(id).map_err(anyhow::Error::msg)?.clone();
     let dir = &me.data_dir;
     let meta = ServerMeta::open_or_create(dir, id)?;
-    let (mut store, mut entries, recovery) =
-        FileLogStore::open_with(dir, config.server.log_segment_bytes)?;
+    let (store, entries, recovery) = FileLogStore::open_with(dir, config.server.log_segment_bytes)?;
     let (hard_file, hard) = HardStateFile::open(dir)?;
     // Whatever recovery read may sit only in the page cache after a process crash: make it
     // durable before reporting it as our log position.
@@ -262,26 +261,21 @@ pub async fn run(
         "state machine opened at {}",
         state_path.display()
     );
-    if sm.from_snapshot() && Replica::log_fits(&sm, store.first_index(), &entries).is_err() {
-        // A snapshot was installed and the process stopped before its log was reset: the
-        // install's last step, redone.
-        let next = sm.last_applied() + 1;
-        tokio::task::block_in_place(|| store.reset_to(next))?;
-        entries.clear();
-        tracing::info!(
-            server = id,
-            next,
-            "log reset after the snapshot installed last run"
-        );
-    }
-    let replica =
-        Replica::recovered(rcfg, hard, store.first_index(), entries, sm).map_err(|e| {
-            anyhow::anyhow!(
-                "data directory {}: {e}; the state file and the log do not belong together \
+    let mut log = FaultyLog {
+        store,
+        faults: faults.clone(),
+    };
+    let first = log.store.first_index();
+    let (first, entries) = tokio::task::block_in_place(|| {
+        crate::log_writer::finish_interrupted_install(&sm, first, entries, &mut log)
+    })?;
+    let replica = Replica::recovered(rcfg, hard, first, entries, sm).map_err(|e| {
+        anyhow::anyhow!(
+            "data directory {}: {e}; the state file and the log do not belong together \
              (start the server with an empty directory to rebuild it from the cluster)",
-                dir.display()
-            )
-        })?;
+            dir.display()
+        )
+    })?;
     let (tx, rx) = mpsc::channel(INPUT_QUEUE_MAX);
     let handle = CoreHandle {
         tx: tx.clone(),
@@ -302,10 +296,7 @@ pub async fn run(
     tokio::spawn(service::join_coord(config.clone(), handle.clone(), stop_rx));
     let core = Core {
         replica,
-        log: FaultyLog {
-            store,
-            faults: faults.clone(),
-        },
+        log,
         writer: LogWriter::default(),
         hard_file,
         replies: HashMap::new(),
@@ -714,12 +705,7 @@ impl Core {
                 if let Reply::Report(report) | Reply::Status { report, .. } = &mut reply {
                     report.cluster_id = self.meta.cluster_id().unwrap_or_default().to_string();
                 }
-                if let Reply::Report(report) = &mut reply {
-                    if self.disk_full.load(Ordering::Relaxed) {
-                        // Cannot store entries: do not claim to lead, so the coord replaces us.
-                        report.role = kvraft_proto::Role::Follower as i32;
-                    }
-                }
+                self.writer.adjust_report(&mut reply);
                 if let Some(tx) = self.replies.remove(&to) {
                     let _ = tx.send(Ok(reply));
                 }

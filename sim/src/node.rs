@@ -5,7 +5,7 @@
 
 use kvraft_common::NodeId;
 use kvraft_server::engine::MemEngine;
-use kvraft_server::log_writer::LogWriter;
+use kvraft_server::log_writer::{finish_interrupted_install, LogWriter};
 use kvraft_server::replica::{Replica, ReplicaConfig};
 use kvraft_server::state_machine::StateMachine;
 
@@ -95,19 +95,16 @@ impl SimNode {
             snapshot_chunk_bytes: SNAPSHOT_CHUNK_BYTES,
             max_value_bytes: kvraft_common::limits::VALUE_BYTES_MAX,
         };
-        let (hard, mut first, mut entries) = self.disk.crash(0);
+        let (hard, first, entries) = self.disk.crash(0);
         let sm = StateMachine::open(
             Box::new(self.engine.clone()),
             self.limits.ttl_ms,
             self.limits.sessions_max,
         )
         .expect("invariant: the memory engine never fails");
-        if sm.from_snapshot() && Replica::log_fits(&sm, first, &entries).is_err() {
-            // As the runtime: an install whose log reset did not happen is finished.
-            first = sm.last_applied() + 1;
-            entries.clear();
-            self.disk.reset_to(first);
-        }
+        // As the runtime: an install whose log reset did not happen is finished.
+        let (first, entries) = finish_interrupted_install(&sm, first, entries, &mut self.disk)
+            .expect("invariant: the simulated disk resets");
         let replica = Replica::recovered(cfg, hard, first, entries, sm)
             .expect("invariant: the engine applies only entries durable in the log");
         self.replica = Some(replica);

@@ -896,41 +896,40 @@ impl World {
                 };
                 self.send(Endpoint::Node(id), Endpoint::Node(leader), msg);
             }
-            Command::Reply { to, reply } => match self.replies.remove(&(id, to)) {
-                Some(Route::Coord { rpc }) => {
-                    let msg = match reply {
-                        Reply::Report(mut report) => {
-                            if self.nodes[i].writer.disk_full() {
-                                // As the runtime: a server that cannot store entries does not
-                                // claim to lead, so the coord replaces it.
-                                report.role = kvraft_proto::Role::Follower as i32;
-                            }
-                            Msg::HeartbeatReply { rpc, report }
-                        }
-                        Reply::Prepare {
-                            ok,
-                            term,
-                            last_log_term,
-                            last_log_index,
-                            uuid,
-                        } => Msg::PrepareReply {
-                            rpc,
-                            ok,
-                            term: term.0,
-                            last_log_term: last_log_term.0,
-                            last_log_index: last_log_index.0,
-                            uuid,
-                        },
-                        other => return Err(format!("coord RPC answered with {other:?}")),
-                    };
-                    self.send(Endpoint::Node(id), Endpoint::Coord, msg);
+            Command::Reply { to, mut reply } => {
+                // As the runtime: a full disk does not claim to lead.
+                self.nodes[i].writer.adjust_report(&mut reply);
+                match self.replies.remove(&(id, to)) {
+                    Some(Route::Coord { rpc }) => {
+                        let msg = match reply {
+                            Reply::Report(report) => Msg::HeartbeatReply { rpc, report },
+                            Reply::Prepare {
+                                ok,
+                                term,
+                                last_log_term,
+                                last_log_index,
+                                uuid,
+                            } => Msg::PrepareReply {
+                                rpc,
+                                ok,
+                                term: term.0,
+                                last_log_term: last_log_term.0,
+                                last_log_index: last_log_index.0,
+                                uuid,
+                            },
+                            other => return Err(format!("coord RPC answered with {other:?}")),
+                        };
+                        self.send(Endpoint::Node(id), Endpoint::Coord, msg);
+                    }
+                    Some(Route::Client { client, attempt }) => {
+                        let msg = Msg::Response { attempt, reply };
+                        self.send(Endpoint::Node(id), Endpoint::Client(client), msg);
+                    }
+                    None => {
+                        return Err(format!("node {id} answered unknown reply handle {}", to.0))
+                    }
                 }
-                Some(Route::Client { client, attempt }) => {
-                    let msg = Msg::Response { attempt, reply };
-                    self.send(Endpoint::Node(id), Endpoint::Client(client), msg);
-                }
-                None => return Err(format!("node {id} answered unknown reply handle {}", to.0)),
-            },
+            }
             Command::Refused { from, reason } => {
                 return Err(format!(
                     "node {id} refused a message of node {from}, which only correct nodes send \
