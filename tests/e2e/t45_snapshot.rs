@@ -143,8 +143,19 @@ async fn a_follower_away_past_the_kept_tail_rejoins_by_snapshot_while_clients_wr
     let writer = background_writer(&cluster, stop.clone());
     cluster.start_server(away);
     wait_installed(&cluster, away).await;
-    let sent = cluster.status(leader).await.expect("status").snapshots_sent;
-    assert!(sent > 0, "the leader reports no snapshot sent");
+    // The sender counts the transfer once the follower's last answer reaches it (and the
+    // leadership may have moved meanwhile: any server may be the one that sent it).
+    Cluster::wait_for("a server to report the snapshot sent", || {
+        let c = &cluster;
+        async move {
+            let mut sent = 0;
+            for id in c.ids() {
+                sent += c.status(id).await.map_or(0, |s| s.snapshots_sent);
+            }
+            sent > 0
+        }
+    })
+    .await;
     // Writes go on after the install: the follower continues from the log.
     let after = cluster.status(away).await.expect("status").last_applied;
     Cluster::wait_for("the follower to apply entries after its snapshot", || {
