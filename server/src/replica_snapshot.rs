@@ -17,8 +17,9 @@
 //! Rules: a transfer is named by `(term, transfer)`; a follower restarts its sink on seq 0 of
 //! a new transfer and answers "next_seq 0" to any other chunk of a transfer it does not hold
 //! (it restarted), so the leader starts again with a fresh view. A follower never discards log
-//! entries that match the snapshot's last entry (it may have acknowledged them in this term);
-//! otherwise its whole log is older than the snapshot or conflicts with the leader's, and goes.
+//! entries after the snapshot's last entry when it holds that entry durably (it may have
+//! acknowledged them in this term); otherwise its log is older than the snapshot, conflicts
+//! with the leader's, or holds nothing it acknowledged past the durable index, and goes.
 //! While any transfer is in flight the leader does not compact past its snapshot's index, so
 //! the follower can continue from the log once it has installed it. So that a follower that is
 //! down cannot pin the leader's log (and its engine's read view), a transfer starts only to a
@@ -322,12 +323,20 @@ impl Replica {
             term: meta.term,
             time_ms: meta.time_ms,
         };
-        if self.log.term_at(meta.index) == Some(meta.term) {
+        // Kept only if the log holds the snapshot's last entry durably: the engine must never be
+        // ahead of the durable log once its first write clears the install mark (a restart
+        // would refuse the pair). Otherwise nothing at or after the snapshot was acknowledged
+        // (acknowledgements stop at the durable index), and the log goes.
+        let keep = self.log.term_at(meta.index) == Some(meta.term)
+            && self.durability.durable_index >= meta.index;
+        if keep {
             self.log.compact_to(meta.index);
             self.out.push(Command::CompactLog(LogIndex(meta.index)));
         } else {
             self.log.reset(base);
             self.durability.reset(meta.index);
+            // What was verified past the snapshot went with the log.
+            self.verified_index = self.verified_index.min(meta.index);
             self.out.push(Command::ResetLog(LogIndex(meta.index + 1)));
         }
         // The snapshot is durable: it stands for the log up to its index.
