@@ -7,3 +7,8 @@
 #![allow(clippy::all)]
 
 tonic::include_proto!("kvraft");
+
+/// The client of etcd's v3 KV API subset that `bench --etcd` drives (`proto/etcd_kv.proto`).
+pub mod etcd {
+    tonic::include_proto!("etcdserverpb");
+}

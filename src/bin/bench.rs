@@ -4,7 +4,9 @@
 //! each server's resident memory, log size on disk and snapshot size (from `Admin.Status`), so
 //! growth with history shows at a glance. `--warmup-secs` runs the load unmeasured first;
 //! `--connections` spreads the callers over several clients (each its own gRPC channel and
-//! session). A progress bar is drawn on stderr when it is a terminal.
+//! session). A progress bar is drawn on stderr when it is a terminal. `--etcd ENDPOINTS` runs
+//! the same workload against an etcd cluster instead (etcd's v3 gRPC KV API: puts, and
+//! linearizable ranges for gets), for `bench/compare-etcd.sh`.
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal as _;
@@ -65,6 +67,10 @@ struct Args {
     /// writes and the time from the kill to the first write acknowledged after it.
     #[arg(long, value_name = "TRIALS")]
     failover: Option<usize>,
+    /// Drive an etcd cluster at these client endpoints (`host:port`, comma-separated; the
+    /// connections are spread over them) instead of kvraft: same workload, keys and values.
+    #[arg(long, value_name = "ENDPOINTS", value_delimiter = ',')]
+    etcd: Vec<String>,
     /// Where the failover mode's processes write their logs.
     #[arg(long, value_name = "DIR", default_value = "data/bench-logs")]
     log_dir: PathBuf,
@@ -107,17 +113,95 @@ impl Samples {
         histogram.saturating_record(took.as_micros().clamp(1, 600_000_000) as u64);
     }
 
-    fn failed(&mut self, error: &kvslib::Error) {
-        let kind = match error {
-            kvslib::Error::InvalidInput(_) => "invalid_input",
-            kvslib::Error::Timeout { .. } => "timeout",
-            kvslib::Error::SessionExpired => "session_expired",
-            kvslib::Error::Rejected(_) => "rejected",
-            kvslib::Error::Stale => "stale",
-            kvslib::Error::Unavailable(_) => "unavailable",
-        };
+    fn failed(&mut self, kind: &'static str) {
         *self.errors.entry(kind).or_default() += 1;
     }
+}
+
+fn kvslib_error_kind(error: &kvslib::Error) -> &'static str {
+    match error {
+        kvslib::Error::InvalidInput(_) => "invalid_input",
+        kvslib::Error::Timeout { .. } => "timeout",
+        kvslib::Error::SessionExpired => "session_expired",
+        kvslib::Error::Rejected(_) => "rejected",
+        kvslib::Error::Stale => "stale",
+        kvslib::Error::Unavailable(_) => "unavailable",
+    }
+}
+
+/// What the workers drive: a kvraft cluster through kvslib, or etcd through its KV API.
+#[derive(Clone)]
+enum Store {
+    Kvraft(kvslib::Client),
+    Etcd(kvraft_proto::etcd::kv_client::KvClient<tonic::transport::Channel>),
+}
+
+impl Store {
+    async fn put(&self, key: String, value: &[u8]) -> Result<(), &'static str> {
+        match self {
+            Store::Kvraft(c) => c
+                .put(key, value)
+                .await
+                .map(drop)
+                .map_err(|e| kvslib_error_kind(&e)),
+            Store::Etcd(c) => {
+                let req = kvraft_proto::etcd::PutRequest {
+                    key: key.into_bytes(),
+                    value: value.to_vec(),
+                    ..Default::default()
+                };
+                c.clone().put(req).await.map(drop).map_err(|_| "etcd")
+            }
+        }
+    }
+
+    async fn get(&self, key: String) -> Result<(), &'static str> {
+        match self {
+            Store::Kvraft(c) => c
+                .get(key)
+                .await
+                .map(drop)
+                .map_err(|e| kvslib_error_kind(&e)),
+            Store::Etcd(c) => {
+                // serializable = false: a linearizable read, as kvraft's.
+                let req = kvraft_proto::etcd::RangeRequest {
+                    key: key.into_bytes(),
+                    ..Default::default()
+                };
+                c.clone().range(req).await.map(drop).map_err(|_| "etcd")
+            }
+        }
+    }
+
+    async fn close(self) {
+        if let Store::Kvraft(c) = self {
+            c.close().await;
+        }
+    }
+}
+
+/// The stores the connections use: kvslib clients of the config's cluster, or one gRPC channel
+/// per connection to the etcd endpoints in turn.
+async fn connect(args: &Args, config: Option<&ClusterConfig>) -> anyhow::Result<Vec<Store>> {
+    let mut stores = Vec::with_capacity(args.connections);
+    for c in 0..args.connections {
+        if let Some(config) = config {
+            let client = kvslib::Client::connect(config, &format!("bench-{c}")).await?;
+            stores.push(Store::Kvraft(client));
+            continue;
+        }
+        let endpoint = &args.etcd[c % args.etcd.len()];
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{endpoint}"))
+            .with_context(|| format!("--etcd: bad endpoint {endpoint}"))?
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .with_context(|| format!("cannot connect to etcd at {endpoint}"))?;
+        stores.push(Store::Etcd(kvraft_proto::etcd::kv_client::KvClient::new(
+            channel,
+        )));
+    }
+    Ok(stores)
 }
 
 #[tokio::main]
@@ -143,16 +227,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
         args.concurrency > 0 && args.keys > 0 && args.connections > 0,
         "--concurrency, --connections and --keys must be above 0"
     );
-    let config = ClusterConfig::load(&args.config)?;
-    let mut clients = Vec::with_capacity(args.connections);
-    for c in 0..args.connections {
-        clients.push(kvslib::Client::connect(&config, &format!("bench-{c}")).await?);
-    }
+    // No kvraft config against etcd: there is no cluster of ours to ask for its status.
+    let config = match args.etcd.is_empty() {
+        true => Some(ClusterConfig::load(&args.config)?),
+        false => None,
+    };
+    let clients = connect(&args, config.as_ref()).await?;
     let value = Arc::new(vec![b'x'; args.value_bytes]);
     let warmup_end = Instant::now() + Duration::from_secs(args.warmup_secs);
     let started = warmup_end;
     let done_ops = Arc::new(AtomicU64::new(0));
-    let reporter = args.secs.map(|_| {
+    let reporter = args.secs.zip(config.clone()).map(|(_, config)| {
         let every = Duration::from_secs(args.report_every_secs.max(1));
         tokio::spawn(report_loop(
             config.clone(),
@@ -204,17 +289,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
     for client in clients {
         client.close().await;
     }
-    if let Some(reporter) = reporter {
+    let system = if args.etcd.is_empty() {
+        "kvraft"
+    } else {
+        "etcd"
+    };
+    if let (Some(reporter), Some(config)) = (reporter, &config) {
         reporter.abort();
         let ops = done_ops.load(Ordering::Relaxed);
-        println!("{}", soak_line(&config, ops, elapsed, None).await);
+        println!("{}", soak_line(config, ops, elapsed, None).await);
     }
     let done = all.puts.len() + all.gets.len();
     let errors: u64 = all.errors.values().sum();
     let throughput = done as f64 / elapsed.as_secs_f64();
     println!(
-        "bench: ops {done}, errors {errors}, concurrency {}, connections {}, value_bytes {}, \
-         elapsed {:.2} s, throughput {throughput:.0} ops/s, put {}, get {}",
+        "bench: ops {done}, errors {errors}, system {system}, concurrency {}, connections {}, \
+         value_bytes {}, elapsed {:.2} s, throughput {throughput:.0} ops/s, put {}, get {}",
         args.concurrency,
         args.connections,
         args.value_bytes,
@@ -227,6 +317,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     if let Some(path) = &args.json {
         let result = serde_json::json!({
+            "system": system,
             "ops": done,
             "errors": all.errors,
             "concurrency": args.concurrency,
@@ -339,7 +430,7 @@ struct Load {
 }
 
 async fn worker(
-    client: kvslib::Client,
+    client: Store,
     value: Arc<Vec<u8>>,
     load: Load,
     budget: Budget,
@@ -364,9 +455,9 @@ async fn worker(
         let t = Instant::now();
         let is_get = (i * 617 + task) % 1000 < reads_per_1000;
         let result = if is_get {
-            client.get(key).await.map(drop)
+            client.get(key).await
         } else {
-            client.put(key, value.as_slice()).await.map(drop)
+            client.put(key, value.as_slice()).await
         };
         if warming {
             continue;
@@ -374,7 +465,7 @@ async fn worker(
         match result {
             Ok(()) if is_get => Samples::record(&mut s.gets, t.elapsed()),
             Ok(()) => Samples::record(&mut s.puts, t.elapsed()),
-            Err(e) => s.failed(&e),
+            Err(kind) => s.failed(kind),
         }
         measured += 1;
         done.fetch_add(1, Ordering::Relaxed);

@@ -179,6 +179,19 @@ async fn bench_prints_figures() {
     let gets = json["get_ms"]["count"].as_u64().unwrap();
     assert_eq!(puts + gets, 300, "{json}");
     assert!(json["put_ms"]["p99.9"].as_f64().unwrap() <= json["put_ms"]["max"].as_f64().unwrap());
+    assert_eq!(json["system"], "kvraft");
+
+    // The etcd backend names an endpoint it cannot reach (nothing listens on port 1).
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bench"))
+        .args(["--etcd", "127.0.0.1:1", "--ops", "1"])
+        .output()
+        .expect("run bench");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("cannot connect to etcd at 127.0.0.1:1"),
+        "{err}"
+    );
 
     tracing::info!("--- soak mode: every server's memory and disk use, from Admin.Status");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_bench"))
