@@ -750,9 +750,14 @@ impl Replica {
     }
 
     /// Writes what was applied since the last call to the engine, as one atomic batch (not
-    /// durable: see [`Replica::sync_state`]).
-    pub fn write_state(&mut self) {
-        self.sm.finish_batch();
+    /// durable: see [`Replica::sync_state`]); returns how many keys and sessions it wrote.
+    pub fn write_state(&mut self) -> usize {
+        self.sm.finish_batch()
+    }
+
+    /// See [`StateMachine::set_write_keys_max`].
+    pub fn set_state_write_keys(&mut self, keys: usize) {
+        self.sm.set_write_keys_max(keys);
     }
 
     /// Makes the state machine durable up to what it has applied; returns that index. The log

@@ -67,6 +67,12 @@ pub const SNAPSHOT_RECEIVE_FILE: &str = "state.redb.snapshot";
 /// An engine write (one `state_sync_ms` of changes, on the core task) at least this long is
 /// logged at debug level.
 const ENGINE_WRITE_SLOW_MS: u64 = 10;
+/// The time one engine write should hold the core task (see `Core::adapt_engine_writes`).
+const ENGINE_WRITE_TARGET_MS: u64 = 25;
+/// Engine writes are never split below this many keys (each write has a fixed cost too).
+const ENGINE_WRITE_KEYS_MIN: usize = 1_024;
+/// A write of fewer keys says too little about the cost per key to resize the next ones.
+const ENGINE_WRITE_SAMPLE_KEYS_MIN: usize = 256;
 /// Pause before reconnecting a broken peer stream.
 const PEER_RECONNECT_MS: u64 = 50;
 
@@ -567,11 +573,12 @@ impl Core {
         }
         self.state_synced_ms = at;
         let started = std::time::Instant::now();
-        tokio::task::block_in_place(|| self.replica.write_state());
-        let took_ms = started.elapsed().as_millis() as u64;
-        if took_ms >= ENGINE_WRITE_SLOW_MS {
-            tracing::debug!(server = %self.replica.id(), took_ms, "engine write");
+        let keys = tokio::task::block_in_place(|| self.replica.write_state());
+        let took = started.elapsed();
+        if took.as_millis() as u64 >= ENGINE_WRITE_SLOW_MS {
+            tracing::debug!(server = %self.replica.id(), took_ms = took.as_millis() as u64, keys, "engine write");
         }
+        self.adapt_engine_writes(keys, took);
         self.check_engine()?;
         self.state_sync_in_flight = true;
         let applied = self.replica.last_applied();
@@ -582,6 +589,22 @@ impl Core {
             let _ = tx.blocking_send(Input::StateSynced(applied, result));
         });
         Ok(())
+    }
+
+    /// Sizes the engine writes so that one holds the core task for about
+    /// [`ENGINE_WRITE_TARGET_MS`]: from the cost per key of the last write, the overlay is
+    /// written early (not durably) once it holds that many keys. A write's cost grows with the
+    /// keys it changes (a B-tree copies every leaf it touches): at 1,000,000 keys one second of
+    /// changes took 140–335 ms in one write, long enough for the coord to fail the server; split,
+    /// each write is short and the total about the same.
+    fn adapt_engine_writes(&mut self, keys: usize, took: Duration) {
+        if keys < ENGINE_WRITE_SAMPLE_KEYS_MIN {
+            return;
+        }
+        let micros_per_key = (took.as_micros() as f64 / keys as f64).max(0.01);
+        let fits = (ENGINE_WRITE_TARGET_MS as f64 * 1000.0 / micros_per_key) as usize;
+        self.replica
+            .set_state_write_keys(fits.max(ENGINE_WRITE_KEYS_MIN));
     }
 
     /// Stops the server once the state machine's engine has failed.

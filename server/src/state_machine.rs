@@ -121,6 +121,8 @@ pub struct StateMachine {
     written_applied: u64,
     /// See [`StateMachine::from_snapshot`].
     from_snapshot: bool,
+    /// See [`StateMachine::set_write_keys_max`].
+    write_keys_max: usize,
 }
 
 impl std::fmt::Debug for StateMachine {
@@ -171,6 +173,7 @@ impl StateMachine {
             applied_term: recovered.applied_term,
             applied_time_ms: recovered.applied_time_ms,
             from_snapshot: recovered.from_snapshot,
+            write_keys_max: OVERLAY_KEYS_MAX,
             written_applied: recovered.applied_index,
         })
     }
@@ -194,10 +197,12 @@ impl StateMachine {
     /// keys, the changed sessions and the applied position together. Called before each durable
     /// commit (and when the overlay is full): one engine write covers many commits, and until
     /// then reads are served from the overlay.
-    pub fn finish_batch(&mut self) {
+    /// Returns how many keys and sessions it wrote.
+    pub fn finish_batch(&mut self) -> usize {
         if self.failure.is_some() || self.written_applied == self.last_applied {
-            return;
+            return 0;
         }
+        let written = self.overlay.len() + self.dirty.len();
         let sessions = std::mem::take(&mut self.dirty)
             .into_iter()
             .map(|id| (id, self.sessions.get(&id).map(encode_session)))
@@ -219,6 +224,14 @@ impl StateMachine {
             }
             Err(e) => self.failure = Some(e.to_string()),
         }
+        written
+    }
+
+    /// Keys and sessions changed past which the overlay is written at once (not durably), at
+    /// most [`OVERLAY_KEYS_MAX`]: the runtime lowers it when one engine write of that many
+    /// would hold the core too long (each write's cost grows with the keys it changes).
+    pub fn set_write_keys_max(&mut self, keys: usize) {
+        self.write_keys_max = keys.clamp(1, OVERLAY_KEYS_MAX);
     }
 
     /// Writes the open batch and makes everything written durable; returns the applied index
@@ -276,6 +289,7 @@ impl StateMachine {
     /// durably and atomically. A failure is recorded.
     pub fn install(&mut self, sink: Box<dyn SnapshotSink>) -> Result<(), EngineError> {
         let (ttl, max, window) = (self.session_ttl_ms, self.sessions_max, self.window);
+        let write_keys_max = self.write_keys_max;
         let result = self.engine.install(sink).and_then(|()| {
             let engine = std::mem::replace(&mut self.engine, Box::new(MemEngine::new()));
             Ok(StateMachine::open(engine, ttl, max)?.with_session_window(window))
@@ -283,6 +297,7 @@ impl StateMachine {
         match result {
             Ok(installed) => {
                 *self = installed;
+                self.write_keys_max = write_keys_max;
                 Ok(())
             }
             Err(e) => {
@@ -362,7 +377,7 @@ impl StateMachine {
             }
             Some(Payload::Put(put)) => self.apply_put(put, entry.index, entry.time_ms, &mut out),
         }
-        if self.overlay.len() + self.dirty.len() >= OVERLAY_KEYS_MAX
+        if self.overlay.len() + self.dirty.len() >= self.write_keys_max
             || self.overlay_bytes >= OVERLAY_BYTES_MAX
         {
             self.finish_batch();
@@ -765,6 +780,45 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    /// Past `write_keys_max` changed keys and sessions the overlay goes to the engine at once,
+    /// without a `finish_batch` call; every key still reads back.
+    #[test]
+    fn a_lowered_write_size_writes_the_overlay_early() {
+        let engine = MemEngine::new();
+        let mut sm = StateMachine::open(Box::new(engine.clone()), 1_000, 3).unwrap();
+        sm.set_write_keys_max(3);
+        let reg = LogEntry {
+            term: 1,
+            index: 1,
+            time_ms: 1,
+            payload: Some(Payload::RegisterSession(RegisterSession::default())),
+        };
+        sm.apply(&reg);
+        for i in 2..=4u64 {
+            let put = PutCommand {
+                session_id: 1,
+                seq: i - 1,
+                ack_seq: i - 1,
+                key: Bytes::from(format!("k{i}")),
+                value: Bytes::from_static(b"v"),
+            };
+            let e = LogEntry {
+                term: 1,
+                index: i,
+                time_ms: i,
+                payload: Some(Payload::Put(put)),
+            };
+            sm.apply(&e);
+        }
+        // Two keys and the session reached the bound at entry 3: written then.
+        let written = engine.recovered().unwrap().applied_index;
+        assert_eq!(written, 3, "the overlay was written when it held 3 changes");
+        for i in 2..=4u64 {
+            assert!(sm.get(format!("k{i}").as_bytes()).unwrap().is_some());
+        }
+        assert_eq!(sm.key_count().unwrap(), 3);
     }
 
     /// DESIGN rule 7: a retry of an applied request returns the original result and is not
