@@ -198,10 +198,7 @@ mod tests {
     impl LogDisk for Disk {
         fn append(&mut self, entries: &[LogEntry]) -> Result<(), StorageError> {
             if self.full {
-                return Err(StorageError::Io {
-                    path: "disk".into(),
-                    source: std::io::Error::from_raw_os_error(28),
-                });
+                return Err(StorageError::disk_full("disk"));
             }
             self.entries.extend_from_slice(entries);
             Ok(())

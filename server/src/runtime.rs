@@ -789,10 +789,7 @@ struct FaultyLog {
 impl LogDisk for FaultyLog {
     fn append(&mut self, entries: &[kvraft_proto::LogEntry]) -> Result<(), StorageError> {
         if self.faults.disk_full() {
-            return Err(StorageError::Io {
-                path: "log (fault injection)".into(),
-                source: std::io::Error::from_raw_os_error(28),
-            });
+            return Err(StorageError::disk_full("log (fault injection)"));
         }
         self.store.append(entries)
     }

@@ -165,10 +165,7 @@ impl Disk {
 impl LogDisk for Disk {
     fn append(&mut self, entries: &[LogEntry]) -> Result<(), StorageError> {
         if self.full {
-            return Err(StorageError::Io {
-                path: "simulated disk".into(),
-                source: std::io::Error::from_raw_os_error(28),
-            });
+            return Err(StorageError::disk_full("simulated disk"));
         }
         Disk::append(self, entries);
         Ok(())

@@ -75,6 +75,16 @@ pub enum StorageError {
     InvalidState { path: PathBuf, reason: String },
 }
 
+impl StorageError {
+    /// ENOSPC on `path`: what a full disk answers (fault hooks and simulated disks use it).
+    pub fn disk_full(path: &str) -> StorageError {
+        StorageError::Io {
+            path: path.into(),
+            source: std::io::Error::from_raw_os_error(28),
+        }
+    }
+}
+
 impl From<DirError> for StorageError {
     fn from(e: DirError) -> StorageError {
         StorageError::Io {
