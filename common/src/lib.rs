@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod durable_dir;
+pub mod fnv;
 pub mod limits;
 pub mod net;
 mod types;

@@ -76,7 +76,6 @@ impl std::fmt::Debug for Outgoing {
 pub(super) struct Incoming {
     term: u64,
     transfer: u64,
-    meta: SnapshotMeta,
     next_seq: u64,
     sink: Box<dyn SnapshotSink>,
 }
@@ -86,7 +85,7 @@ impl std::fmt::Debug for Incoming {
         f.debug_struct("Incoming")
             .field("term", &self.term)
             .field("transfer", &self.transfer)
-            .field("index", &self.meta.index)
+            .field("index", &self.sink.meta().index)
             .field("next_seq", &self.next_seq)
             .finish_non_exhaustive()
     }
@@ -268,10 +267,9 @@ impl Replica {
             term: chunk.term,
             time_ms: chunk.time_ms,
         };
-        let ours = self
-            .incoming
-            .as_ref()
-            .is_some_and(|i| (i.term, i.transfer) == (req_term, chunk.transfer) && i.meta == meta);
+        let ours = self.incoming.as_ref().is_some_and(|i| {
+            (i.term, i.transfer) == (req_term, chunk.transfer) && i.sink.meta() == meta
+        });
         if !ours {
             if chunk.seq != 0 {
                 return self.snapshot_ack(stream, chunk.transfer, 0, read_round);
@@ -281,7 +279,6 @@ impl Replica {
                     self.incoming = Some(Incoming {
                         term: req_term,
                         transfer: chunk.transfer,
-                        meta,
                         next_seq: 0,
                         sink,
                     })

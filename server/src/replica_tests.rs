@@ -749,6 +749,66 @@ fn refused(net: &Net, id: u32) -> bool {
         .any(|(from, c)| *from == id && matches!(c, Command::Refused { .. }))
 }
 
+/// Rule 11 for snapshot chunks: a chunk whose checksum fails, of another format, naming a term
+/// above the message's, carrying entries beside it, or whose records are malformed, is refused
+/// and logged; nothing is installed and the follower's state stays as it was.
+#[test]
+fn malformed_snapshot_chunks_are_refused_and_change_nothing() {
+    use crate::engine::SNAPSHOT_FORMAT;
+    use kvraft_proto::SnapshotChunk;
+    let (mut net, _) = Net::with_leader(3);
+    net.settle();
+    let applied = net.node(2).last_applied();
+    let chunk = |data: &[u8]| SnapshotChunk {
+        format: SNAPSHOT_FORMAT,
+        index: applied + 100,
+        term: 1,
+        time_ms: 0,
+        transfer: 1,
+        seq: 0,
+        last: true,
+        crc32: crc32fast::hash(data),
+        data: Bytes::copy_from_slice(data),
+    };
+    let bad_crc = SnapshotChunk {
+        crc32: 7,
+        ..chunk(b"")
+    };
+    let other_format = SnapshotChunk {
+        format: SNAPSHOT_FORMAT + 1,
+        ..chunk(b"")
+    };
+    let term_above = SnapshotChunk {
+        term: 2,
+        ..chunk(b"")
+    };
+    // Tag 9 is no record kind.
+    let bad_record = chunk(&[9, 0, 0, 0, 0, 0, 0, 0, 0]);
+    let mut with_entries = append_base();
+    with_entries.prev_log_index = net.node(2).last_index();
+    with_entries.prev_log_term = 1;
+    with_entries.entries = vec![entry(net.node(2).last_index() + 1, 1)];
+    with_entries.snapshot = Some(chunk(b""));
+    let mut reqs: Vec<AppendEntriesRequest> = [bad_crc, other_format, term_above, bad_record]
+        .into_iter()
+        .map(|c| AppendEntriesRequest {
+            snapshot: Some(c),
+            ..append_base()
+        })
+        .collect();
+    reqs.push(with_entries);
+    for (i, req) in reqs.into_iter().enumerate() {
+        net.log.clear();
+        net.step(2, Event::AppendEntries { stream: 1, req });
+        assert!(refused(&net, 2), "chunk {i} was not refused");
+        assert_eq!(net.node(2).last_applied(), applied, "chunk {i}");
+        assert!(!net
+            .log
+            .iter()
+            .any(|(_, c)| matches!(c, Command::SnapshotInstalled { .. } | Command::ResetLog(_))));
+    }
+}
+
 /// Rule 11: AppendEntries that break the message's own rules are refused before anything of
 /// them is used: entries that do not continue `prev_log_index` (a follower used to panic
 /// appending them), entry terms above the message term or going down, unknown leaders.

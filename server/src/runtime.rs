@@ -150,6 +150,9 @@ pub(crate) struct CoreHandle {
     /// Longest value a put may carry, and the gRPC message limit derived from it.
     pub max_value_bytes: usize,
     pub grpc_message_bytes: usize,
+    /// One `Admin.Digest` at a time: each reads the whole state and holds a read view (which
+    /// pins the state file's pages) while it does.
+    pub digests: Arc<tokio::sync::Semaphore>,
     pub faults: Arc<Faults>,
     /// `Admin.SetFaults` is served: the server was started with fault injection allowed
     /// (flag or config). Otherwise the RPC would be a remote kill switch for anyone.
@@ -287,6 +290,7 @@ pub async fn run(
         tx: tx.clone(),
         max_value_bytes: config.server.max_value(),
         grpc_message_bytes: config.server.grpc_message_bytes(),
+        digests: Arc::new(tokio::sync::Semaphore::new(1)),
         faults: faults.clone(),
         fault_injection_allowed,
         id: NodeId(id),
@@ -661,7 +665,17 @@ impl Core {
             if let (Command::AppendLog(entries), Some(t)) = (&cmd, &mut self.trace) {
                 t.appended(entries, self.replica.is_leader());
             }
-            let rest = tokio::task::block_in_place(|| self.writer.execute(cmd, &mut self.log))?;
+            // Appends only reach the page cache; truncation, compaction and a reset fsync or
+            // remove files, so only those leave the worker to the other tasks meanwhile.
+            let blocking = matches!(
+                cmd,
+                Command::TruncateLog(_) | Command::CompactLog(_) | Command::ResetLog(_)
+            );
+            let rest = if blocking {
+                tokio::task::block_in_place(|| self.writer.execute(cmd, &mut self.log))?
+            } else {
+                self.writer.execute(cmd, &mut self.log)?
+            };
             if let Some(cmd) = rest {
                 self.execute_one(cmd)?;
             }

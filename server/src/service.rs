@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kvraft_common::config::ClusterConfig;
+use kvraft_common::fnv::{fnv1a, FNV_OFFSET};
 use kvraft_common::{limits, NodeId};
 use kvraft_proto::admin_server::{Admin, AdminServer};
 use kvraft_proto::coord_client::CoordClient;
@@ -634,15 +635,6 @@ impl CoreHandle {
 /// Chunk size the digest reads the state in (its value does not change the digest: records
 /// are whole in every chunk and hashed in order).
 const DIGEST_CHUNK_BYTES: usize = 1024 * 1024;
-const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-
-fn fnv1a(mut h: u64, bytes: &[u8]) -> u64 {
-    for &b in bytes {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
-}
 
 #[tonic::async_trait]
 impl Admin for CoreHandle {
@@ -672,6 +664,11 @@ impl Admin for CoreHandle {
     }
 
     async fn digest(&self, _: Request<DigestRequest>) -> Result<Response<DigestResponse>, Status> {
+        let Ok(_permit) = self.digests.clone().try_acquire_owned() else {
+            return Err(Status::resource_exhausted(
+                "a digest of this server's state is already being computed; ask again after it",
+            ));
+        };
         let (tx, rx) = tokio::sync::oneshot::channel();
         if self.tx.send(crate::runtime::Input::View(tx)).await.is_err() {
             return Err(unavailable());

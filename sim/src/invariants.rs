@@ -23,6 +23,7 @@
 
 use std::collections::BTreeMap;
 
+use kvraft_common::fnv::{fnv1a, FNV_OFFSET};
 use kvraft_proto::log_entry::Payload;
 use kvraft_proto::LogEntry;
 use kvraft_server::replica::Replica;
@@ -31,20 +32,12 @@ use prost::Message;
 
 use crate::node::SessionLimits;
 
-const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
-
-fn fnv(mut h: u64, bytes: &[u8]) -> u64 {
-    for &b in bytes {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(FNV_PRIME);
-    }
-    h
-}
-
 /// Hash of the log prefix ending with `entry`, given the hash of the prefix before it.
 fn chain(prev: u64, entry: &LogEntry) -> u64 {
-    fnv(fnv(FNV_OFFSET, &prev.to_le_bytes()), &entry.encode_to_vec())
+    fnv1a(
+        fnv1a(FNV_OFFSET, &prev.to_le_bytes()),
+        &entry.encode_to_vec(),
+    )
 }
 
 #[derive(Debug)]
@@ -302,15 +295,15 @@ impl Invariants {
                 .expect("invariant: the memory engine never fails")
             {
                 Some(v) => {
-                    h = fnv(h, &v.version.to_le_bytes());
-                    h = fnv(h, &v.value);
+                    h = fnv1a(h, &v.version.to_le_bytes());
+                    h = fnv1a(h, &v.value);
                 }
-                None => h = fnv(h, b"-"),
+                None => h = fnv1a(h, b"-"),
             }
         }
         let len = sm
             .key_count()
             .expect("invariant: the memory engine never fails");
-        fnv(h, &len.to_le_bytes())
+        fnv1a(h, &len.to_le_bytes())
     }
 }
