@@ -4,3 +4,4 @@
 pub mod cluster_status;
 pub mod launch;
 pub mod procs;
+pub mod txn_text;

@@ -92,6 +92,9 @@ pub struct CoordConfig {
     pub failure_timeout_ms: u64,
     #[serde(default)]
     pub wait_for: WaitFor,
+    /// Where the coord serves Prometheus metrics (`GET /metrics`); off when unset.
+    #[serde(default)]
+    pub metrics_addr: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -100,6 +103,9 @@ pub struct ServerConfig {
     pub id: u32,
     pub addr: String,
     pub data_dir: PathBuf,
+    /// Where this server serves Prometheus metrics (`GET /metrics`); off when unset.
+    #[serde(default)]
+    pub metrics_addr: Option<String>,
 }
 
 /// Default of `[server] state_sync_ms`.
@@ -308,6 +314,9 @@ impl ClusterConfig {
         };
         check_addr("coord.server_api_addr".into(), &c.server_api_addr)?;
         check_addr("coord.client_api_addr".into(), &c.client_api_addr)?;
+        if let Some(addr) = &c.metrics_addr {
+            check_addr("coord.metrics_addr".into(), addr)?;
+        }
         let mut ids = HashSet::new();
         let mut dirs = HashSet::new();
         dirs.insert(c.data_dir.clone());
@@ -323,6 +332,9 @@ impl ClusterConfig {
                 ));
             }
             check_addr(format!("{key}.addr"), &s.addr)?;
+            if let Some(addr) = &s.metrics_addr {
+                check_addr(format!("{key}.metrics_addr"), addr)?;
+            }
             if !dirs.insert(s.data_dir.clone()) {
                 return Err((
                     format!("{key}.data_dir"),

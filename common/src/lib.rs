@@ -10,6 +10,7 @@ pub mod config;
 pub mod durable_dir;
 pub mod fnv;
 pub mod limits;
+pub mod metrics_http;
 pub mod net;
 mod types;
 

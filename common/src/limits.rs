@@ -105,6 +105,127 @@ pub fn check_key_value_within(
     Ok(())
 }
 
+/// Most compares of a transaction, and most operations in its two branches together (as
+/// etcd's default `max-txn-ops`).
+pub const TXN_OPS_MAX: usize = 128;
+
+/// Most keys one transaction deletes (a range delete past it reports `more`, and is sent
+/// again): bounds the work of applying one entry whatever range a client names.
+pub const DELETE_KEYS_PER_ENTRY_MAX: u64 = 10_000;
+
+/// Most keys one range read returns (and the limit when a request gives none).
+pub const RANGE_LIMIT_MAX: u64 = 10_000;
+
+/// The end of the range of every key that starts with `prefix`: the prefix with its last
+/// byte below 0xff incremented and what follows dropped; empty (no upper bound) when every
+/// byte is 0xff.
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    Vec::new()
+}
+
+/// A delete's range end as a range bound: `None` for a one-key delete (empty), the empty
+/// bound (no upper bound) for a single zero byte, else the end itself.
+pub fn delete_range_end(range_end: &[u8]) -> Option<&[u8]> {
+    match range_end {
+        [] => None,
+        [0] => Some(&[]),
+        end => Some(end),
+    }
+}
+
+/// Checks a range's bounds: `start` and `end` within the key length limit, and `end` (when
+/// not empty: no upper bound) above `start`.
+pub fn check_range(start: &[u8], end: &[u8]) -> Result<(), String> {
+    for (name, k) in [("start", start), ("end", end)] {
+        if k.len() > KEY_BYTES_MAX {
+            return Err(format!(
+                "range {name} is {} bytes, longer than the limit of {KEY_BYTES_MAX} bytes",
+                k.len()
+            ));
+        }
+    }
+    if !end.is_empty() && end <= start {
+        return Err("range end is not above its start (an empty end means no upper bound)".into());
+    }
+    Ok(())
+}
+
+/// Checks a transaction's shape: at most [`TXN_OPS_MAX`] compares and operations, keys
+/// within their limit, an op in every slot, and the keys and values it writes at most
+/// `max_value_bytes` in all (the entry must fit one replication message). The error names
+/// the compare or op, by branch and position.
+pub fn check_txn(
+    compares: &[kvraft_proto::Compare],
+    success: &[kvraft_proto::TxnOp],
+    failure: &[kvraft_proto::TxnOp],
+    max_value_bytes: usize,
+) -> Result<(), String> {
+    use kvraft_proto::txn_op::Op;
+    if compares.len() > TXN_OPS_MAX {
+        return Err(format!(
+            "{} compares; a transaction has at most {TXN_OPS_MAX}",
+            compares.len()
+        ));
+    }
+    if success.len() + failure.len() > TXN_OPS_MAX {
+        return Err(format!(
+            "{} operations in the two branches; a transaction has at most {TXN_OPS_MAX}",
+            success.len() + failure.len()
+        ));
+    }
+    if success.is_empty() && failure.is_empty() {
+        return Err("the transaction has no operation in either branch".into());
+    }
+    for (i, c) in compares.iter().enumerate() {
+        check_key_value(&c.key, None).map_err(|e| format!("compare {i}: {e}"))?;
+        if kvraft_proto::CompareTarget::try_from(c.target).is_err() {
+            return Err(format!("compare {i}: unknown target {}", c.target));
+        }
+        if kvraft_proto::CompareOp::try_from(c.op).is_err() {
+            return Err(format!("compare {i}: unknown op {}", c.op));
+        }
+        if c.value.len() > max_value_bytes {
+            return Err(format!(
+                "compare {i}: value is {} bytes, longer than the limit of {max_value_bytes} bytes",
+                c.value.len()
+            ));
+        }
+    }
+    let mut written = 0usize;
+    for (branch, ops) in [("success", success), ("failure", failure)] {
+        for (i, op) in ops.iter().enumerate() {
+            let at = |e: String| format!("{branch} op {i}: {e}");
+            match &op.op {
+                None => return Err(at("no operation set".into())),
+                Some(Op::Put(p)) => {
+                    check_key_value_within(&p.key, Some(&p.value), max_value_bytes).map_err(at)?;
+                    written += p.key.len() + p.value.len();
+                }
+                Some(Op::Delete(d)) => match delete_range_end(&d.range_end) {
+                    None => check_key_value(&d.key, None).map_err(at)?,
+                    Some(end) => check_range(&d.key, end).map_err(at)?,
+                },
+                Some(Op::Get(g)) => check_key_value(&g.key, None).map_err(at)?,
+            }
+        }
+    }
+    if written > max_value_bytes + KEY_BYTES_MAX {
+        return Err(format!(
+            "the transaction's puts carry {written} bytes of keys and values; at most \
+             {} in all (max_value_bytes plus one key)",
+            max_value_bytes + KEY_BYTES_MAX
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,5 +263,61 @@ mod tests {
         assert_eq!(check_client_id(&"c".repeat(CLIENT_ID_BYTES_MAX)), Ok(()));
         let err = check_client_id(&"c".repeat(CLIENT_ID_BYTES_MAX + 1)).unwrap_err();
         assert!(err.starts_with("client_id is 257 bytes"), "{err}");
+    }
+
+    #[test]
+    fn prefix_ends_and_ranges() {
+        assert_eq!(prefix_end(b"app/"), b"app0".to_vec());
+        assert_eq!(prefix_end(b"a\xff\xff"), b"b".to_vec());
+        assert!(prefix_end(b"\xff\xff").is_empty(), "no upper bound");
+        assert!(prefix_end(b"").is_empty());
+        assert!(check_range(b"a", b"b").is_ok());
+        assert!(check_range(b"", b"").is_ok());
+        assert!(check_range(b"b", b"a").unwrap_err().contains("not above"));
+        assert!(check_range(b"b", b"b").is_err());
+        assert!(check_range(&[b'k'; KEY_BYTES_MAX + 1], b"")
+            .unwrap_err()
+            .contains("start"));
+        assert_eq!(delete_range_end(b""), None);
+        assert_eq!(delete_range_end(&[0]), Some(&b""[..]));
+        assert_eq!(delete_range_end(b"z"), Some(&b"z"[..]));
+    }
+
+    #[test]
+    fn transaction_shapes_are_checked_with_the_op_named() {
+        use kvraft_proto::{txn_op::Op, Compare, TxnGet, TxnOp, TxnPut};
+        let put = |k: &[u8], v: usize| TxnOp {
+            op: Some(Op::Put(TxnPut {
+                key: k.to_vec().into(),
+                value: vec![0; v].into(),
+            })),
+        };
+        let get = TxnOp {
+            op: Some(Op::Get(TxnGet {
+                key: b"k".to_vec().into(),
+            })),
+        };
+        assert!(check_txn(&[], &[put(b"k", 10)], &[get.clone()], 100).is_ok());
+        assert!(check_txn(&[], &[], &[], 100)
+            .unwrap_err()
+            .contains("no operation"));
+        let e = check_txn(&[], &[put(b"", 1)], &[], 100).unwrap_err();
+        assert!(e.starts_with("success op 0: key is empty"), "{e}");
+        let e = check_txn(&[], &[get.clone()], &[TxnOp { op: None }], 100).unwrap_err();
+        assert!(e.starts_with("failure op 0"), "{e}");
+        let many = vec![get.clone(); TXN_OPS_MAX + 1];
+        assert!(check_txn(&[], &many, &[], 100)
+            .unwrap_err()
+            .contains("at most 128"));
+        let e = check_txn(&[], &vec![put(b"a", 100); 12], &[], 100).unwrap_err();
+        assert!(e.contains("in all"), "{e}");
+        let bad = Compare {
+            key: b"k".to_vec().into(),
+            target: 9,
+            ..Default::default()
+        };
+        assert!(check_txn(&[bad], &[get], &[], 100)
+            .unwrap_err()
+            .contains("unknown target 9"));
     }
 }

@@ -20,6 +20,7 @@ pub mod members_file;
 pub mod term_file;
 
 mod convert;
+mod metrics;
 mod runtime;
 mod service;
 
@@ -93,6 +94,34 @@ pub async fn run(
         leader_tx,
         tracer.clone(),
     )?;
+    let metrics = metrics::CoordMetrics::new();
+    let runtime = runtime.with_metrics(metrics.clone());
+    let metrics_server = match &config.coord.metrics_addr {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr).await.with_context(|| {
+                format!("coord: cannot listen for metrics on {addr} (metrics_addr)")
+            })?;
+            info!("serving metrics at http://{addr}/metrics");
+            let render = move || {
+                let metrics = metrics.clone();
+                async move { metrics.render() }
+            };
+            Some(tokio::spawn(kvraft_common::metrics_http::serve(
+                listener, render,
+            )))
+        }
+        None => None,
+    };
+    // Stopped with the coord.
+    struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            if let Some(t) = &self.0 {
+                t.abort();
+            }
+        }
+    }
+    let _metrics_server = AbortOnDrop(metrics_server);
     let join_service =
         service::JoinService::new(inputs_tx, config.server_ids(), tracer.clone(), cluster);
     let health_rx = leader_rx.clone();

@@ -122,6 +122,7 @@ pub(crate) struct Runtime {
     /// Servers already warned about for reporting another cluster (one line each, not one per
     /// heartbeat).
     foreign: BTreeSet<NodeId>,
+    metrics: Arc<crate::metrics::CoordMetrics>,
 }
 
 /// What the runtime remembers to turn the core's commands into trace actions.
@@ -181,6 +182,7 @@ impl Runtime {
             epoch_term: Term(0),
             cluster,
             foreign: BTreeSet::new(),
+            metrics: crate::metrics::CoordMetrics::new(),
         })
     }
 
@@ -262,8 +264,20 @@ impl Runtime {
         Ok(Event::HeartbeatFailed { id })
     }
 
+    /// Counts into `metrics` (the ones `/metrics` serves).
+    pub(crate) fn with_metrics(mut self, metrics: Arc<crate::metrics::CoordMetrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
     async fn apply(&mut self, event: Event) -> anyhow::Result<()> {
         let commands = self.core.step(event);
+        let alive = self
+            .peers
+            .keys()
+            .filter(|&&id| self.core.is_alive(id))
+            .count();
+        self.metrics.servers_alive.set(alive as i64);
         if self.tracer.is_some() {
             self.trace_alive_changes();
         }
@@ -277,6 +291,7 @@ impl Runtime {
                         .context("cluster id task failed")?
                         .context("cannot store the cluster id")?;
                     self.persist(term).await?;
+                    self.metrics.epoch_changes.inc();
                     self.epoch_term = term;
                     self.epoch_span = kvraft_telemetry::span_if_enabled(|| {
                         tracing::info_span!(
@@ -305,7 +320,10 @@ impl Runtime {
                     term,
                     leader_id,
                     catching_up,
-                } => self.send_heartbeat(to, term, leader_id, &catching_up),
+                } => {
+                    self.metrics.heartbeats_sent.inc();
+                    self.send_heartbeat(to, term, leader_id, &catching_up)
+                }
                 Command::SendPrepare { to, term } => self.send_prepare(to, term),
                 Command::PublishLeader(view) => self.publish(&view).await,
             }
@@ -363,6 +381,13 @@ impl Runtime {
     }
 
     async fn publish(&mut self, view: &LeaderView) {
+        self.metrics
+            .term
+            .set(i64::try_from(view.term.0).unwrap_or(i64::MAX));
+        if self.metrics.leader_id.get() != i64::from(view.leader.0) && view.leader != NodeId::NONE {
+            self.metrics.leader_changes.inc();
+        }
+        self.metrics.leader_id.set(i64::from(view.leader.0));
         let addr = self
             .peers
             .get(&view.leader)

@@ -187,6 +187,7 @@ fn cluster_config(data_dir: &Path, servers: &[SocketAddr]) -> ClusterConfig {
             heartbeat_interval_ms: HEARTBEAT_MS,
             failure_timeout_ms: FAILURE_MS,
             wait_for: WaitFor::All,
+            metrics_addr: None,
         },
         servers: servers
             .iter()
@@ -195,6 +196,7 @@ fn cluster_config(data_dir: &Path, servers: &[SocketAddr]) -> ClusterConfig {
                 id: i as u32 + 1,
                 addr: addr.to_string(),
                 data_dir: data_dir.join(format!("server{}", i + 1)),
+                metrics_addr: None,
             })
             .collect(),
         server: ServerOptions::default(),

@@ -14,7 +14,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kvraft_common::limits::{check_key_value, check_key_value_within};
+use kvraft_common::limits::{
+    check_key_value, check_key_value_within, check_range, check_txn, prefix_end,
+};
 use kvraft_common::ClusterConfig;
 use kvraft_proto as pb;
 use kvraft_tracing::action::{
@@ -30,11 +32,13 @@ use tracing::{debug, Instrument as _};
 
 use crate::backoff::Backoff;
 use crate::failure::Failure;
+use crate::key_watch::Watch;
 use crate::kv_call::kv_call;
 use crate::router::Router;
 use crate::session::{self, Session, Sessions};
+use crate::txn::{self, CasOutcome, CmpOp, Compare, Txn, TxnOp, TxnOpOutcome, TxnOutcome};
 use crate::watcher::Watcher;
-use crate::{Error, LeaderInfo, PutOutcome, Versioned};
+use crate::{Error, KeyValue, LeaderInfo, PutOutcome, RangePage, Versioned};
 
 /// Most puts one client has in flight at once. The server holds up to 1024 waiting puts per
 /// session (a put waits there for the seqs before it); staying well below that keeps a burst
@@ -43,6 +47,9 @@ pub const PUTS_IN_FLIGHT_MAX: usize = 256;
 /// Most gets one client has in flight at once: bounds the memory of queued requests and
 /// answers (values up to 1 MiB each) when a caller fans out without limit.
 pub const GETS_IN_FLIGHT_MAX: usize = 1024;
+/// Most transactions one [`Client::delete_range`] sends (each deletes up to
+/// `DELETE_KEYS_PER_ENTRY_MAX` keys): ten million keys.
+const DELETE_RANGE_ROUNDS_MAX: usize = 1_000;
 /// Cap of the first (jittered) wait before asking an unreachable coord again
 /// (`query_leader`).
 const COORD_RETRY_INITIAL_MS: u64 = 50;
@@ -56,18 +63,18 @@ const KEY_PREVIEW_BYTES: usize = 64;
 /// the connections and the leader watch, and may be used from many tasks at once.
 #[derive(Clone)]
 pub struct Client {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
-struct Inner {
-    client_id: String,
+pub(crate) struct Inner {
+    pub(crate) client_id: String,
     coord_addr: String,
-    op_timeout: Duration,
+    pub(crate) op_timeout: Duration,
     /// Longest value a put may carry, and the gRPC message limit derived from it (the
     /// cluster's `[server] max_value_bytes`).
     max_value_bytes: usize,
-    grpc_message_bytes: usize,
-    router: Arc<Router>,
+    pub(crate) grpc_message_bytes: usize,
+    pub(crate) router: Arc<Router>,
     sessions: Sessions,
     put_permits: Semaphore,
     get_permits: Semaphore,
@@ -349,6 +356,229 @@ impl Client {
         result
     }
 
+    /// Runs `txn` atomically, exactly once even across retries and failovers.
+    ///
+    /// On [`Error::Timeout`] it may or may not have been applied.
+    pub async fn txn(&self, txn: Txn) -> Result<TxnOutcome, Error> {
+        let span = kvraft_telemetry::span_if_enabled(|| {
+            tracing::info_span!("kvslib.txn", client_id = %self.inner.client_id,
+                compares = txn.compares.len(), ops = txn.success.len() + txn.failure.len(),
+                seq = tracing::field::Empty)
+        });
+        self.txn_in_span(txn).instrument(span).await
+    }
+
+    async fn txn_in_span(&self, txn: Txn) -> Result<TxnOutcome, Error> {
+        let compare: Vec<pb::Compare> = txn.compares.iter().map(txn::compare_to_pb).collect();
+        let success: Vec<pb::TxnOp> = txn.success.iter().map(txn::op_to_pb).collect();
+        let failure: Vec<pb::TxnOp> = txn.failure.iter().map(txn::op_to_pb).collect();
+        check_txn(&compare, &success, &failure, self.inner.max_value_bytes)
+            .map_err(Error::InvalidInput)?;
+        let deadline = self.deadline();
+        let _permit = acquire(&self.inner.put_permits, "Txn", deadline).await?;
+        let inner = &self.inner;
+        let session = inner.sessions.usable(&inner.router, deadline).await?;
+        let guard = session.begin_put(deadline).await?;
+        tracing::Span::current().record("seq", guard.seq);
+        debug!(action = "Txn", client_id = %inner.client_id, session_id = session.id,
+            seq = guard.seq, compares = compare.len());
+        let client_id = &inner.client_id;
+        let limit = inner.grpc_message_bytes;
+        let span = tracing::Span::current();
+        let seq = guard.seq;
+        let result = inner
+            .router
+            .call("Txn", deadline, |channel, addr| {
+                let request = pb::TxnRequest {
+                    client_id: client_id.clone(),
+                    session_id: session.id,
+                    seq,
+                    // Recomputed on every attempt: other requests may have finished meanwhile.
+                    ack_seq: session.ack_seq(),
+                    compare: compare.clone(),
+                    success: success.clone(),
+                    failure: failure.clone(),
+                    trace_token: Vec::new().into(),
+                };
+                let span = || tracing::info_span!(parent: &span, "kv.Txn", server = %addr);
+                let request = attempt_request(span, request);
+                txn_attempt(channel, addr, request, limit)
+            })
+            .await;
+        // The seq is finished (answered or abandoned) before the caller sees the result.
+        drop(guard);
+        debug!(action = "TxnResultRecvd", client_id = %inner.client_id,
+            session_id = session.id, seq, result = ?result);
+        if result == Err(Error::SessionExpired) {
+            self.renew_session(&session, deadline).await;
+        }
+        result
+    }
+
+    /// Deletes `key`; whether it existed (exactly once, like a put).
+    pub async fn delete(&self, key: impl Into<Vec<u8>>) -> Result<bool, Error> {
+        let out = self.txn(Txn::new().then(TxnOp::delete(key))).await?;
+        match out.results.first() {
+            Some(TxnOpOutcome::Delete { deleted, .. }) => Ok(*deleted > 0),
+            other => Err(Error::Unavailable(format!(
+                "the server answered a delete with {other:?}"
+            ))),
+        }
+    }
+
+    /// Deletes every key in `[start, end)` (an empty `end`: no upper bound) and returns how
+    /// many were deleted. Each transaction deletes at most
+    /// [`DELETE_KEYS_PER_ENTRY_MAX`](kvraft_common::limits::DELETE_KEYS_PER_ENTRY_MAX) keys,
+    /// so a larger range is deleted by several, one after another: atomic per transaction,
+    /// not as a whole (a key put into the range meanwhile may be deleted too, or not).
+    pub async fn delete_range(
+        &self,
+        start: impl Into<Vec<u8>>,
+        end: impl Into<Vec<u8>>,
+    ) -> Result<u64, Error> {
+        let (start, end) = (start.into(), end.into());
+        check_range(&start, &end).map_err(Error::InvalidInput)?;
+        let mut total = 0u64;
+        // Each round deletes DELETE_KEYS_PER_ENTRY_MAX keys or ends the range; the rounds are
+        // bounded so a range that others keep filling cannot hold this call forever.
+        for _ in 0..DELETE_RANGE_ROUNDS_MAX {
+            let op = TxnOp::DeleteRange {
+                start: start.clone(),
+                end: end.clone(),
+            };
+            let out = self.txn(Txn::new().then(op)).await?;
+            match out.results.first() {
+                Some(TxnOpOutcome::Delete { deleted, more }) => {
+                    total += deleted;
+                    if !more {
+                        return Ok(total);
+                    }
+                }
+                other => {
+                    return Err(Error::Unavailable(format!(
+                        "the server answered a range delete with {other:?}"
+                    )))
+                }
+            }
+        }
+        Err(Error::Unavailable(format!(
+            "{total} keys deleted in {DELETE_RANGE_ROUNDS_MAX} transactions and the range still              holds more"
+        )))
+    }
+
+    /// Deletes every key that starts with `prefix` (see [`Client::delete_range`]).
+    pub async fn delete_prefix(&self, prefix: impl Into<Vec<u8>>) -> Result<u64, Error> {
+        let prefix = prefix.into();
+        let end = prefix_end(&prefix);
+        self.delete_range(prefix, end).await
+    }
+
+    /// Writes `value` under `key` only if the key's version is `expected_version` (0: only if
+    /// it is absent), exactly once.
+    pub async fn cas(
+        &self,
+        key: impl Into<Vec<u8>>,
+        expected_version: u64,
+        value: impl Into<Vec<u8>>,
+    ) -> Result<CasOutcome, Error> {
+        let key = key.into();
+        let txn = Txn::new()
+            .when(Compare::version(
+                key.clone(),
+                CmpOp::Equal,
+                expected_version,
+            ))
+            .then(TxnOp::put(key.clone(), value))
+            .otherwise(TxnOp::get(key));
+        let out = self.txn(txn).await?;
+        match (out.succeeded, out.results.first()) {
+            (true, Some(TxnOpOutcome::Put { version })) => Ok(CasOutcome::Swapped(PutOutcome {
+                version: *version,
+                index: out.revision,
+            })),
+            (false, Some(TxnOpOutcome::Get { value, .. })) => Ok(CasOutcome::Failed {
+                current: value.clone(),
+            }),
+            other => Err(Error::Unavailable(format!(
+                "the server answered a compare-and-swap with {other:?}"
+            ))),
+        }
+    }
+
+    /// Keys in `[start, end)` (an empty `end`: no upper bound) in key order, linearizable:
+    /// at most `limit` (0: [`RANGE_LIMIT_MAX`](kvraft_common::limits::RANGE_LIMIT_MAX)), and
+    /// fewer when their values pass the cluster's `max_value_bytes`. Continue from
+    /// `next_key` while `more`.
+    pub async fn range(
+        &self,
+        start: impl Into<Vec<u8>>,
+        end: impl Into<Vec<u8>>,
+        limit: u64,
+        keys_only: bool,
+    ) -> Result<RangePage, Error> {
+        let (start, end) = (start.into(), end.into());
+        check_range(&start, &end).map_err(Error::InvalidInput)?;
+        let deadline = self.deadline();
+        let _permit = acquire(&self.inner.get_permits, "Range", deadline).await?;
+        let client_id = &self.inner.client_id;
+        let limit_bytes = self.inner.grpc_message_bytes;
+        let (start, end) = (Bytes::from(start), Bytes::from(end));
+        self.inner
+            .router
+            .call("Range", deadline, |channel, addr| {
+                let request = pb::RangeRequest {
+                    client_id: client_id.clone(),
+                    start: start.clone(),
+                    end: end.clone(),
+                    prefix: false,
+                    limit,
+                    keys_only,
+                    revision: 0,
+                    trace_token: Vec::new().into(),
+                };
+                let request = attempt_request(|| tracing::info_span!("kv.Range"), request);
+                range_attempt(channel, addr, request, limit_bytes)
+            })
+            .await
+    }
+
+    /// Every key that starts with `prefix`, page by page (see [`Client::range`]).
+    pub async fn range_prefix(
+        &self,
+        prefix: impl Into<Vec<u8>>,
+        limit: u64,
+        keys_only: bool,
+    ) -> Result<RangePage, Error> {
+        let prefix = prefix.into();
+        let end = prefix_end(&prefix);
+        self.range(prefix, end, limit, keys_only).await
+    }
+
+    /// Watches every change of the keys in `[start, end)` (an empty `end`: no upper bound)
+    /// from revision `from_revision` on (0: changes after now), in revision order, exactly
+    /// once through failovers (see [`Watch`]).
+    pub fn watch(
+        &self,
+        start: impl Into<Vec<u8>>,
+        end: impl Into<Vec<u8>>,
+        from_revision: u64,
+    ) -> Result<Watch, Error> {
+        let (start, end) = (start.into(), end.into());
+        check_range(&start, &end).map_err(Error::InvalidInput)?;
+        Ok(Watch::new(self.clone(), start, end, from_revision))
+    }
+
+    /// Watches every key that starts with `prefix` (see [`Client::watch`]).
+    pub fn watch_prefix(
+        &self,
+        prefix: impl Into<Vec<u8>>,
+        from_revision: u64,
+    ) -> Result<Watch, Error> {
+        let prefix = prefix.into();
+        let end = prefix_end(&prefix);
+        self.watch(prefix, end, from_revision)
+    }
+
     /// Who leads now, asked of the coord. When the coord cannot be reached, the cached view
     /// (from the leader watch and server hints) is returned instead; an error only when
     /// nothing is known at all.
@@ -507,7 +737,7 @@ fn attempt_request<T>(make_span: impl FnOnce() -> tracing::Span, msg: T) -> Atte
 }
 
 /// A Kv client whose messages may be as large as the cluster's largest value needs.
-fn kv_client(
+pub(crate) fn kv_client(
     channel: tonic::transport::Channel,
     limit: usize,
 ) -> KvClient<tonic::transport::Channel> {
@@ -534,6 +764,43 @@ async fn put_attempt(
     })
 }
 
+async fn txn_attempt(
+    channel: tonic::transport::Channel,
+    addr: String,
+    attempt: Attempt<pb::TxnRequest>,
+    limit: usize,
+) -> Result<TxnOutcome, Failure> {
+    let Attempt { span, request } = attempt;
+    let call = || async move { kv_client(channel, limit).txn(request).await };
+    let response = kv_call(&addr, None, call).instrument(span).await?;
+    txn::outcome_of(&response)
+        .map_err(|e| Failure::Fatal(Error::Unavailable(format!("server {addr}: {e}"))))
+}
+
+async fn range_attempt(
+    channel: tonic::transport::Channel,
+    addr: String,
+    attempt: Attempt<pb::RangeRequest>,
+    limit: usize,
+) -> Result<RangePage, Failure> {
+    let Attempt { span, request } = attempt;
+    let call = || async move { kv_client(channel, limit).range(request).await };
+    let response = kv_call(&addr, None, call).instrument(span).await?;
+    Ok(RangePage {
+        kvs: response
+            .kvs
+            .iter()
+            .map(|kv| KeyValue {
+                key: kv.key.to_vec(),
+                value: txn::versioned_of(kv),
+            })
+            .collect(),
+        more: response.more,
+        next_key: response.next_key.to_vec(),
+        revision: response.revision,
+    })
+}
+
 async fn get_attempt(
     channel: tonic::transport::Channel,
     addr: String,
@@ -549,6 +816,8 @@ async fn get_attempt(
     Ok(response.found.then(|| Versioned {
         value: response.value.to_vec(),
         version: response.version,
+        create_revision: response.create_revision,
+        mod_revision: response.mod_revision,
     }))
 }
 

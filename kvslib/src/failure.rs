@@ -39,6 +39,7 @@ impl Failure {
                 Failure::Fatal(Error::Rejected(describe("invalid argument")))
             }
             Ok(ErrorCode::ErrorUnavailable) => Failure::Retry(describe("unavailable")),
+            Ok(ErrorCode::ErrorCompacted) => Failure::Fatal(Error::Rejected(describe("compacted"))),
             Err(_) => Failure::Retry(describe(&format!("unknown error code {}", err.code))),
         };
         Some(failure)

@@ -31,7 +31,9 @@ macro_rules! kv_reply {
 kv_reply!(
     pb::RegisterSessionResponse,
     pb::PutResponse,
-    pb::GetResponse
+    pb::GetResponse,
+    pb::TxnResponse,
+    pb::RangeResponse
 );
 
 /// Runs `call` against server `addr`; an answer carrying an error comes back as `Err`.

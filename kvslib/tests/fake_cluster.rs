@@ -88,6 +88,19 @@ impl FakeKv {
 
 #[tonic::async_trait]
 impl pb::kv_server::Kv for FakeKv {
+    type WatchStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::WatchResponse, Status>> + Send>,
+    >;
+
+    async fn watch(
+        &self,
+        _: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        Err(Status::unimplemented(
+            "the fake cluster serves puts and gets",
+        ))
+    }
+
     async fn register_session(
         &self,
         _: Request<pb::RegisterSessionRequest>,
@@ -126,6 +139,21 @@ impl pb::kv_server::Kv for FakeKv {
             }));
         }
         Ok(Response::new(self.apply_put(&mut c, &r)))
+    }
+
+    async fn txn(&self, _: Request<pb::TxnRequest>) -> Result<Response<pb::TxnResponse>, Status> {
+        Err(Status::unimplemented(
+            "the fake cluster serves puts and gets",
+        ))
+    }
+
+    async fn range(
+        &self,
+        _: Request<pb::RangeRequest>,
+    ) -> Result<Response<pb::RangeResponse>, Status> {
+        Err(Status::unimplemented(
+            "the fake cluster serves puts and gets",
+        ))
     }
 
     async fn get(&self, r: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {

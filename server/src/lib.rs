@@ -17,6 +17,7 @@
 pub mod engine;
 pub mod faults;
 pub mod log_writer;
+pub mod metrics;
 mod otel_spans;
 pub mod replica;
 pub mod replica_log;
@@ -25,6 +26,7 @@ pub mod service;
 pub mod state_machine;
 pub mod storage;
 mod trace_events;
+pub mod watch;
 
 #[cfg(test)]
 mod replica_tests;

@@ -40,7 +40,7 @@ use kvraft_common::{limits, LogIndex, NodeId, Term};
 use kvraft_proto::log_entry::Payload;
 use kvraft_proto::{
     AppendEntriesRequest, AppendEntriesResponse, LogEntry, Noop, PutCommand, RegisterSession,
-    ServerReport,
+    ServerReport, TxnCommand,
 };
 use prost::bytes::Bytes;
 use prost::Message;
@@ -58,7 +58,7 @@ mod leader;
 #[path = "replica_snapshot.rs"]
 mod snapshot;
 
-use crate::state_machine::{Outcome, PutError, PutResult, StateMachine};
+use crate::state_machine::{Outcome, PutError, RangePage, StateMachine, Versioned, WriteResult};
 use crate::storage::HardState;
 use durability::Durability;
 
@@ -157,8 +157,16 @@ pub enum Event {
         cmd: PutCommand,
         reply: ReplyTo,
     },
+    Txn {
+        cmd: TxnCommand,
+        reply: ReplyTo,
+    },
     Get {
         key: Bytes,
+        reply: ReplyTo,
+    },
+    Range {
+        query: RangeQuery,
         reply: ReplyTo,
     },
     /// Every log write with id <= write_id is durable.
@@ -191,6 +199,25 @@ pub enum ClientError {
     Unavailable(String),
 }
 
+/// A linearizable read of keys `[start, end)` (an empty `end`: no upper bound).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RangeQuery {
+    pub start: Bytes,
+    pub end: Bytes,
+    /// Most keys (at most [`limits::RANGE_LIMIT_MAX`]).
+    pub limit: u64,
+    pub keys_only: bool,
+    /// Read as of this revision; 0 = the latest (the only one the store keeps).
+    pub revision: u64,
+}
+
+/// A key as a read found it, and the store's revision then.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReadResult {
+    pub value: Option<Versioned>,
+    pub revision: u64,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum Reply {
     Report(ServerReport),
@@ -203,15 +230,21 @@ pub enum Reply {
         uuid: String,
     },
     Registered(Result<u64, ClientError>),
-    Put {
-        result: Result<PutResult, ClientError>,
+    /// The answer to a put or a transaction.
+    Write {
+        result: Result<WriteResult, ClientError>,
         duplicate: bool,
     },
-    Get(Result<Option<(Bytes, u64)>, ClientError>),
+    Get(Result<ReadResult, ClientError>),
+    Range(Result<(RangePage, u64), ClientError>),
     Status {
         report: ServerReport,
         last_applied: LogIndex,
         log: LogStatus,
+        /// As leader: each follower's match index (empty otherwise).
+        followers: Vec<(NodeId, LogIndex)>,
+        /// Client sessions held.
+        sessions: u64,
     },
 }
 
@@ -293,8 +326,14 @@ struct Peer {
 }
 
 #[derive(Debug)]
+enum ReadQuery {
+    Get(Bytes),
+    Range(RangeQuery),
+}
+
+#[derive(Debug)]
 struct PendingRead {
-    key: Bytes,
+    query: ReadQuery,
     reply: ReplyTo,
     round: u64,
     /// Commit index when the read arrived (set once the no-op has committed).
@@ -504,6 +543,16 @@ impl Replica {
         &self.sm
     }
 
+    /// See [`StateMachine::record_changes`].
+    pub fn record_changes(&mut self, on: bool) {
+        self.sm.record_changes(on);
+    }
+
+    /// See [`StateMachine::take_changes`].
+    pub fn take_changes(&mut self) -> Vec<crate::state_machine::Change> {
+        self.sm.take_changes()
+    }
+
     /// The in-memory log's base: entries at or below it are compacted.
     pub fn log_base(&self) -> LogBase {
         self.log.base()
@@ -555,11 +604,21 @@ impl Replica {
             Event::PeerDisconnected { peer } => self.on_peer_disconnected(peer),
             Event::RegisterSession { client_id, reply } => self.on_register(client_id, reply),
             Event::Put { cmd, reply } => self.on_put(cmd, reply),
-            Event::Get { key, reply } => self.on_get(key, reply),
+            Event::Txn { cmd, reply } => self.on_txn(cmd, reply),
+            Event::Get { key, reply } => self.on_read(ReadQuery::Get(key), reply),
+            Event::Range { query, reply } => self.on_read(ReadQuery::Range(query), reply),
             Event::Persisted { write_id } => self.on_persisted(write_id),
             Event::StateDurable { applied } => self.compact(applied.0),
             Event::Status { reply } => {
+                let followers = self.leader.as_ref().map_or(Vec::new(), |l| {
+                    l.peers
+                        .iter()
+                        .map(|(id, p)| (*id, LogIndex(p.match_index)))
+                        .collect()
+                });
                 let status = Reply::Status {
+                    followers,
+                    sessions: self.sm.session_count() as u64,
                     report: self.report(),
                     last_applied: LogIndex(self.sm.last_applied()),
                     log: LogStatus {
@@ -624,11 +683,15 @@ impl Replica {
         };
         let err = self.not_leader();
         for read in leader.reads {
-            self.reply(read.reply, Reply::Get(Err(err.clone())));
+            let reply = match read.query {
+                ReadQuery::Get(_) => Reply::Get(Err(err.clone())),
+                ReadQuery::Range(_) => Reply::Range(Err(err.clone())),
+            };
+            self.reply(read.reply, reply);
         }
         for (_, waiters) in leader.put_waiters {
             for w in waiters.replies {
-                let reply = Reply::Put {
+                let reply = Reply::Write {
                     result: Err(err.clone()),
                     duplicate: false,
                 };

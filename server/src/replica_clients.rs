@@ -15,7 +15,7 @@ impl Replica {
                     self.reply(w, Reply::Registered(Ok(index)));
                 }
             }
-            Outcome::Put {
+            Outcome::Write {
                 session_id,
                 seq,
                 result,
@@ -24,7 +24,7 @@ impl Replica {
                 let waiters = leader.put_waiters.remove(&(session_id, seq));
                 let result = result.map_err(client_error);
                 for w in waiters.into_iter().flat_map(|w| w.replies) {
-                    let reply = Reply::Put {
+                    let reply = Reply::Write {
                         result: result.clone(),
                         duplicate,
                     };
@@ -54,45 +54,61 @@ impl Replica {
     }
 
     pub(super) fn on_put(&mut self, cmd: PutCommand, reply: ReplyTo) {
+        let valid =
+            limits::check_key_value_within(&cmd.key, Some(&cmd.value), self.cfg.max_value_bytes);
+        let ids = (cmd.session_id, cmd.seq, cmd.ack_seq);
+        self.on_write(ids, valid, Payload::Put(cmd), reply);
+    }
+
+    pub(super) fn on_txn(&mut self, mut cmd: TxnCommand, reply: ReplyTo) {
+        let max = self.cfg.max_value_bytes;
+        let valid = limits::check_txn(&cmd.compare, &cmd.success, &cmd.failure, max);
+        // Every replica records the same get results: the budget travels with the entry.
+        cmd.read_bytes_max = max as u64;
+        let ids = (cmd.session_id, cmd.seq, cmd.ack_seq);
+        self.on_write(ids, valid, Payload::Txn(cmd), reply);
+    }
+
+    /// A put or a transaction of a session (`payload`), whose own checks gave `valid`.
+    fn on_write(
+        &mut self,
+        (session_id, seq, ack_seq): (u64, u64, u64),
+        valid: Result<(), String>,
+        payload: Payload,
+        reply: ReplyTo,
+    ) {
         let refuse = |this: &mut Self, error: ClientError| {
-            let reply_msg = Reply::Put {
+            let reply_msg = Reply::Write {
                 result: Err(error),
                 duplicate: false,
             };
             this.reply(reply, reply_msg);
         };
-        let valid = limits::check_put_seq(
-            cmd.session_id,
-            cmd.seq,
-            cmd.ack_seq,
-            self.cfg.session_window,
-        )
-        .and_then(|()| {
-            limits::check_key_value_within(&cmd.key, Some(&cmd.value), self.cfg.max_value_bytes)
-        });
+        let valid =
+            limits::check_put_seq(session_id, seq, ack_seq, self.cfg.session_window).and(valid);
         if let Err(e) = valid {
             return refuse(self, ClientError::Invalid(e));
         }
         if self.leader.is_none() {
             return refuse(self, self.not_leader());
         }
-        if cmd.session_id > self.last_index() {
+        if session_id > self.last_index() {
             // Session ids are indices of committed entries, and a current leader's log holds
-            // every committed entry: this is no session, or this leader is deposed (the put
-            // could not commit here anyway). Not definite: an earlier attempt of the same put
-            // at the real leader may have applied.
+            // every committed entry: this is no session, or this leader is deposed (the
+            // request could not commit here anyway). Not definite: an earlier attempt of the
+            // same request at the real leader may have applied.
             let e = format!(
                 "session_id {} is above this server's last log index {}: not a session here \
                  (register a session first), or this server no longer leads",
-                cmd.session_id,
+                session_id,
                 self.last_index()
             );
             return refuse(self, ClientError::Unavailable(e));
         }
-        let key = (cmd.session_id, cmd.seq);
+        let key = (session_id, seq);
         if self.serving() {
-            if let Some(result) = self.sm.cached_result(cmd.session_id, cmd.seq) {
-                let reply_msg = Reply::Put {
+            if let Some(result) = self.sm.cached_result(session_id, seq) {
+                let reply_msg = Reply::Write {
                     result: Ok(result),
                     duplicate: true,
                 };
@@ -103,8 +119,8 @@ impl Replica {
             // A session id above the applied index is not refused: a leader deposed without
             // knowing it has not seen sessions registered under the newer leader, and a
             // SESSION_EXPIRED from that stale view would make kvslib drop a valid session.
-            // That put goes to the log; applying it answers once committed.
-            if cmd.session_id <= self.sm.last_applied() && !self.sm.has_session(cmd.session_id) {
+            // That request goes to the log; applying it answers once committed.
+            if session_id <= self.sm.last_applied() && !self.sm.has_session(session_id) {
                 return refuse(self, ClientError::SessionExpired);
             }
         }
@@ -112,38 +128,43 @@ impl Replica {
         if let Some(waiters) = leader.put_waiters.get_mut(&key) {
             if waiters.replies.len() >= PUT_ATTEMPTS_WAITING_MAX {
                 let e = format!(
-                    "{PUT_ATTEMPTS_WAITING_MAX} attempts of (session {}, seq {}) already wait",
-                    cmd.session_id, cmd.seq
+                    "{PUT_ATTEMPTS_WAITING_MAX} attempts of (session {session_id}, seq {seq}) \
+                     already wait"
                 );
                 return refuse(self, ClientError::Unavailable(e));
             }
             waiters.replies.push(reply);
-            if cmd.ack_seq <= waiters.ack_seq {
+            if ack_seq <= waiters.ack_seq {
                 return; // the same request is already in the log, with as much acknowledged
             }
-            waiters.ack_seq = cmd.ack_seq;
+            waiters.ack_seq = ack_seq;
         } else {
             let waiters = PutWaiters {
                 replies: vec![reply],
-                ack_seq: cmd.ack_seq,
+                ack_seq,
             };
             leader.put_waiters.insert(key, waiters);
         }
-        self.append_local(Payload::Put(cmd));
+        self.append_local(payload);
         self.advance_commit();
     }
 
     /// DESIGN rule 8: ReadIndex. A read waits for the no-op to commit, records the commit
     /// index, waits for a majority to confirm this leader in a round started after it arrived,
     /// then for the state machine to reach the recorded index.
-    pub(super) fn on_get(&mut self, key: Bytes, reply: ReplyTo) {
+    pub(super) fn on_read(&mut self, query: ReadQuery, reply: ReplyTo) {
         let read_index = self.serving().then_some(self.commit_index);
         let Some(leader) = self.leader.as_mut() else {
-            return self.reply(reply, Reply::Get(Err(self.not_leader())));
+            let err = self.not_leader();
+            let reply_msg = match query {
+                ReadQuery::Get(_) => Reply::Get(Err(err)),
+                ReadQuery::Range(_) => Reply::Range(Err(err)),
+            };
+            return self.reply(reply, reply_msg);
         };
         leader.round_wanted = true;
         leader.reads.push_back(PendingRead {
-            key,
+            query,
             reply,
             round: leader.read_round + 1,
             read_index,
@@ -179,8 +200,39 @@ impl Replica {
             ready.push(leader.reads.pop_front().expect("invariant: front exists"));
         }
         for read in ready {
-            let value = self.sm.read(&read.key).map(|v| (v.value, v.version));
-            self.reply(read.reply, Reply::Get(Ok(value)));
+            let reply = self.serve_read(read.query);
+            self.reply(read.reply, reply);
+        }
+    }
+
+    /// Answers a read whose ReadIndex is confirmed and applied. A range is bounded by its
+    /// limit and by `max_value_bytes` of keys and values (at least one key).
+    fn serve_read(&mut self, query: ReadQuery) -> Reply {
+        let revision = self.sm.last_applied();
+        match query {
+            ReadQuery::Get(key) => {
+                let value = self.sm.read(&key);
+                Reply::Get(Ok(ReadResult { value, revision }))
+            }
+            ReadQuery::Range(q) => {
+                if q.revision != 0 && q.revision != revision {
+                    let e = format!(
+                        "revision {} is not held: the store keeps only its latest revision, \
+                         {revision} (read with revision 0 for the latest)",
+                        q.revision
+                    );
+                    return Reply::Range(Err(ClientError::Invalid(e)));
+                }
+                let limit = match q.limit {
+                    0 => limits::RANGE_LIMIT_MAX,
+                    n => n.min(limits::RANGE_LIMIT_MAX),
+                } as usize;
+                let bytes_max = self.cfg.max_value_bytes;
+                let page = self
+                    .sm
+                    .range(&q.start, &q.end, limit, bytes_max, q.keys_only);
+                Reply::Range(Ok((page, revision)))
+            }
         }
     }
 
@@ -197,7 +249,9 @@ fn client_error(e: PutError) -> ClientError {
         PutError::SessionExpired => ClientError::SessionExpired,
         PutError::Stale => ClientError::Stale,
         PutError::Invalid => ClientError::Invalid(
-            "the put breaks its session window (ack_seq <= seq < ack_seq + window)".to_string(),
+            "the request breaks its session window (ack_seq <= seq < ack_seq + window) or the \
+             transaction limits"
+                .to_string(),
         ),
     }
 }

@@ -8,7 +8,10 @@ use kvraft_common::{LogIndex, NodeId, Term};
 use kvraft_proto::{AppendEntriesRequest, LogEntry, PutCommand};
 use prost::bytes::Bytes;
 
-use crate::replica::{ClientError, Command, Event, Replica, ReplicaConfig, Reply, ReplyTo};
+use crate::replica::{
+    ClientError, Command, Event, ReadResult, Replica, ReplicaConfig, Reply, ReplyTo,
+};
+use crate::state_machine::WriteResult;
 use crate::storage::HardState;
 
 struct Node {
@@ -265,8 +268,8 @@ impl Net {
 
 fn put_version(reply: Option<Reply>) -> (u64, bool) {
     match reply {
-        Some(Reply::Put {
-            result: Ok(r),
+        Some(Reply::Write {
+            result: Ok(WriteResult::Put(r)),
             duplicate,
         }) => (r.version, duplicate),
         other => panic!("expected a put result, got {other:?}"),
@@ -339,7 +342,10 @@ fn new_leader_appends_noop_and_serves_nothing_before_it_commits() {
         "no read served before the no-op commits"
     );
     net.settle();
-    assert_eq!(net.take(1, read), Some(Reply::Get(Ok(None))));
+    assert!(matches!(
+        net.take(1, read),
+        Some(Reply::Get(Ok(ReadResult { value: None, .. })))
+    ));
 }
 
 /// Rule 3 and 5: an entry commits only once fsynced on a majority of all N servers; the
@@ -598,7 +604,7 @@ fn older_term_is_refused_and_old_leader_steps_down() {
     assert!(!net.node(1).is_leader(), "old leader stepped down");
     assert_eq!(net.node(1).term(), 2);
     match net.take(1, put) {
-        Some(Reply::Put {
+        Some(Reply::Write {
             result: Err(ClientError::NotLeader { term: Term(2), .. }),
             ..
         }) => {}
@@ -607,7 +613,10 @@ fn older_term_is_refused_and_old_leader_steps_down() {
     // The write of the deposed leader was never applied anywhere.
     let read = net.get(2, "k");
     net.settle();
-    assert_eq!(net.take(2, read), Some(Reply::Get(Ok(None))));
+    assert!(matches!(
+        net.take(2, read),
+        Some(Reply::Get(Ok(ReadResult { value: None, .. })))
+    ));
 }
 
 /// Rule 2: a server accepts one leader per term and refuses any other.
@@ -1135,7 +1144,9 @@ fn read_waits_for_majority_confirmation() {
     net.step(1, Event::Tick { now_ms: 1_000_000 });
     net.settle();
     match net.take(1, read) {
-        Some(Reply::Get(Ok(Some((value, 1))))) => assert_eq!(value, Bytes::from("v1")),
+        Some(Reply::Get(Ok(ReadResult { value: Some(v), .. }))) if v.version == 1 => {
+            assert_eq!(v.value, Bytes::from("v1"))
+        }
         other => panic!("expected v1, got {other:?}"),
     }
 }
@@ -1170,14 +1181,14 @@ fn put_of_unknown_session_is_refused() {
     let put = net.put(1, 1, 1, "k", "v"); // index 1 is the no-op, not a session
     assert!(matches!(
         net.take(1, put),
-        Some(Reply::Put {
+        Some(Reply::Write {
             result: Err(ClientError::SessionExpired),
             ..
         })
     ));
     let put = net.put(1, 12345, 1, "k", "v");
     match net.take(1, put) {
-        Some(Reply::Put {
+        Some(Reply::Write {
             result: Err(ClientError::Unavailable(m)),
             ..
         }) => assert!(m.contains("session_id 12345"), "{m}"),
@@ -1207,7 +1218,7 @@ fn deposed_leader_does_not_refuse_a_session_it_has_not_seen() {
     let put = net.put(1, session, 1, "k", "v");
     match net.take(1, put) {
         None
-        | Some(Reply::Put {
+        | Some(Reply::Write {
             result: Err(ClientError::Unavailable(_)),
             ..
         }) => {}
@@ -1237,7 +1248,7 @@ fn invalid_puts_never_reach_the_log() {
         };
         net.step(1, Event::Put { cmd, reply });
         match net.take(1, reply) {
-            Some(Reply::Put {
+            Some(Reply::Write {
                 result: Err(ClientError::Invalid(m)),
                 ..
             }) => assert!(m.starts_with(field), "{m}"),

@@ -28,7 +28,7 @@ use anyhow::Context;
 use kvraft_common::config::ClusterConfig;
 use kvraft_common::{LogIndex, NodeId, Term};
 use kvraft_proto::replication_client::ReplicationClient;
-use kvraft_proto::{AppendEntriesRequest, AppendEntriesResponse, PutCommand};
+use kvraft_proto::{AppendEntriesRequest, AppendEntriesResponse, PutCommand, TxnCommand};
 use kvraft_tracing::action::ServerStart;
 use kvraft_tracing::Tracer;
 use prost::bytes::Bytes;
@@ -39,12 +39,16 @@ use tonic::transport::{Channel, Endpoint};
 use crate::engine::{EngineError, RedbEngine, SnapshotSource};
 use crate::faults::Faults;
 use crate::log_writer::{DiskFull, LogDisk, LogWriter};
+use crate::metrics::ServerMetrics;
 use crate::otel_spans::OtelSpans;
-use crate::replica::{Command, Event, Replica, ReplicaConfig, Reply, ReplyTo, StreamId};
+use crate::replica::{
+    Command, Event, RangeQuery, Replica, ReplicaConfig, Reply, ReplyTo, StreamId,
+};
 use crate::service;
 use crate::state_machine::StateMachine;
 use crate::storage::{FileLogStore, HardStateFile, LogStore, ServerMeta, StorageError, Syncer};
 use crate::trace_events::TraceEvents;
+use crate::watch::WatchHub;
 
 /// Capacity of the core's input queue. Handlers wait when it is full (backpressure).
 pub const INPUT_QUEUE_MAX: usize = 16 * 1024;
@@ -98,6 +102,8 @@ pub(crate) enum Call {
     /// of its OpenTelemetry span (empty unless spans are exported).
     Put(PutCommand, Option<u64>, HashMap<String, String>),
     Get(Bytes),
+    Txn(TxnCommand),
+    Range(RangeQuery),
     Status,
 }
 
@@ -122,8 +128,19 @@ impl Call {
             Call::Register { client_id } => Event::RegisterSession { client_id, reply },
             Call::Put(cmd, ..) => Event::Put { cmd, reply },
             Call::Get(key) => Event::Get { key, reply },
+            Call::Txn(cmd) => Event::Txn { cmd, reply },
+            Call::Range(query) => Event::Range { query, reply },
             Call::Status => Event::Status { reply },
         }
+    }
+}
+
+/// A task stopped when the server stops.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -167,6 +184,9 @@ pub(crate) struct CoreHandle {
     pub disk_full: Arc<AtomicBool>,
     /// Trace events; `None` when tracing is off.
     pub tracer: Option<Tracer>,
+    /// The changes applied, for watches.
+    pub watch: Arc<WatchHub>,
+    pub metrics: Arc<ServerMetrics>,
 }
 
 impl CoreHandle {
@@ -285,6 +305,10 @@ pub async fn run(
             dir.display()
         )
     })?;
+    let mut replica = replica;
+    replica.record_changes(true);
+    let watch = Arc::new(WatchHub::new(replica.last_applied()));
+    let metrics = ServerMetrics::new();
     let (tx, rx) = mpsc::channel(INPUT_QUEUE_MAX);
     let handle = CoreHandle {
         tx: tx.clone(),
@@ -299,10 +323,25 @@ pub async fn run(
         last_coord_contact_ms: Arc::new(AtomicU64::new(0)),
         disk_full: Arc::new(AtomicBool::new(false)),
         tracer: tracer.clone(),
+        watch: watch.clone(),
+        metrics: metrics.clone(),
     };
     let peers = spawn_peer_links(&config, NodeId(id), tx.clone(), faults.clone(), &tracer)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let grpc = tokio::spawn(service::serve(listener, handle.clone(), stop_rx.clone()));
+    let _metrics_server = match &me.metrics_addr {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr).await.with_context(|| {
+                format!("server {id}: cannot listen for metrics on {addr} (metrics_addr)")
+            })?;
+            tracing::info!(server = id, %addr, "serving metrics at http://{addr}/metrics");
+            Some(AbortOnDrop(tokio::spawn(service::serve_metrics(
+                listener,
+                handle.clone(),
+            ))))
+        }
+        None => None,
+    };
     tokio::spawn(service::join_coord(config.clone(), handle.clone(), stop_rx));
     let core = Core {
         replica,
@@ -320,6 +359,10 @@ pub async fn run(
         trace: tracer.clone().map(|t| TraceEvents::new(t, id)),
         otel: kvraft_telemetry::enabled().then(OtelSpans::default),
         meta,
+        watch,
+        metrics,
+        appended_since_sync: 0,
+        leader_seen: NodeId::NONE,
         state_synced_ms: monotonic_ms(),
         state_sync_ms: config.server.state_sync_ms,
         state_sync_in_flight: false,
@@ -358,6 +401,13 @@ struct Core {
     otel: Option<OtelSpans>,
     /// Holds the data-directory lock for the life of the server.
     meta: ServerMeta,
+    /// Where applied changes go for watches (taken from the core after every step).
+    watch: Arc<WatchHub>,
+    metrics: Arc<ServerMetrics>,
+    /// Entries appended since the last fsync started (its batch size, for the metrics).
+    appended_since_sync: u64,
+    /// The leader this server knew after the last step (leader changes, for the metrics).
+    leader_seen: NodeId,
     /// When the state machine was last written for a durable commit, and how often it is
     /// (`[server] state_sync_ms`, default 1 s). Entries applied in between wait in memory
     /// (bounded by `state_machine::OVERLAY_KEYS_MAX` and `OVERLAY_BYTES_MAX`, past which they
@@ -410,6 +460,19 @@ impl Core {
             // write.
             self.check_engine()?;
             self.check_crash_fault();
+            // An install in this step replaced the state: watches restart from it before the
+            // changes applied after it are published.
+            for cmd in &cmds {
+                if let Command::SnapshotInstalled { index, .. } = cmd {
+                    self.watch.reset(index.0);
+                }
+            }
+            let changes = self.replica.take_changes();
+            self.watch.publish(changes, self.replica.last_applied());
+            if self.replica.leader_hint() != self.leader_seen {
+                self.leader_seen = self.replica.leader_hint();
+                self.metrics.leader_changes.inc();
+            }
             self.execute(cmds)?;
             self.flush_log()?;
             self.start_sync();
@@ -662,6 +725,9 @@ impl Core {
             std::process::exit(87);
         }
         for cmd in cmds {
+            if let Command::AppendLog(entries) = &cmd {
+                self.appended_since_sync += entries.len() as u64;
+            }
             if let (Command::AppendLog(entries), Some(t)) = (&cmd, &mut self.trace) {
                 t.appended(entries, self.replica.is_leader());
             }
@@ -715,6 +781,11 @@ impl Core {
                 tokio::task::block_in_place(|| self.hard_file.save(hs))?;
             }
             Command::SendAppend { to, mut req } => {
+                self.metrics
+                    .entries_replicated
+                    .inc_by(req.entries.len() as u64);
+                let bytes: usize = req.entries.iter().map(prost::Message::encoded_len).sum();
+                self.metrics.bytes_replicated.inc_by(bytes as u64);
                 if let Some(peer) = self.peers.get(&to) {
                     if let Some(t) = &mut self.trace {
                         t.sending_append(to.0, &mut req);
@@ -787,8 +858,14 @@ impl Core {
         };
         let syncer: Arc<dyn Syncer> = self.log.store.syncer();
         let tx = self.tx.clone();
+        self.metrics
+            .fsync_entries
+            .observe(std::mem::take(&mut self.appended_since_sync) as f64);
+        let seconds = self.metrics.fsync_seconds.clone();
         tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
             let result = syncer.sync();
+            seconds.observe(started.elapsed().as_secs_f64());
             let _ = tx.blocking_send(Input::Synced(target, result));
         });
     }

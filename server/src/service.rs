@@ -34,8 +34,10 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
 
 use crate::faults::FaultSpec;
-use crate::replica::{ClientError, Reply};
+use crate::replica::{ClientError, RangeQuery, Reply};
 use crate::runtime::{now_ms, Call, CoreHandle, Input, PEER_QUEUE_MAX};
+use crate::state_machine::{TxnOpResult, Versioned, WriteResult};
+use crate::watch as watches;
 
 /// How often the `grpc.health.v1` status is brought up to date.
 const HEALTH_REFRESH_MS: u64 = 100;
@@ -223,6 +225,200 @@ fn own_entries(req: &mut AppendEntriesRequest) {
             put.key = owned(&put.key);
             put.value = owned(&put.value);
         }
+    }
+}
+
+/// Serves Prometheus scrapes of this server's metrics on `listener` (see `metrics.rs`).
+pub(crate) async fn serve_metrics(listener: TcpListener, handle: CoreHandle) {
+    let render = move || {
+        let handle = handle.clone();
+        async move {
+            let mut sample = crate::metrics::Sample::default();
+            if let Some(Reply::Status {
+                report,
+                last_applied,
+                log,
+                followers,
+                sessions,
+            }) = handle.call(Call::Status).await
+            {
+                let size = |name: &str| {
+                    std::fs::metadata(handle.data_dir.join(name)).map_or(0, |m| m.len())
+                };
+                sample = crate::metrics::Sample {
+                    term: report.term,
+                    commit_index: report.commit_index,
+                    applied_index: last_applied.0,
+                    last_index: report.last_log_index,
+                    is_leader: report.role == Role::Leader as i32,
+                    log_bytes: crate::storage::log_disk_bytes(&handle.data_dir),
+                    log_entries_held: log.entries_held,
+                    state_bytes: size(crate::runtime::STATE_FILE),
+                    rss_bytes: rss_bytes(),
+                    followers: followers.iter().map(|(id, m)| (id.0, m.0)).collect(),
+                    watches_open: (watches::WATCHES_MAX - handle.watch.watches.available_permits())
+                        as u64,
+                    sessions_open: sessions,
+                    snapshots_sent: log.snapshots_sent,
+                    snapshots_installed: log.snapshots_installed,
+                };
+            }
+            handle.metrics.render(&sample)
+        }
+    };
+    kvraft_common::metrics_http::serve(listener, render).await;
+}
+
+/// Streams one watch: the header, the replayed batches, then live ones, each filtered to the
+/// watched range; ends when the client goes, or cancels the watch when it falls behind the
+/// broadcast or a snapshot replaces the state (with the revision to resume from).
+pub(crate) async fn serve_watch(
+    tx: mpsc::Sender<Result<WatchResponse, Status>>,
+    (start, end): (Bytes, Bytes),
+    sub: watches::Subscription,
+) {
+    let watches::Subscription {
+        replay,
+        mut live,
+        after,
+    } = sub;
+    use tokio::sync::broadcast::error::RecvError;
+    let header = WatchResponse {
+        created: true,
+        revision: after,
+        ..Default::default()
+    };
+    if tx.send(Ok(header)).await.is_err() {
+        return;
+    }
+    // Every revision below `next` has been delivered (or changed nothing watched).
+    let mut next = after + 1;
+    let send = |batch: &watches::Batch| {
+        let events: Vec<kvraft_proto::WatchEvent> = batch
+            .changes
+            .iter()
+            .filter(|(key, _)| watches::in_range(key, &start, &end))
+            .map(|(key, value)| watch_event(key, value.as_ref(), batch.revision))
+            .collect();
+        (!events.is_empty()).then(|| WatchResponse {
+            revision: batch.revision,
+            events,
+            ..Default::default()
+        })
+    };
+    for batch in &replay {
+        if let Some(resp) = send(batch) {
+            if tx.send(Ok(resp)).await.is_err() {
+                return;
+            }
+        }
+        next = batch.revision + 1;
+    }
+    drop(replay);
+    loop {
+        let cancel = match live.recv().await {
+            Ok(watches::Notice::Batch(batch)) => {
+                if batch.revision < next {
+                    continue;
+                }
+                if let Some(resp) = send(&batch) {
+                    if tx.send(Ok(resp)).await.is_err() {
+                        return;
+                    }
+                }
+                next = batch.revision + 1;
+                continue;
+            }
+            Ok(watches::Notice::Reset { floor }) => format!(
+                "a snapshot replaced this server's state up to revision {floor}: the changes \
+                 before it are not known one by one"
+            ),
+            Err(RecvError::Lagged(n)) => format!(
+                "the watch fell {n} revisions behind the server's buffer of {} (a slow reader)",
+                watches::BROADCAST_BATCHES
+            ),
+            Err(RecvError::Closed) => return,
+        };
+        let resp = WatchResponse {
+            canceled: true,
+            resume_revision: next,
+            cancel_reason: cancel,
+            ..Default::default()
+        };
+        let _ = tx.send(Ok(resp)).await;
+        return;
+    }
+}
+
+fn watch_event(key: &Bytes, value: Option<&Versioned>, revision: u64) -> kvraft_proto::WatchEvent {
+    use kvraft_proto::watch_event::Kind;
+    match value {
+        Some(v) => kvraft_proto::WatchEvent {
+            kind: Kind::Put as i32,
+            kv: Some(key_value(key.clone(), v.clone())),
+        },
+        None => kvraft_proto::WatchEvent {
+            kind: Kind::Delete as i32,
+            kv: Some(KeyValue {
+                key: key.clone(),
+                mod_revision: revision,
+                ..Default::default()
+            }),
+        },
+    }
+}
+
+/// A compare whose key and value have allocations of their own (see [`owned`]).
+fn owned_compare(mut c: Compare) -> Compare {
+    c.key = owned(&c.key);
+    c.value = owned(&c.value);
+    c
+}
+
+/// A transaction op whose bytes have allocations of their own (see [`owned`]).
+fn owned_op(mut op: TxnOp) -> TxnOp {
+    use kvraft_proto::txn_op::Op;
+    match &mut op.op {
+        Some(Op::Put(p)) => {
+            p.key = owned(&p.key);
+            p.value = owned(&p.value);
+        }
+        Some(Op::Delete(d)) => {
+            d.key = owned(&d.key);
+            d.range_end = owned(&d.range_end);
+        }
+        Some(Op::Get(g)) => g.key = owned(&g.key),
+        None => {}
+    }
+    op
+}
+
+fn key_value(key: Bytes, v: Versioned) -> KeyValue {
+    KeyValue {
+        key,
+        value: v.value,
+        version: v.version,
+        create_revision: v.create_revision,
+        mod_revision: v.mod_revision,
+    }
+}
+
+fn txn_op_result(r: &TxnOpResult) -> kvraft_proto::TxnOpResult {
+    use kvraft_proto::txn_op_result::Result as R;
+    let result = match r {
+        TxnOpResult::Put { version } => R::Put(TxnPutResult { version: *version }),
+        TxnOpResult::Delete { deleted, more } => R::Delete(TxnDeleteResult {
+            deleted: *deleted,
+            more: *more,
+        }),
+        TxnOpResult::Get { kv, value_omitted } => R::Get(TxnGetResult {
+            found: kv.is_some(),
+            kv: kv.clone().map(|v| key_value(Bytes::new(), v)),
+            value_omitted: *value_omitted,
+        }),
+    };
+    kvraft_proto::TxnOpResult {
+        result: Some(result),
     }
 }
 
@@ -435,23 +631,22 @@ fn error_of(code: ErrorCode, message: String) -> Option<KvError> {
 }
 
 impl CoreHandle {
-    /// While the log cannot be written, writes are refused at once with the reason (the coord
-    /// is told this server does not lead, so a healthy one takes over).
-    fn disk_full_error(&self) -> Option<KvError> {
-        if !self.disk_full.load(Ordering::Relaxed) {
-            return None;
-        }
-        let msg = format!(
-            "server {} cannot write its log (disk full); writes refused until space returns",
-            self.id
-        );
-        error_of(ErrorCode::ErrorUnavailable, msg)
+    /// Counts a client request of `op` answered after `started` and passes the answer on.
+    fn observe<T: ErrorField>(
+        &self,
+        op: &'static str,
+        started: std::time::Instant,
+        r: Result<Response<T>, Status>,
+    ) -> Result<Response<T>, Status> {
+        let code = match &r {
+            Ok(resp) => resp.get_ref().error_field().map(|e| code_label(e.code)),
+            Err(_) => Some("STATUS"),
+        };
+        self.metrics.request(op, started, code);
+        r
     }
-}
 
-#[tonic::async_trait]
-impl Kv for CoreHandle {
-    async fn register_session(
+    async fn register_in_span(
         &self,
         request: Request<RegisterSessionRequest>,
     ) -> Result<Response<RegisterSessionResponse>, Status> {
@@ -478,6 +673,92 @@ impl Kv for CoreHandle {
         Ok(Response::new(resp))
     }
 
+    /// While the log cannot be written, writes are refused at once with the reason (the coord
+    /// is told this server does not lead, so a healthy one takes over).
+    fn disk_full_error(&self) -> Option<KvError> {
+        if !self.disk_full.load(Ordering::Relaxed) {
+            return None;
+        }
+        let msg = format!(
+            "server {} cannot write its log (disk full); writes refused until space returns",
+            self.id
+        );
+        error_of(ErrorCode::ErrorUnavailable, msg)
+    }
+}
+
+#[tonic::async_trait]
+impl Kv for CoreHandle {
+    type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Send + 'static>>;
+
+    async fn watch(
+        &self,
+        request: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let req = request.into_inner();
+        let (tx, rx) = mpsc::channel::<Result<WatchResponse, Status>>(watches::STREAM_BUFFER);
+        let refuse = |code: ErrorCode, message: String| {
+            let first = WatchResponse {
+                error: error_of(code, message),
+                ..Default::default()
+            };
+            let stream: Self::WatchStream = Box::pin(tokio_stream::once(Ok(first)));
+            Ok(Response::new(stream))
+        };
+        let end = if req.prefix {
+            if !req.end.is_empty() {
+                let e = "a prefix watch has no end (leave end empty)".to_string();
+                return refuse(ErrorCode::ErrorInvalidArgument, e);
+            }
+            Bytes::from(limits::prefix_end(&req.start))
+        } else {
+            req.end
+        };
+        let valid = limits::check_client_id(&req.client_id)
+            .and_then(|()| limits::check_range(&req.start, &end));
+        if let Err(e) = valid {
+            return refuse(ErrorCode::ErrorInvalidArgument, e);
+        }
+        let Ok(permit) = self.watch.watches.clone().try_acquire_owned() else {
+            let e = format!(
+                "server {} serves {} watches, its limit; try another server or later",
+                self.id,
+                watches::WATCHES_MAX
+            );
+            return refuse(ErrorCode::ErrorUnavailable, e);
+        };
+        let sub = match self.watch.subscribe(req.start_revision) {
+            Ok(s) => s,
+            Err(c) => {
+                let e = format!(
+                    "revision {} is compacted: server {} holds the changes after revision {} \
+                     (watch from {} or later, or read the current state and watch from its \
+                     revision + 1)",
+                    req.start_revision,
+                    self.id,
+                    c.floor,
+                    c.floor + 1
+                );
+                return refuse(ErrorCode::ErrorCompacted, e);
+            }
+        };
+        let range = (req.start, end);
+        tokio::spawn(async move {
+            let _permit = permit;
+            serve_watch(tx, range, sub).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn register_session(
+        &self,
+        request: Request<RegisterSessionRequest>,
+    ) -> Result<Response<RegisterSessionResponse>, Status> {
+        let started = std::time::Instant::now();
+        let r = self.register_in_span(request).await;
+        self.observe("register_session", started, r)
+    }
+
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
         let span = kvraft_telemetry::span_if_enabled(|| {
             let r = request.get_ref();
@@ -486,9 +767,44 @@ impl Kv for CoreHandle {
         });
         kvraft_telemetry::set_parent_from_metadata(&span, request.metadata());
         let context = kvraft_telemetry::context_of(&span);
-        self.put_in_span(request.into_inner(), context)
+        let started = std::time::Instant::now();
+        let r = self
+            .put_in_span(request.into_inner(), context)
             .instrument(span)
-            .await
+            .await;
+        self.observe("put", started, r)
+    }
+
+    async fn txn(&self, request: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
+        let span = kvraft_telemetry::span_if_enabled(|| {
+            let r = request.get_ref();
+            tracing::info_span!("kv.txn", server = self.id.0, client_id = %r.client_id,
+                session_id = r.session_id, seq = r.seq)
+        });
+        kvraft_telemetry::set_parent_from_metadata(&span, request.metadata());
+        let started = std::time::Instant::now();
+        let r = self
+            .txn_in_span(request.into_inner())
+            .instrument(span)
+            .await;
+        self.observe("txn", started, r)
+    }
+
+    async fn range(
+        &self,
+        request: Request<RangeRequest>,
+    ) -> Result<Response<RangeResponse>, Status> {
+        let span = kvraft_telemetry::span_if_enabled(|| {
+            let r = request.get_ref();
+            tracing::info_span!("kv.range", server = self.id.0, client_id = %r.client_id)
+        });
+        kvraft_telemetry::set_parent_from_metadata(&span, request.metadata());
+        let started = std::time::Instant::now();
+        let r = self
+            .range_in_span(request.into_inner())
+            .instrument(span)
+            .await;
+        self.observe("range", started, r)
     }
 
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
@@ -497,10 +813,45 @@ impl Kv for CoreHandle {
             tracing::info_span!("kv.get", server = self.id.0, client_id = %r.client_id)
         });
         kvraft_telemetry::set_parent_from_metadata(&span, request.metadata());
-        self.get_in_span(request.into_inner())
+        let started = std::time::Instant::now();
+        let r = self
+            .get_in_span(request.into_inner())
             .instrument(span)
-            .await
+            .await;
+        self.observe("get", started, r)
     }
+}
+
+/// The error field of a client response, for the request metrics.
+trait ErrorField {
+    fn error_field(&self) -> Option<&KvError>;
+}
+
+macro_rules! error_field {
+    ($($t:ty),*) => {$(
+        impl ErrorField for $t {
+            fn error_field(&self) -> Option<&KvError> {
+                self.error.as_ref()
+            }
+        }
+    )*};
+}
+
+error_field!(
+    RegisterSessionResponse,
+    PutResponse,
+    GetResponse,
+    TxnResponse,
+    RangeResponse,
+    WatchResponse
+);
+
+/// The metrics label of an error code: its name without the `ERROR_` prefix.
+fn code_label(code: i32) -> &'static str {
+    ErrorCode::try_from(code).map_or("UNKNOWN", |c| {
+        let name = c.as_str_name();
+        name.strip_prefix("ERROR_").unwrap_or(name)
+    })
 }
 
 impl CoreHandle {
@@ -555,8 +906,8 @@ impl CoreHandle {
             .call(Call::Put(cmd, trace.as_ref().map(Trace::id), context))
             .await
         {
-            Some(Reply::Put {
-                result: Ok(r),
+            Some(Reply::Write {
+                result: Ok(WriteResult::Put(r)),
                 duplicate,
             }) => {
                 resp.version = r.version;
@@ -583,10 +934,104 @@ impl CoreHandle {
                     }
                 }
             }
-            Some(Reply::Put { result: Err(e), .. }) => resp.error = Some(kv_error(e)),
+            Some(Reply::Write { result: Err(e), .. }) => resp.error = Some(kv_error(e)),
             _ => resp.error = error_of(ErrorCode::ErrorUnavailable, "shutting down".into()),
         }
         resp.trace_token = self.token_out(trace.as_ref(), "PutResponse").await;
+        Ok(Response::new(resp))
+    }
+
+    async fn txn_in_span(&self, req: TxnRequest) -> Result<Response<TxnResponse>, Status> {
+        let mut resp = TxnResponse::default();
+        // Checked again by the core, which decides; here so nothing invalid is queued for it.
+        let valid = limits::check_client_id(&req.client_id)
+            .and_then(|()| {
+                limits::check_put_seq(
+                    req.session_id,
+                    req.seq,
+                    req.ack_seq,
+                    limits::SESSION_WINDOW_MAX,
+                )
+            })
+            .and_then(|()| {
+                limits::check_txn(
+                    &req.compare,
+                    &req.success,
+                    &req.failure,
+                    self.max_value_bytes,
+                )
+            });
+        if let Err(e) = valid {
+            resp.error = error_of(ErrorCode::ErrorInvalidArgument, e);
+            return Ok(Response::new(resp));
+        }
+        if let Some(e) = self.disk_full_error() {
+            resp.error = Some(e);
+            return Ok(Response::new(resp));
+        }
+        let trace = self.trace_in(&req.trace_token);
+        let cmd = TxnCommand {
+            session_id: req.session_id,
+            seq: req.seq,
+            ack_seq: req.ack_seq,
+            compare: req.compare.into_iter().map(owned_compare).collect(),
+            success: req.success.into_iter().map(owned_op).collect(),
+            failure: req.failure.into_iter().map(owned_op).collect(),
+            read_bytes_max: 0, // the core sets it
+        };
+        match self.call(Call::Txn(cmd)).await {
+            Some(Reply::Write {
+                result: Ok(WriteResult::Txn(r)),
+                ..
+            }) => {
+                resp.succeeded = r.succeeded;
+                resp.revision = r.revision;
+                resp.results = r.results.iter().map(txn_op_result).collect();
+            }
+            Some(Reply::Write { result: Err(e), .. }) => resp.error = Some(kv_error(e)),
+            _ => resp.error = error_of(ErrorCode::ErrorUnavailable, "shutting down".into()),
+        }
+        resp.trace_token = self.token_out(trace.as_ref(), "TxnResponse").await;
+        Ok(Response::new(resp))
+    }
+
+    async fn range_in_span(&self, req: RangeRequest) -> Result<Response<RangeResponse>, Status> {
+        let mut resp = RangeResponse::default();
+        let end = if req.prefix {
+            if !req.end.is_empty() {
+                let e = "a prefix range has no end (leave end empty)".to_string();
+                resp.error = error_of(ErrorCode::ErrorInvalidArgument, e);
+                return Ok(Response::new(resp));
+            }
+            Bytes::from(limits::prefix_end(&req.start))
+        } else {
+            req.end
+        };
+        let valid = limits::check_client_id(&req.client_id)
+            .and_then(|()| limits::check_range(&req.start, &end));
+        if let Err(e) = valid {
+            resp.error = error_of(ErrorCode::ErrorInvalidArgument, e);
+            return Ok(Response::new(resp));
+        }
+        let trace = self.trace_in(&req.trace_token);
+        let query = RangeQuery {
+            start: req.start,
+            end,
+            limit: req.limit,
+            keys_only: req.keys_only,
+            revision: req.revision,
+        };
+        match self.call(Call::Range(query)).await {
+            Some(Reply::Range(Ok((page, revision)))) => {
+                resp.revision = revision;
+                resp.more = page.more;
+                resp.next_key = page.next_key;
+                resp.kvs = page.kvs.into_iter().map(|(k, v)| key_value(k, v)).collect();
+            }
+            Some(Reply::Range(Err(e))) => resp.error = Some(kv_error(e)),
+            _ => resp.error = error_of(ErrorCode::ErrorUnavailable, "shutting down".into()),
+        }
+        resp.trace_token = self.token_out(trace.as_ref(), "RangeResponse").await;
         Ok(Response::new(resp))
     }
 
@@ -608,12 +1053,16 @@ impl CoreHandle {
             key
         });
         match self.call(Call::Get(req.key)).await {
-            Some(Reply::Get(Ok(Some((value, version))))) => {
-                resp.found = true;
-                resp.value = value;
-                resp.version = version;
+            Some(Reply::Get(Ok(read))) => {
+                resp.revision = read.revision;
+                if let Some(v) = read.value {
+                    resp.found = true;
+                    resp.value = v.value;
+                    resp.version = v.version;
+                    resp.create_revision = v.create_revision;
+                    resp.mod_revision = v.mod_revision;
+                }
             }
-            Some(Reply::Get(Ok(None))) => {}
             Some(Reply::Get(Err(e))) => resp.error = Some(kv_error(e)),
             _ => resp.error = error_of(ErrorCode::ErrorUnavailable, "shutting down".into()),
         }
@@ -643,6 +1092,7 @@ impl Admin for CoreHandle {
             report,
             last_applied,
             log,
+            ..
         }) = self.call(Call::Status).await
         else {
             return Err(unavailable());

@@ -20,6 +20,18 @@
 //! - every put keeps `ack_seq <= seq < ack_seq + SESSION_WINDOW_MAX` (checked by the leader
 //!   before it appends, and again here, so an entry breaking it changes nothing).
 //!
+//! Transactions (deletes and conditional writes are transactions) share the session's seq
+//! space and rules with puts: a `TxnCommand` applies once, in seq order, and its recorded
+//! result (branch taken, per-op results, the values its gets read up to the entry's read
+//! budget) answers every retry. It runs its compares and then one branch, each op seeing the
+//! ones before it, all at the revision of the entry that applies it; a range delete stops
+//! after [`DELETE_KEYS_PER_ENTRY_MAX`] keys in all and says so (`more`).
+//!
+//! Revisions. The store's revision is the index of the last applied entry; each key keeps
+//! `create_revision` (the entry that created it since it was last absent), `mod_revision`
+//! (the entry that last changed it) and `version` (puts since it was created; a delete ends
+//! it, and a later put starts again at 1).
+//!
 //! Invariants: `next_seq` and `acked` of a session only grow; a `(session, seq)` changes the map
 //! at most once; the result of every applied seq at or above `acked` is kept (never evicted),
 //! so a retry of a request the client still waits for always gets its original answer; a
@@ -28,15 +40,18 @@
 //! entry is bounded by the session window and the sessions it expires.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::Bound;
+use std::sync::Arc;
 
 use crate::engine::{
     Applied, Engine, EngineError, MemEngine, SnapshotMeta, SnapshotSink, SnapshotSource, WriteBatch,
 };
 
-use kvraft_common::limits::{self, SESSION_WINDOW_MAX};
+use kvraft_common::limits::{self, DELETE_KEYS_PER_ENTRY_MAX, SESSION_WINDOW_MAX};
 use kvraft_proto::log_entry::Payload;
-use kvraft_proto::{LogEntry, PutCommand};
+use kvraft_proto::{txn_op, Compare, CompareOp, CompareTarget, LogEntry, TxnCommand};
 use prost::bytes::Bytes;
+use prost::Message;
 
 pub use crate::engine::Versioned;
 
@@ -47,11 +62,55 @@ pub const OVERLAY_KEYS_MAX: usize = 65_536;
 /// Most key and value bytes in the overlay, for the same reason.
 pub const OVERLAY_BYTES_MAX: usize = 32 * 1024 * 1024;
 
+/// Keys the engine is asked for at a time while a range is walked.
+const RANGE_PAGE_KEYS: usize = 256;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PutResult {
     pub version: u64,
     /// Index of the log entry whose application changed the map.
     pub index: u64,
+}
+
+/// What an applied transaction did: which branch ran, its revision (the index of the entry
+/// whose application ran it) and one result per operation of that branch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TxnResult {
+    pub succeeded: bool,
+    pub revision: u64,
+    pub results: Vec<TxnOpResult>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TxnOpResult {
+    /// The key's version after the put.
+    Put { version: u64 },
+    /// Keys deleted; `more`: keys of the range are left (the transaction's delete budget,
+    /// [`DELETE_KEYS_PER_ENTRY_MAX`], was spent).
+    Delete { deleted: u64, more: bool },
+    /// The key as this point of the transaction saw it; `value_omitted`: the read budget was
+    /// spent, `kv` has the counters and an empty value.
+    Get {
+        kv: Option<Versioned>,
+        value_omitted: bool,
+    },
+}
+
+/// The recorded result of a session's request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WriteResult {
+    Put(PutResult),
+    Txn(Arc<TxnResult>),
+}
+
+impl WriteResult {
+    /// Index of the entry whose application produced it.
+    pub fn index(&self) -> u64 {
+        match self {
+            WriteResult::Put(p) => p.index,
+            WriteResult::Txn(t) => t.revision,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,7 +119,8 @@ pub enum PutError {
     /// The seq is below the session's `ack_seq`: its result is gone, so whether it applied is
     /// unknown.
     Stale,
-    /// The put breaks the session rules (`ack_seq <= seq < ack_seq + window`); nothing changed.
+    /// The request breaks the session rules (`ack_seq <= seq < ack_seq + window`) or the
+    /// transaction limits; nothing changed.
     Invalid,
 }
 
@@ -70,13 +130,21 @@ pub enum Outcome {
     SessionRegistered {
         index: u64,
     },
-    Put {
+    /// A put or a transaction of a session.
+    Write {
         session_id: u64,
         seq: u64,
-        result: Result<PutResult, PutError>,
+        result: Result<WriteResult, PutError>,
         /// The request had applied before; this is the recorded result.
         duplicate: bool,
     },
+}
+
+/// What a session's request changes when its turn comes.
+#[derive(Clone, Debug, PartialEq)]
+enum Request {
+    Put { key: Bytes, value: Bytes },
+    Txn(Arc<TxnCommand>),
 }
 
 #[derive(Clone, Debug)]
@@ -86,19 +154,29 @@ struct Session {
     acked: u64,
     last_active_ms: u64,
     /// Results of applied seqs in `[acked, next_seq)`, all of them (at most the window).
-    results: BTreeMap<u64, PutResult>,
-    /// seq -> (key, value, index of the entry that carried it)
-    pending: BTreeMap<u64, (Bytes, Bytes, u64)>,
+    results: BTreeMap<u64, WriteResult>,
+    /// seq -> (request, index of the entry that carried it)
+    pending: BTreeMap<u64, (Request, u64)>,
+}
+
+/// A page of a range read.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RangePage {
+    pub kvs: Vec<(Bytes, Versioned)>,
+    /// Keys of the range are left, from `next_key` on.
+    pub more: bool,
+    pub next_key: Bytes,
 }
 
 pub struct StateMachine {
     /// The keys and values, the sessions and the applied position as of the last batch
     /// written (see [`StateMachine::finish_batch`]).
     engine: Box<dyn Engine>,
-    /// Keys changed by entries applied since the last batch was written.
-    overlay: HashMap<Bytes, Versioned>,
-    /// How many of them the engine does not hold yet.
-    overlay_created: u64,
+    /// Keys changed by entries applied since the last batch was written, in key order (range
+    /// reads merge it with the engine); `None`: deleted.
+    overlay: BTreeMap<Bytes, Option<Versioned>>,
+    /// Keys the overlay adds to the engine's count (created minus deleted).
+    overlay_key_delta: i64,
     /// Key and value bytes put into the overlay (replaced ones included: an upper bound).
     overlay_bytes: usize,
     /// Sessions changed or removed since the last batch was written.
@@ -123,6 +201,18 @@ pub struct StateMachine {
     from_snapshot: bool,
     /// See [`StateMachine::set_write_keys_max`].
     write_keys_max: usize,
+    /// See [`StateMachine::record_changes`].
+    recording: bool,
+    changes: Vec<Change>,
+}
+
+/// A key changed by an applied entry, for watches: its new value (`None`: deleted) at
+/// `revision`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    pub revision: u64,
+    pub key: Bytes,
+    pub value: Option<Versioned>,
 }
 
 impl std::fmt::Debug for StateMachine {
@@ -159,8 +249,8 @@ impl StateMachine {
         }
         Ok(StateMachine {
             engine,
-            overlay: HashMap::new(),
-            overlay_created: 0,
+            overlay: BTreeMap::new(),
+            overlay_key_delta: 0,
             overlay_bytes: 0,
             dirty: BTreeSet::new(),
             failure: None,
@@ -175,6 +265,8 @@ impl StateMachine {
             from_snapshot: recovered.from_snapshot,
             write_keys_max: OVERLAY_KEYS_MAX,
             written_applied: recovered.applied_index,
+            recording: false,
+            changes: Vec::new(),
         })
     }
 
@@ -207,8 +299,17 @@ impl StateMachine {
             .into_iter()
             .map(|id| (id, self.sessions.get(&id).map(encode_session)))
             .collect();
+        let mut puts = Vec::with_capacity(self.overlay.len());
+        let mut deletes = Vec::new();
+        for (key, value) in std::mem::take(&mut self.overlay) {
+            match value {
+                Some(v) => puts.push((key, v)),
+                None => deletes.push(key),
+            }
+        }
         let batch = WriteBatch {
-            puts: std::mem::take(&mut self.overlay).into_iter().collect(),
+            puts,
+            deletes,
             sessions,
             applied: Applied {
                 index: self.last_applied,
@@ -219,7 +320,7 @@ impl StateMachine {
         match self.engine.write(batch) {
             Ok(()) => {
                 self.written_applied = self.last_applied;
-                self.overlay_created = 0;
+                self.overlay_key_delta = 0;
                 self.overlay_bytes = 0;
             }
             Err(e) => self.failure = Some(e.to_string()),
@@ -232,6 +333,20 @@ impl StateMachine {
     /// would hold the core too long (each write's cost grows with the keys it changes).
     pub fn set_write_keys_max(&mut self, keys: usize) {
         self.write_keys_max = keys.clamp(1, OVERLAY_KEYS_MAX);
+    }
+
+    /// Keeps every change applied from now on (key, new value, revision) until
+    /// [`Self::take_changes`], for watches. Off by default: the caller must take them.
+    pub fn record_changes(&mut self, on: bool) {
+        self.recording = on;
+        if !on {
+            self.changes = Vec::new();
+        }
+    }
+
+    /// The changes recorded since the last call, in the order they were applied.
+    pub fn take_changes(&mut self) -> Vec<Change> {
+        std::mem::take(&mut self.changes)
     }
 
     /// Writes the open batch and makes everything written durable; returns the applied index
@@ -296,8 +411,10 @@ impl StateMachine {
         });
         match result {
             Ok(installed) => {
+                let recording = self.recording;
                 *self = installed;
                 self.write_keys_max = write_keys_max;
+                self.recording = recording;
                 Ok(())
             }
             Err(e) => {
@@ -319,6 +436,102 @@ impl StateMachine {
         }
     }
 
+    /// At most `limit` keys of `[start, end)` (an empty `end`: no upper bound) in key order,
+    /// and fewer if more would take the keys and values past `bytes_max` (but at least one);
+    /// values left empty if `keys_only`. An engine failure is recorded and reads as an empty
+    /// page. Work is bounded by `limit` and the overlay's size, whatever the range.
+    pub fn range(
+        &mut self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+        bytes_max: usize,
+        keys_only: bool,
+    ) -> RangePage {
+        let mut page = RangePage::default();
+        let mut bytes = 0usize;
+        let walked = self.walk(start, end, |key, mut v| {
+            let size = key.len() + if keys_only { 0 } else { v.value.len() };
+            if page.kvs.len() >= limit || (!page.kvs.is_empty() && bytes + size > bytes_max) {
+                page.more = true;
+                page.next_key = key;
+                return false;
+            }
+            if keys_only {
+                v.value = Bytes::new();
+            }
+            bytes += size;
+            page.kvs.push((key, v));
+            true
+        });
+        match walked {
+            Ok(()) => page,
+            Err(e) => {
+                self.failure.get_or_insert(e.to_string());
+                RangePage::default()
+            }
+        }
+    }
+
+    /// Visits the keys of `[start, end)` (an empty `end`: no upper bound) in key order, the
+    /// overlay over the engine, until `visit` answers false or the range ends.
+    fn walk(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        mut visit: impl FnMut(Bytes, Versioned) -> bool,
+    ) -> Result<(), EngineError> {
+        let upper = if end.is_empty() {
+            Bound::Unbounded
+        } else {
+            Bound::Excluded(end)
+        };
+        let mut overlay = self
+            .overlay
+            .range::<[u8], _>((Bound::Included(start), upper))
+            .peekable();
+        let mut page = Vec::new().into_iter();
+        let mut last_fetched: Option<Bytes> = None;
+        let mut engine_exhausted = false;
+        let mut engine_next: Option<(Bytes, Versioned)> = None;
+        loop {
+            if engine_next.is_none() {
+                engine_next = page.next();
+                if engine_next.is_none() && !engine_exhausted {
+                    let from = match &last_fetched {
+                        None => Bound::Included(start),
+                        Some(k) => Bound::Excluded(&k[..]),
+                    };
+                    let fetched = self.engine.range(from, end, RANGE_PAGE_KEYS)?;
+                    engine_exhausted = fetched.len() < RANGE_PAGE_KEYS;
+                    last_fetched = fetched.last().map(|(k, _)| k.clone());
+                    page = fetched.into_iter();
+                    engine_next = page.next();
+                }
+            }
+            let from_overlay = match (overlay.peek(), &engine_next) {
+                (None, None) => return Ok(()),
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+                (Some((o, _)), Some((e, _))) => o[..] <= e[..],
+            };
+            let item = if from_overlay {
+                let (key, value) = overlay.next().expect("invariant: peeked");
+                if engine_next.as_ref().is_some_and(|(e, _)| e == key) {
+                    engine_next = None; // the overlay's version of the key wins
+                }
+                value.as_ref().map(|v| (key.clone(), v.clone()))
+            } else {
+                engine_next.take()
+            };
+            if let Some((key, value)) = item {
+                if !visit(key, value) {
+                    return Ok(());
+                }
+            }
+        }
+    }
+
     /// A smaller session window than [`SESSION_WINDOW_MAX`] (the simulation's clients reach it).
     pub fn with_session_window(mut self, window: u64) -> Self {
         assert!(
@@ -336,14 +549,28 @@ impl StateMachine {
     /// A key's current value, with what was applied since the last batch.
     pub fn get(&self, key: &[u8]) -> Result<Option<Versioned>, EngineError> {
         match self.overlay.get(key) {
-            Some(v) => Ok(Some(v.clone())),
+            Some(v) => Ok(v.clone()),
             None => self.engine.get(key),
+        }
+    }
+
+    /// The key's `(version, create_revision)`, with what was applied since the last batch.
+    fn counters(&self, key: &[u8]) -> Result<Option<(u64, u64)>, EngineError> {
+        match self.overlay.get(key) {
+            Some(v) => Ok(v.as_ref().map(|v| (v.version, v.create_revision))),
+            None => self.engine.counters(key),
         }
     }
 
     /// Number of keys.
     pub fn key_count(&self) -> Result<u64, EngineError> {
-        Ok(self.engine.key_count()? + self.overlay_created)
+        let count = self.engine.key_count()? as i64 + self.overlay_key_delta;
+        Ok(count.max(0) as u64)
+    }
+
+    /// Client sessions held.
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
     }
 
     pub fn has_session(&self, session_id: u64) -> bool {
@@ -351,8 +578,8 @@ impl StateMachine {
     }
 
     /// The recorded result of an applied `(session, seq)`, if still kept.
-    pub fn cached_result(&self, session_id: u64, seq: u64) -> Option<PutResult> {
-        self.sessions.get(&session_id)?.results.get(&seq).copied()
+    pub fn cached_result(&self, session_id: u64, seq: u64) -> Option<WriteResult> {
+        self.sessions.get(&session_id)?.results.get(&seq).cloned()
     }
 
     /// Applies the next committed entry. Entries must come in index order, each exactly once.
@@ -375,7 +602,33 @@ impl StateMachine {
             Some(Payload::RegisterSession(_)) => {
                 self.register(entry.index, entry.time_ms, &mut out);
             }
-            Some(Payload::Put(put)) => self.apply_put(put, entry.index, entry.time_ms, &mut out),
+            Some(Payload::Put(put)) => {
+                let valid =
+                    limits::check_put_seq(put.session_id, put.seq, put.ack_seq, self.window);
+                let request = Request::Put {
+                    key: put.key.clone(),
+                    value: put.value.clone(),
+                };
+                let ids = (put.session_id, put.seq, put.ack_seq);
+                self.apply_request(ids, valid.is_ok(), request, entry, &mut out);
+            }
+            Some(Payload::Txn(txn)) => {
+                // Shape checked with the largest value any config allows: the leader checked
+                // its own limit before appending, and every replica must decide alike.
+                let valid =
+                    limits::check_put_seq(txn.session_id, txn.seq, txn.ack_seq, self.window)
+                        .and_then(|()| {
+                            limits::check_txn(
+                                &txn.compare,
+                                &txn.success,
+                                &txn.failure,
+                                limits::VALUE_BYTES_CEILING,
+                            )
+                        });
+                let ids = (txn.session_id, txn.seq, txn.ack_seq);
+                let request = Request::Txn(Arc::new(txn.clone()));
+                self.apply_request(ids, valid.is_ok(), request, entry, &mut out);
+            }
         }
         if self.overlay.len() + self.dirty.len() >= self.write_keys_max
             || self.overlay_bytes >= OVERLAY_BYTES_MAX
@@ -416,13 +669,18 @@ impl StateMachine {
         }
     }
 
-    /// Drops a session; puts still waiting in it are answered `SessionExpired`.
+    /// Drops a session; requests still waiting in it are answered `SessionExpired`.
     fn remove_session(&mut self, id: u64, at: u64, out: &mut Vec<Outcome>) {
         self.by_activity.remove(&(at, id));
         self.dirty.insert(id);
         if let Some(session) = self.sessions.remove(&id) {
             for seq in session.pending.keys() {
-                out.push(put_outcome(id, *seq, Err(PutError::SessionExpired), false));
+                out.push(write_outcome(
+                    id,
+                    *seq,
+                    Err(PutError::SessionExpired),
+                    false,
+                ));
             }
         }
     }
@@ -439,40 +697,40 @@ impl StateMachine {
         self.by_activity.insert((at, id));
     }
 
-    fn apply_put(&mut self, put: &PutCommand, index: u64, now_ms: u64, out: &mut Vec<Outcome>) {
-        let id = put.session_id;
+    /// A put or a transaction of session `id` at `seq`, acknowledging below `ack_seq`.
+    /// `valid`: it keeps the session rules and the transaction limits (else nothing changes).
+    fn apply_request(
+        &mut self,
+        (id, seq, ack_seq): (u64, u64, u64),
+        valid: bool,
+        request: Request,
+        entry: &LogEntry,
+        out: &mut Vec<Outcome>,
+    ) {
         if !self.sessions.contains_key(&id) {
-            out.push(put_outcome(
-                id,
-                put.seq,
-                Err(PutError::SessionExpired),
-                false,
-            ));
+            out.push(write_outcome(id, seq, Err(PutError::SessionExpired), false));
             return;
         }
-        if limits::check_put_seq(id, put.seq, put.ack_seq, self.window).is_err() {
+        if !valid {
             // The leader validates before appending; an entry that got here anyway (an older
             // or misbehaving leader) changes nothing, the same on every replica.
-            out.push(put_outcome(id, put.seq, Err(PutError::Invalid), false));
+            out.push(write_outcome(id, seq, Err(PutError::Invalid), false));
             return;
         }
         // Everything below changes only this session.
         self.dirty.insert(id);
-        self.touch(id, now_ms);
-        self.advance_ack(id, put.ack_seq, out);
+        self.touch(id, entry.time_ms);
+        self.advance_ack(id, ack_seq, out);
         let session = &self.sessions[&id];
-        if put.seq < session.next_seq {
+        if seq < session.next_seq {
             // Below `acked` the result is gone; at or above it, it is always kept.
-            let result = session
-                .results
-                .get(&put.seq)
-                .copied()
-                .ok_or(PutError::Stale);
-            out.push(put_outcome(id, put.seq, result, result.is_ok()));
+            let result = session.results.get(&seq).cloned().ok_or(PutError::Stale);
+            let duplicate = result.is_ok();
+            out.push(write_outcome(id, seq, result, duplicate));
             return;
         }
-        if put.seq > session.next_seq {
-            self.hold(id, put, index);
+        if seq > session.next_seq {
+            self.hold(id, seq, request, entry.index);
             return;
         }
         // An earlier copy of this very request may be held (it waited for seqs this copy's
@@ -481,31 +739,31 @@ impl StateMachine {
             .get_mut(&id)
             .expect("invariant: caller checked")
             .pending
-            .remove(&put.seq);
-        self.apply_in_order(id, put.seq, put.key.clone(), put.value.clone(), index, out);
+            .remove(&seq);
+        self.apply_in_order(id, seq, request, entry.index, out);
         self.drain_pending(id, out);
     }
 
-    fn hold(&mut self, id: u64, put: &PutCommand, index: u64) {
+    fn hold(&mut self, id: u64, seq: u64, request: Request, index: u64) {
         let session = self
             .sessions
             .get_mut(&id)
             .expect("invariant: caller checked");
-        if session.pending.contains_key(&put.seq) {
+        if session.pending.contains_key(&seq) {
             return; // a retry appended twice: the first copy answers when it applies
         }
-        // `apply_put` checked `seq < ack_seq + window` and `advance_ack` moved `next_seq` to at
-        // least `ack_seq`: the window bounds what a session holds.
+        // `apply_request` checked `seq < ack_seq + window` and `advance_ack` moved `next_seq`
+        // to at least `ack_seq`: the window bounds what a session holds.
         debug_assert!(
-            put.seq - session.next_seq < self.window,
-            "invariant: held puts stay within the session window"
+            seq - session.next_seq < self.window,
+            "invariant: held requests stay within the session window"
         );
-        let held = (put.key.clone(), put.value.clone(), index);
-        session.pending.insert(put.seq, held);
+        session.pending.insert(seq, (request, index));
     }
 
     /// Everything below `ack_seq` is finished for the client: apply what is held, skip what
-    /// never came, forget results. Bounded by the puts held, not by how far `ack_seq` moves.
+    /// never came, forget results. Bounded by the requests held, not by how far `ack_seq`
+    /// moves.
     fn advance_ack(&mut self, id: u64, ack_seq: u64, out: &mut Vec<Outcome>) {
         loop {
             let session = self
@@ -515,11 +773,12 @@ impl StateMachine {
             if session.next_seq >= ack_seq {
                 break;
             }
-            // Held puts below `ack_seq` apply in seq order; the seqs between them never came.
+            // Held requests below `ack_seq` apply in seq order; the seqs between them never
+            // came.
             let held = session.pending.first_key_value().map(|(&seq, _)| seq);
             match held {
                 Some(seq) if seq < ack_seq => {
-                    let (key, value, index) = session
+                    let (request, index) = session
                         .pending
                         .remove(&seq)
                         .expect("invariant: first key exists");
@@ -529,7 +788,7 @@ impl StateMachine {
                     );
                     if seq >= session.next_seq {
                         session.next_seq = seq;
-                        self.apply_in_order(id, seq, key, value, index, out);
+                        self.apply_in_order(id, seq, request, index, out);
                     }
                 }
                 _ => session.next_seq = ack_seq,
@@ -553,52 +812,38 @@ impl StateMachine {
                 .get_mut(&id)
                 .expect("invariant: caller checked");
             let seq = session.next_seq;
-            let Some((key, value, index)) = session.pending.remove(&seq) else {
+            let Some((request, index)) = session.pending.remove(&seq) else {
                 break;
             };
-            self.apply_in_order(id, seq, key, value, index, out);
+            self.apply_in_order(id, seq, request, index, out);
         }
     }
 
+    /// Applies the session's next request. Revisions follow the order in which the map
+    /// changes: the index of the entry being applied (a held request changes the map when a
+    /// later entry releases it); `index` (the entry that carried it) is what a put reports.
     fn apply_in_order(
         &mut self,
         id: u64,
         seq: u64,
-        key: Bytes,
-        value: Bytes,
+        request: Request,
         index: u64,
         out: &mut Vec<Outcome>,
     ) {
-        // Only the counters of the previous value are needed, not the value itself.
-        let previous = match self.overlay.get(&key) {
-            Some(v) => Ok(Some((v.version, v.create_revision))),
-            None => self.engine.counters(&key),
+        let result = match request {
+            Request::Put { key, value } => self
+                .put_key(key, value)
+                .map(|version| WriteResult::Put(PutResult { version, index })),
+            Request::Txn(cmd) => self.run_txn(&cmd).map(|r| WriteResult::Txn(Arc::new(r))),
         };
-        let previous = match previous {
-            Ok(v) => v,
+        let result = match result {
+            Ok(r) => r,
             Err(e) => {
                 // Nothing more applies; the server stops before any reply of this batch.
                 self.failure.get_or_insert(e.to_string());
                 return;
             }
         };
-        // Revisions follow the order in which the map changes: the index of the entry being
-        // applied (a held put changes the map when a later entry releases it).
-        let revision = self.last_applied;
-        let version = previous.map_or(0, |(version, _)| version) + 1;
-        if previous.is_none() {
-            self.overlay_created += 1;
-        }
-        let create_revision = previous.map_or(revision, |(_, created)| created);
-        let versioned = Versioned {
-            value,
-            version,
-            create_revision,
-            mod_revision: revision,
-        };
-        self.overlay_bytes += key.len() + versioned.value.len();
-        self.overlay.insert(key, versioned);
-        let result = PutResult { version, index };
         let session = self
             .sessions
             .get_mut(&id)
@@ -608,35 +853,248 @@ impl StateMachine {
             "invariant: a session applies in seq order"
         );
         session.next_seq += 1;
-        session.results.insert(seq, result);
-        out.push(put_outcome(id, seq, Ok(result), false));
+        session.results.insert(seq, result.clone());
+        out.push(write_outcome(id, seq, Ok(result), false));
+    }
+
+    /// Writes `key` at the current revision; returns its new version.
+    fn put_key(&mut self, key: Bytes, value: Bytes) -> Result<u64, EngineError> {
+        // Only the counters of the previous value are needed, not the value itself.
+        let previous = self.counters(&key)?;
+        let revision = self.last_applied;
+        let version = previous.map_or(0, |(version, _)| version) + 1;
+        if previous.is_none() {
+            self.overlay_key_delta += 1;
+        }
+        let create_revision = previous.map_or(revision, |(_, created)| created);
+        let versioned = Versioned {
+            value,
+            version,
+            create_revision,
+            mod_revision: revision,
+        };
+        self.overlay_bytes += key.len() + versioned.value.len();
+        if self.recording {
+            self.changes.push(Change {
+                revision,
+                key: key.clone(),
+                value: Some(versioned.clone()),
+            });
+        }
+        self.overlay.insert(key, Some(versioned));
+        Ok(version)
+    }
+
+    /// Removes `key`; whether it existed.
+    fn delete_key(&mut self, key: Bytes) -> Result<bool, EngineError> {
+        if self.counters(&key)?.is_none() {
+            return Ok(false);
+        }
+        self.overlay_key_delta -= 1;
+        self.overlay_bytes += key.len();
+        if self.recording {
+            self.changes.push(Change {
+                revision: self.last_applied,
+                key: key.clone(),
+                value: None,
+            });
+        }
+        self.overlay.insert(key, None);
+        Ok(true)
+    }
+
+    /// Whether `compare` holds now. A value compare on an absent key is false.
+    fn holds(&self, compare: &Compare) -> Result<bool, EngineError> {
+        let current = self.get(&compare.key)?;
+        let op = CompareOp::try_from(compare.op).unwrap_or(CompareOp::Equal);
+        let ordering = match CompareTarget::try_from(compare.target) {
+            Ok(CompareTarget::Value) => match &current {
+                None => return Ok(false),
+                Some(v) => v.value[..].cmp(&compare.value[..]),
+            },
+            target => {
+                let actual = current.as_ref().map_or(0, |v| match target {
+                    Ok(CompareTarget::CreateRevision) => v.create_revision,
+                    Ok(CompareTarget::ModRevision) => v.mod_revision,
+                    _ => v.version,
+                });
+                actual.cmp(&compare.number)
+            }
+        };
+        Ok(match op {
+            CompareOp::Equal => ordering.is_eq(),
+            CompareOp::NotEqual => ordering.is_ne(),
+            CompareOp::Less => ordering.is_lt(),
+            CompareOp::Greater => ordering.is_gt(),
+        })
+    }
+
+    /// Runs a transaction (its shape already checked): the compares, then one branch, each op
+    /// seeing the ones before it. Work is bounded by [`limits::TXN_OPS_MAX`] ops and
+    /// [`DELETE_KEYS_PER_ENTRY_MAX`] deleted keys.
+    fn run_txn(&mut self, cmd: &TxnCommand) -> Result<TxnResult, EngineError> {
+        let mut succeeded = true;
+        for compare in &cmd.compare {
+            if !self.holds(compare)? {
+                succeeded = false;
+                break;
+            }
+        }
+        let ops = if succeeded {
+            &cmd.success
+        } else {
+            &cmd.failure
+        };
+        let mut read_budget = cmd.read_bytes_max;
+        let mut delete_budget = DELETE_KEYS_PER_ENTRY_MAX;
+        let mut results = Vec::with_capacity(ops.len());
+        for op in ops {
+            let result = match &op.op {
+                // The shape check refuses a missing op; nothing to do if one got here.
+                None => continue,
+                Some(txn_op::Op::Put(p)) => TxnOpResult::Put {
+                    version: self.put_key(p.key.clone(), p.value.clone())?,
+                },
+                Some(txn_op::Op::Get(g)) => {
+                    let mut kv = self.get(&g.key)?;
+                    let mut value_omitted = false;
+                    if let Some(v) = kv.as_mut() {
+                        let len = v.value.len() as u64;
+                        if len > read_budget {
+                            v.value = Bytes::new();
+                            value_omitted = true;
+                        } else {
+                            read_budget -= len;
+                        }
+                    }
+                    TxnOpResult::Get { kv, value_omitted }
+                }
+                Some(txn_op::Op::Delete(d)) if d.range_end.is_empty() => {
+                    if delete_budget == 0 {
+                        let exists = self.counters(&d.key)?.is_some();
+                        TxnOpResult::Delete {
+                            deleted: 0,
+                            more: exists,
+                        }
+                    } else {
+                        let deleted = self.delete_key(d.key.clone())?;
+                        delete_budget -= u64::from(deleted);
+                        TxnOpResult::Delete {
+                            deleted: u64::from(deleted),
+                            more: false,
+                        }
+                    }
+                }
+                Some(txn_op::Op::Delete(d)) => {
+                    let end = limits::delete_range_end(&d.range_end).unwrap_or_default();
+                    let mut keys = Vec::new();
+                    let mut more = false;
+                    self.walk(&d.key, end, |key, _| {
+                        if keys.len() as u64 >= delete_budget {
+                            more = true;
+                            return false;
+                        }
+                        keys.push(key);
+                        true
+                    })?;
+                    let deleted = keys.len() as u64;
+                    for key in keys {
+                        self.delete_key(key)?;
+                    }
+                    delete_budget -= deleted;
+                    TxnOpResult::Delete { deleted, more }
+                }
+            };
+            results.push(result);
+        }
+        Ok(TxnResult {
+            succeeded,
+            revision: self.last_applied,
+            results,
+        })
     }
 }
 
-/// Format of a stored session (little-endian): `next_seq u64 | acked u64 | last_active_ms u64 |
-/// results u32, each seq u64 version u64 index u64 | held u32, each seq u64 index u64 key_len
-/// u32 key value_len u32 value`.
+/// Format of a stored session (little-endian):
+///
+/// ```text
+///   next_seq u64 | acked u64 | last_active_ms u64
+///   results u32, each: seq u64 | kind u8
+///     kind 0 (put): version u64 | index u64
+///     kind 1 (txn): succeeded u8 | revision u64 | ops u32, each: kind u8
+///       0 put: version u64;  1 delete: deleted u64 | more u8
+///       2 get: found u8 [| version u64 | create u64 | mod u64 | omitted u8 | value bytes]
+///   held u32, each: seq u64 | index u64 | kind u8
+///     kind 0 (put): key bytes | value bytes;  kind 1 (txn): TxnCommand protobuf bytes
+///   bytes = len u32 | the bytes
+/// ```
 fn encode_session(s: &Session) -> Vec<u8> {
-    let mut out = Vec::with_capacity(32 + s.results.len() * 24);
-    for w in [s.next_seq, s.acked, s.last_active_ms] {
-        out.extend_from_slice(&w.to_le_bytes());
-    }
-    out.extend_from_slice(&(s.results.len() as u32).to_le_bytes());
+    let mut w = Writer(Vec::with_capacity(32 + s.results.len() * 25));
+    w.u64(s.next_seq);
+    w.u64(s.acked);
+    w.u64(s.last_active_ms);
+    w.u32(s.results.len() as u32);
     for (seq, r) in &s.results {
-        for w in [*seq, r.version, r.index] {
-            out.extend_from_slice(&w.to_le_bytes());
+        w.u64(*seq);
+        match r {
+            WriteResult::Put(p) => {
+                w.u8(0);
+                w.u64(p.version);
+                w.u64(p.index);
+            }
+            WriteResult::Txn(t) => {
+                w.u8(1);
+                w.u8(u8::from(t.succeeded));
+                w.u64(t.revision);
+                w.u32(t.results.len() as u32);
+                for op in &t.results {
+                    encode_op_result(&mut w, op);
+                }
+            }
         }
     }
-    out.extend_from_slice(&(s.pending.len() as u32).to_le_bytes());
-    for (seq, (key, value, index)) in &s.pending {
-        out.extend_from_slice(&seq.to_le_bytes());
-        out.extend_from_slice(&index.to_le_bytes());
-        for b in [key, value] {
-            out.extend_from_slice(&(b.len() as u32).to_le_bytes());
-            out.extend_from_slice(b);
+    w.u32(s.pending.len() as u32);
+    for (seq, (request, index)) in &s.pending {
+        w.u64(*seq);
+        w.u64(*index);
+        match request {
+            Request::Put { key, value } => {
+                w.u8(0);
+                w.bytes(key);
+                w.bytes(value);
+            }
+            Request::Txn(cmd) => {
+                w.u8(1);
+                w.bytes(&cmd.encode_to_vec());
+            }
         }
     }
-    out
+    w.0
+}
+
+fn encode_op_result(w: &mut Writer, op: &TxnOpResult) {
+    match op {
+        TxnOpResult::Put { version } => {
+            w.u8(0);
+            w.u64(*version);
+        }
+        TxnOpResult::Delete { deleted, more } => {
+            w.u8(1);
+            w.u64(*deleted);
+            w.u8(u8::from(*more));
+        }
+        TxnOpResult::Get { kv, value_omitted } => {
+            w.u8(2);
+            w.u8(u8::from(kv.is_some()));
+            if let Some(v) = kv {
+                w.u64(v.version);
+                w.u64(v.create_revision);
+                w.u64(v.mod_revision);
+                w.u8(u8::from(*value_omitted));
+                w.bytes(&v.value);
+            }
+        }
+    }
 }
 
 fn decode_session(bytes: &[u8]) -> Result<Session, String> {
@@ -644,15 +1102,47 @@ fn decode_session(bytes: &[u8]) -> Result<Session, String> {
     let (next_seq, acked, last_active_ms) = (r.u64()?, r.u64()?, r.u64()?);
     let mut results = BTreeMap::new();
     for _ in 0..r.u32()? {
-        let (seq, version, index) = (r.u64()?, r.u64()?, r.u64()?);
-        results.insert(seq, PutResult { version, index });
+        let seq = r.u64()?;
+        let result = match r.u8()? {
+            0 => WriteResult::Put(PutResult {
+                version: r.u64()?,
+                index: r.u64()?,
+            }),
+            1 => {
+                let succeeded = r.flag()?;
+                let revision = r.u64()?;
+                let n = r.u32()?;
+                // Each op result is at least 2 bytes: a count past what is left is damage.
+                let mut ops = Vec::with_capacity((n as usize).min(r.left() / 2));
+                for _ in 0..n {
+                    ops.push(decode_op_result(&mut r)?);
+                }
+                WriteResult::Txn(Arc::new(TxnResult {
+                    succeeded,
+                    revision,
+                    results: ops,
+                }))
+            }
+            kind => return Err(format!("result of seq {seq} has unknown kind {kind}")),
+        };
+        results.insert(seq, result);
     }
     let mut pending = BTreeMap::new();
     for _ in 0..r.u32()? {
         let (seq, index) = (r.u64()?, r.u64()?);
-        let key = r.bytes()?;
-        let value = r.bytes()?;
-        pending.insert(seq, (key, value, index));
+        let request = match r.u8()? {
+            0 => Request::Put {
+                key: r.bytes()?,
+                value: r.bytes()?,
+            },
+            1 => {
+                let cmd = TxnCommand::decode(r.bytes()?)
+                    .map_err(|e| format!("held transaction of seq {seq}: {e}"))?;
+                Request::Txn(Arc::new(cmd))
+            }
+            kind => return Err(format!("held request of seq {seq} has unknown kind {kind}")),
+        };
+        pending.insert(seq, (request, index));
     }
     if r.at != bytes.len() {
         return Err(format!("{} bytes after the record", bytes.len() - r.at));
@@ -666,6 +1156,56 @@ fn decode_session(bytes: &[u8]) -> Result<Session, String> {
     })
 }
 
+fn decode_op_result(r: &mut Reader) -> Result<TxnOpResult, String> {
+    Ok(match r.u8()? {
+        0 => TxnOpResult::Put { version: r.u64()? },
+        1 => TxnOpResult::Delete {
+            deleted: r.u64()?,
+            more: r.flag()?,
+        },
+        2 => {
+            if r.flag()? {
+                let (version, create_revision, mod_revision) = (r.u64()?, r.u64()?, r.u64()?);
+                let value_omitted = r.flag()?;
+                let value = r.bytes()?;
+                TxnOpResult::Get {
+                    kv: Some(Versioned {
+                        value,
+                        version,
+                        create_revision,
+                        mod_revision,
+                    }),
+                    value_omitted,
+                }
+            } else {
+                TxnOpResult::Get {
+                    kv: None,
+                    value_omitted: false,
+                }
+            }
+        }
+        kind => return Err(format!("transaction op result of unknown kind {kind}")),
+    })
+}
+
+struct Writer(Vec<u8>);
+
+impl Writer {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        self.u32(b.len() as u32);
+        self.0.extend_from_slice(b);
+    }
+}
+
 /// Reads a stored session; every length is checked against what is left.
 struct Reader<'a> {
     bytes: &'a [u8],
@@ -673,6 +1213,9 @@ struct Reader<'a> {
 }
 
 impl Reader<'_> {
+    fn left(&self) -> usize {
+        self.bytes.len() - self.at
+    }
     fn take(&mut self, n: usize) -> Result<&[u8], String> {
         let end = self.at.checked_add(n).filter(|&e| e <= self.bytes.len());
         let end = end.ok_or_else(|| {
@@ -686,6 +1229,16 @@ impl Reader<'_> {
         self.at = end;
         Ok(out)
     }
+    fn u8(&mut self) -> Result<u8, String> {
+        Ok(self.take(1)?[0])
+    }
+    fn flag(&mut self) -> Result<bool, String> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            other => Err(format!("flag byte {other} at offset {}", self.at - 1)),
+        }
+    }
     fn u64(&mut self) -> Result<u64, String> {
         Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8")))
     }
@@ -698,13 +1251,13 @@ impl Reader<'_> {
     }
 }
 
-fn put_outcome(
+fn write_outcome(
     session_id: u64,
     seq: u64,
-    result: Result<PutResult, PutError>,
+    result: Result<WriteResult, PutError>,
     duplicate: bool,
 ) -> Outcome {
-    Outcome::Put {
+    Outcome::Write {
         session_id,
         seq,
         result,
@@ -715,6 +1268,7 @@ fn put_outcome(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kvraft_proto::PutCommand;
     use kvraft_proto::RegisterSession;
 
     struct Log {
@@ -771,9 +1325,9 @@ mod tests {
     fn ok(out: &[Outcome]) -> Vec<(u64, u64, bool)> {
         out.iter()
             .filter_map(|o| match o {
-                Outcome::Put {
+                Outcome::Write {
                     seq,
-                    result: Ok(r),
+                    result: Ok(WriteResult::Put(r)),
                     duplicate,
                     ..
                 } => Some((*seq, r.version, *duplicate)),
@@ -855,7 +1409,7 @@ mod tests {
         let late = log.put(12, s, 1, 1, "k", "a");
         assert!(matches!(
             late[0],
-            Outcome::Put {
+            Outcome::Write {
                 seq: 1,
                 result: Err(PutError::Stale),
                 ..
@@ -884,7 +1438,7 @@ mod tests {
         let out = log.put(5, 99, 1, 1, "k", "v");
         assert!(matches!(
             out[0],
-            Outcome::Put {
+            Outcome::Write {
                 result: Err(PutError::SessionExpired),
                 ..
             }
@@ -897,7 +1451,7 @@ mod tests {
         let out = log.put(2_013, s, 1, 1, "k", "v");
         assert!(matches!(
             out[0],
-            Outcome::Put {
+            Outcome::Write {
                 result: Err(PutError::SessionExpired),
                 ..
             }
@@ -926,7 +1480,7 @@ mod tests {
             assert!(
                 matches!(
                     out[..],
-                    [Outcome::Put {
+                    [Outcome::Write {
                         result: Err(PutError::Invalid),
                         ..
                     }]
@@ -954,7 +1508,7 @@ mod tests {
         let again = log.put(4, s, u64::MAX, u64::MAX, "k", "w");
         assert!(matches!(
             again[..],
-            [Outcome::Put {
+            [Outcome::Write {
                 result: Err(PutError::Invalid),
                 ..
             }]
@@ -976,7 +1530,7 @@ mod tests {
         let beyond = log.put(4, s, SESSION_WINDOW_MAX + 1, 1, "x", "v");
         assert!(matches!(
             beyond[..],
-            [Outcome::Put {
+            [Outcome::Write {
                 result: Err(PutError::Invalid),
                 ..
             }]
@@ -1096,6 +1650,585 @@ mod tests {
         }
     }
 
+    // ------------------------------------------------------------ transactions and ranges
+
+    fn cmp(key: &str, target: CompareTarget, op: CompareOp, number: u64, value: &str) -> Compare {
+        Compare {
+            key: Bytes::from(key.to_string()),
+            target: target as i32,
+            op: op as i32,
+            number,
+            value: Bytes::from(value.to_string()),
+        }
+    }
+
+    fn op_put(k: &str, v: &str) -> kvraft_proto::TxnOp {
+        kvraft_proto::TxnOp {
+            op: Some(txn_op::Op::Put(kvraft_proto::TxnPut {
+                key: Bytes::from(k.to_string()),
+                value: Bytes::from(v.to_string()),
+            })),
+        }
+    }
+
+    fn op_get(k: &str) -> kvraft_proto::TxnOp {
+        kvraft_proto::TxnOp {
+            op: Some(txn_op::Op::Get(kvraft_proto::TxnGet {
+                key: Bytes::from(k.to_string()),
+            })),
+        }
+    }
+
+    fn op_delete(k: &str, range_end: &[u8]) -> kvraft_proto::TxnOp {
+        kvraft_proto::TxnOp {
+            op: Some(txn_op::Op::Delete(kvraft_proto::TxnDelete {
+                key: Bytes::from(k.to_string()),
+                range_end: Bytes::copy_from_slice(range_end),
+            })),
+        }
+    }
+
+    impl Log {
+        fn txn(
+            &mut self,
+            (s, seq, ack): (u64, u64, u64),
+            compare: Vec<Compare>,
+            success: Vec<kvraft_proto::TxnOp>,
+            failure: Vec<kvraft_proto::TxnOp>,
+        ) -> Option<(Arc<TxnResult>, bool)> {
+            let cmd = TxnCommand {
+                session_id: s,
+                seq,
+                ack_seq: ack,
+                compare,
+                success,
+                failure,
+                read_bytes_max: 1024,
+            };
+            let out = self.push(20, Payload::Txn(cmd));
+            out.into_iter().find_map(|o| match o {
+                Outcome::Write {
+                    seq: got,
+                    result: Ok(WriteResult::Txn(r)),
+                    duplicate,
+                    ..
+                } if got == seq => Some((r, duplicate)),
+                _ => None,
+            })
+        }
+        fn keys(&mut self, start: &str, end: &str, limit: usize) -> (Vec<String>, bool, Bytes) {
+            let page = self
+                .sm
+                .range(start.as_bytes(), end.as_bytes(), limit, usize::MAX, false);
+            let keys = page
+                .kvs
+                .iter()
+                .map(|(k, _)| String::from_utf8(k.to_vec()).unwrap())
+                .collect();
+            (keys, page.more, page.next_key)
+        }
+    }
+
+    /// A compare-and-swap: applies when the version matches, fails and reads when it does not,
+    /// and a retry of the same seq gets the recorded result without applying again.
+    #[test]
+    fn a_compare_and_swap_applies_once_and_fails_on_a_stale_version() {
+        use CompareOp::Equal;
+        use CompareTarget::Version;
+        let mut log = Log::new();
+        let s = log.register(10);
+        log.put(11, s, 1, 1, "k", "a");
+        let swap = |expected| {
+            (
+                vec![cmp("k", Version, Equal, expected, "")],
+                vec![op_put("k", "b")],
+                vec![op_get("k")],
+            )
+        };
+        let (c, ok, no) = swap(1);
+        let (first, dup) = log
+            .txn((s, 2, 2), c.clone(), ok.clone(), no.clone())
+            .unwrap();
+        assert!(first.succeeded && !dup);
+        assert_eq!(first.results, vec![TxnOpResult::Put { version: 2 }]);
+        assert_eq!(first.revision, log.index);
+        let (again, dup) = log.txn((s, 2, 2), c, ok, no).unwrap();
+        assert!(dup, "a retry answers from the session");
+        assert_eq!(again, first);
+        assert_eq!(log.value("k"), Some(("b".into(), 2)));
+        let (c, ok, no) = swap(1);
+        let (stale, _) = log.txn((s, 3, 3), c, ok, no).unwrap();
+        assert!(!stale.succeeded);
+        match &stale.results[..] {
+            [TxnOpResult::Get {
+                kv: Some(v),
+                value_omitted: false,
+            }] => assert_eq!((&v.value[..], v.version), (&b"b"[..], 2)),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(log.value("k"), Some(("b".into(), 2)));
+        // Version 0 means absent.
+        let (c, ok, no) = (
+            vec![cmp("new", Version, Equal, 0, "")],
+            vec![op_put("new", "x")],
+            vec![],
+        );
+        assert!(log.txn((s, 4, 4), c, ok, no).unwrap().0.succeeded);
+    }
+
+    /// A delete ends a key's life: its version starts again at 1 and its create revision is
+    /// the revision of the put that created it anew; the key count follows.
+    #[test]
+    fn a_delete_resets_version_and_create_revision() {
+        let mut log = Log::new();
+        let s = log.register(10);
+        log.put(11, s, 1, 1, "k", "a");
+        log.put(12, s, 2, 2, "k", "b");
+        assert_eq!(log.sm.key_count().unwrap(), 1);
+        let (r, _) = log
+            .txn(
+                (s, 3, 3),
+                vec![],
+                vec![op_delete("k", b""), op_get("k")],
+                vec![],
+            )
+            .unwrap();
+        assert_eq!(
+            r.results,
+            vec![
+                TxnOpResult::Delete {
+                    deleted: 1,
+                    more: false
+                },
+                TxnOpResult::Get {
+                    kv: None,
+                    value_omitted: false
+                }
+            ]
+        );
+        assert_eq!(log.value("k"), None);
+        assert_eq!(log.sm.key_count().unwrap(), 0);
+        let (r, _) = log
+            .txn((s, 4, 4), vec![], vec![op_delete("k", b"")], vec![])
+            .unwrap();
+        assert_eq!(
+            r.results,
+            vec![TxnOpResult::Delete {
+                deleted: 0,
+                more: false
+            }]
+        );
+        log.put(13, s, 5, 5, "k", "c");
+        let v = log.sm.get(b"k").unwrap().unwrap();
+        assert_eq!(
+            (v.version, v.create_revision, v.mod_revision),
+            (1, log.index, log.index)
+        );
+        assert_eq!(log.sm.key_count().unwrap(), 1);
+    }
+
+    /// Compares on revisions and values; a value compare on an absent key is false whatever
+    /// the op; a failed compare stops at once and runs the failure branch.
+    #[test]
+    fn compares_on_revisions_and_values() {
+        use CompareOp::*;
+        use CompareTarget::*;
+        let mut log = Log::new();
+        let s = log.register(10);
+        log.put(11, s, 1, 1, "k", "m");
+        let created = log.index;
+        let mut seq = 1;
+        let mut holds = |log: &mut Log, c: Compare| {
+            seq += 1;
+            let (r, _) = log
+                .txn((s, seq, seq), vec![c], vec![op_get("k")], vec![])
+                .unwrap();
+            r.succeeded
+        };
+        assert!(holds(
+            &mut log,
+            cmp("k", CreateRevision, Equal, created, "")
+        ));
+        assert!(holds(
+            &mut log,
+            cmp("k", ModRevision, Less, created + 1, "")
+        ));
+        assert!(!holds(
+            &mut log,
+            cmp("k", ModRevision, Greater, created, "")
+        ));
+        assert!(holds(&mut log, cmp("k", Value, Equal, 0, "m")));
+        assert!(holds(&mut log, cmp("k", Value, Greater, 0, "a")));
+        assert!(holds(&mut log, cmp("k", Value, Less, 0, "z")));
+        assert!(holds(&mut log, cmp("k", Value, NotEqual, 0, "n")));
+        for op in [Equal, NotEqual, Less, Greater] {
+            assert!(!holds(&mut log, cmp("absent", Value, op, 0, "")));
+        }
+        assert!(holds(&mut log, cmp("absent", ModRevision, Equal, 0, "")));
+    }
+
+    /// Gets in a transaction return values up to the entry's read budget; past it the key's
+    /// counters come without the value, the same on every replica.
+    #[test]
+    fn transaction_reads_stop_at_the_read_budget() {
+        let mut log = Log::new();
+        let s = log.register(10);
+        log.put(11, s, 1, 1, "a", &"x".repeat(600));
+        log.put(12, s, 2, 2, "b", &"y".repeat(600));
+        let (r, _) = log
+            .txn(
+                (s, 3, 3),
+                vec![],
+                vec![op_get("a"), op_get("b"), op_get("c")],
+                vec![],
+            )
+            .unwrap();
+        match &r.results[..] {
+            [TxnOpResult::Get {
+                kv: Some(a),
+                value_omitted: false,
+            }, TxnOpResult::Get {
+                kv: Some(b),
+                value_omitted: true,
+            }, TxnOpResult::Get { kv: None, .. }] => {
+                assert_eq!(a.value.len(), 600);
+                assert!(b.value.is_empty());
+                assert_eq!(b.version, 1);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// An entry breaking the transaction limits (from a misbehaving leader) changes nothing.
+    #[test]
+    fn a_transaction_past_the_limits_changes_nothing() {
+        let mut log = Log::new();
+        let s = log.register(10);
+        let ops: Vec<_> = (0..=limits::TXN_OPS_MAX)
+            .map(|i| op_put(&format!("k{i}"), "v"))
+            .collect();
+        let cmd = TxnCommand {
+            session_id: s,
+            seq: 1,
+            ack_seq: 1,
+            success: ops,
+            ..Default::default()
+        };
+        let out = log.push(20, Payload::Txn(cmd));
+        assert!(matches!(
+            &out[..],
+            [Outcome::Write {
+                result: Err(PutError::Invalid),
+                ..
+            }]
+        ));
+        assert_eq!(log.sm.key_count().unwrap(), 0);
+        let empty_op = TxnCommand {
+            session_id: s,
+            seq: 1,
+            ack_seq: 1,
+            success: vec![kvraft_proto::TxnOp { op: None }],
+            ..Default::default()
+        };
+        let out = log.push(21, Payload::Txn(empty_op));
+        assert!(matches!(
+            &out[..],
+            [Outcome::Write {
+                result: Err(PutError::Invalid),
+                ..
+            }]
+        ));
+    }
+
+    /// Range reads merge what is written to the engine with what is not yet (deletes
+    /// included), in key order, page by page.
+    #[test]
+    fn ranges_merge_the_overlay_over_the_engine() {
+        let mut log = Log::new();
+        let s = log.register(10);
+        let mut seq = 0;
+        for k in ["a", "b", "c", "d", "e", "f"] {
+            seq += 1;
+            log.put(11, s, seq, seq, k, "v");
+        }
+        log.sm.finish_batch();
+        seq += 1;
+        log.txn((s, seq, seq), vec![], vec![op_delete("c", b"")], vec![]);
+        seq += 1;
+        log.put(12, s, seq, seq, "bb", "v");
+        seq += 1;
+        log.put(12, s, seq, seq, "z", "v");
+        let all = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            log.keys("a", "g", 100),
+            (all(&["a", "b", "bb", "d", "e", "f"]), false, Bytes::new())
+        );
+        assert_eq!(
+            log.keys("b", "", 3),
+            (all(&["b", "bb", "d"]), true, Bytes::from("e"))
+        );
+        assert_eq!(log.keys("e", "", 100).0, all(&["e", "f", "z"]));
+        assert!(log.keys("c", "d", 10).0.is_empty(), "c is deleted");
+        // A byte budget stops a page early, but never before its first key.
+        let page = log.sm.range(b"a", b"", 100, 3, false);
+        assert_eq!(page.kvs.len(), 1);
+        assert!(page.more);
+        let page = log.sm.range(b"a", b"", 100, 1_000, true);
+        assert!(page.kvs.iter().all(|(_, v)| v.value.is_empty()));
+        // Range deletes see both too, and an open end (one zero byte) runs to the last key.
+        seq += 1;
+        let (r, _) = log
+            .txn((s, seq, seq), vec![], vec![op_delete("b", b"e")], vec![])
+            .unwrap();
+        assert_eq!(
+            r.results,
+            vec![TxnOpResult::Delete {
+                deleted: 3,
+                more: false
+            }]
+        );
+        seq += 1;
+        let (r, _) = log
+            .txn((s, seq, seq), vec![], vec![op_delete("e", &[0])], vec![])
+            .unwrap();
+        assert_eq!(
+            r.results,
+            vec![TxnOpResult::Delete {
+                deleted: 3,
+                more: false
+            }]
+        );
+        assert_eq!(log.keys("", "", 100).0, all(&["a"]));
+        assert_eq!(log.sm.key_count().unwrap(), 1);
+    }
+
+    /// One transaction deletes at most DELETE_KEYS_PER_ENTRY_MAX keys and says more remain.
+    #[test]
+    fn a_range_delete_is_bounded_per_transaction() {
+        let mut sm = StateMachine::new(u64::MAX / 4, 3);
+        let n = DELETE_KEYS_PER_ENTRY_MAX + 5;
+        let mut index = 1;
+        sm.apply(&payload_entry(
+            index,
+            Payload::RegisterSession(RegisterSession::default()),
+        ));
+        for i in 0..n {
+            index += 1;
+            let put = PutCommand {
+                session_id: 1,
+                seq: i + 1,
+                ack_seq: i + 1,
+                key: Bytes::from(format!("k{i:06}")),
+                value: Bytes::new(),
+            };
+            sm.apply(&payload_entry(index, Payload::Put(put)));
+        }
+        let mut delete = |seq: u64, index: u64| {
+            let cmd = TxnCommand {
+                session_id: 1,
+                seq,
+                ack_seq: seq,
+                success: vec![op_delete("k", b"l")],
+                ..Default::default()
+            };
+            match &sm.apply(&payload_entry(index, Payload::Txn(cmd)))[..] {
+                [Outcome::Write {
+                    result: Ok(WriteResult::Txn(r)),
+                    ..
+                }] => r.results[0].clone(),
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(
+            delete(n + 1, index + 1),
+            TxnOpResult::Delete {
+                deleted: DELETE_KEYS_PER_ENTRY_MAX,
+                more: true
+            }
+        );
+        assert_eq!(
+            delete(n + 2, index + 2),
+            TxnOpResult::Delete {
+                deleted: 5,
+                more: false
+            }
+        );
+        assert_eq!(sm.key_count().unwrap(), 0);
+    }
+
+    /// Property: random puts, deletes, range deletes, compare-and-swaps and transactions,
+    /// with batches written at random points and a restart now and then, give the same
+    /// answers, revisions and ranges as a plain ordered map.
+    #[test]
+    fn transactions_match_a_reference_map() {
+        use rand::{Rng, SeedableRng};
+        type Model = BTreeMap<Vec<u8>, Versioned>;
+        fn model_put(m: &mut Model, k: &[u8], v: &[u8], rev: u64) -> u64 {
+            let (version, create) = m
+                .get(k)
+                .map_or((1, rev), |o| (o.version + 1, o.create_revision));
+            m.insert(
+                k.to_vec(),
+                Versioned {
+                    value: Bytes::copy_from_slice(v),
+                    version,
+                    create_revision: create,
+                    mod_revision: rev,
+                },
+            );
+            version
+        }
+        for seed in 0..60u64 {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let engine = MemEngine::new();
+            let mut sm = StateMachine::open(Box::new(engine.clone()), u64::MAX / 4, 4).unwrap();
+            let mut model = Model::new();
+            let mut index = 1;
+            sm.apply(&payload_entry(
+                1,
+                Payload::RegisterSession(RegisterSession::default()),
+            ));
+            let key = |rng: &mut rand::rngs::StdRng| format!("k{}", rng.random_range(0..8));
+            for seq in 1..=150u64 {
+                index += 1;
+                let rev = index;
+                let k = key(&mut rng);
+                let payload = match rng.random_range(0..4) {
+                    0 => Payload::Put(PutCommand {
+                        session_id: 1,
+                        seq,
+                        ack_seq: seq,
+                        key: Bytes::from(k.clone()),
+                        value: Bytes::from(format!("v{seq}")),
+                    }),
+                    _ => {
+                        let expected = rng.random_range(0..3);
+                        let compare = if rng.random_bool(0.5) {
+                            vec![cmp(
+                                &k,
+                                CompareTarget::Version,
+                                CompareOp::Equal,
+                                expected,
+                                "",
+                            )]
+                        } else {
+                            vec![]
+                        };
+                        let ops = |rng: &mut rand::rngs::StdRng| {
+                            (0..rng.random_range(0..4))
+                                .map(|i| {
+                                    let k = key(rng);
+                                    match rng.random_range(0..4) {
+                                        0 => op_get(&k),
+                                        1 => op_delete(&k, b""),
+                                        2 => op_delete(&k, format!("{k}5").as_bytes()),
+                                        _ => op_put(&k, &format!("t{seq}.{i}")),
+                                    }
+                                })
+                                .collect::<Vec<_>>()
+                        };
+                        let (success, failure) = (ops(&mut rng), ops(&mut rng));
+                        if success.is_empty() && failure.is_empty() {
+                            Payload::Txn(TxnCommand {
+                                session_id: 1,
+                                seq,
+                                ack_seq: seq,
+                                success: vec![op_get(&k)],
+                                read_bytes_max: 1 << 20,
+                                ..Default::default()
+                            })
+                        } else {
+                            Payload::Txn(TxnCommand {
+                                session_id: 1,
+                                seq,
+                                ack_seq: seq,
+                                compare,
+                                success,
+                                failure,
+                                read_bytes_max: 1 << 20,
+                            })
+                        }
+                    }
+                };
+                // The reference answer.
+                let want = match &payload {
+                    Payload::Put(p) => WriteResult::Put(PutResult {
+                        version: model_put(&mut model, &p.key, &p.value, rev),
+                        index: rev,
+                    }),
+                    Payload::Txn(t) => {
+                        let succeeded = t
+                            .compare
+                            .iter()
+                            .all(|c| model.get(&c.key[..]).map_or(0, |v| v.version) == c.number);
+                        let ops = if succeeded { &t.success } else { &t.failure };
+                        let results = ops
+                            .iter()
+                            .map(|op| match op.op.as_ref().unwrap() {
+                                txn_op::Op::Put(p) => TxnOpResult::Put {
+                                    version: model_put(&mut model, &p.key, &p.value, rev),
+                                },
+                                txn_op::Op::Get(g) => TxnOpResult::Get {
+                                    kv: model.get(&g.key[..]).cloned(),
+                                    value_omitted: false,
+                                },
+                                txn_op::Op::Delete(d) if d.range_end.is_empty() => {
+                                    TxnOpResult::Delete {
+                                        deleted: u64::from(model.remove(&d.key[..]).is_some()),
+                                        more: false,
+                                    }
+                                }
+                                txn_op::Op::Delete(d) => {
+                                    let doomed: Vec<_> = model
+                                        .range(d.key.to_vec()..d.range_end.to_vec())
+                                        .map(|(k, _)| k.clone())
+                                        .collect();
+                                    for k in &doomed {
+                                        model.remove(k);
+                                    }
+                                    TxnOpResult::Delete {
+                                        deleted: doomed.len() as u64,
+                                        more: false,
+                                    }
+                                }
+                            })
+                            .collect();
+                        WriteResult::Txn(Arc::new(TxnResult {
+                            succeeded,
+                            revision: rev,
+                            results,
+                        }))
+                    }
+                    _ => unreachable!(),
+                };
+                let out = sm.apply(&payload_entry(index, payload));
+                match &out[..] {
+                    [Outcome::Write {
+                        result: Ok(got), ..
+                    }] => assert_eq!(got, &want, "seed {seed} seq {seq}"),
+                    other => panic!("seed {seed} seq {seq}: {other:?}"),
+                }
+                if rng.random_bool(0.2) {
+                    sm.finish_batch();
+                }
+                if rng.random_bool(0.05) {
+                    // A clean restart from what the engine holds (everything, once synced).
+                    sm.sync().unwrap();
+                    sm = StateMachine::open(Box::new(engine.clone()), u64::MAX / 4, 4).unwrap();
+                }
+                let page = sm.range(b"", b"", 100, usize::MAX, false);
+                let got: Vec<_> = page
+                    .kvs
+                    .iter()
+                    .map(|(k, v)| (k.to_vec(), v.clone()))
+                    .collect();
+                let want: Vec<_> = model.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                assert_eq!(got, want, "seed {seed} seq {seq}: ranges differ");
+                assert_eq!(sm.key_count().unwrap(), model.len() as u64, "seed {seed}");
+            }
+        }
+    }
+
     /// A crash between a synced batch and later unsynced ones: the engine reopens at the synced
     /// applied index with that moment's sessions, and replaying the log from there gives the
     /// same answers and the same state as never crashing.
@@ -1171,14 +2304,67 @@ mod tests {
             next_seq: 3,
             acked: 1,
             last_active_ms: 5,
-            results: BTreeMap::from([(
-                1,
-                PutResult {
-                    version: 1,
-                    index: 2,
-                },
-            )]),
-            pending: BTreeMap::from([(4, (Bytes::from_static(b"k"), Bytes::from_static(b"v"), 7))]),
+            results: BTreeMap::from([
+                (
+                    1,
+                    WriteResult::Put(PutResult {
+                        version: 1,
+                        index: 2,
+                    }),
+                ),
+                (
+                    2,
+                    WriteResult::Txn(Arc::new(TxnResult {
+                        succeeded: true,
+                        revision: 6,
+                        results: vec![
+                            TxnOpResult::Put { version: 2 },
+                            TxnOpResult::Delete {
+                                deleted: 3,
+                                more: true,
+                            },
+                            TxnOpResult::Get {
+                                kv: None,
+                                value_omitted: false,
+                            },
+                            TxnOpResult::Get {
+                                kv: Some(Versioned {
+                                    value: Bytes::from_static(b"x"),
+                                    version: 1,
+                                    create_revision: 4,
+                                    mod_revision: 5,
+                                }),
+                                value_omitted: true,
+                            },
+                        ],
+                    })),
+                ),
+            ]),
+            pending: BTreeMap::from([
+                (
+                    4,
+                    (
+                        Request::Put {
+                            key: Bytes::from_static(b"k"),
+                            value: Bytes::from_static(b"v"),
+                        },
+                        7,
+                    ),
+                ),
+                (
+                    5,
+                    (
+                        Request::Txn(Arc::new(TxnCommand {
+                            session_id: 9,
+                            seq: 5,
+                            ack_seq: 1,
+                            read_bytes_max: 10,
+                            ..Default::default()
+                        })),
+                        8,
+                    ),
+                ),
+            ]),
         };
         let bytes = encode_session(&session);
         let back = decode_session(&bytes).unwrap();

@@ -31,7 +31,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use rand::rngs::StdRng;
 use rand::Rng;
 
+use kvraft_checker as lc;
+use kvraft_proto::{txn_op, CompareOp, CompareTarget, TxnCommand};
 use kvraft_server::replica::{ClientError, Reply};
+use kvraft_server::state_machine::{TxnOpResult, WriteResult};
+use prost::bytes::Bytes;
 
 use crate::history::{Input, OpResult, Operation, Output};
 use crate::node::{SessionLimits, SESSIONS_UNBOUNDED, SESSION_TTL_NEVER_MS};
@@ -52,7 +56,22 @@ pub enum Request {
     Get {
         key: String,
     },
+    /// A transaction; its session fields are set per attempt.
+    Txn {
+        cmd: TxnCommand,
+    },
+    Range {
+        start: String,
+        end: String,
+    },
 }
+
+/// The keys transactions, deletes and scans work on (puts and gets use the others): a small
+/// group, so multi-key operations keep the checker's components small.
+pub const TXN_KEYS: [&str; 3] = ["t0", "t1", "t2"];
+/// A scan of every key in [`TXN_KEYS`].
+const SCAN_START: &str = "t";
+const SCAN_END: &str = "u";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ClientTimer {
@@ -90,6 +109,14 @@ enum OpKind {
     Get {
         key: String,
     },
+    /// `input` is the checker's form of the same transaction.
+    Txn {
+        session: u64,
+        seq: u64,
+        cmd: TxnCommand,
+        input: lc::Input,
+    },
+    Range,
 }
 
 #[derive(Clone, Debug)]
@@ -142,6 +169,9 @@ pub struct Client {
     next_attempt: u64,
     attempts: BTreeMap<u64, usize>,
     values: u64,
+    /// The last version this client saw of each transaction key (what its compare-and-swaps
+    /// expect).
+    seen: BTreeMap<String, u64>,
     /// New operations are started only while this is set.
     pub issuing: bool,
     pub out: Vec<ClientAction>,
@@ -177,6 +207,7 @@ impl Client {
             next_attempt: 1,
             attempts: BTreeMap::new(),
             values: 0,
+            seen: BTreeMap::new(),
             issuing: true,
             out: Vec::new(),
             done: Vec::new(),
@@ -262,9 +293,12 @@ impl Client {
             }
             return;
         }
-        let put = rng.random_bool(0.6);
+        let kind = rng.random_range(0..100u32);
+        let put = kind < 45;
+        let txn = (45..70).contains(&kind);
+        let range = (70..78).contains(&kind);
         let session = self.session.expect("invariant: checked above");
-        if put && self.next_seq >= self.ack_seq(session) + self.limits.window {
+        if (put || txn) && self.next_seq >= self.ack_seq(session) + self.limits.window {
             // The session window is full (an older put is still unanswered): wait, as kvslib.
             let at_ms = now_ms + rng.random_range(WINDOW_WAIT_MS);
             self.out.push(ClientAction::Timer {
@@ -273,7 +307,92 @@ impl Client {
             });
             return;
         }
+        if txn {
+            return self.new_txn(slot, now_ms, now_ns, rng);
+        }
+        if range {
+            self.slots[slot] = Some(Op {
+                kind: OpKind::Range,
+                call_ns: now_ns,
+                deadline_ms: now_ms + self.timing.op_timeout_ms,
+                attempt: None,
+                target: 0,
+                is_final: false,
+            });
+            return self.attempt(slot, now_ms, now_ns, rng);
+        }
         self.new_op(slot, now_ms, now_ns, rng, put, false);
+    }
+
+    /// Starts a transaction on [`TXN_KEYS`]: a compare-and-swap from the version this client
+    /// last saw, a conditional delete, a delete, or a write of two keys at once with a read.
+    fn new_txn(&mut self, slot: usize, now_ms: u64, now_ns: u64, rng: &mut StdRng) {
+        let pick = |rng: &mut StdRng| TXN_KEYS[rng.random_range(0..TXN_KEYS.len())].to_string();
+        let key = pick(rng);
+        let expected = self.seen.get(&key).copied().unwrap_or(0);
+        let mut value = || {
+            self.values += 1;
+            format!("c{}.{}", self.id, self.values)
+        };
+        let version_is = |key: &str, v: u64| lc::Compare {
+            key: key.as_bytes().to_vec(),
+            target: lc::CompareTarget::Version(v),
+            op: lc::CompareOp::Equal,
+        };
+        let put = |key: &str, value: String| lc::TxnOp::Put {
+            key: key.as_bytes().to_vec(),
+            value: value.into_bytes(),
+        };
+        let get = |key: &str| lc::TxnOp::Get {
+            key: key.as_bytes().to_vec(),
+        };
+        let delete = |key: &str| lc::TxnOp::Delete {
+            key: key.as_bytes().to_vec(),
+        };
+        let (compares, success, failure) = match rng.random_range(0..10u32) {
+            0..=4 => (
+                vec![version_is(&key, expected)],
+                vec![put(&key, value())],
+                vec![get(&key)],
+            ),
+            5 => (vec![version_is(&key, expected)], vec![delete(&key)], vec![]),
+            6 => (vec![], vec![delete(&key)], vec![]),
+            _ => {
+                let other = pick(rng);
+                let (a, b) = (value(), value());
+                (
+                    vec![],
+                    vec![put(&key, a), put(&other, b), get(&key), get(&other)],
+                    vec![],
+                )
+            }
+        };
+        let session = self
+            .session
+            .expect("invariant: txns start after registration");
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.in_flight.insert((session, seq));
+        let cmd = txn_command(&compares, &success, &failure);
+        let input = lc::Input::Txn {
+            compares,
+            success,
+            failure,
+        };
+        self.slots[slot] = Some(Op {
+            kind: OpKind::Txn {
+                session,
+                seq,
+                cmd,
+                input,
+            },
+            call_ns: now_ns,
+            deadline_ms: now_ms + self.timing.op_timeout_ms,
+            attempt: None,
+            target: 0,
+            is_final: false,
+        });
+        self.attempt(slot, now_ms, now_ns, rng);
     }
 
     /// Starts a put (`put`, always for the final one) or a get on `slot`.
@@ -325,7 +444,9 @@ impl Client {
 
     fn attempt(&mut self, slot: usize, now_ms: u64, now_ns: u64, rng: &mut StdRng) {
         let ack_seq = match self.slots[slot].as_ref().map(|op| &op.kind) {
-            Some(OpKind::Put { session, .. }) => self.ack_seq(*session),
+            Some(OpKind::Put { session, .. } | OpKind::Txn { session, .. }) => {
+                self.ack_seq(*session)
+            }
             _ => 0,
         };
         let Some(op) = self.slots[slot].as_mut() else {
@@ -365,6 +486,20 @@ impl Client {
                 value: value.clone(),
             },
             OpKind::Get { key } => Request::Get { key: key.clone() },
+            OpKind::Txn {
+                session, seq, cmd, ..
+            } => Request::Txn {
+                cmd: TxnCommand {
+                    session_id: *session,
+                    seq: *seq,
+                    ack_seq,
+                    ..cmd.clone()
+                },
+            },
+            OpKind::Range => Request::Range {
+                start: SCAN_START.to_string(),
+                end: SCAN_END.to_string(),
+            },
         };
         self.attempts.insert(id, slot);
         self.out.push(ClientAction::Send {
@@ -402,7 +537,43 @@ impl Client {
                 }
                 return;
             }
-            Reply::Put { result: Ok(r), .. } => {
+            Reply::Write {
+                result: Ok(WriteResult::Txn(r)),
+                ..
+            } => {
+                let op = self.slots[slot].as_ref().expect("invariant: checked above");
+                if let OpKind::Txn { session, .. } = op.kind {
+                    if Some(session) == self.session {
+                        let call_ms = op.call_ns / 1_000_000;
+                        self.session_active_ms = self.session_active_ms.max(call_ms);
+                    }
+                }
+                let output = self.txn_output(slot, &r.results, r.succeeded);
+                return self.finish(slot, OpResult::Ok(output), now_ns, rng, now_ms);
+            }
+            Reply::Range(Ok((page, _))) => {
+                let mut kvs = Vec::with_capacity(page.kvs.len());
+                for (key, v) in page.kvs {
+                    let key = String::from_utf8_lossy(&key).into_owned();
+                    self.seen.insert(key.clone(), v.version);
+                    let read = lc::ReadValue {
+                        value: v.value.to_vec(),
+                        version: Some(v.version),
+                    };
+                    kvs.push((key.into_bytes(), read));
+                }
+                for key in TXN_KEYS {
+                    if !kvs.iter().any(|(k, _)| k == key.as_bytes()) {
+                        self.seen.insert(key.to_string(), 0);
+                    }
+                }
+                let output = Output::Checker(lc::Output::Scan(kvs));
+                return self.finish(slot, OpResult::Ok(output), now_ns, rng, now_ms);
+            }
+            Reply::Write {
+                result: Ok(WriteResult::Put(r)),
+                ..
+            } => {
                 let op = self.slots[slot].as_ref().expect("invariant: checked above");
                 if let OpKind::Put { session, .. } = op.kind {
                     if Some(session) == self.session {
@@ -419,10 +590,15 @@ impl Client {
                 );
             }
             Reply::Get(Ok(read)) => {
-                let read = read.map(|(v, n)| (String::from_utf8_lossy(&v).into_owned(), n));
+                let read = read
+                    .value
+                    .map(|v| (String::from_utf8_lossy(&v.value).into_owned(), v.version));
                 return self.finish(slot, OpResult::Ok(Output::Get(read)), now_ns, rng, now_ms);
             }
-            Reply::Registered(Err(e)) | Reply::Put { result: Err(e), .. } | Reply::Get(Err(e)) => e,
+            Reply::Registered(Err(e))
+            | Reply::Write { result: Err(e), .. }
+            | Reply::Get(Err(e))
+            | Reply::Range(Err(e)) => e,
             other => {
                 self.violations
                     .push(format!("client {}: unexpected reply {other:?}", self.id));
@@ -466,7 +642,7 @@ impl Client {
     /// client registers a new session. Checks that the expiry was possible at all.
     fn session_expired(&mut self, slot: usize, now_ms: u64, now_ns: u64, rng: &mut StdRng) {
         let op = self.slots[slot].as_ref().expect("invariant: a running op");
-        let OpKind::Put { session, .. } = op.kind else {
+        let (OpKind::Put { session, .. } | OpKind::Txn { session, .. }) = op.kind else {
             self.violations.push(format!(
                 "client {}: SessionExpired for {:?}",
                 self.id, op.kind
@@ -530,6 +706,19 @@ impl Client {
                 Input::Put { key, value }
             }
             OpKind::Get { key } => Input::Get { key },
+            OpKind::Txn {
+                session,
+                seq,
+                input,
+                ..
+            } => {
+                self.in_flight.remove(&(session, seq));
+                Input::Checker(input)
+            }
+            OpKind::Range => Input::Checker(lc::Input::Scan {
+                start: SCAN_START.as_bytes().to_vec(),
+                end: SCAN_END.as_bytes().to_vec(),
+            }),
         };
         if op.is_final && !self.final_pending {
             self.final_ok = Some(matches!(result, OpResult::Ok(_)));
@@ -555,5 +744,117 @@ impl Client {
                 timer: ClientTimer::Start(slot),
             });
         }
+    }
+}
+
+impl Client {
+    /// The checker's form of a transaction's answer, noting the versions it saw.
+    fn txn_output(&mut self, slot: usize, results: &[TxnOpResult], succeeded: bool) -> Output {
+        let op = self.slots[slot].as_ref().expect("invariant: a running op");
+        let OpKind::Txn { input, .. } = &op.kind else {
+            unreachable!("invariant: a transaction's answer comes to a transaction");
+        };
+        let lc::Input::Txn {
+            success, failure, ..
+        } = input
+        else {
+            unreachable!("invariant: a transaction op holds a transaction input");
+        };
+        let ops = if succeeded { success } else { failure };
+        let mut outputs = Vec::with_capacity(results.len());
+        let mut seen = Vec::new();
+        for (op, result) in ops.iter().zip(results) {
+            outputs.push(match result {
+                TxnOpResult::Put { version } => {
+                    if let lc::TxnOp::Put { key, .. } = op {
+                        seen.push((key.clone(), *version));
+                    }
+                    lc::TxnOpOutput::Put {
+                        version: Some(*version),
+                    }
+                }
+                TxnOpResult::Delete { deleted, .. } => {
+                    if let lc::TxnOp::Delete { key } = op {
+                        seen.push((key.clone(), 0));
+                    }
+                    lc::TxnOpOutput::Delete {
+                        existed: *deleted > 0,
+                    }
+                }
+                TxnOpResult::Get { kv, .. } => {
+                    if let lc::TxnOp::Get { key } = op {
+                        seen.push((key.clone(), kv.as_ref().map_or(0, |v| v.version)));
+                    }
+                    lc::TxnOpOutput::Get(kv.as_ref().map(|v| lc::ReadValue {
+                        value: v.value.to_vec(),
+                        version: Some(v.version),
+                    }))
+                }
+            });
+        }
+        for (key, version) in seen {
+            self.seen
+                .insert(String::from_utf8_lossy(&key).into_owned(), version);
+        }
+        Output::Checker(lc::Output::Txn {
+            succeeded,
+            results: outputs,
+        })
+    }
+}
+
+/// The server's form of a transaction (session fields left for each attempt).
+fn txn_command(
+    compares: &[lc::Compare],
+    success: &[lc::TxnOp],
+    failure: &[lc::TxnOp],
+) -> TxnCommand {
+    let compare = compares
+        .iter()
+        .map(|c| {
+            let (target, number, value) = match &c.target {
+                lc::CompareTarget::Version(v) => (CompareTarget::Version, *v, Vec::new()),
+                lc::CompareTarget::Value(v) => (CompareTarget::Value, 0, v.clone()),
+            };
+            let op = match c.op {
+                lc::CompareOp::Equal => CompareOp::Equal,
+                lc::CompareOp::NotEqual => CompareOp::NotEqual,
+                lc::CompareOp::Less => CompareOp::Less,
+                lc::CompareOp::Greater => CompareOp::Greater,
+            };
+            kvraft_proto::Compare {
+                key: Bytes::from(c.key.clone()),
+                target: target as i32,
+                op: op as i32,
+                number,
+                value: Bytes::from(value),
+            }
+        })
+        .collect();
+    let ops = |ops: &[lc::TxnOp]| -> Vec<kvraft_proto::TxnOp> {
+        ops.iter()
+            .map(|op| {
+                let op = match op {
+                    lc::TxnOp::Put { key, value } => txn_op::Op::Put(kvraft_proto::TxnPut {
+                        key: Bytes::from(key.clone()),
+                        value: Bytes::from(value.clone()),
+                    }),
+                    lc::TxnOp::Delete { key } => txn_op::Op::Delete(kvraft_proto::TxnDelete {
+                        key: Bytes::from(key.clone()),
+                        range_end: Bytes::new(),
+                    }),
+                    lc::TxnOp::Get { key } => txn_op::Op::Get(kvraft_proto::TxnGet {
+                        key: Bytes::from(key.clone()),
+                    }),
+                };
+                kvraft_proto::TxnOp { op: Some(op) }
+            })
+            .collect()
+    };
+    TxnCommand {
+        compare,
+        success: ops(success),
+        failure: ops(failure),
+        ..Default::default()
     }
 }

@@ -27,7 +27,7 @@ use kvraft_common::fnv::{fnv1a, FNV_OFFSET};
 use kvraft_proto::log_entry::Payload;
 use kvraft_proto::LogEntry;
 use kvraft_server::replica::Replica;
-use kvraft_server::state_machine::{Outcome, StateMachine};
+use kvraft_server::state_machine::{Outcome, StateMachine, WriteResult};
 use prost::Message;
 
 use crate::node::SessionLimits;
@@ -220,7 +220,7 @@ impl Invariants {
     fn replay(&mut self, entry: &LogEntry) -> Result<(), String> {
         let outcomes = self.reference.apply(entry);
         for outcome in outcomes {
-            let Outcome::Put {
+            let Outcome::Write {
                 session_id,
                 seq,
                 result: Ok(result),
@@ -233,9 +233,14 @@ impl Invariants {
             *count += 1;
             if *count > 1 {
                 return Err(format!(
-                    "exactly once: put (session {session_id}, seq {seq}) applied {count} times"
+                    "exactly once: request (session {session_id}, seq {seq}) applied {count} \
+                     times"
                 ));
             }
+            // Transactions work on keys of their own, checked by kvraft-checker.
+            let WriteResult::Put(result) = result else {
+                continue;
+            };
             let carrier = if result.index == entry.index {
                 entry
             } else {

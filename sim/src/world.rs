@@ -34,12 +34,12 @@ use kvraft_common::config::WaitFor;
 use kvraft_common::{LogIndex, NodeId, Term};
 use kvraft_coord::core::{self as coord, CoordCore, CoreConfig, LogPosition};
 use kvraft_proto::{AppendEntriesRequest, AppendEntriesResponse, PutCommand};
-use kvraft_server::replica::{Command, Event, Reply, ReplyTo};
+use kvraft_server::replica::{Command, Event, RangeQuery, Reply, ReplyTo};
 use prost::bytes::Bytes;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::client::{Client, ClientAction, ClientTimer, ClientTiming, Request};
+use crate::client::{Client, ClientAction, ClientTimer, ClientTiming, Request, TXN_KEYS};
 use crate::config::SimConfig;
 use crate::history::History;
 use crate::invariants::Invariants;
@@ -294,7 +294,13 @@ impl World {
             network: Network::new(cfg),
             clients,
             history: History::default(),
-            inv: Invariants::new(keys, limits),
+            inv: Invariants::new(
+                keys.iter()
+                    .cloned()
+                    .chain(TXN_KEYS.iter().map(|k| k.to_string()))
+                    .collect(),
+                limits,
+            ),
             faults: FaultCounts::default(),
             deadline_ms,
         };
@@ -663,6 +669,17 @@ impl World {
                     },
                     Request::Get { key } => Event::Get {
                         key: Bytes::from(key),
+                        reply,
+                    },
+                    Request::Txn { cmd } => Event::Txn { cmd, reply },
+                    Request::Range { start, end } => Event::Range {
+                        query: RangeQuery {
+                            start: Bytes::from(start),
+                            end: Bytes::from(end),
+                            limit: 0,
+                            keys_only: false,
+                            revision: 0,
+                        },
                         reply,
                     },
                 };

@@ -1,8 +1,9 @@
 //! `client <CLIENT_ID> [--config FILE] [SUBCOMMAND]`: a thin command-line shell over kvslib.
 //!
 //! Without a subcommand it runs the original project's scripted workload (20 puts, each
-//! followed by a get). Subcommands: `put`, `get`, `leader`, `run` (a batch of writes or reads
-//! with a JSON record per request, for test harnesses) and `shell` (an interactive prompt).
+//! followed by a get). Subcommands: `put`, `get`, `delete`, `cas`, `txn`, `scan`, `leader`,
+//! `status`, `digest`, `run` (a batch of writes or reads with a JSON record per request, for
+//! test harnesses) and `shell` (an interactive prompt).
 //! Results go to stdout; logs (RUST_LOG, default `warn`) and errors go to stderr, so stdout
 //! stays clean text or JSON.
 
@@ -14,13 +15,16 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use kvraft::launch;
-use kvraft_common::limits::{check_key_value, check_key_value_within};
-use kvslib::{Client, ClusterConfig, Error, LeaderInfo};
+use kvraft::txn_text;
+use kvraft_common::limits::{self, check_key_value, check_key_value_within};
+use kvslib::{CasOutcome, Client, ClusterConfig, Error, LeaderInfo};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 /// Operations of the scripted workload (the original's `for i in 0..20`).
 const SCRIPT_OPS: usize = 20;
+/// Most keys the shell's `scan` lists.
+const SHELL_SCAN_MAX: u64 = 100;
 /// Most requests of one `run`: every record is kept in memory until the JSON is written.
 const RUN_COUNT_MAX: usize = 100_000;
 
@@ -53,10 +57,23 @@ Status codes:
   4  other error (refused by the server; not applied)
 Exit status is 0 only if every request has Status 0.";
 
+const TXN_HELP: &str = "\
+Transaction form (stdin), one clause per line; blank lines and # comments are skipped:
+  if <key> version|create|mod|value =|!=|<|> <number or value>     (all must hold)
+  then put <key> <value> | del <key> | del-prefix <prefix> | get <key>
+  else put <key> <value> | del <key> | del-prefix <prefix> | get <key>
+Words are separated by spaces; \"double quotes\" hold spaces and the escapes \\\" \\\\ \\n
+\\t \\xHH. version 0 means the key is absent; create and mod are revisions (log indices).
+At most 128 compares and 128 operations. Example, taking a lock:
+  printf 'if lock version = 0\\nthen put lock me\\nelse get lock\\n' | client c1 txn";
+
 const SHELL_HELP: &str = "\
 commands:
   put <key> <value>   store value (the rest of the line) under key
   get <key>           print the value under key, or (not found)
+  delete <key>        delete key
+  cas <key> <version> <value>   store value only if key's version is <version> (0: absent)
+  scan <prefix>       list the keys that start with prefix (at most 100)
   leader              print the current leader as JSON
   help                print this help
   quit                leave (so does end of input)";
@@ -88,13 +105,81 @@ enum Command {
     Put {
         /// Key (1 to 1024 bytes).
         key: String,
-        /// Value (up to 1 MiB).
+        /// Value (up to the cluster's max_value_bytes, 1 MiB by default); `-` reads it from
+        /// stdin, as bytes (binary data works).
         value: String,
+        #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
+        output: DataFormat,
     },
     /// Print the value under KEY, or "(not found)" (exit status 0 either way).
     Get {
         /// Key (1 to 1024 bytes).
         key: String,
+        #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
+        output: DataFormat,
+    },
+    /// Delete KEY; prints "deleted" or "(not found)". With --prefix, every key that starts
+    /// with KEY; prints "deleted N keys" (in transactions of up to 10,000 keys each: atomic
+    /// per transaction, not as a whole).
+    Delete {
+        key: String,
+        #[arg(long)]
+        prefix: bool,
+        #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
+        output: DataFormat,
+    },
+    /// Compare-and-swap: store VALUE under KEY only if the key's version is EXPECTED_VERSION
+    /// (0: only if the key is absent). Prints "ok (version N, index I)", or "failed: current
+    /// version V" with exit status 1 when the version differed.
+    Cas {
+        key: String,
+        expected_version: u64,
+        /// The value; `-` reads it from stdin.
+        value: String,
+        #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
+        output: DataFormat,
+    },
+    /// Run a transaction read from stdin (the form is below); prints whether the compares
+    /// held and each result. Exit status 1 when the compares failed.
+    #[command(after_help = TXN_HELP)]
+    Txn {
+        #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
+        output: DataFormat,
+    },
+    /// List keys in [START, END) in key order (no END: to the last key), or with --prefix
+    /// those that start with START: "key<TAB>value" per line (JSON: one object per line).
+    /// Linearizable; read in pages, so any number of keys may be listed.
+    Scan {
+        start: String,
+        end: Option<String>,
+        #[arg(long, conflicts_with = "end")]
+        prefix: bool,
+        /// Most keys to list (0: all).
+        #[arg(long, default_value_t = 0)]
+        limit: u64,
+        /// Keys only, without values.
+        #[arg(long)]
+        keys_only: bool,
+        #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
+        output: DataFormat,
+    },
+    /// Print every change of KEY (with --prefix, of every key that starts with KEY) as it
+    /// happens, one line each: "PUT <key> <value> (revision R, version V)" or "DELETE <key>
+    /// (revision R)"; until Ctrl-C or --count events. Follows the leader through failovers
+    /// without missing or repeating a change; fails if the revision to resume from is no
+    /// longer held. Registers no session.
+    Watch {
+        key: String,
+        #[arg(long)]
+        prefix: bool,
+        /// Start from this revision (0: changes after now).
+        #[arg(long, default_value_t = 0)]
+        from_rev: u64,
+        /// Stop after this many events (0: never).
+        #[arg(long, default_value_t = 0)]
+        count: u64,
+        #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
+        output: DataFormat,
     },
     /// Ask the coord for the current leader; prints
     /// {"Leader-UUID": "<uuid>", "Leader-Id": <id>, "Term": <term>}.
@@ -103,13 +188,13 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Every server's state (role, term, commit and applied index, lag behind the leader, memory,
-    /// log size, whether it catches up after a lost disk) and the coord's leader view. Registers
-    /// no session.
     /// Every server's state machine digest (applied index and term, a hash of all keys, values
     /// and sessions): servers at the same applied index must agree. Reads each server's whole
     /// state; registers no session.
     Digest,
+    /// Every server's state (role, term, commit and applied index, lag behind the leader, memory,
+    /// log size, whether it catches up after a lost disk) and the coord's leader view. Registers
+    /// no session.
     Status {
         /// Output format.
         #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
@@ -121,6 +206,12 @@ enum Command {
     /// Interactive prompt reading put/get/leader/help/quit lines from stdin.
     #[command(after_help = SHELL_HELP)]
     Shell,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum DataFormat {
+    Text,
+    Json,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -202,21 +293,95 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             let client = connect(&config, id).await?;
             finish(client.clone(), script(&client).await).await
         }
-        Some(Command::Put { key, value }) => {
+        Some(Command::Put { key, value, output }) => {
+            let value = value_arg(value)?;
             // Refuse bad input before touching the network.
             let max = config.server.max_value();
-            check_key_value_within(key.as_bytes(), Some(value.as_bytes()), max)
+            check_key_value_within(key.as_bytes(), Some(&value), max)
                 .map_err(anyhow::Error::msg)?;
             let client = connect(&config, id).await?;
-            finish(client.clone(), put_once(&client, key, value).await).await
+            finish(client.clone(), put_once(&client, key, value, output).await).await
         }
-        Some(Command::Get { key }) => {
+        Some(Command::Get { key, output }) => {
             check_key_value(key.as_bytes(), None).map_err(anyhow::Error::msg)?;
-            // A read needs no session: nothing is appended to the log.
-            let client = Client::connect_without_session(&config, id)
-                .await
-                .with_context(|| format!("cannot connect to the cluster as client {id:?}"))?;
-            finish(client.clone(), get_once(&client, &key).await).await
+            let client = connect_reader(&config, id).await?;
+            finish(client.clone(), get_once(&client, &key, output).await).await
+        }
+        Some(Command::Delete {
+            key,
+            prefix,
+            output,
+        }) => {
+            let client = connect_lazily(&config, id).await?;
+            finish(
+                client.clone(),
+                delete_once(&client, key, prefix, output).await,
+            )
+            .await
+        }
+        Some(Command::Cas {
+            key,
+            expected_version,
+            value,
+            output,
+        }) => {
+            let value = value_arg(value)?;
+            let max = config.server.max_value();
+            check_key_value_within(key.as_bytes(), Some(&value), max)
+                .map_err(anyhow::Error::msg)?;
+            let client = connect_lazily(&config, id).await?;
+            let result = cas_once(&client, key, expected_version, value, output).await;
+            finish(client.clone(), result).await
+        }
+        Some(Command::Txn { output }) => {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                .context("cannot read the transaction from stdin")?;
+            let txn = kvraft::txn_text::parse_txn(&text).map_err(anyhow::Error::msg)?;
+            let client = connect_lazily(&config, id).await?;
+            finish(client.clone(), txn_once(&client, txn, output).await).await
+        }
+        Some(Command::Scan {
+            start,
+            end,
+            prefix,
+            limit,
+            keys_only,
+            output,
+        }) => {
+            let end = match (prefix, end) {
+                (true, _) => limits::prefix_end(start.as_bytes()),
+                (false, Some(end)) => end.into_bytes(),
+                (false, None) => Vec::new(),
+            };
+            limits::check_range(start.as_bytes(), &end).map_err(anyhow::Error::msg)?;
+            let client = connect_reader(&config, id).await?;
+            let scan = Scan {
+                start: start.into_bytes(),
+                end,
+                limit,
+                keys_only,
+            };
+            finish(client.clone(), scan_all(&client, scan, output).await).await
+        }
+        Some(Command::Watch {
+            key,
+            prefix,
+            from_rev,
+            count,
+            output,
+        }) => {
+            let end = if prefix {
+                limits::prefix_end(key.as_bytes())
+            } else {
+                check_key_value(key.as_bytes(), None).map_err(anyhow::Error::msg)?;
+                let mut end = key.clone().into_bytes();
+                end.push(0);
+                end
+            };
+            let client = connect_reader(&config, id).await?;
+            let watch = client.watch(key.into_bytes(), end, from_rev)?;
+            finish(client.clone(), watch_events(watch, count, output).await).await
         }
         Some(Command::Run(args)) => {
             let client = connect(&config, id).await?;
@@ -417,6 +582,33 @@ fn write_stdout(text: &str) -> anyhow::Result<()> {
         .context("cannot write to stdout")
 }
 
+/// A client for reads: it registers no session, so nothing is appended to the log.
+async fn connect_reader(config: &ClusterConfig, client_id: &str) -> anyhow::Result<Client> {
+    Client::connect_without_session(config, client_id)
+        .await
+        .with_context(|| format!("cannot connect to the cluster as client {client_id:?}"))
+}
+
+/// A client that registers its session with its first write (one request fewer than
+/// [`connect`] for a single command).
+async fn connect_lazily(config: &ClusterConfig, client_id: &str) -> anyhow::Result<Client> {
+    connect_reader(config, client_id).await
+}
+
+/// A value argument: `-` reads stdin as bytes.
+fn value_arg(value: String) -> anyhow::Result<Vec<u8>> {
+    if value != "-" {
+        return Ok(value.into_bytes());
+    }
+    let mut bytes = Vec::new();
+    // One byte past the largest value any config allows: enough to refuse a longer one
+    // without reading all of it.
+    let cap = limits::VALUE_BYTES_CEILING as u64 + 1;
+    std::io::Read::read_to_end(&mut std::io::Read::take(std::io::stdin(), cap), &mut bytes)
+        .context("cannot read the value from stdin")?;
+    Ok(bytes)
+}
+
 async fn connect(config: &ClusterConfig, client_id: &str) -> anyhow::Result<Client> {
     Client::connect(config, client_id)
         .await
@@ -453,16 +645,181 @@ fn describe_get(result: &Result<Option<Vec<u8>>, Error>) -> String {
     }
 }
 
-async fn put_once(client: &Client, key: String, value: String) -> anyhow::Result<bool> {
-    let out = client.put(key, value).await?;
-    say(format!("ok (version {}, index {})", out.version, out.index))?;
+async fn put_once(
+    client: &Client,
+    key: String,
+    value: Vec<u8>,
+    output: DataFormat,
+) -> anyhow::Result<bool> {
+    let out = client.put(key.as_bytes(), value).await?;
+    match output {
+        DataFormat::Text => say(format!("ok (version {}, index {})", out.version, out.index))?,
+        DataFormat::Json => {
+            say(json!({"key": key, "version": out.version, "revision": out.index}))?
+        }
+    }
     Ok(true)
 }
 
-async fn get_once(client: &Client, key: &str) -> anyhow::Result<bool> {
-    let value = client.get(key).await?;
-    say(describe_get(&Ok(value)))?;
+async fn get_once(client: &Client, key: &str, output: DataFormat) -> anyhow::Result<bool> {
+    let value = client.get_versioned(key).await?;
+    match output {
+        DataFormat::Text => say(describe_get(&Ok(value.map(|v| v.value))))?,
+        DataFormat::Json => say(match &value {
+            Some(v) => json!({"found": true, "kv": txn_text::versioned_json(key.as_bytes(), v)}),
+            None => json!({"found": false, "key": key}),
+        })?,
+    }
     Ok(true)
+}
+
+async fn delete_once(
+    client: &Client,
+    key: String,
+    prefix: bool,
+    output: DataFormat,
+) -> anyhow::Result<bool> {
+    if prefix {
+        let deleted = client.delete_prefix(key.as_bytes()).await?;
+        match output {
+            DataFormat::Text => say(format!("deleted {deleted} keys"))?,
+            DataFormat::Json => say(json!({"prefix": key, "deleted": deleted}))?,
+        }
+        return Ok(true);
+    }
+    check_key_value(key.as_bytes(), None).map_err(anyhow::Error::msg)?;
+    let existed = client.delete(key.as_bytes()).await?;
+    match output {
+        DataFormat::Text => say(if existed { "deleted" } else { "(not found)" })?,
+        DataFormat::Json => say(json!({"key": key, "deleted": u64::from(existed)}))?,
+    }
+    Ok(true)
+}
+
+async fn cas_once(
+    client: &Client,
+    key: String,
+    expected: u64,
+    value: Vec<u8>,
+    output: DataFormat,
+) -> anyhow::Result<bool> {
+    match client.cas(key.as_bytes(), expected, value).await? {
+        CasOutcome::Swapped(out) => {
+            match output {
+                DataFormat::Text => {
+                    say(format!("ok (version {}, index {})", out.version, out.index))?
+                }
+                DataFormat::Json => say(json!({"swapped": true, "key": key,
+                    "version": out.version, "revision": out.index}))?,
+            }
+            Ok(true)
+        }
+        CasOutcome::Failed { current } => {
+            let version = current.as_ref().map_or(0, |v| v.version);
+            match output {
+                DataFormat::Text => say(format!("failed: current version {version}"))?,
+                DataFormat::Json => say(json!({"swapped": false, "key": key,
+                    "current": current.as_ref()
+                        .map(|v| txn_text::versioned_json(key.as_bytes(), v))}))?,
+            }
+            Ok(false)
+        }
+    }
+}
+
+async fn txn_once(client: &Client, txn: kvslib::Txn, output: DataFormat) -> anyhow::Result<bool> {
+    let out = client.txn(txn.clone()).await?;
+    match output {
+        DataFormat::Text => {
+            for line in txn_text::describe_txn(&txn, &out) {
+                say(line)?;
+            }
+        }
+        DataFormat::Json => say(txn_text::txn_json(&txn, &out))?,
+    }
+    Ok(out.succeeded)
+}
+
+/// Prints the events of `watch` until Ctrl-C or `count` events (0: no limit).
+async fn watch_events(
+    mut watch: kvslib::Watch,
+    count: u64,
+    output: DataFormat,
+) -> anyhow::Result<bool> {
+    watch.start().await?;
+    let mut printed = 0u64;
+    while count == 0 || printed < count {
+        let event = tokio::select! {
+            event = watch.next() => event?,
+            _ = tokio::signal::ctrl_c() => return Ok(true),
+        };
+        let kind = match event.kind {
+            kvslib::EventKind::Put => "PUT",
+            kvslib::EventKind::Delete => "DELETE",
+        };
+        match (output, event.kind) {
+            (DataFormat::Text, kvslib::EventKind::Put) => say(format!(
+                "PUT {} {} (revision {}, version {})",
+                txn_text::show(&event.key),
+                txn_text::show(&event.value.value),
+                event.revision,
+                event.value.version
+            ))?,
+            (DataFormat::Text, kvslib::EventKind::Delete) => say(format!(
+                "DELETE {} (revision {})",
+                txn_text::show(&event.key),
+                event.revision
+            ))?,
+            (DataFormat::Json, _) => {
+                let mut json = txn_text::versioned_json(&event.key, &event.value);
+                json["type"] = json!(kind);
+                json["revision"] = json!(event.revision);
+                say(json)?
+            }
+        }
+        printed += 1;
+    }
+    Ok(true)
+}
+
+/// What `scan` lists.
+struct Scan {
+    start: Vec<u8>,
+    end: Vec<u8>,
+    /// 0: all.
+    limit: u64,
+    keys_only: bool,
+}
+
+/// Lists a range page by page (each page linearizable on its own), printing as it goes.
+async fn scan_all(client: &Client, scan: Scan, output: DataFormat) -> anyhow::Result<bool> {
+    let mut start = scan.start;
+    let mut listed = 0u64;
+    loop {
+        let left = match scan.limit {
+            0 => 0,
+            n => n - listed,
+        };
+        let page = client
+            .range(start.clone(), scan.end.clone(), left, scan.keys_only)
+            .await?;
+        for kv in &page.kvs {
+            match (output, scan.keys_only) {
+                (DataFormat::Text, true) => say(txn_text::show(&kv.key))?,
+                (DataFormat::Text, false) => say(format!(
+                    "{}\t{}",
+                    txn_text::show(&kv.key),
+                    txn_text::show(&kv.value.value)
+                ))?,
+                (DataFormat::Json, _) => say(txn_text::versioned_json(&kv.key, &kv.value))?,
+            }
+        }
+        listed += page.kvs.len() as u64;
+        if !page.more || (scan.limit != 0 && listed >= scan.limit) {
+            return Ok(true);
+        }
+        start = page.next_key;
+    }
 }
 
 fn leader_json(leader: &LeaderInfo) -> Value {
@@ -601,6 +958,9 @@ fn nanos(duration: Duration) -> u64 {
 enum ShellLine {
     Put(String, String),
     Get(String),
+    Delete(String),
+    Cas(String, u64, String),
+    Scan(String),
     Leader,
     Help,
     Quit,
@@ -621,6 +981,28 @@ fn parse_shell_line(line: &str) -> Result<ShellLine, String> {
             Ok(ShellLine::Get(key.to_string()))
         }
         ("get", _) => Err("usage: get <key>".to_string()),
+        ("delete", key) if !key.is_empty() && !key.contains(char::is_whitespace) => {
+            Ok(ShellLine::Delete(key.to_string()))
+        }
+        ("delete", _) => Err("usage: delete <key>".to_string()),
+        ("scan", prefix) if !prefix.contains(char::is_whitespace) => {
+            Ok(ShellLine::Scan(prefix.to_string()))
+        }
+        ("scan", _) => Err("usage: scan <prefix>".to_string()),
+        ("cas", rest) => {
+            let usage = || "usage: cas <key> <version> <value>".to_string();
+            let (key, rest) = rest.split_once(char::is_whitespace).ok_or_else(usage)?;
+            let (version, value) = rest
+                .trim_start()
+                .split_once(char::is_whitespace)
+                .ok_or_else(usage)?;
+            let version = version.parse().map_err(|_| usage())?;
+            Ok(ShellLine::Cas(
+                key.to_string(),
+                version,
+                value.trim().to_string(),
+            ))
+        }
         ("leader", "") => Ok(ShellLine::Leader),
         ("help", _) => Ok(ShellLine::Help),
         ("quit" | "exit", "") => Ok(ShellLine::Quit),
@@ -665,6 +1047,45 @@ async fn shell_op(client: &Client, command: ShellLine) -> (bool, String) {
             let result = client.get(key).await;
             (result.is_ok(), describe_get(&result))
         }
+        ShellLine::Delete(key) => match client.delete(key).await {
+            Ok(true) => (true, "deleted".to_string()),
+            Ok(false) => (true, "(not found)".to_string()),
+            Err(error) => (false, format!("error: {error}")),
+        },
+        ShellLine::Cas(key, version, value) => match client.cas(key, version, value).await {
+            Ok(CasOutcome::Swapped(out)) => (true, describe_put(&Ok(out))),
+            Ok(CasOutcome::Failed { current }) => (
+                true,
+                format!(
+                    "failed: current version {}",
+                    current.map_or(0, |v| v.version)
+                ),
+            ),
+            Err(error) => (false, format!("error: {error}")),
+        },
+        ShellLine::Scan(prefix) => match client.range_prefix(prefix, SHELL_SCAN_MAX, false).await {
+            Ok(page) => {
+                let mut lines: Vec<String> = page
+                    .kvs
+                    .iter()
+                    .map(|kv| {
+                        format!(
+                            "{}\t{}",
+                            txn_text::show(&kv.key),
+                            txn_text::show(&kv.value.value)
+                        )
+                    })
+                    .collect();
+                if page.more {
+                    lines.push(format!("(more than {SHELL_SCAN_MAX} keys)"));
+                }
+                if lines.is_empty() {
+                    lines.push("(no keys)".to_string());
+                }
+                (true, lines.join("\n"))
+            }
+            Err(error) => (false, format!("error: {error}")),
+        },
         ShellLine::Leader => match client.leader().await {
             Ok(leader) => (true, leader_json(&leader).to_string()),
             Err(error) => (false, format!("error: {error}")),
@@ -693,7 +1114,20 @@ mod tests {
         assert!(parse_shell_line("put k1").is_err());
         assert!(parse_shell_line("get").is_err());
         assert!(parse_shell_line("get a b").is_err());
-        assert!(parse_shell_line("delete k1").is_err());
+        assert_eq!(
+            parse_shell_line("delete k1"),
+            Ok(ShellLine::Delete("k1".into()))
+        );
+        assert_eq!(
+            parse_shell_line("cas k 3 new value"),
+            Ok(ShellLine::Cas("k".into(), 3, "new value".into()))
+        );
+        assert!(parse_shell_line("cas k x v").is_err());
+        assert_eq!(
+            parse_shell_line("scan p/"),
+            Ok(ShellLine::Scan("p/".into()))
+        );
+        assert!(parse_shell_line("frob k1").is_err());
     }
 
     #[test]

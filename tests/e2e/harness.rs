@@ -137,6 +137,48 @@ impl Cluster {
         Self::with_coord_options(n, &format!("\n[server]\n{options}\n"))
     }
 
+    /// A cluster whose coord and servers serve Prometheus metrics, at [`Cluster::metrics_addr`]
+    /// and `config.coord.metrics_addr`.
+    pub fn with_metrics(n: usize) -> Cluster {
+        let ports = free_ports(n + 1);
+        let mut c =
+            Self::with_coord_options(n, &format!("metrics_addr = \"127.0.0.1:{}\"", ports[0]));
+        let mut text = std::fs::read_to_string(&c.config_path).expect("read config");
+        for (i, port) in ports.iter().enumerate().skip(1) {
+            let dir_line = format!(
+                "data_dir = \"{}\"\n",
+                c.dir.path().join(format!("server{i}")).display()
+            );
+            let with_metrics = format!("{dir_line}metrics_addr = \"127.0.0.1:{port}\"\n");
+            text = text.replacen(&dir_line, &with_metrics, 1);
+        }
+        std::fs::write(&c.config_path, text).expect("write config");
+        c.config = ClusterConfig::load(&c.config_path).expect("valid config");
+        c
+    }
+
+    /// Where server `id` serves metrics (a cluster made by [`Cluster::with_metrics`]).
+    pub fn metrics_addr(&self, id: u32) -> String {
+        let server = self.config.server(id).expect("configured");
+        server.metrics_addr.clone().expect("metrics configured")
+    }
+
+    /// One scrape of `GET /metrics` at `addr`: the body, or `None` if nothing answers.
+    pub async fn scrape(addr: &str) -> Option<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: kvraft\r\n\r\n")
+            .await
+            .ok()?;
+        let mut text = String::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut text))
+            .await
+            .ok()?
+            .ok()?;
+        let (head, body) = text.split_once("\r\n\r\n")?;
+        head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+    }
+
     pub fn with_coord_options(n: usize, extra_coord: &str) -> Cluster {
         init_logging();
         let dir = tempfile::Builder::new()
@@ -312,6 +354,28 @@ impl Cluster {
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null());
         cmd.output().expect("run client")
+    }
+
+    /// Runs the `client` binary with `input` on its stdin; waits for it to finish.
+    pub fn client_with_stdin(&self, client_id: &str, args: &[&str], input: &[u8]) -> Output {
+        use std::io::Write as _;
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_client"));
+        cmd.arg(client_id)
+            .arg("--config")
+            .arg(&self.config_path)
+            .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("run client");
+        child
+            .stdin
+            .take()
+            .expect("piped stdin")
+            .write_all(input)
+            .expect("write the client's stdin");
+        child.wait_with_output().expect("wait for client")
     }
 
     pub async fn leader_info(&self) -> Option<LeaderInfo> {

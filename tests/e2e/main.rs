@@ -1,5 +1,6 @@
 //! End-to-end tests: real coord and server processes on loopback, driven through the `client`
-//! binary and through kvslib. Numbered by area: t10 basic operations, t20 leader failover, t30
+//! binary and through kvslib. Numbered by area: t10 basic operations, t15
+//! deletes, compare-and-swap, transactions and range reads, t20 leader failover, t30
 //! exactly-once, t40 restarts, t42 disk loss, t45 log
 //! compaction and snapshot catch-up, t50 partitions, t60 coord restart, t65 the gRPC
 //! health service, t70 bad input, t71 malformed and extreme requests, t72 the fault-injection
@@ -7,6 +8,7 @@
 
 mod harness;
 mod t10_basic;
+mod t15_api;
 mod t20_failover;
 mod t25_random_kills;
 mod t30_exactly_once;

@@ -78,10 +78,34 @@ impl Engine for MemEngine {
         Ok(lock(&self.shared).live.kv.len() as u64)
     }
 
+    fn range(
+        &self,
+        start: std::ops::Bound<&[u8]>,
+        end: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Bytes, Versioned)>, EngineError> {
+        use std::ops::Bound;
+        let s = lock(&self.shared);
+        let end = if end.is_empty() {
+            Bound::Unbounded
+        } else {
+            Bound::Excluded(end)
+        };
+        Ok(s.live
+            .kv
+            .range::<[u8], _>((start, end))
+            .take(limit)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
+
     fn write(&mut self, batch: WriteBatch) -> Result<(), EngineError> {
         let mut s = lock(&self.shared);
         for (k, v) in batch.puts {
             s.live.kv.insert(k, v);
+        }
+        for k in batch.deletes {
+            s.live.kv.remove(&k);
         }
         for (id, session) in batch.sessions {
             match session {

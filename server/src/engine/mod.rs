@@ -51,6 +51,8 @@ pub struct Versioned {
 #[derive(Debug, Default)]
 pub struct WriteBatch {
     pub puts: Vec<(Bytes, Versioned)>,
+    /// Keys removed (none of them is also in `puts`).
+    pub deletes: Vec<Bytes>,
     /// `(session id, Some(encoded session))` writes, `None` removes.
     pub sessions: Vec<(u64, Option<Vec<u8>>)>,
     /// The last entry applied.
@@ -99,6 +101,14 @@ pub trait Engine: Send {
     fn counters(&self, key: &[u8]) -> Result<Option<(u64, u64)>, EngineError>;
     /// Number of keys.
     fn key_count(&self) -> Result<u64, EngineError>;
+    /// At most `limit` keys from `start` (included or not) up to `end` (excluded; empty: no
+    /// upper bound), in key order, with their values, seeing every write so far.
+    fn range(
+        &self,
+        start: std::ops::Bound<&[u8]>,
+        end: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Bytes, Versioned)>, EngineError>;
     /// Applies `batch` atomically; not necessarily durable.
     fn write(&mut self, batch: WriteBatch) -> Result<(), EngineError>;
     /// The applied position and the sessions, as of the latest write.
@@ -172,7 +182,11 @@ mod tests {
         assert_eq!(engine.recovered().unwrap().applied_index, 0);
         engine
             .write(WriteBatch {
-                puts: vec![(Bytes::from_static(b"a"), v("1", 1))],
+                puts: vec![
+                    (Bytes::from_static(b"a"), v("1", 1)),
+                    (Bytes::from_static(b"c"), v("3", 1)),
+                ],
+                deletes: vec![],
                 sessions: vec![(7, Some(vec![1, 2, 3]))],
                 applied: Applied {
                     index: 1,
@@ -185,6 +199,7 @@ mod tests {
         engine
             .write(WriteBatch {
                 puts: vec![(Bytes::from_static(b"a"), v("2", 2))],
+                deletes: vec![Bytes::from_static(b"c")],
                 sessions: vec![(7, None), (9, Some(vec![4]))],
                 applied: Applied {
                     index: 2,
@@ -201,7 +216,17 @@ mod tests {
         let rec = engine.recovered().unwrap();
         assert_eq!((rec.applied_index, rec.applied_time_ms), (2, 20));
         assert!(!rec.from_snapshot);
-        assert_eq!(engine.key_count().unwrap(), 1);
+        assert_eq!(engine.key_count().unwrap(), 1, "c is deleted");
+        let all = engine.range(std::ops::Bound::Unbounded, b"", 10).unwrap();
+        assert_eq!(all, vec![(Bytes::from_static(b"a"), v("2", 2))]);
+        let after_a = engine
+            .range(std::ops::Bound::Excluded(b"a"), b"", 10)
+            .unwrap();
+        assert!(after_a.is_empty());
+        assert!(engine
+            .range(std::ops::Bound::Included(b"a"), b"a", 10)
+            .unwrap()
+            .is_empty());
         assert_eq!(engine.counters(b"a").unwrap(), Some((2, 1)));
         assert_eq!(engine.counters(b"b").unwrap(), None);
         drop(engine);

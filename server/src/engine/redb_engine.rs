@@ -4,7 +4,7 @@
 //! ```text
 //!   table kv        key bytes -> version u64 | create_revision u64 | mod_revision u64 | value
 //!   table sessions  session id -> encoded session (see state_machine.rs)
-//!   table meta      "format" -> 1, "applied_index" -> u64, "applied_term" -> u64,
+//!   table meta      "format" -> 2, "applied_index" -> u64, "applied_term" -> u64,
 //!                   "applied_time_ms" -> u64, "from_snapshot" -> 0 | 1
 //! ```
 //!
@@ -27,6 +27,7 @@ use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use prost::bytes::Bytes;
 use redb::{
     Database, Durability, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable,
     ReadableTableMetadata, TableDefinition,
@@ -43,7 +44,7 @@ const SESSIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("sessions");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// The layout above. A file with another number is refused.
-pub const STATE_FORMAT: u64 = 1;
+pub const STATE_FORMAT: u64 = 2;
 /// Memory redb may use to cache pages of the file (its bound on the engine's memory).
 pub const ENGINE_CACHE_BYTES: usize = 64 * 1024 * 1024;
 
@@ -185,6 +186,32 @@ impl Engine for RedbEngine {
         self.with_reader(|table| table.len().map_err(|e| self.err("len", &e)))
     }
 
+    fn range(
+        &self,
+        start: std::ops::Bound<&[u8]>,
+        end: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Bytes, Versioned)>, EngineError> {
+        use std::ops::Bound;
+        let end = if end.is_empty() {
+            Bound::Unbounded
+        } else {
+            Bound::Excluded(end)
+        };
+        self.with_reader(|table| {
+            let range = table
+                .range::<&[u8]>((start, end))
+                .map_err(|e| self.err("range", &e))?;
+            let mut out = Vec::new();
+            for item in range.take(limit) {
+                let (k, v) = item.map_err(|e| self.err("range read", &e))?;
+                let value = decode_value(v.value()).map_err(|e| self.err("bad value", &e))?;
+                out.push((Bytes::copy_from_slice(k.value()), value));
+            }
+            Ok(out)
+        })
+    }
+
     fn write(&mut self, batch: WriteBatch) -> Result<(), EngineError> {
         let mut txn = self
             .db()?
@@ -197,6 +224,9 @@ impl Engine for RedbEngine {
             for (k, v) in &batch.puts {
                 kv.insert(&k[..], &encode_value(v)[..])
                     .map_err(|e| self.err("write", &e))?;
+            }
+            for k in &batch.deletes {
+                kv.remove(&k[..]).map_err(|e| self.err("delete", &e))?;
             }
             let mut sessions = txn
                 .open_table(SESSIONS)

@@ -16,6 +16,9 @@
 //! Sessions come first in id order, then the keys in byte order, each once. A sink refuses a
 //! record out of that order too, so a chunk delivered twice or out of turn is an error rather
 //! than silently stored.
+//!
+//! Format 2: session records may hold transaction results and held transactions (format 1
+//! held put results only).
 
 use std::any::Any;
 
@@ -24,7 +27,7 @@ use kvraft_common::limits;
 use super::{Applied, EngineError};
 
 /// The chunk format above; the core sends it along with the snapshot's meta.
-pub const SNAPSHOT_FORMAT: u32 = 1;
+pub const SNAPSHOT_FORMAT: u32 = 2;
 
 /// The position a snapshot stands for: the last applied entry's index, term and log time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -345,6 +348,7 @@ mod tests {
         engine
             .write(WriteBatch {
                 puts,
+                deletes: vec![],
                 sessions,
                 applied: applied(10),
             })
@@ -352,6 +356,7 @@ mod tests {
         engine
             .write(WriteBatch {
                 puts: vec![(key(3), value(5, 99 + seed))],
+                deletes: vec![Bytes::from_static(b"never-written")],
                 sessions: vec![(2000 + seed, None), (3000 + seed, Some(vec![42; 7]))],
                 applied: applied(11),
             })
@@ -597,6 +602,7 @@ mod tests {
                         (Bytes::from(format!("new-{i}")), value(2, 1)),
                         (Bytes::from(format!("a-{i}")), value(2, 1)),
                     ],
+                    deletes: vec![],
                     sessions: vec![(1000, None), (9999 + i as u64, Some(vec![1]))],
                     applied: Applied {
                         index: 20 + i as u64,

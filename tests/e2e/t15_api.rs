@@ -1,0 +1,402 @@
+//! Deletes, compare-and-swap, transactions and range reads, through the `client` binary and
+//! kvslib, including a leader kill in the middle of concurrent compare-and-swap increments.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvslib::{CasOutcome, CmpOp, Compare, Txn, TxnOp, TxnOpOutcome};
+use serde_json::Value;
+
+use crate::harness::{stdout, Cluster};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_cas_txn_and_scan_through_the_binary() {
+    let cluster = Cluster::start(3);
+    cluster.wait_leader(|_| true).await;
+    for (k, v) in [
+        ("app/a", "1"),
+        ("app/b", "2"),
+        ("app/c", "3"),
+        ("other", "x"),
+    ] {
+        stdout(&cluster.client("w", &["put", k, v]));
+    }
+
+    tracing::info!("--- scan by prefix, by range, keys only, JSON, with a limit");
+    let text = stdout(&cluster.client("r", &["scan", "app/", "--prefix"]));
+    assert_eq!(text, "app/a\t1\napp/b\t2\napp/c\t3\n");
+    let text = stdout(&cluster.client("r", &["scan", "app/b", "other"]));
+    assert_eq!(text, "app/b\t2\napp/c\t3\n");
+    let text = stdout(&cluster.client("r", &["scan", "a", "--keys-only", "--limit", "2"]));
+    assert_eq!(text, "app/a\napp/b\n");
+    let text = stdout(&cluster.client("r", &["scan", "other", "-o", "json"]));
+    let row: Value = serde_json::from_str(text.trim()).unwrap();
+    assert_eq!(
+        (row["key"].as_str(), row["version"].as_u64()),
+        (Some("other"), Some(1))
+    );
+    assert!(row["mod_revision"].as_u64().unwrap() >= row["create_revision"].as_u64().unwrap());
+
+    tracing::info!("--- compare-and-swap: right version swaps, wrong one fails with exit 1");
+    let out = cluster.client("w", &["cas", "app/a", "1", "10"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("ok (version 2"));
+    let out = cluster.client("w", &["cas", "app/a", "1", "11"]);
+    assert!(!out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "failed: current version 2"
+    );
+    let out = cluster.client("w", &["cas", "fresh", "0", "new"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        stdout(&cluster.client("r", &["get", "fresh"])).trim(),
+        "new"
+    );
+
+    tracing::info!("--- a transaction from stdin: a lock taken once, then refused");
+    let lock = b"if lock version = 0\nthen put lock \"owner 1\"\nelse get lock\n";
+    let out = cluster.client_with_stdin("w", &["txn"], lock);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.starts_with("succeeded (revision "), "{text}");
+    assert!(text.contains("put lock: version 1"), "{text}");
+    let out = cluster.client_with_stdin("w", &["txn", "-o", "json"], lock);
+    assert!(!out.status.success(), "a held lock is refused");
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["succeeded"], false);
+    assert_eq!(json["results"][0]["kv"]["value"], "owner 1");
+    let bad = cluster.client_with_stdin("w", &["txn"], b"if lock size = 1\nthen get lock\n");
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("line 1"),
+        "{bad:?}"
+    );
+
+    tracing::info!("--- delete one key, then a prefix");
+    assert_eq!(
+        stdout(&cluster.client("w", &["delete", "other"])).trim(),
+        "deleted"
+    );
+    assert_eq!(
+        stdout(&cluster.client("w", &["delete", "other"])).trim(),
+        "(not found)"
+    );
+    assert_eq!(
+        stdout(&cluster.client("w", &["delete", "app/", "--prefix"])).trim(),
+        "deleted 3 keys"
+    );
+    assert_eq!(
+        stdout(&cluster.client("r", &["scan", "app/", "--prefix"])),
+        ""
+    );
+    assert_eq!(
+        stdout(&cluster.client("r", &["get", "app/a"])).trim(),
+        "(not found)"
+    );
+
+    tracing::info!("--- binary values from stdin");
+    let out = cluster.client_with_stdin("w", &["put", "bin", "-"], &[0, 159, 255, 10]);
+    assert!(out.status.success(), "{out:?}");
+    let text = stdout(&cluster.client("r", &["get", "bin", "-o", "json"]));
+    let json: Value = serde_json::from_str(text.trim()).unwrap();
+    assert_eq!(json["kv"]["value"]["hex"], "009fff0a");
+}
+
+/// Several clients increment one counter by compare-and-swap (read the version, write
+/// value + 1 if the version is unchanged) while the leader is killed and restarted. Every
+/// write is a swap from the value it read, so the value always equals the version minus one,
+/// and no acknowledged increment is lost or applied twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compare_and_swap_increments_survive_a_leader_kill() {
+    let mut cluster = Cluster::start(3);
+    let leader = cluster.wait_leader(|_| true).await;
+    let config = cluster.client_config(Duration::from_secs(10));
+    let setup = kvslib::Client::connect(&config, "setup").await.unwrap();
+    setup.put("counter", "0").await.unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let swapped = Arc::new(AtomicU64::new(0));
+    let unknown = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for w in 0..3 {
+        let client = kvslib::Client::connect(&config, &format!("inc{w}"))
+            .await
+            .unwrap();
+        let (stop, swapped, unknown) = (stop.clone(), swapped.clone(), unknown.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut rounds = 0;
+            while !stop.load(Ordering::Relaxed) && rounds < 10_000 {
+                rounds += 1;
+                let Ok(Some(current)) = client.get_versioned("counter").await else {
+                    continue;
+                };
+                let n: u64 = String::from_utf8(current.value).unwrap().parse().unwrap();
+                match client
+                    .cas("counter", current.version, (n + 1).to_string())
+                    .await
+                {
+                    Ok(CasOutcome::Swapped(out)) => {
+                        assert_eq!(out.version, current.version + 1);
+                        swapped.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(CasOutcome::Failed { current: now }) => {
+                        let now = now.expect("the counter is never deleted");
+                        assert!(now.version > current.version, "a failed swap saw no change");
+                    }
+                    Err(_) => {
+                        unknown.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            client.close().await;
+        }));
+    }
+    let swaps = |n| {
+        let swapped = swapped.clone();
+        async move {
+            Cluster::wait_for(&format!("{n} swaps"), || {
+                let done = swapped.load(Ordering::Relaxed);
+                async move { done >= n }
+            })
+            .await
+        }
+    };
+    swaps(20).await;
+    tracing::info!("--- SIGKILL the leader {} mid-increments", leader.leader_id);
+    cluster.kill_server(leader.leader_id);
+    let before = swapped.load(Ordering::Relaxed);
+    swaps(before + 20).await;
+    cluster.start_server(leader.leader_id);
+    swaps(before + 40).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let v = setup.get_versioned("counter").await.unwrap().unwrap();
+    let value: u64 = String::from_utf8(v.value).unwrap().parse().unwrap();
+    assert_eq!(
+        value + 1,
+        v.version,
+        "every write was a swap from the value read"
+    );
+    let (ok, maybe) = (
+        swapped.load(Ordering::Relaxed),
+        unknown.load(Ordering::Relaxed),
+    );
+    assert!(
+        value >= ok && value <= ok + maybe,
+        "counter {value}: {ok} acknowledged swaps, {maybe} unknown"
+    );
+
+    tracing::info!("--- a multi-key transaction and a range read agree after the failover");
+    let txn = Txn::new()
+        .when(Compare::version("counter", CmpOp::Equal, v.version))
+        .then(TxnOp::put("acct/a", "50"))
+        .then(TxnOp::put("acct/b", "50"))
+        .then(TxnOp::get("counter"));
+    let out = setup.txn(txn).await.unwrap();
+    assert!(out.succeeded);
+    assert!(matches!(
+        out.results[2],
+        TxnOpOutcome::Get { value: Some(_), .. }
+    ));
+    let page = setup.range_prefix("acct/", 0, false).await.unwrap();
+    let keys: Vec<_> = page.kvs.iter().map(|kv| kv.key.clone()).collect();
+    assert_eq!(keys, vec![b"acct/a".to_vec(), b"acct/b".to_vec()]);
+    assert!(page
+        .kvs
+        .iter()
+        .all(|kv| kv.value.mod_revision == out.revision));
+    assert!(page.revision >= out.revision);
+    setup.close().await;
+    cluster.wait_same_digest().await;
+}
+
+/// A watch of a prefix sees every acknowledged write to it exactly once, in revision order,
+/// while the leader is killed and restarted under it; a second watch from a past revision
+/// replays the same changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefix_watch_follows_writes_through_a_leader_kill() {
+    use kvslib::EventKind;
+    use std::collections::BTreeMap;
+    let mut cluster = Cluster::start(3);
+    let leader = cluster.wait_leader(|_| true).await;
+    let config = cluster.client_config(Duration::from_secs(10));
+    let writer = kvslib::Client::connect(&config, "writer").await.unwrap();
+    let reader = kvslib::Client::connect_without_session(&config, "watcher")
+        .await
+        .unwrap();
+    let mut watch = reader.watch_prefix("cfg/", 0).unwrap();
+    watch.start().await.unwrap();
+    let first = watch.next_revision();
+    let events = Arc::new(tokio::sync::Mutex::new(Vec::new()));
+    let collector = {
+        let events = events.clone();
+        tokio::spawn(async move {
+            loop {
+                match watch.next().await {
+                    Ok(e) => events.lock().await.push(e),
+                    Err(e) => panic!("the watch ended: {e}"),
+                }
+            }
+        })
+    };
+    // revision -> (key, value or None for a delete); `maybe` for writes whose result is unknown.
+    let mut acked: BTreeMap<u64, (String, Option<String>)> = BTreeMap::new();
+    let mut maybe = 0;
+    for round in 0..3 {
+        for i in 0..15 {
+            let key = format!("cfg/{}", i % 4);
+            if i % 5 == 4 {
+                match writer.delete(key.clone()).await {
+                    Ok(_) => {}
+                    Err(_) => maybe += 1,
+                }
+                continue;
+            }
+            writer.put(format!("other/{i}"), "x").await.ok();
+            let value = format!("r{round}.{i}");
+            match writer.put(key.clone(), value.clone()).await {
+                Ok(out) => {
+                    acked.insert(out.index, (key, Some(value)));
+                }
+                Err(_) => maybe += 1,
+            }
+        }
+        if round == 0 {
+            tracing::info!("--- SIGKILL the leader {}", leader.leader_id);
+            cluster.kill_server(leader.leader_id);
+        }
+        if round == 1 {
+            cluster.start_server(leader.leader_id);
+        }
+    }
+    let last = *acked.keys().next_back().unwrap();
+    Cluster::wait_for("the watch reaches the last acknowledged put", || {
+        let events = events.clone();
+        async move {
+            events
+                .lock()
+                .await
+                .last()
+                .is_some_and(|e| e.revision >= last)
+        }
+    })
+    .await;
+    collector.abort();
+    let events = events.lock().await.clone();
+    let revisions: Vec<u64> = events.iter().map(|e| e.revision).collect();
+    assert!(
+        revisions.windows(2).all(|w| w[0] < w[1]),
+        "one change per revision here, in order, none twice: {revisions:?}"
+    );
+    assert!(revisions[0] >= first);
+    let by_revision: BTreeMap<u64, _> = events.iter().map(|e| (e.revision, e)).collect();
+    for (revision, (key, value)) in &acked {
+        let e = by_revision
+            .get(revision)
+            .unwrap_or_else(|| panic!("acknowledged put at {revision} not watched"));
+        assert_eq!(String::from_utf8_lossy(&e.key), *key);
+        assert_eq!(e.kind, EventKind::Put);
+        assert_eq!(
+            Some(String::from_utf8_lossy(&e.value.value).into_owned()),
+            *value
+        );
+        assert_eq!(e.value.mod_revision, *revision);
+    }
+    assert!(events.iter().all(|e| e.key.starts_with(b"cfg/")));
+    let deletes = events
+        .iter()
+        .filter(|e| e.kind == EventKind::Delete)
+        .count();
+    assert!(deletes > 0, "deletes of existing keys are watched");
+    let puts = events.len() - deletes;
+    assert!(puts >= acked.len() && puts <= acked.len() + maybe);
+
+    tracing::info!("--- a watch from the first revision replays the same changes");
+    let mut again = reader.watch_prefix("cfg/", first).unwrap();
+    for expected in &events {
+        let e = again.next().await.unwrap();
+        assert_eq!(&e, expected);
+    }
+    writer.close().await;
+    reader.close().await;
+}
+
+/// Every process serves Prometheus text on its metrics address: request counts and
+/// latencies, fsync figures, indexes, the leader's per-follower lag, the coord's view; a
+/// leader kill shows as leader changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_served_and_follow_a_failover() {
+    use std::collections::BTreeMap;
+    fn parse(text: &str) -> BTreeMap<String, f64> {
+        text.lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .map(|l| {
+                let (name, value) = l.rsplit_once(' ').expect("name value");
+                (name.to_string(), value.parse::<f64>().expect("a number"))
+            })
+            .collect()
+    }
+    let mut cluster = Cluster::with_metrics(3);
+    cluster.start_all();
+    let leader = cluster.wait_leader(|_| true).await;
+    let client = kvslib::Client::connect(&cluster.config, "m").await.unwrap();
+    for i in 0..20 {
+        client.put(format!("k{i}"), "v").await.unwrap();
+    }
+    client.get("k1").await.unwrap();
+    let text = Cluster::scrape(&cluster.metrics_addr(leader.leader_id))
+        .await
+        .expect("the leader serves metrics");
+    assert!(
+        text.ends_with("# EOF\n"),
+        "OpenMetrics text ends with # EOF"
+    );
+    let m = parse(&text);
+    assert!(m["kvraft_requests_total{op=\"put\"}"] >= 20.0, "{text}");
+    assert!(m["kvraft_request_duration_seconds_count{op=\"put\"}"] >= 20.0);
+    assert!(m["kvraft_requests_total{op=\"get\"}"] >= 1.0);
+    assert_eq!(m["kvraft_is_leader"], 1.0);
+    assert!(m["kvraft_applied_index"] >= 21.0);
+    assert!(m["kvraft_log_fsync_duration_seconds_count"] >= 1.0);
+    assert!(m["kvraft_sessions_open"] >= 1.0);
+    let lags: Vec<_> = m
+        .keys()
+        .filter(|k| k.starts_with("kvraft_follower_lag_entries{"))
+        .collect();
+    assert_eq!(lags.len(), 2, "one lag per follower: {lags:?}");
+    let coord = Cluster::scrape(cluster.config.coord.metrics_addr.as_ref().unwrap())
+        .await
+        .expect("the coord serves metrics");
+    let c = parse(&coord);
+    assert_eq!(c["kvraft_coord_leader_id"], f64::from(leader.leader_id));
+    assert_eq!(c["kvraft_coord_servers_alive"], 3.0);
+    let changes_before = c["kvraft_coord_leader_changes_total"];
+
+    tracing::info!("--- SIGKILL the leader: the coord counts a new leader");
+    cluster.kill_server(leader.leader_id);
+    let new = cluster
+        .wait_leader(|l| l.leader_id != leader.leader_id)
+        .await;
+    client.put("after", "v").await.unwrap();
+    let c = parse(
+        &Cluster::scrape(cluster.config.coord.metrics_addr.as_ref().unwrap())
+            .await
+            .unwrap(),
+    );
+    assert!(c["kvraft_coord_leader_changes_total"] > changes_before);
+    assert_eq!(c["kvraft_coord_leader_id"], f64::from(new.leader_id));
+    let m = parse(
+        &Cluster::scrape(&cluster.metrics_addr(new.leader_id))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(m["kvraft_is_leader"], 1.0);
+    assert!(m["kvraft_leader_changes_total"] >= 2.0);
+    assert!(Cluster::scrape(&cluster.metrics_addr(leader.leader_id))
+        .await
+        .is_none());
+    client.close().await;
+}
