@@ -52,6 +52,7 @@
 //! [`CheckResult::Inconclusive`], never a guess.
 
 mod check;
+mod general;
 pub mod history;
 mod local;
 mod model;
@@ -63,5 +64,8 @@ pub use check::{
     check, check_with_budget, summarize, CheckResult, Violation, BUDGET_MAX, CHECK_BUDGET_DEFAULT,
     SHRINK_BUDGET_MAX,
 };
-pub use history::{Input, OpResult, Operation, Output, ReadValue};
+pub use history::{
+    Compare, CompareOp, CompareTarget, Input, OpResult, Operation, Output, ReadValue, TxnOp,
+    TxnOpOutput,
+};
 pub use recorder::{HistoryRecorder, OpId};
