@@ -1,13 +1,21 @@
-//! The entry points: partition a history by key, search each key, shrink and explain a failure.
+//! The entry points: partition a history into components, search each, shrink and explain a
+//! failure.
 //!
 //! ```text
-//!  &[Operation] ─► BTreeMap<key, op indices> ─► per key: KeyHistory ─► search
-//!                                                    first failing key ─► shrink ─► explain
+//!  &[Operation] ─► union-find over keys ─► one key of puts/gets: KeyHistory ─► search
+//!                                       └► any other component: general::Component ─► search
+//!                                                first failing component ─► shrink ─► explain
 //! ```
+//!
+//! Components: a txn joins the keys it names, a scan every key of the history in its range
+//! and every key it returned; failed operations and unknown ones that write nothing are left
+//! out first. A component of one key with only puts and gets keeps every refinement of
+//! `model`/`search`/`shrink`/`local`; any other (deletes, txns, scans, several keys) goes to
+//! the exact search of `general`, without them.
 //!
 //! A long key history first gets a linear look for local anomalies (`local`), since
 //! refuting a long history exhaustively can take minutes. Keys are checked in byte order so a
-//! report is deterministic. A violation on any key wins
+//! report is deterministic (components by their smallest key). A violation on any key wins
 //! over an inconclusive key (it is a definite answer); otherwise an inconclusive key makes the
 //! whole answer inconclusive. The search budget is shared by all keys; shrinking and explaining
 //! a violation get their own, at most [`SHRINK_BUDGET_MAX`].
@@ -155,7 +163,7 @@ fn check_general(history: &[Operation], component: &Part, deadline: Instant) -> 
         .collect();
     ops.sort_by_key(|op| (op.call_ns, op.return_ns));
     Err(Found::Violation(Violation {
-        key: component.keys[0].clone(),
+        key: component.keys.first().cloned().unwrap_or_default(),
         keys: component.keys.clone(),
         ops,
         explanation,
@@ -176,6 +184,7 @@ impl Part {
     fn name(&self) -> String {
         match self.keys.as_slice() {
             [key] => format!("key {}", Shown(key)),
+            [] => "an operation naming no key".to_string(),
             keys => {
                 let shown: Vec<String> = keys.iter().map(|k| Shown(k).to_string()).collect();
                 format!("keys [{}]", shown.join(", "))
@@ -196,8 +205,8 @@ fn kept(op: &Operation) -> bool {
 
 /// The components, by smallest key: union-find over the keys of the kept operations, a txn
 /// joining the keys it names, a scan every key of the history in its range and every key it
-/// returned. A scan with neither is left out: nothing can be present in its range, and it
-/// returned nothing.
+/// returned. An operation naming no key (a txn with no compares or ops, a scan of a range no
+/// kept operation names that returned nothing) is a component of no keys, after the others.
 fn partition(history: &[Operation]) -> Vec<Part> {
     let mut all_keys: BTreeSet<&[u8]> = BTreeSet::new();
     for op in history.iter().filter(|op| kept(op)) {
@@ -221,6 +230,9 @@ fn partition(history: &[Operation]) -> Vec<Part> {
         x
     }
     let mut op_key = vec![None; history.len()];
+    // Txns naming no key and scans of ranges nothing was written to: each is its own
+    // component of no keys (a txn with no compares must still report success).
+    let mut keyless = Vec::new();
     for (source, op) in history.iter().enumerate() {
         if !kept(op) {
             continue;
@@ -233,6 +245,11 @@ fn partition(history: &[Operation]) -> Vec<Part> {
             keys.extend(entries.iter().map(|(key, _)| index(key)));
         }
         let Some(&first) = keys.first() else {
+            keyless.push(Part {
+                keys: Vec::new(),
+                ops: vec![source],
+                simple: false,
+            });
             continue;
         };
         for &other in &keys[1..] {
@@ -268,6 +285,7 @@ fn partition(history: &[Operation]) -> Vec<Part> {
             part.simple &= part.keys.len() == 1;
             part
         })
+        .chain(keyless)
         .collect()
 }
 
@@ -377,7 +395,7 @@ impl Violation {
     /// `key "k"`, or `keys ["a", "b"]` for a multi-key component.
     fn keys_shown(&self) -> String {
         match self.keys.as_slice() {
-            [] => format!("key {}", Shown(&self.key)),
+            [] => "an operation naming no key".to_string(),
             [key] => format!("key {}", Shown(key)),
             keys => {
                 let shown: Vec<String> = keys.iter().map(|k| Shown(k).to_string()).collect();

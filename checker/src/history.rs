@@ -1,15 +1,24 @@
 //! History types: what each client asked, when, and what it was told.
 //!
 //! The object under test is a map of registers. `Put { key, value }` replaces the key's value
-//! and answers the key's new *version*, the number of puts applied to that key so far, this one
-//! included (1 for the first put). `Get { key }` answers absent or the value with its version.
+//! and answers the key's new *version*, the number of puts applied to that key since it was
+//! last created, this one included (1 for the first put). `Get { key }` answers absent or the
+//! value with its version. `Delete { key }` removes the key and answers whether it existed;
+//! the key is then absent at version 0, and a later put creates it again at version 1.
+//! `Txn` atomically evaluates its compares (on a key's version, 0 when absent, or its value;
+//! a value compare on an absent key is false) and runs the `success` ops in order if all hold,
+//! else the `failure` ops; each op sees the effects of the earlier ones, and the output has
+//! one result per op of the branch taken. `Scan { start, end }` answers every present key in
+//! [start, end) (an empty `end`: no upper bound) with its value and version, in key order.
 //! Versions make a put applied twice visible even when both applies wrote the same value. A
-//! history source that does not know versions leaves them `None`; only values are compared then.
+//! history source that does not know versions leaves them `None`; they are not compared then.
 //!
 //! Invariants a well-formed history keeps (the checker reports a malformed history as
-//! inconclusive, naming the operation): the output variant matches the input variant, and a
+//! inconclusive, naming the operation): the output variant matches the input variant, a txn
+//! answers one result of the matching kind per op of the branch it says it took, and a
 //! completed operation does not return before it was called. Operations of one client do not
-//! overlap, but the checker does not rely on it.
+//! overlap, but the checker does not rely on it. A scan answering a key outside its range or
+//! out of order is well formed but wrong: a violation.
 
 use serde::{Deserialize, Serialize};
 use std::fmt;

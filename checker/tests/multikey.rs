@@ -397,3 +397,26 @@ fn t80_display_of_the_new_operations() {
         "client 3 delete(\"k\") -> existed true [0, 5] ns"
     );
 }
+
+#[test]
+fn t62_a_txn_without_compares_must_succeed() {
+    let txn = |succeeded| {
+        ok(
+            1,
+            Input::txn(vec![], vec![], vec![]),
+            0,
+            Output::txn(succeeded, vec![]),
+            10,
+        )
+    };
+    assert_linearizable(&[txn(true)]);
+    assert_violation(&[txn(false)]);
+    // A scan of an empty range that returns nothing is fine.
+    assert_linearizable(&[ok(
+        1,
+        Input::scan("a", "b"),
+        0,
+        Output::scan(Vec::<(&str, &str, u64)>::new()),
+        10,
+    )]);
+}
