@@ -1,15 +1,24 @@
 //! History types: what each client asked, when, and what it was told.
 //!
 //! The object under test is a map of registers. `Put { key, value }` replaces the key's value
-//! and answers the key's new *version*, the number of puts applied to that key so far, this one
-//! included (1 for the first put). `Get { key }` answers absent or the value with its version.
+//! and answers the key's new *version*, the number of puts applied to that key since it was
+//! last created, this one included (1 for the first put). `Get { key }` answers absent or the
+//! value with its version. `Delete { key }` removes the key and answers whether it existed;
+//! the key is then absent at version 0, and a later put creates it again at version 1.
+//! `Txn` atomically evaluates its compares (on a key's version, 0 when absent, or its value;
+//! a value compare on an absent key is false) and runs the `success` ops in order if all hold,
+//! else the `failure` ops; each op sees the effects of the earlier ones, and the output has
+//! one result per op of the branch taken. `Scan { start, end }` answers every present key in
+//! [start, end) (an empty `end`: no upper bound) with its value and version, in key order.
 //! Versions make a put applied twice visible even when both applies wrote the same value. A
-//! history source that does not know versions leaves them `None`; only values are compared then.
+//! history source that does not know versions leaves them `None`; they are not compared then.
 //!
 //! Invariants a well-formed history keeps (the checker reports a malformed history as
-//! inconclusive, naming the operation): the output variant matches the input variant, and a
+//! inconclusive, naming the operation): the output variant matches the input variant, a txn
+//! answers one result of the matching kind per op of the branch it says it took, and a
 //! completed operation does not return before it was called. Operations of one client do not
-//! overlap, but the checker does not rely on it.
+//! overlap, but the checker does not rely on it. A scan answering a key outside its range or
+//! out of order is well formed but wrong: a violation.
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -20,8 +29,141 @@ const SHOWN_BYTES_MAX: usize = 32;
 /// What a client asked for.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Input {
+    Put {
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Get {
+        key: Vec<u8>,
+    },
+    /// Removes the key; answers whether it existed. A later put creates it again at version 1.
+    Delete {
+        key: Vec<u8>,
+    },
+    /// Atomically: if every compare holds, the `success` ops in order, else the `failure` ops.
+    Txn {
+        compares: Vec<Compare>,
+        success: Vec<TxnOp>,
+        failure: Vec<TxnOp>,
+    },
+    /// Every present key in [start, end) with its value and version, in key order.
+    /// An empty `end` means no upper bound.
+    Scan {
+        start: Vec<u8>,
+        end: Vec<u8>,
+    },
+}
+
+/// One condition of a [`Input::Txn`]: the key's actual `target` kind `op` the given one.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Compare {
+    pub key: Vec<u8>,
+    pub target: CompareTarget,
+    pub op: CompareOp,
+}
+
+/// What a [`Compare`] looks at, with the operand it is compared against.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum CompareTarget {
+    /// The key's version (0 = the key is absent).
+    Version(u64),
+    /// The key's value, compared as bytes (lexicographic for Less/Greater). A value compare
+    /// on an absent key is false whatever the op (as in etcd).
+    Value(Vec<u8>),
+}
+
+/// `actual <op> given`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum CompareOp {
+    Equal,
+    NotEqual,
+    Less,
+    Greater,
+}
+
+/// One operation of a transaction branch; it sees the effects of the earlier ones.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum TxnOp {
     Put { key: Vec<u8>, value: Vec<u8> },
+    Delete { key: Vec<u8> },
     Get { key: Vec<u8> },
+}
+
+/// The output of one [`TxnOp`].
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum TxnOpOutput {
+    Put { version: Option<u64> },
+    Delete { existed: bool },
+    Get(Option<ReadValue>),
+}
+
+impl Compare {
+    pub fn version(key: impl Into<Vec<u8>>, op: CompareOp, version: u64) -> Self {
+        Compare {
+            key: key.into(),
+            target: CompareTarget::Version(version),
+            op,
+        }
+    }
+
+    pub fn value(key: impl Into<Vec<u8>>, op: CompareOp, value: impl Into<Vec<u8>>) -> Self {
+        Compare {
+            key: key.into(),
+            target: CompareTarget::Value(value.into()),
+            op,
+        }
+    }
+}
+
+impl TxnOpOutput {
+    pub fn put_version(version: u64) -> Self {
+        TxnOpOutput::Put {
+            version: Some(version),
+        }
+    }
+
+    pub fn deleted(existed: bool) -> Self {
+        TxnOpOutput::Delete { existed }
+    }
+
+    pub fn absent() -> Self {
+        TxnOpOutput::Get(None)
+    }
+
+    pub fn found(value: impl Into<Vec<u8>>, version: u64) -> Self {
+        TxnOpOutput::Get(Some(ReadValue {
+            value: value.into(),
+            version: Some(version),
+        }))
+    }
+}
+
+impl TxnOp {
+    pub fn put(key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Self {
+        TxnOp::Put {
+            key: key.into(),
+            value: value.into(),
+        }
+    }
+
+    pub fn get(key: impl Into<Vec<u8>>) -> Self {
+        TxnOp::Get { key: key.into() }
+    }
+
+    pub fn delete(key: impl Into<Vec<u8>>) -> Self {
+        TxnOp::Delete { key: key.into() }
+    }
+
+    pub fn key(&self) -> &[u8] {
+        match self {
+            TxnOp::Put { key, .. } | TxnOp::Delete { key } | TxnOp::Get { key } => key,
+        }
+    }
+
+    /// Whether it may change the store.
+    pub fn writes(&self) -> bool {
+        !matches!(self, TxnOp::Get { .. })
+    }
 }
 
 impl Input {
@@ -36,11 +178,76 @@ impl Input {
         Input::Get { key: key.into() }
     }
 
-    pub fn key(&self) -> &[u8] {
-        match self {
-            Input::Put { key, .. } | Input::Get { key } => key,
+    pub fn delete(key: impl Into<Vec<u8>>) -> Self {
+        Input::Delete { key: key.into() }
+    }
+
+    pub fn txn(compares: Vec<Compare>, success: Vec<TxnOp>, failure: Vec<TxnOp>) -> Self {
+        Input::Txn {
+            compares,
+            success,
+            failure,
         }
     }
+
+    /// A scan of [start, end); an empty `end` means no upper bound.
+    pub fn scan(start: impl Into<Vec<u8>>, end: impl Into<Vec<u8>>) -> Self {
+        Input::Scan {
+            start: start.into(),
+            end: end.into(),
+        }
+    }
+
+    /// The keys the operation names, in order of appearance, without repeats: one for a put,
+    /// get or delete, those of every compare and op of a txn, none for a scan (see
+    /// [`Input::range`]).
+    pub fn keys(&self) -> Vec<&[u8]> {
+        let named: Vec<&[u8]> = match self {
+            Input::Put { key, .. } | Input::Get { key } | Input::Delete { key } => vec![key],
+            Input::Txn {
+                compares,
+                success,
+                failure,
+            } => compares
+                .iter()
+                .map(|c| c.key.as_slice())
+                .chain(success.iter().chain(failure).map(TxnOp::key))
+                .collect(),
+            Input::Scan { .. } => Vec::new(),
+        };
+        let mut keys: Vec<&[u8]> = Vec::with_capacity(named.len());
+        for key in named {
+            if !keys.contains(&key) {
+                keys.push(key);
+            }
+        }
+        keys
+    }
+
+    /// The range [start, end) of a scan (an empty `end`: no upper bound); `None` otherwise.
+    pub fn range(&self) -> Option<(&[u8], &[u8])> {
+        match self {
+            Input::Scan { start, end } => Some((start, end)),
+            _ => None,
+        }
+    }
+
+    /// Whether it may change the store: a put, a delete, a txn with a put or delete in a
+    /// branch.
+    pub fn writes(&self) -> bool {
+        match self {
+            Input::Put { .. } | Input::Delete { .. } => true,
+            Input::Get { .. } | Input::Scan { .. } => false,
+            Input::Txn {
+                success, failure, ..
+            } => success.iter().chain(failure).any(TxnOp::writes),
+        }
+    }
+}
+
+/// Whether `key` lies in the scan range [start, end) (an empty `end`: no upper bound).
+pub fn in_range(key: &[u8], start: &[u8], end: &[u8]) -> bool {
+    key >= start && (end.is_empty() || key < end)
 }
 
 /// A value a get observed, with its version when the source knows it.
@@ -55,9 +262,20 @@ pub struct ReadValue {
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Output {
     /// `version`: puts applied to the key so far, this one included; `None` if unknown.
-    Put { version: Option<u64> },
+    Put {
+        version: Option<u64>,
+    },
     /// `None`: the key was absent.
     Get(Option<ReadValue>),
+    Delete {
+        existed: bool,
+    },
+    /// `results`: one per op of the branch taken, in order.
+    Txn {
+        succeeded: bool,
+        results: Vec<TxnOpOutput>,
+    },
+    Scan(Vec<(Vec<u8>, ReadValue)>),
 }
 
 impl Output {
@@ -80,6 +298,32 @@ impl Output {
             value: value.into(),
             version: Some(version),
         }))
+    }
+
+    pub fn deleted(existed: bool) -> Self {
+        Output::Delete { existed }
+    }
+
+    pub fn txn(succeeded: bool, results: Vec<TxnOpOutput>) -> Self {
+        Output::Txn { succeeded, results }
+    }
+
+    /// A scan's entries, each (key, value, version).
+    pub fn scan<K: Into<Vec<u8>>, V: Into<Vec<u8>>>(
+        entries: impl IntoIterator<Item = (K, V, u64)>,
+    ) -> Self {
+        Output::Scan(
+            entries
+                .into_iter()
+                .map(|(key, value, version)| {
+                    let read = ReadValue {
+                        value: value.into(),
+                        version: Some(version),
+                    };
+                    (key.into(), read)
+                })
+                .collect(),
+        )
     }
 
     pub fn found_unversioned(value: impl Into<Vec<u8>>) -> Self {
@@ -126,8 +370,9 @@ impl Operation {
         }
     }
 
-    pub fn key(&self) -> &[u8] {
-        self.input.key()
+    /// The keys the operation names (see [`Input::keys`]).
+    pub fn keys(&self) -> Vec<&[u8]> {
+        self.input.keys()
     }
 
     /// Why this operation cannot be checked, if it is malformed.
@@ -136,11 +381,42 @@ impl Operation {
             return None;
         };
         match (&self.input, output) {
-            (Input::Put { .. }, Output::Get(_)) => Some("a put answered with a get output"),
-            (Input::Get { .. }, Output::Put { .. }) => Some("a get answered with a put output"),
-            _ if self.return_ns < self.call_ns => Some("returned before it was called"),
-            _ => None,
+            (Input::Put { .. }, Output::Put { .. })
+            | (Input::Get { .. }, Output::Get(_))
+            | (Input::Delete { .. }, Output::Delete { .. })
+            | (Input::Scan { .. }, Output::Scan(_)) => {}
+            (Input::Put { .. }, Output::Get(_)) => return Some("a put answered with a get output"),
+            (Input::Get { .. }, Output::Put { .. }) => {
+                return Some("a get answered with a put output")
+            }
+            (
+                Input::Txn {
+                    success, failure, ..
+                },
+                Output::Txn { succeeded, results },
+            ) => {
+                let branch = if *succeeded { success } else { failure };
+                if branch.len() != results.len() {
+                    return Some("a txn answered a result count other than its branch's ops");
+                }
+                let fits = |(op, out): (&TxnOp, &TxnOpOutput)| {
+                    matches!(
+                        (op, out),
+                        (TxnOp::Put { .. }, TxnOpOutput::Put { .. })
+                            | (TxnOp::Delete { .. }, TxnOpOutput::Delete { .. })
+                            | (TxnOp::Get { .. }, TxnOpOutput::Get(_))
+                    )
+                };
+                if !branch.iter().zip(results).all(fits) {
+                    return Some("a txn result does not match the kind of its branch's op");
+                }
+            }
+            _ => return Some("the output does not match the kind of operation"),
         }
+        if self.return_ns < self.call_ns {
+            return Some("returned before it was called");
+        }
+        None
     }
 }
 
@@ -170,6 +446,86 @@ impl fmt::Display for Input {
         match self {
             Input::Put { key, value } => write!(f, "put({}, {})", Shown(key), Shown(value)),
             Input::Get { key } => write!(f, "get({})", Shown(key)),
+            Input::Delete { key } => write!(f, "delete({})", Shown(key)),
+            Input::Txn {
+                compares,
+                success,
+                failure,
+            } => {
+                write!(f, "txn(if [")?;
+                for (i, compare) in compares.iter().enumerate() {
+                    let sep = if i == 0 { "" } else { ", " };
+                    write!(f, "{sep}{compare}")?;
+                }
+                write!(f, "] then [")?;
+                fmt_txn_ops(f, success)?;
+                write!(f, "] else [")?;
+                fmt_txn_ops(f, failure)?;
+                write!(f, "])")
+            }
+            Input::Scan { start, end } if end.is_empty() => {
+                write!(f, "scan({}, end)", Shown(start))
+            }
+            Input::Scan { start, end } => write!(f, "scan({}, {})", Shown(start), Shown(end)),
+        }
+    }
+}
+
+fn fmt_txn_ops(f: &mut fmt::Formatter<'_>, ops: &[TxnOp]) -> fmt::Result {
+    for (i, op) in ops.iter().enumerate() {
+        let sep = if i == 0 { "" } else { "; " };
+        write!(f, "{sep}{op}")?;
+    }
+    Ok(())
+}
+
+impl fmt::Display for TxnOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TxnOp::Put { key, value } => write!(f, "put({}, {})", Shown(key), Shown(value)),
+            TxnOp::Delete { key } => write!(f, "delete({})", Shown(key)),
+            TxnOp::Get { key } => write!(f, "get({})", Shown(key)),
+        }
+    }
+}
+
+/// `version("k") == 3`, `value("k") < "x"`.
+impl fmt::Display for Compare {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let op = match self.op {
+            CompareOp::Equal => "==",
+            CompareOp::NotEqual => "!=",
+            CompareOp::Less => "<",
+            CompareOp::Greater => ">",
+        };
+        match &self.target {
+            CompareTarget::Version(v) => write!(f, "version({}) {op} {v}", Shown(&self.key)),
+            CompareTarget::Value(v) => {
+                write!(f, "value({}) {op} {}", Shown(&self.key), Shown(v))
+            }
+        }
+    }
+}
+
+fn fmt_read(f: &mut fmt::Formatter<'_>, read: &Option<ReadValue>) -> fmt::Result {
+    match read {
+        None => write!(f, "absent"),
+        Some(read) => {
+            write!(f, "{}", Shown(&read.value))?;
+            fmt_version(f, read.version)
+        }
+    }
+}
+
+impl fmt::Display for TxnOpOutput {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TxnOpOutput::Put { version } => {
+                write!(f, "ok")?;
+                fmt_version(f, *version)
+            }
+            TxnOpOutput::Delete { existed } => write!(f, "existed {existed}"),
+            TxnOpOutput::Get(read) => fmt_read(f, read),
         }
     }
 }
@@ -181,10 +537,24 @@ impl fmt::Display for Output {
                 write!(f, "ok")?;
                 fmt_version(f, *version)
             }
-            Output::Get(None) => write!(f, "absent"),
-            Output::Get(Some(read)) => {
-                write!(f, "{}", Shown(&read.value))?;
-                fmt_version(f, read.version)
+            Output::Get(read) => fmt_read(f, read),
+            Output::Delete { existed } => write!(f, "existed {existed}"),
+            Output::Txn { succeeded, results } => {
+                write!(f, "{} [", if *succeeded { "then" } else { "else" })?;
+                for (i, result) in results.iter().enumerate() {
+                    let sep = if i == 0 { "" } else { "; " };
+                    write!(f, "{sep}{result}")?;
+                }
+                write!(f, "]")
+            }
+            Output::Scan(entries) => {
+                write!(f, "[")?;
+                for (i, (key, read)) in entries.iter().enumerate() {
+                    let sep = if i == 0 { "" } else { ", " };
+                    write!(f, "{sep}{}: {}", Shown(key), Shown(&read.value))?;
+                    fmt_version(f, read.version)?;
+                }
+                write!(f, "]")
             }
         }
     }

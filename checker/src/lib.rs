@@ -4,24 +4,30 @@
 //! ([`HistoryRecorder`] does it from concurrent tasks), and [`check`] decides whether some
 //! total order of the operations (1) respects real time, an operation that completed before
 //! another was invoked comes first, and (2) explains every output from a map of registers
-//! (see [`history`] for the model and its versions).
+//! with puts, gets, deletes, multi-key txns and range scans (see [`history`] for the model
+//! and its versions).
 //!
 //! ```text
-//!  history ─► partition by key ─► per key: local look (long keys) ─► search (DFS + memo)
-//!                                      │ a small piece fails          │ no order exists
-//!                                      ▼                              ▼
-//!                                    shrink (drop units while still failing) ─► Violation
+//!  history ─► components (union-find over keys) ─┬► one key, puts/gets: local look (long keys)
+//!                                                │     ─► search (DFS + memo) ─► shrink units
+//!                                                └► other: general search (DFS + memo)
+//!                                                      ─► shrink (drop reads) ─► Violation
 //!                                                    an order exists ─► Linearizable
 //! ```
 //!
 //! Linearizability is local (Herlihy & Wing 1990): a history is linearizable if and only if
-//! its restriction to each key is, so each key is searched on its own. The search is the
-//! depth-first search of Wing & Gong, "Testing and verifying concurrent objects" (JPDC 1993),
+//! its restriction to each object is. An object here is a *component*: the keys joined by
+//! operations that span several (a txn naming several keys; a scan, which joins every key of
+//! the history in its range and every key it returned). Each component is searched on its
+//! own, its state the registers of its keys; most components are a single key. The search
+//! is the depth-first search of Wing & Gong, "Testing and verifying concurrent objects" (JPDC 1993),
 //! with the memoization of Lowe, "Testing for linearizability" (CCPE 2017), as implemented by
 //! Porcupine: a cache of (set of linearized operations, model state) pairs already explored.
 //! With modest concurrency per key the search is close to linear in the number of operations.
 //!
-//! Refinements: a long key first gets a linear look for local anomalies (each get with the
+//! Refinements, only for a component of one key with only puts and gets (they rely on "a
+//! put of version w is the w-th put applied", which deletes break, and on reads of one key):
+//! a long key first gets a linear look for local anomalies (each get with the
 //! puts of its value and the last other put before it), since refuting thousands of
 //! operations exhaustively can take minutes. Configurations are cached as 128-bit
 //! fingerprints (hash compaction), 32 bytes each whatever the key's length. Timeouts are kept
@@ -29,6 +35,11 @@
 //! versions are not compared; with versions they are interchangeable and are applied only in a
 //! block right before a put, as many as its version needs (just-in-time linearization, Lowe
 //! 2017). A put without a version whose value is unique takes the version a get saw with it.
+//! Shrinking removes value units with version renumbering. Other components (deletes, txns,
+//! scans, several keys) get the plain exact search with the same fingerprinted cache, no
+//! unknown write dropped or ranked, and shrinking that removes only operations that change
+//! nothing (gets, scans, txns whose branch taken only reads). Unknown operations that write
+//! nothing (get, scan, a txn with only gets in both branches) are dropped everywhere.
 //!
 //! ```
 //! use kvraft_checker::{check, CheckResult, Input, OpResult, Operation, Output};
@@ -45,13 +56,14 @@
 //! ```
 //!
 //! Invariants: the checker never accepts a history for which no linearization exists, and a
-//! [`Violation`]'s piece is itself not linearizable (versions counted without the puts the
-//! explanation says were left out), which proves the whole history is not. A violation could
+//! [`Violation`]'s piece (of one component, whose keys it names) is itself not linearizable
+//! (versions counted without the puts the explanation says were left out), which proves the whole history is not. A violation could
 //! be false only through a fingerprint collision (probability below 10^-24 for 10^7 cached
 //! configurations). When the time or memory budget runs out it answers
 //! [`CheckResult::Inconclusive`], never a guess.
 
 mod check;
+mod general;
 pub mod history;
 mod local;
 mod model;
@@ -63,5 +75,8 @@ pub use check::{
     check, check_with_budget, summarize, CheckResult, Violation, BUDGET_MAX, CHECK_BUDGET_DEFAULT,
     SHRINK_BUDGET_MAX,
 };
-pub use history::{Input, OpResult, Operation, Output, ReadValue};
+pub use history::{
+    Compare, CompareOp, CompareTarget, Input, OpResult, Operation, Output, ReadValue, TxnOp,
+    TxnOpOutput,
+};
 pub use recorder::{HistoryRecorder, OpId};

@@ -1,4 +1,5 @@
-//! The register model of one key, and a key's history prepared for the search.
+//! The register model of one key of puts and gets, and such a key's history prepared for the
+//! search (other components go to `general`).
 //!
 //! Preparation drops what carries no information: `Failed` operations (they did not take
 //! effect) and `Unknown` gets (nothing was observed). An `Unknown` put stays, as an *optional*
@@ -232,6 +233,11 @@ impl Builder {
             ));
         }
         let (step, return_ns) = match (&op.input, &op.result) {
+            (Input::Delete { .. } | Input::Txn { .. } | Input::Scan { .. }, _) => {
+                return Err(format!(
+                    "operation {source} ({op}) is not a put or get: the general search checks it"
+                ))
+            }
             (_, OpResult::Failed) | (Input::Get { .. }, OpResult::Unknown) => return Ok(()),
             (Input::Put { value, .. }, OpResult::Unknown) => (self.put(value, None), None),
             (input, OpResult::Ok(output)) => (self.completed(input, output), Some(op.return_ns)),
@@ -257,9 +263,7 @@ impl Builder {
                     read: Some((self.intern(&read.value), read.version)),
                 }
             }
-            (Input::Get { .. }, Output::Put { .. }) => {
-                unreachable!("invariant: checked by malformed()")
-            }
+            _ => unreachable!("invariant: checked by malformed() and add()"),
         }
     }
 

@@ -80,7 +80,7 @@ fn t13_keys_are_independent() {
     stale.push(ok(3, Input::get("b"), 40, Output::absent(), 50));
     let ops = assert_violation(&stale);
     assert!(
-        ops.iter().all(|op| op.key() == b"b"),
+        ops.iter().all(|op| op.keys() == [b"b"]),
         "only key b is reported"
     );
 }

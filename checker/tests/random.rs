@@ -2,9 +2,9 @@
 
 mod common;
 
-use common::{linearizable_history, Workload};
+use common::{linearizable_history, rich_linearizable_history, Workload};
 use kvraft_checker::{
-    check, summarize, CheckResult, Input, OpResult, Operation, Output, ReadValue,
+    check, summarize, CheckResult, Input, OpResult, Operation, Output, ReadValue, TxnOpOutput,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -222,8 +222,9 @@ fn t22_performance_one_hot_key_without_versions() {
 
 #[test]
 fn t30_input_helpers_round_trip_keys() {
-    assert_eq!(Input::put("k", "v").key(), b"k");
-    assert_eq!(Input::get(b"k".to_vec()).key(), b"k");
+    assert_eq!(Input::put("k", "v").keys(), [b"k"]);
+    assert_eq!(Input::get(b"k".to_vec()).keys(), [b"k"]);
+    assert_eq!(Input::delete("k").keys(), [b"k"]);
 }
 
 fn stale_read_in_a_long_hot_key(seed: u64, versions: bool, ops: usize) {
@@ -283,4 +284,136 @@ fn t23_stale_read_in_a_long_hot_key_shrinks_to_a_small_piece() {
 fn t24_stale_read_in_a_long_unversioned_hot_key_is_found_quickly() {
     // Refuting this key exhaustively takes minutes; the local look finds it at once.
     stale_read_in_a_long_hot_key(24, false, 5_000);
+}
+
+fn rich_workload(rng: &mut StdRng) -> Workload {
+    Workload {
+        clients: rng.random_range(1..=5),
+        keys: rng.random_range(1..=4),
+        ops: rng.random_range(1..=60),
+        versions: rng.random_bool(0.7),
+        unknown_ratio: rng.random_range(0.0..0.15),
+        failed_ratio: rng.random_range(0.0..0.1),
+    }
+}
+
+#[test]
+fn t40_generated_histories_with_deletes_txns_and_scans_are_accepted() {
+    for seed in 0..SEEDS {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let workload = rich_workload(&mut rng);
+        let history = rich_linearizable_history(&mut rng, workload);
+        let result = check(&history);
+        assert_eq!(
+            result,
+            CheckResult::Linearizable,
+            "seed {seed} ({workload:?}): {}",
+            summarize(&result)
+        );
+    }
+}
+
+/// Replaces a value some completed read (get, txn get or scan) returned with one never
+/// written; the index of the op changed, if any.
+fn plant_phantom(history: &mut [Operation], rng: &mut StdRng) -> Option<usize> {
+    let phantom = || ReadValue {
+        value: b"never written".to_vec(),
+        version: None,
+    };
+    let readers: Vec<usize> = (0..history.len())
+        .filter(|&i| match &history[i].result {
+            OpResult::Ok(Output::Get(Some(_))) => true,
+            OpResult::Ok(Output::Scan(entries)) => !entries.is_empty(),
+            OpResult::Ok(Output::Txn { results, .. }) => results
+                .iter()
+                .any(|r| matches!(r, TxnOpOutput::Get(Some(_)))),
+            _ => false,
+        })
+        .collect();
+    let victim = *readers.get(rng.random_range(0..readers.len().max(1)))?;
+    match &mut history[victim].result {
+        OpResult::Ok(Output::Get(read)) => *read = Some(phantom()),
+        OpResult::Ok(Output::Scan(entries)) => {
+            let n = rng.random_range(0..entries.len());
+            entries[n].1 = phantom();
+        }
+        OpResult::Ok(Output::Txn { results, .. }) => {
+            for result in results.iter_mut() {
+                if let TxnOpOutput::Get(read @ Some(_)) = result {
+                    *read = Some(phantom());
+                    break;
+                }
+            }
+        }
+        _ => unreachable!("chosen as a read"),
+    }
+    Some(victim)
+}
+
+#[test]
+fn t41_generated_histories_with_deletes_txns_and_scans_and_a_phantom_read_are_rejected() {
+    for seed in 0..SEEDS {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let workload = rich_workload(&mut rng);
+        let mut history = rich_linearizable_history(&mut rng, workload);
+        let Some(victim) = plant_phantom(&mut history, &mut rng) else {
+            continue;
+        };
+        let result = check(&history);
+        let CheckResult::Violation(violation) = result else {
+            panic!(
+                "seed {seed} ({workload:?}): phantom read at op {victim} not rejected: {}",
+                summarize(&result)
+            );
+        };
+        assert!(
+            violation.ops.contains(&history[victim]),
+            "seed {seed}: piece lacks the phantom read:\n{violation}"
+        );
+        let again = check(&violation.ops);
+        assert!(
+            matches!(again, CheckResult::Violation(_)),
+            "seed {seed}: the reported piece alone is accepted:\n{violation}"
+        );
+    }
+}
+
+#[test]
+fn t42_generated_histories_with_a_flipped_delete_after_quiet_are_rejected() {
+    // A delete called after every other op returned, answering the opposite of the truth.
+    for seed in 0..SEEDS {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let workload = Workload {
+            unknown_ratio: 0.0,
+            ..rich_workload(&mut rng)
+        };
+        let mut history = rich_linearizable_history(&mut rng, workload);
+        let end = history.iter().map(|op| op.return_ns).max().unwrap_or(0) + 10;
+        let mut registers = Default::default();
+        let mut ordered: Vec<&Operation> = history.iter().collect();
+        ordered.sort_by_key(|op| op.call_ns);
+        // Replay to learn whether key0 exists at the end: only from a sequential history.
+        if workload.clients != 1 {
+            continue;
+        }
+        for op in ordered {
+            if let OpResult::Ok(_) = op.result {
+                common::run(&mut registers, &op.input, true);
+            }
+        }
+        let existed = registers.contains_key(b"key0".as_slice());
+        history.push(Operation::new(
+            99,
+            Input::delete("key0"),
+            end,
+            OpResult::Ok(Output::deleted(!existed)),
+            end + 5,
+        ));
+        let result = check(&history);
+        assert!(
+            matches!(result, CheckResult::Violation(_)),
+            "seed {seed} ({workload:?}): flipped delete not rejected: {}",
+            summarize(&result)
+        );
+    }
 }

@@ -3,10 +3,14 @@
 
 #![allow(dead_code)] // each test binary uses a subset
 
-use kvraft_checker::{Input, OpResult, Operation, Output};
+use kvraft_checker::history::in_range;
+use kvraft_checker::{
+    Compare, CompareOp, CompareTarget, Input, OpResult, Operation, Output, ReadValue, TxnOp,
+    TxnOpOutput,
+};
 use rand::rngs::StdRng;
 use rand::Rng;
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 /// A put that returned `version`.
 pub fn put(client: u64, value: &str, call_ns: u64, return_ns: u64, version: u64) -> Operation {
@@ -101,26 +105,37 @@ struct Planned {
 /// at a random point after its call, or never), and outputs come from applying the effects in
 /// time order to a sequential map of registers.
 pub fn linearizable_history(rng: &mut StdRng, workload: Workload) -> Vec<Operation> {
+    history_of(rng, workload, false)
+}
+
+/// Like [`linearizable_history`], with every kind of operation ([`rich_input`]).
+pub fn rich_linearizable_history(rng: &mut StdRng, workload: Workload) -> Vec<Operation> {
+    history_of(rng, workload, true)
+}
+
+fn history_of(rng: &mut StdRng, workload: Workload, rich: bool) -> Vec<Operation> {
     let mut clocks = vec![0u64; workload.clients as usize];
     let mut planned: Vec<Planned> = (0..workload.ops)
-        .map(|n| plan(rng, workload, &mut clocks, n))
+        .map(|n| plan(rng, workload, &mut clocks, n, rich))
         .collect();
     let mut order: Vec<usize> = (0..planned.len())
         .filter(|&i| planned[i].effect_ns.is_some())
         .collect();
     order.sort_by_key(|&i| planned[i].effect_ns);
-    let mut registers: HashMap<Vec<u8>, (Vec<u8>, u64)> = HashMap::new();
+    let mut registers = Registers::new();
     for i in order {
         apply(&mut registers, &mut planned[i].op, workload.versions);
     }
     planned.into_iter().map(|p| p.op).collect()
 }
 
-fn plan(rng: &mut StdRng, workload: Workload, clocks: &mut [u64], n: usize) -> Planned {
+fn plan(rng: &mut StdRng, workload: Workload, clocks: &mut [u64], n: usize, rich: bool) -> Planned {
     let client = rng.random_range(0..workload.clients);
     let call_ns = clocks[client as usize] + rng.random_range(0..50);
     let key = format!("key{}", rng.random_range(0..workload.keys)).into_bytes();
-    let input = if rng.random_bool(0.5) {
+    let input = if rich {
+        rich_input(rng, workload.keys, format!("c{client}-{n}").into_bytes())
+    } else if rng.random_bool(0.5) {
         Input::Put {
             key,
             value: format!("c{client}-{n}").into_bytes(),
@@ -152,28 +167,140 @@ fn plan(rng: &mut StdRng, workload: Workload, clocks: &mut [u64], n: usize) -> P
 }
 
 /// Applies `op` to the registers and, if it completed, fills in its output.
-fn apply(registers: &mut HashMap<Vec<u8>, (Vec<u8>, u64)>, op: &mut Operation, versions: bool) {
-    let version = |v: u64| versions.then_some(v);
-    let output = match &op.input {
-        Input::Put { key, value } => {
-            let entry = registers.entry(key.clone()).or_insert((Vec::new(), 0));
-            *entry = (value.clone(), entry.1 + 1);
-            Output::Put {
-                version: version(entry.1),
-            }
-        }
-        Input::Get { key } => {
-            Output::Get(
-                registers
-                    .get(key)
-                    .map(|(value, v)| kvraft_checker::ReadValue {
-                        value: value.clone(),
-                        version: version(*v),
-                    }),
-            )
-        }
-    };
+fn apply(registers: &mut Registers, op: &mut Operation, versions: bool) {
+    let output = run(registers, &op.input, versions);
     if let OpResult::Ok(_) = op.result {
         op.result = OpResult::Ok(output);
+    }
+}
+
+/// The sequential map of registers: key -> (value, version).
+type Registers = BTreeMap<Vec<u8>, (Vec<u8>, u64)>;
+
+fn read(registers: &Registers, key: &[u8], versions: bool) -> Option<ReadValue> {
+    registers.get(key).map(|(value, v)| ReadValue {
+        value: value.clone(),
+        version: versions.then_some(*v),
+    })
+}
+
+fn put_in(registers: &mut Registers, key: &[u8], value: &[u8]) -> u64 {
+    let entry = registers.entry(key.to_vec()).or_insert((Vec::new(), 0));
+    *entry = (value.to_vec(), entry.1 + 1);
+    entry.1
+}
+
+fn holds(registers: &Registers, compare: &Compare) -> bool {
+    let actual = registers.get(&compare.key);
+    let ordering = match &compare.target {
+        CompareTarget::Version(v) => actual.map_or(0, |(_, version)| *version).cmp(v),
+        CompareTarget::Value(v) => match actual {
+            None => return false,
+            Some((value, _)) => value.cmp(v),
+        },
+    };
+    match compare.op {
+        CompareOp::Equal => ordering.is_eq(),
+        CompareOp::NotEqual => ordering.is_ne(),
+        CompareOp::Less => ordering.is_lt(),
+        CompareOp::Greater => ordering.is_gt(),
+    }
+}
+
+/// The output of `input` applied to the registers (versions left out unless `versions`).
+pub fn run(registers: &mut Registers, input: &Input, versions: bool) -> Output {
+    let version = |v: u64| versions.then_some(v);
+    match input {
+        Input::Put { key, value } => Output::Put {
+            version: version(put_in(registers, key, value)),
+        },
+        Input::Get { key } => Output::Get(read(registers, key, versions)),
+        Input::Delete { key } => Output::Delete {
+            existed: registers.remove(key).is_some(),
+        },
+        Input::Txn {
+            compares,
+            success,
+            failure,
+        } => {
+            let succeeded = compares.iter().all(|c| holds(registers, c));
+            let branch = if succeeded { success } else { failure };
+            let results = branch
+                .iter()
+                .map(|op| match op {
+                    TxnOp::Put { key, value } => TxnOpOutput::Put {
+                        version: version(put_in(registers, key, value)),
+                    },
+                    TxnOp::Delete { key } => TxnOpOutput::Delete {
+                        existed: registers.remove(key).is_some(),
+                    },
+                    TxnOp::Get { key } => TxnOpOutput::Get(read(registers, key, versions)),
+                })
+                .collect();
+            Output::Txn { succeeded, results }
+        }
+        Input::Scan { start, end } => Output::Scan(
+            registers
+                .iter()
+                .filter(|(key, _)| in_range(key, start, end))
+                .map(|(key, (value, v))| {
+                    let read = ReadValue {
+                        value: value.clone(),
+                        version: version(*v),
+                    };
+                    (key.clone(), read)
+                })
+                .collect(),
+        ),
+    }
+}
+
+/// A random operation of any kind over `keys` keys: puts, gets, deletes, CAS txns, two-key
+/// transfers and scans.
+pub fn rich_input(rng: &mut StdRng, keys: usize, value: Vec<u8>) -> Input {
+    let key = |rng: &mut StdRng| format!("key{}", rng.random_range(0..keys)).into_bytes();
+    match rng.random_range(0..100) {
+        0..30 => Input::Put {
+            key: key(rng),
+            value,
+        },
+        30..50 => Input::Get { key: key(rng) },
+        50..60 => Input::Delete { key: key(rng) },
+        60..75 => {
+            let k = key(rng);
+            Input::txn(
+                vec![Compare::version(
+                    k.clone(),
+                    CompareOp::Equal,
+                    rng.random_range(0..3),
+                )],
+                vec![TxnOp::put(k.clone(), value)],
+                vec![TxnOp::get(k)],
+            )
+        }
+        75..85 => {
+            let (a, b) = (key(rng), key(rng));
+            Input::txn(
+                vec![Compare::value(a.clone(), CompareOp::Greater, "c")],
+                vec![
+                    TxnOp::put(a.clone(), value.clone()),
+                    TxnOp::put(b.clone(), value),
+                    TxnOp::get(a),
+                ],
+                vec![TxnOp::delete(b)],
+            )
+        }
+        _ => {
+            let (mut lo, mut hi) = (rng.random_range(0..keys), rng.random_range(0..=keys));
+            if lo > hi {
+                std::mem::swap(&mut lo, &mut hi);
+            }
+            let end = if hi == keys {
+                Vec::new()
+            } else {
+                format!("key{hi}").into_bytes()
+            };
+            Input::scan(format!("key{lo}"), end)
+        }
     }
 }
