@@ -607,6 +607,25 @@ mod tests {
     }
 
     #[test]
+    fn keys_ranges_and_writes_of_each_kind() {
+        let txn = Input::txn(
+            vec![Compare::version("b", CompareOp::Equal, 1)],
+            vec![TxnOp::put("a", "1"), TxnOp::get("b")],
+            vec![TxnOp::get("c")],
+        );
+        assert_eq!(txn.keys(), [b"b".as_slice(), b"a", b"c"]);
+        assert!(txn.writes());
+        let read_only = Input::txn(vec![], vec![TxnOp::get("a")], vec![TxnOp::get("a")]);
+        assert_eq!(read_only.keys(), [b"a"]);
+        assert!(!read_only.writes());
+        let scan = Input::scan("a", "");
+        assert!(scan.keys().is_empty());
+        assert_eq!(scan.range(), Some((b"a".as_slice(), b"".as_slice())));
+        assert!(in_range(b"zzz", b"a", b"") && !in_range(b"b", b"a", b"b"));
+        assert!(Input::delete("k").writes() && !Input::get("k").writes());
+    }
+
+    #[test]
     fn long_values_are_cut() {
         let shown = Shown(&[b'x'; 40]).to_string();
         assert!(shown.ends_with("...(40 bytes)\""), "{shown}");

@@ -20,8 +20,8 @@
 //! operations that span several (a txn naming several keys; a scan, which joins every key of
 //! the history in its range and every key it returned). Each component is searched on its
 //! own, its state the registers of its keys; most components are a single key. The search
-//! is the depth-first search of Wing & Gong, "Testing and verifying concurrent objects" (JPDC 1993),
-//! with the memoization of Lowe, "Testing for linearizability" (CCPE 2017), as implemented by
+//! is the depth-first search of Wing & Gong, "Testing and verifying concurrent objects"
+//! (JPDC 1993), with the memoization of Lowe, "Testing for linearizability" (CCPE 2017), as implemented by
 //! Porcupine: a cache of (set of linearized operations, model state) pairs already explored.
 //! With modest concurrency per key the search is close to linear in the number of operations.
 //!
@@ -57,8 +57,8 @@
 //!
 //! Invariants: the checker never accepts a history for which no linearization exists, and a
 //! [`Violation`]'s piece (of one component, whose keys it names) is itself not linearizable
-//! (versions counted without the puts the explanation says were left out), which proves the whole history is not. A violation could
-//! be false only through a fingerprint collision (probability below 10^-24 for 10^7 cached
+//! (versions counted without the puts the explanation says were left out), which proves the
+//! whole history is not. A violation could be false only through a fingerprint collision (probability below 10^-24 for 10^7 cached
 //! configurations). When the time or memory budget runs out it answers
 //! [`CheckResult::Inconclusive`], never a guess.
 

@@ -417,3 +417,187 @@ fn t42_generated_histories_with_a_flipped_delete_after_quiet_are_rejected() {
         );
     }
 }
+
+/// Whether `recorded` is what the model answered, a version the source left out matching any.
+fn output_matches(model: &Output, recorded: &Output) -> bool {
+    let version = |m: &Option<u64>, r: &Option<u64>| r.is_none() || m == r;
+    let read = |m: &Option<ReadValue>, r: &Option<ReadValue>| match (m, r) {
+        (None, None) => true,
+        (Some(m), Some(r)) => m.value == r.value && version(&m.version, &r.version),
+        _ => false,
+    };
+    match (model, recorded) {
+        (Output::Put { version: m }, Output::Put { version: r }) => version(m, r),
+        (Output::Get(m), Output::Get(r)) => read(m, r),
+        (Output::Delete { existed: m }, Output::Delete { existed: r }) => m == r,
+        (
+            Output::Txn {
+                succeeded: ms,
+                results: mr,
+            },
+            Output::Txn {
+                succeeded: rs,
+                results: rr,
+            },
+        ) => {
+            ms == rs
+                && mr.len() == rr.len()
+                && mr.iter().zip(rr).all(|pair| match pair {
+                    (TxnOpOutput::Put { version: m }, TxnOpOutput::Put { version: r }) => {
+                        version(m, r)
+                    }
+                    (TxnOpOutput::Delete { existed: m }, TxnOpOutput::Delete { existed: r }) => {
+                        m == r
+                    }
+                    (TxnOpOutput::Get(m), TxnOpOutput::Get(r)) => read(m, r),
+                    _ => false,
+                })
+        }
+        (Output::Scan(m), Output::Scan(r)) => {
+            m.len() == r.len()
+                && m.iter().zip(r).all(|((mk, mv), (rk, rv))| {
+                    mk == rk && read(&Some(mv.clone()), &Some(rv.clone()))
+                })
+        }
+        _ => false,
+    }
+}
+
+/// Exhaustive oracle: some order of the completed ops and a subset of the unknown ones
+/// respecting real time whose model outputs match.
+fn brute_force(history: &[Operation]) -> bool {
+    let ops: Vec<&Operation> = history
+        .iter()
+        .filter(|op| !matches!(op.result, OpResult::Failed))
+        .collect();
+    fn go(ops: &[&Operation], done: &mut Vec<bool>, registers: &common::Registers) -> bool {
+        let limit = (0..ops.len())
+            .filter(|&i| !done[i] && matches!(ops[i].result, OpResult::Ok(_)))
+            .map(|i| ops[i].return_ns)
+            .min();
+        let Some(limit) = limit else {
+            return true;
+        };
+        for i in 0..ops.len() {
+            if done[i] || ops[i].call_ns > limit {
+                continue;
+            }
+            let mut next = registers.clone();
+            let model = common::run(&mut next, &ops[i].input, true);
+            if let OpResult::Ok(recorded) = &ops[i].result {
+                if !output_matches(&model, recorded) {
+                    continue;
+                }
+            }
+            done[i] = true;
+            let found = go(ops, done, &next);
+            done[i] = false;
+            if found {
+                return true;
+            }
+        }
+        false
+    }
+    go(&ops, &mut vec![false; ops.len()], &Default::default())
+}
+
+#[test]
+fn t43_small_rich_histories_agree_with_an_exhaustive_oracle() {
+    let (mut accepted, mut rejected) = (0, 0);
+    for seed in 0..3000 {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let workload = Workload {
+            clients: rng.random_range(1..=3),
+            keys: rng.random_range(1..=3),
+            ops: rng.random_range(1..=7),
+            versions: rng.random_bool(0.7),
+            unknown_ratio: 0.15,
+            failed_ratio: 0.05,
+        };
+        let mut history = rich_linearizable_history(&mut rng, workload);
+        if rng.random_bool(0.6) {
+            // Answer one op from the state after a random subset of the others.
+            let victim = rng.random_range(0..history.len());
+            if let OpResult::Ok(_) = history[victim].result {
+                let mut registers = common::Registers::default();
+                for op in &history {
+                    if rng.random_bool(0.5) {
+                        common::run(&mut registers, &op.input, true);
+                    }
+                }
+                let output = common::run(&mut registers, &history[victim].input, workload.versions);
+                history[victim].result = OpResult::Ok(output);
+            }
+        }
+        let expected = brute_force(&history);
+        let result = check(&history);
+        let got = match &result {
+            CheckResult::Linearizable => true,
+            CheckResult::Violation(_) => false,
+            CheckResult::Inconclusive { reason } => panic!("seed {seed}: inconclusive: {reason}"),
+        };
+        if expected {
+            accepted += 1;
+        } else {
+            rejected += 1;
+        }
+        assert_eq!(
+            got,
+            expected,
+            "seed {seed}: checker says {}, oracle {expected}; history:\n{}",
+            summarize(&result),
+            history
+                .iter()
+                .map(|op| format!("  {op}\n"))
+                .collect::<String>()
+        );
+    }
+    assert!(
+        accepted > 100 && rejected > 50,
+        "{accepted} accepted, {rejected} rejected"
+    );
+}
+
+#[test]
+fn t44_performance_rich_component_8_keys_300_ops() {
+    for seed in 0..5 {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let workload = Workload {
+            clients: 4,
+            keys: 8,
+            ops: 300,
+            versions: true,
+            unknown_ratio: 0.03,
+            failed_ratio: 0.01,
+        };
+        let history = rich_linearizable_history(&mut rng, workload);
+        let started = Instant::now();
+        let result = check(&history);
+        println!(
+            "rich, 8 keys, seed {seed}: {} in {:?}",
+            summarize(&result),
+            started.elapsed()
+        );
+        assert_eq!(
+            result,
+            CheckResult::Linearizable,
+            "seed {seed}: {}",
+            summarize(&result)
+        );
+        let mut broken = history;
+        let Some(victim) = plant_phantom(&mut broken, &mut rng) else {
+            continue;
+        };
+        let started = Instant::now();
+        let result = check(&broken);
+        println!(
+            "  with a phantom read: {} in {:?}",
+            summarize(&result),
+            started.elapsed()
+        );
+        let CheckResult::Violation(violation) = result else {
+            panic!("seed {seed}: phantom read at {victim} accepted");
+        };
+        assert!(violation.ops.contains(&broken[victim]), "{violation}");
+    }
+}

@@ -175,7 +175,7 @@ fn apply(registers: &mut Registers, op: &mut Operation, versions: bool) {
 }
 
 /// The sequential map of registers: key -> (value, version).
-type Registers = BTreeMap<Vec<u8>, (Vec<u8>, u64)>;
+pub type Registers = BTreeMap<Vec<u8>, (Vec<u8>, u64)>;
 
 fn read(registers: &Registers, key: &[u8], versions: bool) -> Option<ReadValue> {
     registers.get(key).map(|(value, v)| ReadValue {
