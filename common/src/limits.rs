@@ -297,13 +297,13 @@ mod tests {
                 key: b"k".to_vec().into(),
             })),
         };
-        assert!(check_txn(&[], &[put(b"k", 10)], &[get.clone()], 100).is_ok());
+        assert!(check_txn(&[], &[put(b"k", 10)], std::slice::from_ref(&get), 100).is_ok());
         assert!(check_txn(&[], &[], &[], 100)
             .unwrap_err()
             .contains("no operation"));
         let e = check_txn(&[], &[put(b"", 1)], &[], 100).unwrap_err();
         assert!(e.starts_with("success op 0: key is empty"), "{e}");
-        let e = check_txn(&[], &[get.clone()], &[TxnOp { op: None }], 100).unwrap_err();
+        let e = check_txn(&[], std::slice::from_ref(&get), &[TxnOp { op: None }], 100).unwrap_err();
         assert!(e.starts_with("failure op 0"), "{e}");
         let many = vec![get.clone(); TXN_OPS_MAX + 1];
         assert!(check_txn(&[], &many, &[], 100)

@@ -18,6 +18,9 @@
 //!   reference's digest at that index.
 //! - **Exactly once**: in the replay, each `(session, seq)` and each (unique) value changes the
 //!   map at most once, and each key's versions count its applied puts.
+//! - **Watches see the same changes everywhere**: the changes a node applies (what its watch
+//!   streams are sent) are, revision by revision, the replay's, and none is left out (but for
+//!   an installed snapshot, which stands for its changes as a whole).
 //!
 //! The checks are incremental (a step touches one node), so they run after every step.
 
@@ -27,7 +30,7 @@ use kvraft_common::fnv::{fnv1a, FNV_OFFSET};
 use kvraft_proto::log_entry::Payload;
 use kvraft_proto::LogEntry;
 use kvraft_server::replica::Replica;
-use kvraft_server::state_machine::{Outcome, StateMachine, WriteResult};
+use kvraft_server::state_machine::{Change, Outcome, StateMachine, WriteResult};
 use prost::Message;
 
 use crate::node::SessionLimits;
@@ -61,12 +64,17 @@ pub struct Invariants {
     /// Per node: `last_applied` when last checked.
     node_applied: BTreeMap<u32, u64>,
     keys: Vec<String>,
+    /// Digest of the changes (for watches) the replay made at each revision that made any.
+    change_digests: BTreeMap<u64, u64>,
+    /// Per node: `last_applied` when its changes were last checked.
+    changes_applied: BTreeMap<u32, u64>,
 }
 
 impl Invariants {
     pub fn new(keys: Vec<String>, limits: SessionLimits) -> Invariants {
-        let reference = StateMachine::new(limits.ttl_ms, limits.sessions_max)
+        let mut reference = StateMachine::new(limits.ttl_ms, limits.sessions_max)
             .with_session_window(limits.window);
+        reference.record_changes(true);
         let mut inv = Invariants {
             leaders: BTreeMap::new(),
             prefixes: BTreeMap::new(),
@@ -80,6 +88,8 @@ impl Invariants {
             versions: BTreeMap::new(),
             node_applied: BTreeMap::new(),
             keys,
+            change_digests: BTreeMap::new(),
+            changes_applied: BTreeMap::new(),
         };
         let empty = inv.digest(&inv.reference);
         inv.digests.push(empty);
@@ -95,6 +105,7 @@ impl Invariants {
     pub fn restart(&mut self, node: u32, first: u64, entries: &[LogEntry]) -> Result<(), String> {
         self.seed_shadow(node, first)?;
         self.node_applied.insert(node, 0);
+        self.changes_applied.remove(&node);
         self.on_append(node, entries)
     }
 
@@ -268,6 +279,56 @@ impl Invariants {
         }
         let digest = self.digest(&self.reference);
         self.digests.push(digest);
+        for (revision, digest) in change_digests(self.reference.take_changes()) {
+            self.change_digests.insert(revision, digest);
+        }
+        Ok(())
+    }
+
+    /// **Watches see the same changes everywhere**: the changes `node` applied in its last
+    /// step (what its watches are sent) are, revision by revision, those of the replay of the
+    /// committed log; and, unless it installed a snapshot (whose changes are not known one by
+    /// one), every revision it applied that changed a key is among them.
+    pub fn check_changes(
+        &mut self,
+        node: u32,
+        replica: &Replica,
+        changes: Vec<Change>,
+        installed: bool,
+    ) -> Result<(), String> {
+        let applied = replica.last_applied();
+        let before = self.changes_applied.insert(node, applied);
+        let got = change_digests(changes);
+        for (revision, digest) in &got {
+            match self.change_digests.get(revision) {
+                Some(want) if want == digest => {}
+                Some(_) => {
+                    return Err(format!(
+                        "watch changes diverge: node {node}'s changes at revision {revision} \
+                         differ from the replay of the committed log"
+                    ))
+                }
+                None => {
+                    return Err(format!(
+                        "watch changes: node {node} made changes at revision {revision}, the \
+                         replay of the committed log made none"
+                    ))
+                }
+            }
+        }
+        let Some(before) = before.filter(|&b| b < applied && !installed) else {
+            return Ok(()); // nothing applied, or a restart or an install: nothing to compare
+        };
+        if let Some((&missing, _)) = self
+            .change_digests
+            .range(before + 1..=applied)
+            .find(|(r, _)| !got.contains_key(r))
+        {
+            return Err(format!(
+                "watch changes: node {node} applied revision {missing}, which changed keys, \
+                 without reporting the changes"
+            ));
+        }
         Ok(())
     }
 
@@ -311,4 +372,24 @@ impl Invariants {
             .expect("invariant: the memory engine never fails");
         fnv1a(h, &len.to_le_bytes())
     }
+}
+
+/// One digest per revision of `changes` (in the order they were made).
+fn change_digests(changes: Vec<Change>) -> BTreeMap<u64, u64> {
+    let mut out: BTreeMap<u64, u64> = BTreeMap::new();
+    for c in changes {
+        let h = out.entry(c.revision).or_insert(FNV_OFFSET);
+        *h = fnv1a(*h, &(c.key.len() as u64).to_le_bytes());
+        *h = fnv1a(*h, &c.key);
+        match &c.value {
+            Some(v) => {
+                for w in [v.version, v.create_revision, v.mod_revision] {
+                    *h = fnv1a(*h, &w.to_le_bytes());
+                }
+                *h = fnv1a(*h, &v.value);
+            }
+            None => *h = fnv1a(*h, b"deleted"),
+        }
+    }
+    out
 }

@@ -101,6 +101,9 @@ pub struct SimStats {
     pub sim_ms: u64,
     pub puts_ok: u64,
     pub gets_ok: u64,
+    /// Transactions (compare-and-swaps, deletes, multi-key writes) and scans that succeeded.
+    pub txns_ok: u64,
+    pub scans_ok: u64,
     /// Operations given up on (result unknown to the client).
     pub ops_unknown: u64,
     pub committed_entries: u64,
@@ -121,6 +124,8 @@ impl SimStats {
         self.sim_ms += o.sim_ms;
         self.puts_ok += o.puts_ok;
         self.gets_ok += o.gets_ok;
+        self.txns_ok += o.txns_ok;
+        self.scans_ok += o.scans_ok;
         self.ops_unknown += o.ops_unknown;
         self.committed_entries += o.committed_entries;
         self.acked_writes_checked += o.acked_writes_checked;
@@ -136,7 +141,8 @@ impl fmt::Display for SimStats {
         let x = &self.faults;
         write!(
             f,
-            "seeds={} steps={} sim_s={} ops: puts_ok={} gets_ok={} unknown={} committed={} \
+            "seeds={} steps={} sim_s={} ops: puts_ok={} gets_ok={} txns_ok={} scans_ok={} \
+             unknown={} committed={} \
              faults: dropped={} duplicated={} reordered={} isolations={} coord_partitions={} \
              splits={} one_way={} crashes={} disk_losses={} torn_tails={} coord_crashes={} \
              disks_full={} (full/writable changes {}) \
@@ -147,6 +153,8 @@ impl fmt::Display for SimStats {
             self.sim_ms / 1000,
             self.puts_ok,
             self.gets_ok,
+            self.txns_ok,
+            self.scans_ok,
             self.ops_unknown,
             self.committed_entries,
             x.dropped,

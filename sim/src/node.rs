@@ -105,8 +105,10 @@ impl SimNode {
         // As the runtime: an install whose log reset did not happen is finished.
         let (first, entries) = finish_interrupted_install(&sm, first, entries, &mut self.disk)
             .expect("invariant: the simulated disk resets");
-        let replica = Replica::recovered(cfg, hard, first, entries, sm)
+        let mut replica = Replica::recovered(cfg, hard, first, entries, sm)
             .expect("invariant: the engine applies only entries durable in the log");
+        // As the runtime, for watches (the world takes them after every step).
+        replica.record_changes(true);
         self.replica = Some(replica);
         self.writer = LogWriter::default();
     }

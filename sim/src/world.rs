@@ -434,6 +434,10 @@ impl World {
             match (&op.input, &op.result) {
                 (Input::Put { .. }, OpResult::Ok(_)) => stats.puts_ok += 1,
                 (Input::Get { .. }, OpResult::Ok(_)) => stats.gets_ok += 1,
+                (Input::Checker(kvraft_checker::Input::Scan { .. }), OpResult::Ok(_)) => {
+                    stats.scans_ok += 1
+                }
+                (Input::Checker(_), OpResult::Ok(_)) => stats.txns_ok += 1,
                 _ => stats.ops_unknown += 1,
             }
         }
@@ -816,6 +820,9 @@ impl World {
         };
         let mut cmds = replica.step(event);
         cmds.extend(replica.flush());
+        let installed = cmds
+            .iter()
+            .any(|c| matches!(c, Command::SnapshotInstalled { .. }));
         canonical_order(&mut cmds);
         if self.cfg.verbose {
             trace_node(id, replica, &cmds);
@@ -854,6 +861,9 @@ impl World {
             let life = node.incarnation;
             self.schedule(self.now_ms + ms, Item::Fsync { node: id, life });
         }
+        let changes = (self.nodes[i].replica.as_mut())
+            .expect("invariant: stepped above")
+            .take_changes();
         let node = &self.nodes[i];
         let replica = node.replica.as_ref().expect("invariant: stepped above");
         // What the state machine holds durably counts as durable log (an installed snapshot).
@@ -873,7 +883,8 @@ impl World {
                 replica.durable_index()
             ));
         }
-        self.inv.after_step(id, replica)
+        self.inv.after_step(id, replica)?;
+        self.inv.check_changes(id, replica, changes, installed)
     }
 
     fn execute(&mut self, id: u32, cmd: Command) -> Result<(), String> {

@@ -143,7 +143,7 @@ async fn malformed_and_extreme_requests_leave_the_cluster_serving() {
         assert_eq!(e.code, ErrorCode::ErrorInvalidArgument as i32, "{e:?}");
         assert!(e.message.contains(field), "{field}: {e:?}");
     }
-    for key in [Bytes::new(), oversized_key, random_bytes(&mut rng, 64)] {
+    for key in [Bytes::new(), oversized_key.clone(), random_bytes(&mut rng, 64)] {
         let mut req = tonic::Request::new(GetRequest {
             client_id: "raw".into(),
             key: key.clone(),
@@ -164,6 +164,115 @@ async fn malformed_and_extreme_requests_leave_the_cluster_serving() {
     let e = kv.register_session(req).await.unwrap().into_inner().error;
     let e = e.expect("an oversized client id is refused");
     assert!(e.message.contains("client_id"), "{e:?}");
+
+    tracing::info!("--- Kv.Txn, Kv.Range and Kv.Watch with random and extreme fields");
+    let mut txn_seq = 100;
+    for round in 0..200 {
+        let key = |rng: &mut rand::rngs::StdRng| match rng.random_range(0..5) {
+            0 => Bytes::new(),
+            1 => oversized_key.clone(),
+            _ => random_bytes(rng, 8),
+        };
+        let compare = (0..rng.random_range(0..3))
+            .map(|_| kvraft_proto::Compare {
+                key: key(&mut rng),
+                target: rng.random_range(-1..6),
+                op: rng.random_range(-1..6),
+                number: EXTREMES[rng.random_range(0..EXTREMES.len())],
+                value: random_bytes(&mut rng, 16),
+            })
+            .collect();
+        let op = |rng: &mut rand::rngs::StdRng| {
+            use kvraft_proto::txn_op::Op;
+            let op = match rng.random_range(0..5) {
+                0 => None,
+                1 => Some(Op::Put(kvraft_proto::TxnPut {
+                    key: key(rng),
+                    value: random_bytes(rng, 32),
+                })),
+                2 => Some(Op::Get(kvraft_proto::TxnGet { key: key(rng) })),
+                _ => Some(Op::Delete(kvraft_proto::TxnDelete {
+                    key: key(rng),
+                    range_end: random_bytes(rng, 3),
+                })),
+            };
+            kvraft_proto::TxnOp { op }
+        };
+        let ops = rng.random_range(0..4);
+        let success = (0..ops).map(|_| op(&mut rng)).collect();
+        let failure = (0..rng.random_range(0..2)).map(|_| op(&mut rng)).collect();
+        txn_seq += 1;
+        let (seq, ack_seq) = if round % 10 == 0 {
+            (EXTREMES[round / 10 % 5], EXTREMES[(round / 50) % 5])
+        } else {
+            (txn_seq, txn_seq)
+        };
+        let mut req = tonic::Request::new(kvraft_proto::TxnRequest {
+            client_id: "raw".into(),
+            session_id: session,
+            seq,
+            ack_seq,
+            compare,
+            success,
+            failure,
+            trace_token: random_bytes(&mut rng, 16),
+        });
+        req.set_timeout(ANSWER_WITHIN);
+        let valid_seq = kvraft_common::limits::check_put_seq(
+            session,
+            seq,
+            ack_seq,
+            kvraft_common::limits::SESSION_WINDOW_MAX,
+        )
+        .is_ok();
+        match kv.txn(req).await {
+            Ok(resp) => {
+                let resp = resp.into_inner();
+                if let Some(e) = &resp.error {
+                    assert_ne!(e.code, ErrorCode::ErrorNone as i32);
+                }
+            }
+            // As a put: a valid seq ahead of seqs that never came waits for them.
+            Err(_) if valid_seq && seq > ack_seq => {}
+            Err(e) => panic!("txn round {round} unanswered: {e}"),
+        }
+        let mut range = tonic::Request::new(kvraft_proto::RangeRequest {
+            client_id: "raw".into(),
+            start: key(&mut rng),
+            end: key(&mut rng),
+            prefix: rng.random_bool(0.3),
+            limit: EXTREMES[rng.random_range(0..EXTREMES.len())],
+            keys_only: rng.random(),
+            revision: EXTREMES[rng.random_range(0..EXTREMES.len())],
+            trace_token: random_bytes(&mut rng, 16),
+        });
+        range.set_timeout(ANSWER_WITHIN);
+        kv.range(range)
+            .await
+            .unwrap_or_else(|e| panic!("range round {round} unanswered: {e}"));
+        if round % 20 == 0 {
+            let mut watch = tonic::Request::new(kvraft_proto::WatchRequest {
+                client_id: "raw".into(),
+                start: key(&mut rng),
+                end: key(&mut rng),
+                prefix: rng.random(),
+                start_revision: EXTREMES[rng.random_range(0..EXTREMES.len())],
+                trace_token: Bytes::new(),
+            });
+            watch.set_timeout(ANSWER_WITHIN);
+            let mut stream = kv
+                .watch(watch)
+                .await
+                .unwrap_or_else(|e| panic!("watch round {round} unanswered: {e}"))
+                .into_inner();
+            let first = tokio::time::timeout(ANSWER_WITHIN, stream.message())
+                .await
+                .expect("a watch answers at once")
+                .expect("a message")
+                .expect("a first response");
+            assert!(first.created || first.error.is_some(), "{first:?}");
+        }
+    }
 
     tracing::info!("--- Replication.Replicate and ServerControl from a stranger, every server");
     for id in cluster.ids() {
