@@ -128,6 +128,13 @@ pub const LOG_SEGMENT_BYTES_DEFAULT: u64 = 16 * 1024 * 1024;
 pub const LOG_SEGMENT_BYTES_RANGE: std::ops::RangeInclusive<u64> = 64 * 1024..=1024 * 1024 * 1024;
 pub const SNAPSHOT_CHUNK_BYTES_RANGE: std::ops::RangeInclusive<u64> = 4096..=8 * 1024 * 1024;
 
+/// Defaults and bounds of `[server] watch_history_revisions` and `watch_history_bytes`.
+pub const WATCH_HISTORY_REVISIONS_DEFAULT: u64 = 20_000;
+pub const WATCH_HISTORY_REVISIONS_RANGE: std::ops::RangeInclusive<u64> = 1..=10_000_000;
+pub const WATCH_HISTORY_BYTES_DEFAULT: u64 = 16 * 1024 * 1024;
+pub const WATCH_HISTORY_BYTES_RANGE: std::ops::RangeInclusive<u64> =
+    64 * 1024..=16 * 1024 * 1024 * 1024;
+
 /// Settings every server shares.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -155,6 +162,10 @@ pub struct ServerOptions {
     /// Longest value a put may carry; every process derives its gRPC message limit from it
     /// (`ServerOptions::grpc_message_bytes`), clients refuse longer values before sending.
     pub max_value_bytes: u64,
+    /// Changes kept in memory for watches (a watch may start, or resume after a failover,
+    /// from any revision they cover): at most this many revisions and about this many bytes.
+    pub watch_history_revisions: u64,
+    pub watch_history_bytes: u64,
     /// Serve `Admin.SetFaults` and accept the `server` fault flags. Off by default: anyone who
     /// can reach a server's address could otherwise partition or crash it (a remote kill
     /// switch). The `server --allow-fault-injection` flag turns it on for one process.
@@ -224,6 +235,8 @@ impl Default for ServerOptions {
             snapshot_chunk_bytes: SNAPSHOT_CHUNK_BYTES_DEFAULT,
             log_segment_bytes: LOG_SEGMENT_BYTES_DEFAULT,
             max_value_bytes: crate::limits::VALUE_BYTES_MAX as u64,
+            watch_history_revisions: WATCH_HISTORY_REVISIONS_DEFAULT,
+            watch_history_bytes: WATCH_HISTORY_BYTES_DEFAULT,
             allow_fault_injection: false,
         }
     }
@@ -378,6 +391,16 @@ impl ClusterConfig {
                 LOG_SEGMENT_BYTES_RANGE,
             ),
             ("max_value_bytes", o.max_value_bytes, MAX_VALUE_BYTES_RANGE),
+            (
+                "watch_history_revisions",
+                o.watch_history_revisions,
+                WATCH_HISTORY_REVISIONS_RANGE,
+            ),
+            (
+                "watch_history_bytes",
+                o.watch_history_bytes,
+                WATCH_HISTORY_BYTES_RANGE,
+            ),
         ];
         for (name, value, range) in bounded {
             if !range.contains(&value) {

@@ -307,7 +307,11 @@ pub async fn run(
     })?;
     let mut replica = replica;
     replica.record_changes(true);
-    let watch = Arc::new(WatchHub::new(replica.last_applied()));
+    let watch = Arc::new(WatchHub::new(
+        replica.last_applied(),
+        usize::try_from(config.server.watch_history_revisions).unwrap_or(usize::MAX),
+        usize::try_from(config.server.watch_history_bytes).unwrap_or(usize::MAX),
+    ));
     let metrics = ServerMetrics::new();
     let (tx, rx) = mpsc::channel(INPUT_QUEUE_MAX);
     let handle = CoreHandle {

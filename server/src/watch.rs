@@ -12,8 +12,9 @@
 //! revision it was given, and gets every later change exactly once, provided that server still
 //! holds it. What a server holds: every change with a revision above its `floor`, which starts
 //! at the applied index it started with (a restarted server knows nothing older) and moves up
-//! as old batches are evicted ([`HISTORY_REVISIONS_MAX`], [`HISTORY_BYTES_MAX`]) or a snapshot
-//! is installed (its changes are not known one by one). A watch from a revision at or below the
+//! as old batches are evicted (`[server] watch_history_revisions`, default 20,000, and
+//! `watch_history_bytes`, default 16 MiB, counting [`CHANGE_OVERHEAD_BYTES`] per change
+//! besides its key and value) or a snapshot is installed (its changes are not known one by one). A watch from a revision at or below the
 //! floor is refused as compacted, naming the floor.
 //!
 //! Bounds: the history; the broadcast ([`BROADCAST_BATCHES`] batches shared by all watchers; a
@@ -30,10 +31,10 @@ use tokio::sync::broadcast;
 
 use crate::state_machine::{Change, Versioned};
 
-/// Most revisions the history holds.
-pub const HISTORY_REVISIONS_MAX: usize = 100_000;
-/// Most key and value bytes the history holds.
-pub const HISTORY_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// Memory a change takes in the history besides its key and value (the batch, its vector
+/// slot, the value's header and counters, the allocator's overhead), as counted against the
+/// byte bound.
+pub const CHANGE_OVERHEAD_BYTES: usize = 160;
 /// Batches the broadcast holds for its slowest watcher before that watcher is canceled.
 pub const BROADCAST_BATCHES: usize = 4_096;
 /// Responses buffered per watch stream.
@@ -75,6 +76,8 @@ pub struct Compacted {
 }
 
 struct History {
+    revisions_max: usize,
+    bytes_max: usize,
     batches: VecDeque<Arc<Batch>>,
     bytes: usize,
     /// Every change with a revision above it is held.
@@ -91,11 +94,14 @@ pub struct WatchHub {
 }
 
 impl WatchHub {
-    /// A hub for a server whose state machine starts at `applied`.
-    pub fn new(applied: u64) -> WatchHub {
+    /// A hub for a server whose state machine starts at `applied`, keeping at most
+    /// `revisions_max` revisions and about `bytes_max` bytes of changes.
+    pub fn new(applied: u64, revisions_max: usize, bytes_max: usize) -> WatchHub {
         let (tx, _) = broadcast::channel(BROADCAST_BATCHES);
         WatchHub {
             history: Mutex::new(History {
+                revisions_max: revisions_max.max(1),
+                bytes_max,
                 batches: VecDeque::new(),
                 bytes: 0,
                 floor: applied,
@@ -130,7 +136,9 @@ impl WatchHub {
             let batch: Vec<(Bytes, Option<Versioned>)> = by_key.into_iter().collect();
             let bytes = batch
                 .iter()
-                .map(|(k, v)| k.len() + v.as_ref().map_or(0, |v| v.value.len()) + 32)
+                .map(|(k, v)| {
+                    k.len() + v.as_ref().map_or(0, |v| v.value.len()) + CHANGE_OVERHEAD_BYTES
+                })
                 .sum();
             let batch = Arc::new(Batch {
                 revision,
@@ -139,7 +147,7 @@ impl WatchHub {
             });
             h.bytes += bytes;
             h.batches.push_back(batch.clone());
-            while h.batches.len() > HISTORY_REVISIONS_MAX || h.bytes > HISTORY_BYTES_MAX {
+            while h.batches.len() > h.revisions_max || h.bytes > h.bytes_max {
                 let old = h
                     .batches
                     .pop_front()
@@ -209,7 +217,7 @@ mod tests {
 
     #[test]
     fn replay_and_live_changes_meet_without_gap_or_overlap() {
-        let hub = WatchHub::new(10);
+        let hub = WatchHub::new(10, 1000, 1 << 20);
         hub.publish(vec![put(11, "a"), put(11, "b"), put(12, "a")], 12);
         let Subscription {
             replay,
@@ -240,19 +248,24 @@ mod tests {
 
     #[test]
     fn the_history_is_bounded_and_moves_the_floor() {
-        let hub = WatchHub::new(0);
-        for r in 1..=(HISTORY_REVISIONS_MAX as u64 + 5) {
+        let hub = WatchHub::new(0, 300, 1 << 30);
+        for r in 1..=305 {
             hub.publish(vec![put(r, "k")], r);
         }
         assert_eq!(hub.first_watchable(), 6);
         assert!(hub.subscribe(5).is_err());
         let replay = hub.subscribe(6).unwrap().replay;
-        assert_eq!(replay.len(), HISTORY_REVISIONS_MAX);
+        assert_eq!(replay.len(), 300);
+        let small = WatchHub::new(0, 1000, 10 * (CHANGE_OVERHEAD_BYTES + 2));
+        for r in 1..=20 {
+            small.publish(vec![put(r, "k")], r);
+        }
+        assert_eq!(small.first_watchable(), 11, "the byte bound evicts too");
     }
 
     #[test]
     fn a_reset_cancels_watchers_and_drops_what_it_covers() {
-        let hub = WatchHub::new(0);
+        let hub = WatchHub::new(0, 100_000, 1 << 30);
         hub.publish(vec![put(1, "k")], 1);
         let mut rx = hub.subscribe(1).unwrap().live;
         hub.reset(50);
@@ -270,7 +283,7 @@ mod tests {
     /// revision it was not given, having been given every one before without a gap.
     #[tokio::test]
     async fn a_slow_watcher_is_canceled_with_the_revision_to_resume_from() {
-        let hub = WatchHub::new(0);
+        let hub = WatchHub::new(0, 100_000, 1 << 30);
         let sub = hub.subscribe(0).unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::channel(4);
         let task = tokio::spawn(crate::service::serve_watch(

@@ -143,7 +143,11 @@ async fn malformed_and_extreme_requests_leave_the_cluster_serving() {
         assert_eq!(e.code, ErrorCode::ErrorInvalidArgument as i32, "{e:?}");
         assert!(e.message.contains(field), "{field}: {e:?}");
     }
-    for key in [Bytes::new(), oversized_key.clone(), random_bytes(&mut rng, 64)] {
+    for key in [
+        Bytes::new(),
+        oversized_key.clone(),
+        random_bytes(&mut rng, 64),
+    ] {
         let mut req = tonic::Request::new(GetRequest {
             client_id: "raw".into(),
             key: key.clone(),
