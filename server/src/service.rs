@@ -705,20 +705,10 @@ impl Kv for CoreHandle {
             let stream: Self::WatchStream = Box::pin(tokio_stream::once(Ok(first)));
             Ok(Response::new(stream))
         };
-        let end = if req.prefix {
-            if !req.end.is_empty() {
-                let e = "a prefix watch has no end (leave end empty)".to_string();
-                return refuse(ErrorCode::ErrorInvalidArgument, e);
-            }
-            Bytes::from(limits::prefix_end(&req.start))
-        } else {
-            req.end
+        let end = match range_end(&req.client_id, &req.start, req.end, req.prefix) {
+            Ok(end) => end,
+            Err(e) => return refuse(ErrorCode::ErrorInvalidArgument, e),
         };
-        let valid = limits::check_client_id(&req.client_id)
-            .and_then(|()| limits::check_range(&req.start, &end));
-        if let Err(e) = valid {
-            return refuse(ErrorCode::ErrorInvalidArgument, e);
-        }
         let Ok(permit) = self.watch.watches.clone().try_acquire_owned() else {
             let e = format!(
                 "server {} serves {} watches, its limit; try another server or later",
@@ -822,6 +812,30 @@ impl Kv for CoreHandle {
     }
 }
 
+/// Checks the client id and session fields of a put or a transaction (the core checks them
+/// again, and decides; here so nothing invalid is queued for it).
+fn check_session_fields(
+    client_id: &str,
+    session_id: u64,
+    seq: u64,
+    ack_seq: u64,
+) -> Result<(), String> {
+    limits::check_client_id(client_id)
+        .and_then(|()| limits::check_put_seq(session_id, seq, ack_seq, limits::SESSION_WINDOW_MAX))
+}
+
+/// The end of a range or watch request (a prefix's end when `prefix`), checked with the
+/// client id; the error names what is wrong.
+fn range_end(client_id: &str, start: &[u8], end: Bytes, prefix: bool) -> Result<Bytes, String> {
+    let end = match (prefix, end.is_empty()) {
+        (true, false) => return Err("a prefix range has no end (leave end empty)".into()),
+        (true, true) => Bytes::from(limits::prefix_end(start)),
+        (false, _) => end,
+    };
+    limits::check_client_id(client_id).and_then(|()| limits::check_range(start, &end))?;
+    Ok(end)
+}
+
 /// The error field of a client response, for the request metrics.
 trait ErrorField {
     fn error_field(&self) -> Option<&KvError>;
@@ -862,15 +876,7 @@ impl CoreHandle {
     ) -> Result<Response<PutResponse>, Status> {
         let mut resp = PutResponse::default();
         // Checked again by the core, which decides; here so nothing invalid is queued for it.
-        let valid = limits::check_client_id(&req.client_id)
-            .and_then(|()| {
-                limits::check_put_seq(
-                    req.session_id,
-                    req.seq,
-                    req.ack_seq,
-                    limits::SESSION_WINDOW_MAX,
-                )
-            })
+        let valid = check_session_fields(&req.client_id, req.session_id, req.seq, req.ack_seq)
             .and_then(|()| {
                 limits::check_key_value_within(&req.key, Some(&req.value), self.max_value_bytes)
             });
@@ -944,15 +950,7 @@ impl CoreHandle {
     async fn txn_in_span(&self, req: TxnRequest) -> Result<Response<TxnResponse>, Status> {
         let mut resp = TxnResponse::default();
         // Checked again by the core, which decides; here so nothing invalid is queued for it.
-        let valid = limits::check_client_id(&req.client_id)
-            .and_then(|()| {
-                limits::check_put_seq(
-                    req.session_id,
-                    req.seq,
-                    req.ack_seq,
-                    limits::SESSION_WINDOW_MAX,
-                )
-            })
+        let valid = check_session_fields(&req.client_id, req.session_id, req.seq, req.ack_seq)
             .and_then(|()| {
                 limits::check_txn(
                     &req.compare,
@@ -997,22 +995,13 @@ impl CoreHandle {
 
     async fn range_in_span(&self, req: RangeRequest) -> Result<Response<RangeResponse>, Status> {
         let mut resp = RangeResponse::default();
-        let end = if req.prefix {
-            if !req.end.is_empty() {
-                let e = "a prefix range has no end (leave end empty)".to_string();
+        let end = match range_end(&req.client_id, &req.start, req.end, req.prefix) {
+            Ok(end) => end,
+            Err(e) => {
                 resp.error = error_of(ErrorCode::ErrorInvalidArgument, e);
                 return Ok(Response::new(resp));
             }
-            Bytes::from(limits::prefix_end(&req.start))
-        } else {
-            req.end
         };
-        let valid = limits::check_client_id(&req.client_id)
-            .and_then(|()| limits::check_range(&req.start, &end));
-        if let Err(e) = valid {
-            resp.error = error_of(ErrorCode::ErrorInvalidArgument, e);
-            return Ok(Response::new(resp));
-        }
         let trace = self.trace_in(&req.trace_token);
         let query = RangeQuery {
             start: req.start,

@@ -481,11 +481,7 @@ impl StateMachine {
         end: &[u8],
         mut visit: impl FnMut(Bytes, Versioned) -> bool,
     ) -> Result<(), EngineError> {
-        let upper = if end.is_empty() {
-            Bound::Unbounded
-        } else {
-            Bound::Excluded(end)
-        };
+        let upper = crate::engine::end_bound(end);
         let mut overlay = self
             .overlay
             .range::<[u8], _>((Bound::Included(start), upper))

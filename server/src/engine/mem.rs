@@ -84,13 +84,8 @@ impl Engine for MemEngine {
         end: &[u8],
         limit: usize,
     ) -> Result<Vec<(Bytes, Versioned)>, EngineError> {
-        use std::ops::Bound;
         let s = lock(&self.shared);
-        let end = if end.is_empty() {
-            Bound::Unbounded
-        } else {
-            Bound::Excluded(end)
-        };
+        let end = super::end_bound(end);
         Ok(s.live
             .kv
             .range::<[u8], _>((start, end))

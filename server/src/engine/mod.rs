@@ -128,6 +128,15 @@ pub trait Engine: Send {
     fn install(&mut self, sink: Box<dyn SnapshotSink>) -> Result<(), EngineError>;
 }
 
+/// The upper bound of a range that ends before `end`, or has none when `end` is empty.
+pub fn end_bound(end: &[u8]) -> std::ops::Bound<&[u8]> {
+    if end.is_empty() {
+        std::ops::Bound::Unbounded
+    } else {
+        std::ops::Bound::Excluded(end)
+    }
+}
+
 /// Format of a stored value: `version u64 | create_revision u64 | mod_revision u64 | value`,
 /// little-endian. Versioned by the engine's format number, not per value.
 pub(crate) fn encode_value(v: &Versioned) -> Vec<u8> {

@@ -192,12 +192,7 @@ impl Engine for RedbEngine {
         end: &[u8],
         limit: usize,
     ) -> Result<Vec<(Bytes, Versioned)>, EngineError> {
-        use std::ops::Bound;
-        let end = if end.is_empty() {
-            Bound::Unbounded
-        } else {
-            Bound::Excluded(end)
-        };
+        let end = super::end_bound(end);
         self.with_reader(|table| {
             let range = table
                 .range::<&[u8]>((start, end))
