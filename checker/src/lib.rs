@@ -70,6 +70,7 @@ mod model;
 mod recorder;
 mod search;
 mod shrink;
+pub mod watch;
 
 pub use check::{
     check, check_with_budget, summarize, CheckResult, Violation, BUDGET_MAX, CHECK_BUDGET_DEFAULT,

@@ -219,7 +219,6 @@ async fn compare_and_swap_increments_survive_a_leader_kill() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prefix_watch_follows_writes_through_a_leader_kill() {
     use kvslib::EventKind;
-    use std::collections::BTreeMap;
     let mut cluster = Cluster::start(3);
     let leader = cluster.wait_leader(|_| true).await;
     let config = cluster.client_config(Duration::from_secs(10));
@@ -242,27 +241,41 @@ async fn a_prefix_watch_follows_writes_through_a_leader_kill() {
             }
         })
     };
-    // revision -> (key, value or None for a delete); `maybe` for writes whose result is unknown.
-    let mut acked: BTreeMap<u64, (String, Option<String>)> = BTreeMap::new();
-    let mut maybe = 0;
+    use kvraft_checker::watch::{check_watch, Event, Write, WriteOutcome};
+    let mut writes: Vec<Write> = Vec::new();
     for round in 0..3 {
         for i in 0..15 {
             let key = format!("cfg/{}", i % 4);
             if i % 5 == 4 {
-                match writer.delete(key.clone()).await {
-                    Ok(_) => {}
-                    Err(_) => maybe += 1,
-                }
+                let delete = Txn::new().then(TxnOp::delete(key.clone()));
+                let outcome = match writer.txn(delete).await {
+                    Ok(out) => WriteOutcome::Acked {
+                        revision: out.revision,
+                        existed: matches!(out.results[0], TxnOpOutcome::Delete { deleted: 1, .. }),
+                    },
+                    Err(_) => WriteOutcome::Unknown,
+                };
+                writes.push(Write {
+                    key: key.into_bytes(),
+                    value: None,
+                    outcome,
+                });
                 continue;
             }
             writer.put(format!("other/{i}"), "x").await.ok();
             let value = format!("r{round}.{i}");
-            match writer.put(key.clone(), value.clone()).await {
-                Ok(out) => {
-                    acked.insert(out.index, (key, Some(value)));
-                }
-                Err(_) => maybe += 1,
-            }
+            let outcome = match writer.put(key.clone(), value.clone()).await {
+                Ok(out) => WriteOutcome::Acked {
+                    revision: out.index,
+                    existed: true,
+                },
+                Err(_) => WriteOutcome::Unknown,
+            };
+            writes.push(Write {
+                key: key.into_bytes(),
+                value: Some(value.into_bytes()),
+                outcome,
+            });
         }
         if round == 0 {
             tracing::info!("--- SIGKILL the leader {}", leader.leader_id);
@@ -272,8 +285,15 @@ async fn a_prefix_watch_follows_writes_through_a_leader_kill() {
             cluster.start_server(leader.leader_id);
         }
     }
-    let last = *acked.keys().next_back().unwrap();
-    Cluster::wait_for("the watch reaches the last acknowledged put", || {
+    let last = writes
+        .iter()
+        .filter_map(|w| match w.outcome {
+            WriteOutcome::Acked { revision, .. } => Some(revision),
+            WriteOutcome::Unknown => None,
+        })
+        .max()
+        .unwrap();
+    Cluster::wait_for("the watch reaches the last acknowledged write", || {
         let events = events.clone();
         async move {
             events
@@ -286,33 +306,23 @@ async fn a_prefix_watch_follows_writes_through_a_leader_kill() {
     .await;
     collector.abort();
     let events = events.lock().await.clone();
-    let revisions: Vec<u64> = events.iter().map(|e| e.revision).collect();
-    assert!(
-        revisions.windows(2).all(|w| w[0] < w[1]),
-        "one change per revision here, in order, none twice: {revisions:?}"
-    );
-    assert!(revisions[0] >= first);
-    let by_revision: BTreeMap<u64, _> = events.iter().map(|e| (e.revision, e)).collect();
-    for (revision, (key, value)) in &acked {
-        let e = by_revision
-            .get(revision)
-            .unwrap_or_else(|| panic!("acknowledged put at {revision} not watched"));
-        assert_eq!(String::from_utf8_lossy(&e.key), *key);
-        assert_eq!(e.kind, EventKind::Put);
-        assert_eq!(
-            Some(String::from_utf8_lossy(&e.value.value).into_owned()),
-            *value
-        );
-        assert_eq!(e.value.mod_revision, *revision);
-    }
-    assert!(events.iter().all(|e| e.key.starts_with(b"cfg/")));
-    let deletes = events
+    let checked: Vec<Event> = events
         .iter()
-        .filter(|e| e.kind == EventKind::Delete)
-        .count();
-    assert!(deletes > 0, "deletes of existing keys are watched");
-    let puts = events.len() - deletes;
-    assert!(puts >= acked.len() && puts <= acked.len() + maybe);
+        .map(|e| Event {
+            revision: e.revision,
+            key: e.key.clone(),
+            value: (e.kind == EventKind::Put).then(|| e.value.value.clone()),
+        })
+        .collect();
+    let prefix = (&b"cfg/"[..], &b"cfg0"[..]);
+    if let Err(e) = check_watch(&writes, &checked, prefix, first, last) {
+        panic!("the watch through a leader kill: {e}");
+    }
+    assert!(
+        events.iter().any(|e| e.kind == EventKind::Delete),
+        "deletes of existing keys are watched"
+    );
+    assert!(events.iter().all(|e| e.value.mod_revision == e.revision));
 
     tracing::info!("--- a watch from the first revision replays the same changes");
     let mut again = reader.watch_prefix("cfg/", first).unwrap();
