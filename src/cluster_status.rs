@@ -69,6 +69,19 @@ pub async fn servers(config: &ClusterConfig) -> Vec<ServerRow> {
     rows
 }
 
+/// The coord's view of every server (alive, voter), or `None` if the coord does not answer.
+pub async fn coord_members(config: &ClusterConfig) -> Option<kvraft_proto::MembersResponse> {
+    use kvraft_proto::coord_client_client::CoordClientClient;
+    let addr = format!("http://{}", config.coord.client_api_addr);
+    let mut client = tokio::time::timeout(ASK_TIMEOUT, CoordClientClient::connect(addr))
+        .await
+        .ok()?
+        .ok()?;
+    let mut req = tonic::Request::new(kvraft_proto::GetLeaderRequest::default());
+    req.set_timeout(ASK_TIMEOUT);
+    Some(client.members(req).await.ok()?.into_inner())
+}
+
 /// The coord's view of the leader, or `None` if the coord does not answer.
 pub async fn coord_view(config: &ClusterConfig, client_id: &str) -> Option<LeaderInfo> {
     let mut config = config.clone();

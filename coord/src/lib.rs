@@ -95,7 +95,10 @@ pub async fn run(
         tracer.clone(),
     )?;
     let metrics = metrics::CoordMetrics::new();
-    let runtime = runtime.with_metrics(metrics.clone());
+    let (members_tx, members_rx) = watch::channel(Vec::new());
+    let runtime = runtime
+        .with_metrics(metrics.clone())
+        .with_members(members_tx);
     let metrics_server = match &config.coord.metrics_addr {
         Some(addr) => {
             let listener = TcpListener::bind(addr).await.with_context(|| {
@@ -125,7 +128,7 @@ pub async fn run(
     let join_service =
         service::JoinService::new(inputs_tx, config.server_ids(), tracer.clone(), cluster);
     let health_rx = leader_rx.clone();
-    let leader_service = service::LeaderService::new(leader_rx, tracer.clone());
+    let leader_service = service::LeaderService::new(leader_rx, tracer.clone(), members_rx);
     // grpc.health.v1 on both addresses: serving while a leader is designated.
     let (health, health_service) = tonic_health::server::health_reporter();
 

@@ -123,6 +123,10 @@ pub(crate) struct Runtime {
     /// heartbeat).
     foreign: BTreeSet<NodeId>,
     metrics: Arc<crate::metrics::CoordMetrics>,
+    /// The coord's view of every server, for `CoordClient.Members`.
+    members_tx: watch::Sender<Vec<proto::MemberStatus>>,
+    /// Every configured server.
+    server_ids: Vec<NodeId>,
 }
 
 /// What the runtime remembers to turn the core's commands into trace actions.
@@ -183,6 +187,8 @@ impl Runtime {
             cluster,
             foreign: BTreeSet::new(),
             metrics: crate::metrics::CoordMetrics::new(),
+            members_tx: watch::channel(Vec::new()).0,
+            server_ids: config.server_ids(),
         })
     }
 
@@ -264,6 +270,12 @@ impl Runtime {
         Ok(Event::HeartbeatFailed { id })
     }
 
+    /// Publishes the servers' status (alive, voter, storage identity) after every step.
+    pub(crate) fn with_members(mut self, tx: watch::Sender<Vec<proto::MemberStatus>>) -> Self {
+        self.members_tx = tx;
+        self
+    }
+
     /// Counts into `metrics` (the ones `/metrics` serves).
     pub(crate) fn with_metrics(mut self, metrics: Arc<crate::metrics::CoordMetrics>) -> Self {
         self.metrics = metrics;
@@ -272,12 +284,28 @@ impl Runtime {
 
     async fn apply(&mut self, event: Event) -> anyhow::Result<()> {
         let commands = self.core.step(event);
-        let alive = self
-            .peers
-            .keys()
+        let alive = (self.server_ids.iter())
             .filter(|&&id| self.core.is_alive(id))
             .count();
         self.metrics.servers_alive.set(alive as i64);
+        let members: Vec<proto::MemberStatus> = (self.server_ids.iter())
+            .map(|&id| {
+                let record = self.core.members().get(&id);
+                proto::MemberStatus {
+                    server_id: id.0,
+                    alive: self.core.is_alive(id),
+                    voter: record.is_none_or(|m| m.voter),
+                    uuid: record.map(|m| m.uuid.clone()).unwrap_or_default(),
+                }
+            })
+            .collect();
+        self.members_tx.send_if_modified(|current| {
+            let changed = *current != members;
+            if changed {
+                *current = members;
+            }
+            changed
+        });
         if self.tracer.is_some() {
             self.trace_alive_changes();
         }

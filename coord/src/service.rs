@@ -122,14 +122,20 @@ impl Coord for JoinService {
 pub(crate) struct LeaderService {
     leader: watch::Receiver<proto::LeaderInfo>,
     tracer: Option<Tracer>,
+    members: watch::Receiver<Vec<proto::MemberStatus>>,
 }
 
 impl LeaderService {
     pub(crate) fn new(
         leader: watch::Receiver<proto::LeaderInfo>,
         tracer: Option<Tracer>,
+        members: watch::Receiver<Vec<proto::MemberStatus>>,
     ) -> LeaderService {
-        LeaderService { leader, tracer }
+        LeaderService {
+            leader,
+            tracer,
+            members,
+        }
     }
 }
 
@@ -137,6 +143,21 @@ type LeaderStream = Pin<Box<dyn Stream<Item = Result<proto::LeaderInfo, Status>>
 
 #[tonic::async_trait]
 impl CoordClient for LeaderService {
+    async fn members(
+        &self,
+        _: Request<proto::GetLeaderRequest>,
+    ) -> Result<Response<proto::MembersResponse>, Status> {
+        let (term, leader_id) = {
+            let info = self.leader.borrow();
+            (info.term, info.leader_id)
+        };
+        Ok(Response::new(proto::MembersResponse {
+            term,
+            leader_id,
+            servers: self.members.borrow().clone(),
+        }))
+    }
+
     async fn get_leader(
         &self,
         request: Request<proto::GetLeaderRequest>,

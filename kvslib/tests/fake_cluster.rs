@@ -180,6 +180,15 @@ type InfoStream = Pin<Box<dyn Stream<Item = Result<pb::LeaderInfo, Status>> + Se
 
 #[tonic::async_trait]
 impl pb::coord_client_server::CoordClient for FakeCoord {
+    async fn members(
+        &self,
+        _: Request<pb::GetLeaderRequest>,
+    ) -> Result<Response<pb::MembersResponse>, Status> {
+        Err(Status::unimplemented(
+            "the fake coord serves the leader only",
+        ))
+    }
+
     async fn get_leader(
         &self,
         _: Request<pb::GetLeaderRequest>,

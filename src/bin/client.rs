@@ -404,6 +404,18 @@ async fn print_status(
     use kvraft::cluster_status;
     let coord = cluster_status::coord_view(config, client_id).await;
     let rows = cluster_status::servers(config).await;
+    let members = cluster_status::coord_members(config).await;
+    let seen = |id: u32| -> &'static str {
+        match members
+            .as_ref()
+            .and_then(|m| m.servers.iter().find(|s| s.server_id == id))
+        {
+            None => "-",
+            Some(s) if !s.alive => "down",
+            Some(s) if !s.voter => "catching-up",
+            Some(_) => "up",
+        }
+    };
     let leader_commit = rows
         .iter()
         .filter_map(|r| r.status.as_ref())
@@ -417,7 +429,11 @@ async fn print_status(
         StatusFormat::Json => {
             let servers: Vec<serde_json::Value> = rows
                 .iter()
-                .map(|row| status_json(row, leader_commit))
+                .map(|row| {
+                    let mut json = status_json(row, leader_commit);
+                    json["coord_sees"] = json!(seen(row.id));
+                    json
+                })
                 .collect();
             let coord = coord.as_ref().map_or(
                 serde_json::Value::Null,
@@ -434,9 +450,10 @@ async fn print_status(
                 None => say("coord: not answering")?,
             }
             say(format!(
-                "{:>3}  {:<21} {:<8} {:<12} {:>6} {:>9} {:>9} {:>6} {:>9} {:>8} {:>8} {:>8}",
+                "{:>3}  {:<21} {:<11} {:<8} {:<12} {:>6} {:>9} {:>9} {:>6} {:>9} {:>8} {:>8} {:>8}",
                 "ID",
                 "ADDRESS",
+                "COORD SEES",
                 "UUID",
                 "ROLE",
                 "TERM",
@@ -449,7 +466,7 @@ async fn print_status(
                 "STATE MB"
             ))?;
             for row in &rows {
-                say(status_line(row, leader_commit))?;
+                say(status_line(row, leader_commit, seen(row.id)))?;
             }
         }
     }
@@ -467,9 +484,16 @@ fn role_of(report: &kvraft_proto::ServerReport) -> &'static str {
     }
 }
 
-fn status_line(row: &kvraft::cluster_status::ServerRow, leader_commit: Option<u64>) -> String {
+fn status_line(
+    row: &kvraft::cluster_status::ServerRow,
+    leader_commit: Option<u64>,
+    coord_sees: &str,
+) -> String {
     let Some(status) = &row.status else {
-        return format!("{:>3}  {:<21} {:<8} {:<12}", row.id, row.addr, "-", "down");
+        return format!(
+            "{:>3}  {:<21} {:<11} {:<8} {:<12}",
+            row.id, row.addr, coord_sees, "-", "down"
+        );
     };
     let report = status.report.clone().unwrap_or_default();
     let lag = leader_commit.map_or("-".to_string(), |c| {
@@ -477,9 +501,10 @@ fn status_line(row: &kvraft::cluster_status::ServerRow, leader_commit: Option<u6
     });
     let uuid: String = report.uuid.chars().take(8).collect();
     format!(
-        "{:>3}  {:<21} {:<8} {:<12} {:>6} {:>9} {:>9} {:>6} {:>9} {:>8.1} {:>8.1} {:>8.1}",
+        "{:>3}  {:<21} {:<11} {:<8} {:<12} {:>6} {:>9} {:>9} {:>6} {:>9} {:>8.1} {:>8.1} {:>8.1}",
         row.id,
         row.addr,
+        coord_sees,
         uuid,
         role_of(&report),
         report.term,

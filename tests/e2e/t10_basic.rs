@@ -301,6 +301,8 @@ async fn status_shows_every_server_without_writing() {
             .all(|s| s["up"] == true && s["lag"].is_u64() && s["state_bytes"].as_u64() > Some(0)),
         "{json}"
     );
+    assert!(servers.iter().all(|s| s["coord_sees"] == "up"), "{json}");
+    assert!(text.contains("COORD SEES"), "{text}");
     assert_eq!(
         cluster.status(leader).await.unwrap().last_applied,
         before,
@@ -327,4 +329,17 @@ async fn status_shows_every_server_without_writing() {
         .collect();
     assert_eq!(down.len(), 1);
     assert_eq!(down[0]["id"], follower);
+    // The coord's own view follows once its failure timeout has passed.
+    Cluster::wait_for("the coord sees the stopped follower down", || {
+        let out = cluster.client("ops", &["status", "-o", "json"]);
+        async move {
+            let json: Value = serde_json::from_slice(&out.stdout).expect("json");
+            json["servers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|s| s["id"] == follower && s["coord_sees"] == "down")
+        }
+    })
+    .await;
 }

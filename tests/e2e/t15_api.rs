@@ -372,6 +372,8 @@ async fn metrics_are_served_and_follow_a_failover() {
     assert!(m["kvraft_applied_index"] >= 21.0);
     assert!(m["kvraft_log_fsync_duration_seconds_count"] >= 1.0);
     assert!(m["kvraft_sessions_open"] >= 1.0);
+    assert!(m["kvraft_entries_replicated_total"] >= 2.0 * 21.0, "to both followers");
+    assert!(m["kvraft_replicated_bytes_total"] > 0.0);
     let lags: Vec<_> = m
         .keys()
         .filter(|k| k.starts_with("kvraft_follower_lag_entries{"))
@@ -383,6 +385,8 @@ async fn metrics_are_served_and_follow_a_failover() {
     let c = parse(&coord);
     assert_eq!(c["kvraft_coord_leader_id"], f64::from(leader.leader_id));
     assert_eq!(c["kvraft_coord_servers_alive"], 3.0);
+    assert!(c["kvraft_coord_heartbeats_sent_total"] > 0.0);
+    assert!(c["kvraft_coord_epoch_changes_total"] >= 1.0);
     let changes_before = c["kvraft_coord_leader_changes_total"];
 
     tracing::info!("--- SIGKILL the leader: the coord counts a new leader");
