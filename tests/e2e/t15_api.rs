@@ -372,7 +372,10 @@ async fn metrics_are_served_and_follow_a_failover() {
     assert!(m["kvraft_applied_index"] >= 21.0);
     assert!(m["kvraft_log_fsync_duration_seconds_count"] >= 1.0);
     assert!(m["kvraft_sessions_open"] >= 1.0);
-    assert!(m["kvraft_entries_replicated_total"] >= 2.0 * 21.0, "to both followers");
+    assert!(
+        m["kvraft_entries_replicated_total"] >= 2.0 * 21.0,
+        "to both followers"
+    );
     assert!(m["kvraft_replicated_bytes_total"] > 0.0);
     let lags: Vec<_> = m
         .keys()

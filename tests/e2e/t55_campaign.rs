@@ -50,7 +50,8 @@ async fn campaign_5_servers() {
     campaign(5, seed().wrapping_add(1)).await;
 }
 
-/// One client's loop: random puts (unique values) and gets on a few keys, each recorded.
+/// One client's loop: random puts (unique values) and gets on a few keys, and
+/// compare-and-swaps, deletes and scans on others (see [`txn_step`]), each recorded.
 async fn client_loop(
     client: kvslib::Client,
     recorder: HistoryRecorder,
@@ -62,6 +63,12 @@ async fn client_loop(
     let mut n = 0u64;
     while !stop.load(Ordering::Relaxed) {
         let key = format!("key{}", rng.random_range(0..KEYS));
+        let other = rng.random_range(0..100u32);
+        if other < 25 {
+            n += 1;
+            txn_step(&client, &recorder, me, n, &mut rng).await;
+            continue;
+        }
         if rng.random_bool(0.5) {
             n += 1;
             let value = format!("c{me}-{n}");
@@ -81,6 +88,84 @@ async fn client_loop(
                 Err(_) => OpResult::Unknown,
             };
             recorder.complete(id, result);
+        }
+    }
+}
+
+/// Keys of the compare-and-swaps, deletes and scans (the puts and gets use the others).
+const TXN_KEYS: [&str; 3] = ["t0", "t1", "t2"];
+
+/// One compare-and-swap (from the version a get just saw), delete or scan on [`TXN_KEYS`],
+/// each recorded for the checker (the get too).
+async fn txn_step(
+    client: &kvslib::Client,
+    recorder: &HistoryRecorder,
+    me: u64,
+    n: u64,
+    rng: &mut StdRng,
+) {
+    use kvraft_checker::{Compare, CompareOp, TxnOp, TxnOpOutput};
+    let key = TXN_KEYS[rng.random_range(0..TXN_KEYS.len())];
+    let outcome = |r: Result<OpResult, kvslib::Error>| match r {
+        Ok(r) => r,
+        Err(e) if e.is_definite() => OpResult::Failed,
+        Err(_) => OpResult::Unknown,
+    };
+    match rng.random_range(0..10u32) {
+        0..=5 => {
+            let id = recorder.invoke(me, Input::get(key));
+            let seen = client.get_versioned(key).await;
+            let version = seen
+                .as_ref()
+                .ok()
+                .map(|v| v.as_ref().map_or(0, |v| v.version));
+            recorder.complete(
+                id,
+                outcome(seen.map(|v| {
+                    OpResult::Ok(v.map_or(Output::absent(), |v| Output::found(v.value, v.version)))
+                })),
+            );
+            let Some(version) = version else { return };
+            let value = format!("c{me}-t{n}");
+            let input = Input::txn(
+                vec![Compare::version(key, CompareOp::Equal, version)],
+                vec![TxnOp::put(key, value.clone())],
+                vec![TxnOp::get(key)],
+            );
+            let id = recorder.invoke(me, input);
+            let result = client.cas(key, version, value).await.map(|c| {
+                OpResult::Ok(match c {
+                    kvslib::CasOutcome::Swapped(p) => {
+                        Output::txn(true, vec![TxnOpOutput::put_version(p.version)])
+                    }
+                    kvslib::CasOutcome::Failed { current } => Output::txn(
+                        false,
+                        vec![current.map_or(TxnOpOutput::absent(), |v| {
+                            TxnOpOutput::found(v.value, v.version)
+                        })],
+                    ),
+                })
+            });
+            recorder.complete(id, outcome(result));
+        }
+        6..=7 => {
+            let id = recorder.invoke(me, Input::delete(key));
+            let result = client
+                .delete(key)
+                .await
+                .map(|existed| OpResult::Ok(Output::deleted(existed)));
+            recorder.complete(id, outcome(result));
+        }
+        _ => {
+            let id = recorder.invoke(me, Input::scan("t", "u"));
+            let result = client.range("t", "u", 0, false).await.map(|page| {
+                OpResult::Ok(Output::scan(
+                    page.kvs
+                        .into_iter()
+                        .map(|kv| (kv.key, kv.value.value, kv.value.version)),
+                ))
+            });
+            recorder.complete(id, outcome(result));
         }
     }
 }
@@ -178,8 +263,23 @@ async fn campaign(n: usize, seed: u64) {
         };
         recorder.complete(id, OpResult::Ok(out));
     }
+    let id = recorder.invoke(CLIENTS, Input::scan("t", "u"));
+    let page = reader.range("t", "u", 0, false).await.expect("final scan");
+    let out = Output::scan(
+        page.kvs
+            .into_iter()
+            .map(|kv| (kv.key, kv.value.value, kv.value.version)),
+    );
+    recorder.complete(id, OpResult::Ok(out));
     reader.close().await;
     let history = recorder.history();
+    let acked_txns = history
+        .iter()
+        .filter(|o| {
+            matches!(o.input, Input::Txn { .. } | Input::Delete { .. })
+                && matches!(o.result, OpResult::Ok(_))
+        })
+        .count();
     let acked_writes = history
         .iter()
         .filter(|o| matches!(o.input, Input::Put { .. }) && matches!(o.result, OpResult::Ok(_)))
@@ -192,7 +292,8 @@ async fn campaign(n: usize, seed: u64) {
     let violations = usize::from(matches!(result, CheckResult::Violation(_)));
     eprintln!(
         "campaign: seed {seed}, servers {n}, secs {secs}, operations {}, faults {by_kind:?}, \
-         acknowledged writes checked {acked_writes}, violations {violations}",
+         acknowledged writes checked {acked_writes}, compare-and-swaps and deletes {acked_txns}, \
+         violations {violations}",
         history.len()
     );
     match result {
