@@ -16,8 +16,14 @@ use std::collections::VecDeque;
 
 use kvraft_proto as pb;
 use prost::bytes::Bytes;
+use std::time::Duration;
 use tokio::time::Instant;
 
+/// Bounds of the wait before reopening a watch whose stream ended without delivering.
+const REOPEN_BACKOFF_INITIAL_MS: u64 = 20;
+const REOPEN_BACKOFF_MAX_MS: u64 = 250;
+
+use crate::backoff::Backoff;
 use crate::failure::Failure;
 use crate::{Client, Error, Versioned};
 
@@ -49,6 +55,10 @@ pub struct Watch {
     next_revision: u64,
     stream: Option<tonic::Streaming<pb::WatchResponse>>,
     ready: VecDeque<WatchEvent>,
+    /// Waits between reopenings of a stream that ended before delivering anything (a server
+    /// stopping, say), so a watch does not spin; reset by a delivered event.
+    backoff: Backoff,
+    delivered_since_open: bool,
 }
 
 impl std::fmt::Debug for Watch {
@@ -68,6 +78,11 @@ impl Watch {
             next_revision: from_revision,
             stream: None,
             ready: VecDeque::new(),
+            backoff: Backoff::new(
+                Duration::from_millis(REOPEN_BACKOFF_INITIAL_MS),
+                Duration::from_millis(REOPEN_BACKOFF_MAX_MS),
+            ),
+            delivered_since_open: false,
         }
     }
 
@@ -100,7 +115,12 @@ impl Watch {
             match stream.message().await {
                 Ok(Some(resp)) => self.take(resp),
                 // The server went away or stopped serving: resume elsewhere.
-                Ok(None) | Err(_) => self.stream = None,
+                Ok(None) | Err(_) => {
+                    self.stream = None;
+                    if !self.delivered_since_open {
+                        tokio::time::sleep(self.backoff.next_delay()).await;
+                    }
+                }
             }
         }
     }
@@ -129,6 +149,8 @@ impl Watch {
             });
         }
         self.next_revision = resp.revision + 1;
+        self.delivered_since_open = true;
+        self.backoff.reset();
     }
 
     /// Opens the stream on the leader (as the router finds it) and reads its header.
@@ -175,6 +197,7 @@ impl Watch {
             self.next_revision = header.revision + 1;
         }
         self.stream = Some(stream);
+        self.delivered_since_open = false;
         Ok(())
     }
 }
