@@ -695,9 +695,12 @@ impl Kv for CoreHandle {
         &self,
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let started = std::time::Instant::now();
         let req = request.into_inner();
         let (tx, rx) = mpsc::channel::<Result<WatchResponse, Status>>(watches::STREAM_BUFFER);
         let refuse = |code: ErrorCode, message: String| {
+            self.metrics
+                .request("watch", started, Some(code_label(code as i32)));
             let first = WatchResponse {
                 error: error_of(code, message),
                 ..Default::default()
@@ -737,6 +740,7 @@ impl Kv for CoreHandle {
             let _permit = permit;
             serve_watch(tx, range, sub).await;
         });
+        self.metrics.request("watch", started, None);
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 

@@ -357,6 +357,8 @@ async fn metrics_are_served_and_follow_a_failover() {
         client.put(format!("k{i}"), "v").await.unwrap();
     }
     client.get("k1").await.unwrap();
+    let mut watch = client.watch_prefix("k", 0).unwrap();
+    watch.start().await.unwrap();
     let text = Cluster::scrape(&cluster.metrics_addr(leader.leader_id))
         .await
         .expect("the leader serves metrics");
@@ -372,6 +374,8 @@ async fn metrics_are_served_and_follow_a_failover() {
     assert!(m["kvraft_applied_index"] >= 21.0);
     assert!(m["kvraft_log_fsync_duration_seconds_count"] >= 1.0);
     assert!(m["kvraft_sessions_open"] >= 1.0);
+    assert_eq!(m["kvraft_requests_total{op=\"watch\"}"], 1.0);
+    assert_eq!(m["kvraft_watches_open"], 1.0);
     assert!(
         m["kvraft_entries_replicated_total"] >= 2.0 * 21.0,
         "to both followers"
