@@ -78,8 +78,9 @@ commands:
   help                print this help
   quit                leave (so does end of input)";
 
-/// Client of a kvraft cluster: put, get, ask for the leader, run a scripted or batch
-/// workload, or open an interactive shell.
+/// Client of a kvraft cluster: put, get, delete, compare-and-swap, transactions, scans and
+/// watches; ask for the leader or the cluster's status; run a scripted or batch workload, or
+/// open an interactive shell.
 #[derive(Parser, Debug)]
 #[command(name = "client", version)]
 #[command(
@@ -89,8 +90,8 @@ commands:
 )]
 struct Cli {
     /// This client's id: names it in output and logs. Each run that writes registers a fresh
-    /// session (`get`, `leader` and `status` register none), so two runs of one id never
-    /// mistake each other's requests for retries.
+    /// session (`get`, `scan`, `watch`, `leader`, `status` and `digest` register none), so two
+    /// runs of one id never mistake each other's requests for retries.
     client_id: String,
     /// Cluster config file (TOML): coord and server addresses, client timeouts.
     #[arg(long, default_value = "config/cluster.toml")]
@@ -192,9 +193,9 @@ enum Command {
     /// and sessions): servers at the same applied index must agree. Reads each server's whole
     /// state; registers no session.
     Digest,
-    /// Every server's state (role, term, commit and applied index, lag behind the leader, memory,
-    /// log size, whether it catches up after a lost disk) and the coord's leader view. Registers
-    /// no session.
+    /// Every server's state (whether the coord sees it up, role, term, commit and applied index,
+    /// lag behind the leader, memory, log size, whether it catches up after a lost disk) and the
+    /// coord's leader view. Registers no session.
     Status {
         /// Output format.
         #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
@@ -203,7 +204,7 @@ enum Command {
     /// Issue COUNT writes or reads and print a JSON record of each (see --help).
     #[command(after_help = RUN_HELP)]
     Run(RunArgs),
-    /// Interactive prompt reading put/get/leader/help/quit lines from stdin.
+    /// Interactive prompt reading put/get/delete/cas/scan/leader/help/quit lines from stdin.
     #[command(after_help = SHELL_HELP)]
     Shell,
 }
