@@ -19,6 +19,28 @@ pub const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 /// The content type of the Prometheus text format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
+/// A metrics server started by [`start`]; dropping it stops it.
+pub struct MetricsServer(tokio::task::JoinHandle<()>);
+
+impl Drop for MetricsServer {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Listens on `addr` (`who` names the process in the error, the address being its
+/// `metrics_addr`) and serves scrapes until the returned server is dropped.
+pub async fn start<F, Fut>(addr: &str, who: &str, render: F) -> Result<MetricsServer, String>
+where
+    F: Fn() -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = String> + Send + 'static,
+{
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("{who}: cannot listen for metrics on {addr} (metrics_addr): {e}"))?;
+    Ok(MetricsServer(tokio::spawn(serve(listener, render))))
+}
+
 /// Serves scrapes on `listener` until the task is dropped; `render` makes each answer.
 pub async fn serve<F, Fut>(listener: TcpListener, render: F)
 where

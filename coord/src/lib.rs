@@ -99,32 +99,20 @@ pub async fn run(
     let runtime = runtime
         .with_metrics(metrics.clone())
         .with_members(members_tx);
-    let metrics_server = match &config.coord.metrics_addr {
+    // Stopped with the coord (dropped at the end of this function).
+    let _metrics_server = match &config.coord.metrics_addr {
         Some(addr) => {
-            let listener = TcpListener::bind(addr).await.with_context(|| {
-                format!("coord: cannot listen for metrics on {addr} (metrics_addr)")
-            })?;
-            info!("serving metrics at http://{addr}/metrics");
             let render = move || {
                 let metrics = metrics.clone();
                 async move { metrics.render() }
             };
-            Some(tokio::spawn(kvraft_common::metrics_http::serve(
-                listener, render,
-            )))
+            let server = kvraft_common::metrics_http::start(addr, "coord", render);
+            let server = server.await.map_err(|e| anyhow!(e))?;
+            info!("serving metrics at http://{addr}/metrics");
+            Some(server)
         }
         None => None,
     };
-    // Stopped with the coord.
-    struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
-    impl Drop for AbortOnDrop {
-        fn drop(&mut self) {
-            if let Some(t) = &self.0 {
-                t.abort();
-            }
-        }
-    }
-    let _metrics_server = AbortOnDrop(metrics_server);
     let join_service =
         service::JoinService::new(inputs_tx, config.server_ids(), tracer.clone(), cluster);
     let health_rx = leader_rx.clone();

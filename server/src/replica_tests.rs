@@ -5,11 +5,11 @@
 use std::collections::{HashMap, VecDeque};
 
 use kvraft_common::{LogIndex, NodeId, Term};
-use kvraft_proto::{AppendEntriesRequest, LogEntry, PutCommand};
+use kvraft_proto::{AppendEntriesRequest, LogEntry, PutCommand, TxnCommand};
 use prost::bytes::Bytes;
 
 use crate::replica::{
-    ClientError, Command, Event, ReadResult, Replica, ReplicaConfig, Reply, ReplyTo,
+    ClientError, Command, Event, RangeQuery, ReadResult, Replica, ReplicaConfig, Reply, ReplyTo,
 };
 use crate::state_machine::WriteResult;
 use crate::storage::HardState;
@@ -1167,6 +1167,95 @@ fn retry_after_failover_applies_once() {
     let retry = net.put(2, session, 1, "k", "v");
     net.settle();
     assert_eq!(put_version(net.take(2, retry)), (1, true));
+    let value = net.node(2).state_machine().get(b"k").unwrap().unwrap();
+    assert_eq!(value.version, 1);
+}
+
+/// Rule 8 for range reads: like a get, a range is answered only after a majority confirms the
+/// leader in a round started after it arrived, and then sees every write committed before.
+#[test]
+fn range_read_waits_for_majority_confirmation() {
+    let (mut net, session) = Net::with_leader(3);
+    for (seq, key) in [(1, "a"), (2, "b")] {
+        let put = net.put(1, session, seq, key, "v");
+        net.settle();
+        put_version(net.take(1, put));
+    }
+    net.nodes.get_mut(&2).unwrap().isolated = true;
+    net.nodes.get_mut(&3).unwrap().isolated = true;
+    let reply = net.reply_to();
+    let query = RangeQuery {
+        start: Bytes::from_static(b"a"),
+        end: Bytes::new(),
+        limit: 10,
+        keys_only: false,
+        revision: 0,
+    };
+    net.step(1, Event::Range { query, reply });
+    net.settle();
+    assert!(net.take(1, reply).is_none(), "no confirmation, no answer");
+    net.nodes.get_mut(&3).unwrap().isolated = false;
+    net.step(1, Event::Tick { now_ms: 1_000_000 });
+    net.settle();
+    match net.take(1, reply) {
+        Some(Reply::Range(Ok((page, revision)))) => {
+            let keys: Vec<_> = page.kvs.iter().map(|(k, _)| k.clone()).collect();
+            assert_eq!(keys, [Bytes::from_static(b"a"), Bytes::from_static(b"b")]);
+            assert!(revision >= page.kvs[1].1.mod_revision);
+        }
+        other => panic!("expected both keys, got {other:?}"),
+    }
+}
+
+/// Rule 7 for transactions: a compare-and-swap committed by a leader that crashed before
+/// replying is, when retried at the next leader with the same (session, seq), answered with
+/// the original result and applied once (the retry's compare would fail if it ran again).
+#[test]
+fn a_transaction_retried_after_failover_applies_once() {
+    use kvraft_proto::{txn_op, Compare, CompareOp, CompareTarget, TxnOp, TxnPut};
+    let (mut net, session) = Net::with_leader(3);
+    let cas = || TxnCommand {
+        session_id: session,
+        seq: 1,
+        ack_seq: 1,
+        compare: vec![Compare {
+            key: Bytes::from_static(b"k"),
+            target: CompareTarget::Version as i32,
+            op: CompareOp::Equal as i32,
+            number: 0,
+            value: Bytes::new(),
+        }],
+        success: vec![TxnOp {
+            op: Some(txn_op::Op::Put(TxnPut {
+                key: Bytes::from_static(b"k"),
+                value: Bytes::from_static(b"v"),
+            })),
+        }],
+        ..Default::default()
+    };
+    let reply = net.reply_to();
+    net.step(1, Event::Txn { cmd: cas(), reply });
+    net.settle();
+    let _ = net.take(1, reply); // the reply is lost with the crash
+    net.nodes.get_mut(&1).unwrap().isolated = true;
+    net.elect(2, 2, &[2, 3]);
+    net.settle();
+    let retry = net.reply_to();
+    net.step(
+        2,
+        Event::Txn {
+            cmd: cas(),
+            reply: retry,
+        },
+    );
+    net.settle();
+    match net.take(2, retry) {
+        Some(Reply::Write {
+            result: Ok(WriteResult::Txn(r)),
+            duplicate: true,
+        }) => assert!(r.succeeded, "the recorded result, not a second run"),
+        other => panic!("expected the recorded transaction result, got {other:?}"),
+    }
     let value = net.node(2).state_machine().get(b"k").unwrap().unwrap();
     assert_eq!(value.version, 1);
 }

@@ -135,15 +135,6 @@ impl Call {
     }
 }
 
-/// A task stopped when the server stops.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 pub(crate) type ResponseSender = mpsc::Sender<Result<AppendEntriesResponse, tonic::Status>>;
 
 pub(crate) enum Input {
@@ -334,16 +325,7 @@ pub async fn run(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let grpc = tokio::spawn(service::serve(listener, handle.clone(), stop_rx.clone()));
     let _metrics_server = match &me.metrics_addr {
-        Some(addr) => {
-            let listener = TcpListener::bind(addr).await.with_context(|| {
-                format!("server {id}: cannot listen for metrics on {addr} (metrics_addr)")
-            })?;
-            tracing::info!(server = id, %addr, "serving metrics at http://{addr}/metrics");
-            Some(AbortOnDrop(tokio::spawn(service::serve_metrics(
-                listener,
-                handle.clone(),
-            ))))
-        }
+        Some(addr) => Some(service::start_metrics(addr, handle.clone()).await?),
         None => None,
     };
     tokio::spawn(service::join_coord(config.clone(), handle.clone(), stop_rx));

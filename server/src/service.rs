@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use kvraft_common::config::ClusterConfig;
 use kvraft_common::fnv::{fnv1a, FNV_OFFSET};
-use kvraft_common::{limits, NodeId};
+use kvraft_common::{limits, LogIndex, NodeId};
 use kvraft_proto::admin_server::{Admin, AdminServer};
 use kvraft_proto::coord_client::CoordClient;
 use kvraft_proto::kv_server::{Kv, KvServer};
@@ -228,60 +228,57 @@ fn own_entries(req: &mut AppendEntriesRequest) {
     }
 }
 
-/// Serves Prometheus scrapes of this server's metrics on `listener` (see `metrics.rs`).
-pub(crate) async fn serve_metrics(listener: TcpListener, handle: CoreHandle) {
+/// Serves Prometheus scrapes of this server's metrics on `addr` (see `metrics.rs`) until the
+/// returned server is dropped.
+pub(crate) async fn start_metrics(
+    addr: &str,
+    handle: CoreHandle,
+) -> anyhow::Result<kvraft_common::metrics_http::MetricsServer> {
+    let who = format!("server {}", handle.id);
     let render = move || {
         let handle = handle.clone();
         async move {
             let mut sample = crate::metrics::Sample::default();
-            if let Some(Reply::Status {
-                report,
-                last_applied,
-                log,
-                followers,
-                sessions,
-            }) = handle.call(Call::Status).await
-            {
-                let size = |name: &str| {
-                    std::fs::metadata(handle.data_dir.join(name)).map_or(0, |m| m.len())
-                };
+            if let Some((status, followers, sessions)) = handle.full_status().await {
+                let report = status.report.unwrap_or_default();
                 sample = crate::metrics::Sample {
                     term: report.term,
                     commit_index: report.commit_index,
-                    applied_index: last_applied.0,
+                    applied_index: status.last_applied,
                     last_index: report.last_log_index,
                     is_leader: report.role == Role::Leader as i32,
-                    log_bytes: crate::storage::log_disk_bytes(&handle.data_dir),
-                    log_entries_held: log.entries_held,
-                    state_bytes: size(crate::runtime::STATE_FILE),
-                    rss_bytes: rss_bytes(),
+                    log_bytes: status.log_bytes,
+                    log_entries_held: status.log_entries_held,
+                    state_bytes: status.state_bytes,
+                    rss_bytes: status.rss_bytes,
                     followers: followers.iter().map(|(id, m)| (id.0, m.0)).collect(),
                     watches_open: (watches::WATCHES_MAX - handle.watch.watches.available_permits())
                         as u64,
                     sessions_open: sessions,
-                    snapshots_sent: log.snapshots_sent,
-                    snapshots_installed: log.snapshots_installed,
+                    snapshots_sent: status.snapshots_sent,
+                    snapshots_installed: status.snapshots_installed,
                 };
             }
             handle.metrics.render(&sample)
         }
     };
-    kvraft_common::metrics_http::serve(listener, render).await;
+    let server = kvraft_common::metrics_http::start(addr, &who, render)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    tracing::info!("{who}: serving metrics at http://{addr}/metrics");
+    Ok(server)
 }
 
-/// Streams one watch: the header, the replayed batches, then live ones, each filtered to the
+/// Streams one watch: the header, the batches the history holds, then live ones, each filtered to the
 /// watched range; ends when the client goes, or cancels the watch when it falls behind the
 /// broadcast or a snapshot replaces the state (with the revision to resume from).
 pub(crate) async fn serve_watch(
     tx: mpsc::Sender<Result<WatchResponse, Status>>,
     (start, end): (Bytes, Bytes),
+    hub: Arc<watches::WatchHub>,
     sub: watches::Subscription,
 ) {
-    let watches::Subscription {
-        replay,
-        mut live,
-        after,
-    } = sub;
+    let watches::Subscription { mut live, after } = sub;
     use tokio::sync::broadcast::error::RecvError;
     let header = WatchResponse {
         created: true,
@@ -306,15 +303,34 @@ pub(crate) async fn serve_watch(
             ..Default::default()
         })
     };
-    for batch in &replay {
-        if let Some(resp) = send(batch) {
-            if tx.send(Ok(resp)).await.is_err() {
+    // What the history holds from the first revision on, a chunk at a time; what is
+    // published meanwhile also comes live, and is skipped there.
+    loop {
+        let chunk = match hub.replay(next, watches::REPLAY_CHUNK) {
+            Ok(chunk) => chunk,
+            Err(c) => {
+                let reason = format!(
+                    "the history moved past revision {next} while the watch caught up \
+                     (it holds revisions after {})",
+                    c.floor
+                );
+                let _ = tx.send(Ok(canceled(next, reason))).await;
                 return;
             }
+        };
+        let whole = chunk.len() == watches::REPLAY_CHUNK;
+        for batch in chunk {
+            if let Some(resp) = send(&batch) {
+                if tx.send(Ok(resp)).await.is_err() {
+                    return;
+                }
+            }
+            next = batch.revision + 1;
         }
-        next = batch.revision + 1;
+        if !whole {
+            break;
+        }
     }
-    drop(replay);
     loop {
         let cancel = match live.recv().await {
             Ok(watches::Notice::Batch(batch)) => {
@@ -339,14 +355,18 @@ pub(crate) async fn serve_watch(
             ),
             Err(RecvError::Closed) => return,
         };
-        let resp = WatchResponse {
-            canceled: true,
-            resume_revision: next,
-            cancel_reason: cancel,
-            ..Default::default()
-        };
-        let _ = tx.send(Ok(resp)).await;
+        let _ = tx.send(Ok(canceled(next, cancel))).await;
         return;
+    }
+}
+
+/// The last response of a watch the server stops: every revision below `resume` was given.
+fn canceled(resume: u64, reason: String) -> WatchResponse {
+    WatchResponse {
+        canceled: true,
+        resume_revision: resume,
+        cancel_reason: reason,
+        ..Default::default()
     }
 }
 
@@ -631,6 +651,36 @@ fn error_of(code: ErrorCode, message: String) -> Option<KvError> {
 }
 
 impl CoreHandle {
+    /// What `Admin.Status` answers, with (as leader) each follower's match index and the
+    /// sessions held, for the metrics; `None` if the core is gone.
+    async fn full_status(&self) -> Option<(StatusResponse, Vec<(NodeId, LogIndex)>, u64)> {
+        let Some(Reply::Status {
+            report,
+            last_applied,
+            log,
+            followers,
+            sessions,
+        }) = self.call(Call::Status).await
+        else {
+            return None;
+        };
+        let size = |name: &str| std::fs::metadata(self.data_dir.join(name)).map_or(0, |m| m.len());
+        let status = StatusResponse {
+            report: Some(report),
+            last_applied: last_applied.0,
+            rss_bytes: rss_bytes(),
+            log_bytes: crate::storage::log_disk_bytes(&self.data_dir),
+            snapshot_bytes: size(crate::runtime::SNAPSHOT_RECEIVE_FILE),
+            state_bytes: size(crate::runtime::STATE_FILE),
+            log_base_index: log.base_index,
+            log_entries_held: log.entries_held,
+            log_bytes_held: log.bytes_held,
+            snapshots_sent: log.snapshots_sent,
+            snapshots_installed: log.snapshots_installed,
+        };
+        Some((status, followers, sessions))
+    }
+
     /// Counts a client request of `op` answered after `started` and passes the answer on.
     fn observe<T: ErrorField>(
         &self,
@@ -736,9 +786,10 @@ impl Kv for CoreHandle {
             }
         };
         let range = (req.start, end);
+        let hub = self.watch.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            serve_watch(tx, range, sub).await;
+            serve_watch(tx, range, hub, sub).await;
         });
         self.metrics.request("watch", started, None);
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -1081,29 +1132,8 @@ const DIGEST_CHUNK_BYTES: usize = 1024 * 1024;
 #[tonic::async_trait]
 impl Admin for CoreHandle {
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
-        let Some(Reply::Status {
-            report,
-            last_applied,
-            log,
-            ..
-        }) = self.call(Call::Status).await
-        else {
-            return Err(unavailable());
-        };
-        let size = |name: &str| std::fs::metadata(self.data_dir.join(name)).map_or(0, |m| m.len());
-        Ok(Response::new(StatusResponse {
-            report: Some(report),
-            last_applied: last_applied.0,
-            rss_bytes: rss_bytes(),
-            log_bytes: crate::storage::log_disk_bytes(&self.data_dir),
-            snapshot_bytes: size(crate::runtime::SNAPSHOT_RECEIVE_FILE),
-            state_bytes: size(crate::runtime::STATE_FILE),
-            log_base_index: log.base_index,
-            log_entries_held: log.entries_held,
-            log_bytes_held: log.bytes_held,
-            snapshots_sent: log.snapshots_sent,
-            snapshots_installed: log.snapshots_installed,
-        }))
+        let (status, ..) = self.full_status().await.ok_or_else(unavailable)?;
+        Ok(Response::new(status))
     }
 
     async fn digest(&self, _: Request<DigestRequest>) -> Result<Response<DigestResponse>, Status> {

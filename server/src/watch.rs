@@ -20,8 +20,9 @@
 //! Bounds: the history; the broadcast ([`BROADCAST_BATCHES`] batches shared by all watchers; a
 //! watcher that falls that far behind is canceled with the revision to resume from); each
 //! stream's buffer ([`STREAM_BUFFER`] responses); the number of watches
-//! ([`WATCHES_MAX`]). Publishing under the history's lock, and subscribing under it, makes
-//! replay and live changes meet without a gap or an overlap.
+//! ([`WATCHES_MAX`]); what one watch copies of the history at a time ([`REPLAY_CHUNK`]).
+//! Subscribing to the broadcast before reading the history, and publishing to both under one
+//! lock, makes replay and live changes meet without a gap; a watch skips what it was given.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -61,13 +62,17 @@ pub enum Notice {
     },
 }
 
-/// A started watch: the batches held from its first revision, the receiver of every later
-/// one, and the revision it starts after.
+/// A started watch: the receiver of every batch published from now on, and the revision it
+/// starts after (what the history holds from there is read with [`WatchHub::replay`]).
 pub struct Subscription {
-    pub replay: Vec<Arc<Batch>>,
     pub live: broadcast::Receiver<Notice>,
     pub after: u64,
 }
+
+/// Batches a watch task copies out of the history at a time while it catches up: what one
+/// watch holds of the history, however far back it starts (the rest stays shared, and is
+/// evicted on time).
+pub const REPLAY_CHUNK: usize = 64;
 
 /// Why a watch cannot start.
 #[derive(Debug, PartialEq, Eq)]
@@ -178,13 +183,21 @@ impl WatchHub {
         if from <= h.floor {
             return Err(Compacted { floor: h.floor });
         }
-        let at = h.batches.partition_point(|b| b.revision < from);
-        let replay = h.batches.range(at..).cloned().collect();
         Ok(Subscription {
-            replay,
             live: self.tx.subscribe(),
             after: from - 1,
         })
+    }
+
+    /// At most `max` of the batches held from revision `from` on; an error if the history no
+    /// longer holds `from` (evicted while a slow watch caught up).
+    pub fn replay(&self, from: u64, max: usize) -> Result<Vec<Arc<Batch>>, Compacted> {
+        let h = self.lock();
+        if from <= h.floor {
+            return Err(Compacted { floor: h.floor });
+        }
+        let at = h.batches.partition_point(|b| b.revision < from);
+        Ok(h.batches.range(at..).take(max).cloned().collect())
     }
 
     /// The oldest revision a watch can start from.
@@ -215,15 +228,29 @@ mod tests {
         }
     }
 
+    /// Every batch the history holds from `from` on, chunk by chunk as a watch reads them.
+    fn replay_all(hub: &WatchHub, from: u64) -> Vec<Arc<Batch>> {
+        let mut out: Vec<Arc<Batch>> = Vec::new();
+        loop {
+            let next = out.last().map_or(from, |b| b.revision + 1);
+            let chunk = hub.replay(next, REPLAY_CHUNK).unwrap();
+            let done = chunk.len() < REPLAY_CHUNK;
+            out.extend(chunk);
+            if done {
+                return out;
+            }
+        }
+    }
+
     #[test]
     fn replay_and_live_changes_meet_without_gap_or_overlap() {
         let hub = WatchHub::new(10, 1000, 1 << 20);
         hub.publish(vec![put(11, "a"), put(11, "b"), put(12, "a")], 12);
         let Subscription {
-            replay,
             live: mut rx,
             after,
         } = hub.subscribe(11).unwrap();
+        let replay = replay_all(&hub, after + 1);
         assert_eq!(after, 10);
         assert_eq!(
             replay.iter().map(|b| b.revision).collect::<Vec<_>>(),
@@ -236,8 +263,8 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(rx.try_recv().is_err(), "nothing twice");
-        let sub = hub.subscribe(0).unwrap();
-        let (replay, after) = (sub.replay, sub.after);
+        let after = hub.subscribe(0).unwrap().after;
+        let replay = replay_all(&hub, after + 1);
         assert!(replay.is_empty());
         assert_eq!(
             after, 14,
@@ -254,7 +281,8 @@ mod tests {
         }
         assert_eq!(hub.first_watchable(), 6);
         assert!(hub.subscribe(5).is_err());
-        let replay = hub.subscribe(6).unwrap().replay;
+        hub.subscribe(6).unwrap();
+        let replay = replay_all(&hub, 6);
         assert_eq!(replay.len(), 300);
         let small = WatchHub::new(0, 1000, 10 * (CHANGE_OVERHEAD_BYTES + 2));
         for r in 1..=20 {
@@ -274,7 +302,8 @@ mod tests {
             Notice::Reset { floor: 50 }
         ));
         hub.publish(vec![put(49, "old"), put(51, "new")], 51);
-        let replay = hub.subscribe(51).unwrap().replay;
+        hub.subscribe(51).unwrap();
+        let replay = replay_all(&hub, 51);
         assert_eq!(replay.len(), 1);
         assert_eq!(hub.subscribe(50).err(), Some(Compacted { floor: 50 }));
     }
@@ -283,12 +312,13 @@ mod tests {
     /// revision it was not given, having been given every one before without a gap.
     #[tokio::test]
     async fn a_slow_watcher_is_canceled_with_the_revision_to_resume_from() {
-        let hub = WatchHub::new(0, 100_000, 1 << 30);
+        let hub = Arc::new(WatchHub::new(0, 100_000, 1 << 30));
         let sub = hub.subscribe(0).unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::channel(4);
         let task = tokio::spawn(crate::service::serve_watch(
             tx,
             (Bytes::from_static(b"k"), Bytes::from_static(b"l")),
+            hub.clone(),
             sub,
         ));
         for r in 1..=(BROADCAST_BATCHES as u64 + 100) {
@@ -310,7 +340,8 @@ mod tests {
         }
         assert!(next <= BROADCAST_BATCHES as u64 + 100);
         task.await.unwrap();
-        let replay = hub.subscribe(next).unwrap().replay;
+        hub.subscribe(next).unwrap();
+        let replay = replay_all(&hub, next);
         assert_eq!(replay[0].revision, next, "the history still holds the rest");
     }
 

@@ -305,7 +305,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         }
         Some(Command::Get { key, output }) => {
             check_key_value(key.as_bytes(), None).map_err(anyhow::Error::msg)?;
-            let client = connect_reader(&config, id).await?;
+            let client = connect_lazily(&config, id).await?;
             finish(client.clone(), get_once(&client, &key, output).await).await
         }
         Some(Command::Delete {
@@ -356,7 +356,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 (false, None) => Vec::new(),
             };
             limits::check_range(start.as_bytes(), &end).map_err(anyhow::Error::msg)?;
-            let client = connect_reader(&config, id).await?;
+            let client = connect_lazily(&config, id).await?;
             let scan = Scan {
                 start: start.into_bytes(),
                 end,
@@ -380,7 +380,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 end.push(0);
                 end
             };
-            let client = connect_reader(&config, id).await?;
+            let client = connect_lazily(&config, id).await?;
             let watch = client.watch(key.into_bytes(), end, from_rev)?;
             finish(client.clone(), watch_events(watch, count, output).await).await
         }
@@ -608,17 +608,12 @@ fn write_stdout(text: &str) -> anyhow::Result<()> {
         .context("cannot write to stdout")
 }
 
-/// A client for reads: it registers no session, so nothing is appended to the log.
-async fn connect_reader(config: &ClusterConfig, client_id: &str) -> anyhow::Result<Client> {
+/// A client that registers a session only with its first write: a read appends nothing to
+/// the log, a single write one request fewer than [`connect`].
+async fn connect_lazily(config: &ClusterConfig, client_id: &str) -> anyhow::Result<Client> {
     Client::connect_without_session(config, client_id)
         .await
         .with_context(|| format!("cannot connect to the cluster as client {client_id:?}"))
-}
-
-/// A client that registers its session with its first write (one request fewer than
-/// [`connect`] for a single command).
-async fn connect_lazily(config: &ClusterConfig, client_id: &str) -> anyhow::Result<Client> {
-    connect_reader(config, client_id).await
 }
 
 /// A value argument: `-` reads stdin as bytes.

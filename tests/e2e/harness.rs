@@ -346,26 +346,27 @@ impl Cluster {
 
     /// Runs the `client` binary with this cluster's config; waits for it to finish.
     pub fn client(&self, client_id: &str, args: &[&str]) -> Output {
+        let mut cmd = self.client_command(client_id, args);
+        cmd.stdin(Stdio::null());
+        cmd.output().expect("run client")
+    }
+
+    /// The `client` binary with this cluster's config and environment.
+    fn client_command(&self, client_id: &str, args: &[&str]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_client"));
         cmd.arg(client_id)
             .arg("--config")
             .arg(&self.config_path)
             .args(args)
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null());
-        cmd.output().expect("run client")
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
+        cmd
     }
 
     /// Runs the `client` binary with `input` on its stdin; waits for it to finish.
     pub fn client_with_stdin(&self, client_id: &str, args: &[&str], input: &[u8]) -> Output {
         use std::io::Write as _;
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_client"));
-        cmd.arg(client_id)
-            .arg("--config")
-            .arg(&self.config_path)
-            .args(args)
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::piped())
+        let mut cmd = self.client_command(client_id, args);
+        cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("run client");
