@@ -12,9 +12,12 @@
 //! - [`state_machine`]: the key-value map and exactly-once sessions.
 //! - [`engine`]: where the state machine keeps them (redb on disk, or memory in tests).
 //! - [`storage`]: the checksummed log file, the hard state, the data-directory identity.
-//! - [`runtime`], [`service`]: tokio/tonic glue that executes the core's commands.
+//! - [`executor`]: executes the core's commands over an `Io` (storage, network, replies); the
+//!   runtime and the simulation both run it.
+//! - [`runtime`], [`service`]: tokio/tonic glue: the `Io` of a real server, the gRPC services.
 
 pub mod engine;
+pub mod executor;
 pub mod faults;
 pub mod log_writer;
 pub mod metrics;

@@ -37,16 +37,19 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::engine::{EngineError, RedbEngine, SnapshotSource};
+use crate::executor::{Executor, Io, Storage};
 use crate::faults::Faults;
-use crate::log_writer::{DiskFull, LogDisk, LogWriter};
+use crate::log_writer::{DiskFull, LogDisk};
 use crate::metrics::ServerMetrics;
 use crate::otel_spans::OtelSpans;
 use crate::replica::{
     Command, Event, RangeQuery, Replica, ReplicaConfig, Reply, ReplyTo, StreamId,
 };
 use crate::service;
-use crate::state_machine::StateMachine;
-use crate::storage::{FileLogStore, HardStateFile, LogStore, ServerMeta, StorageError, Syncer};
+use crate::state_machine::{Change, StateMachine};
+use crate::storage::{
+    FileLogStore, HardState, HardStateFile, LogStore, ServerMeta, StorageError, Syncer,
+};
 use crate::trace_events::TraceEvents;
 use crate::watch::WatchHub;
 
@@ -281,14 +284,14 @@ pub async fn run(
         "state machine opened at {}",
         state_path.display()
     );
-    let mut log = FaultyLog {
+    let mut storage = DiskStorage {
         store,
+        hard_file,
         faults: faults.clone(),
     };
-    let first = log.store.first_index();
-    let (first, entries) = tokio::task::block_in_place(|| {
-        crate::log_writer::finish_interrupted_install(&sm, first, entries, &mut log)
-    })?;
+    let first = storage.store.first_index();
+    let (first, entries) =
+        crate::log_writer::finish_interrupted_install(&sm, first, entries, &mut storage)?;
     let replica = Replica::recovered(rcfg, hard, first, entries, sm).map_err(|e| {
         anyhow::anyhow!(
             "data directory {}: {e}; the state file and the log do not belong together \
@@ -330,31 +333,31 @@ pub async fn run(
     };
     tokio::spawn(service::join_coord(config.clone(), handle.clone(), stop_rx));
     let core = Core {
-        replica,
-        log,
-        writer: LogWriter::default(),
-        hard_file,
-        replies: HashMap::new(),
+        exec: Executor::new(replica),
+        io: ServerIo {
+            storage,
+            replies: HashMap::new(),
+            peers,
+            streams: HashMap::new(),
+            faults,
+            tx,
+            disk_full: handle.disk_full.clone(),
+            trace: tracer.clone().map(|t| TraceEvents::new(t, id)),
+            otel: kvraft_telemetry::enabled().then(OtelSpans::default),
+            meta,
+            watch,
+            metrics,
+            appended_since_sync: 0,
+            leader_seen: NodeId::NONE,
+            refusals_logged_ms: 0,
+            refusals_unlogged: 0,
+        },
         next_reply: ReplyTo(1),
-        peers,
-        streams: HashMap::new(),
-        faults,
-        tx,
-        disk_full: handle.disk_full.clone(),
         heartbeat_ms: config.server.replication_heartbeat_ms,
-        trace: tracer.clone().map(|t| TraceEvents::new(t, id)),
-        otel: kvraft_telemetry::enabled().then(OtelSpans::default),
-        meta,
-        watch,
-        metrics,
-        appended_since_sync: 0,
-        leader_seen: NodeId::NONE,
         state_synced_ms: monotonic_ms(),
         state_sync_ms: config.server.state_sync_ms,
         state_sync_in_flight: false,
         foreign_clusters: Default::default(),
-        refusals_logged_ms: 0,
-        refusals_unlogged: 0,
     };
     let result = core.run(rx, shutdown).await;
     let _ = stop_tx.send(true);
@@ -365,35 +368,13 @@ pub async fn run(
     result
 }
 
+/// The core task: the shared [`Executor`] (the replica core and its log writer) over this
+/// server's files, peer links and gRPC replies.
 struct Core {
-    replica: Replica,
-    /// The log, and what writes it (batching, the disk-full backlog, group fsync; shared with
-    /// the simulation).
-    log: FaultyLog,
-    writer: LogWriter,
-    hard_file: HardStateFile,
-    replies: HashMap<ReplyTo, oneshot::Sender<Result<Reply, tonic::Status>>>,
+    exec: Executor,
+    io: ServerIo,
     next_reply: ReplyTo,
-    peers: HashMap<NodeId, mpsc::Sender<AppendEntriesRequest>>,
-    streams: HashMap<StreamId, ResponseSender>,
-    faults: Arc<Faults>,
-    tx: mpsc::Sender<Input>,
-    /// Set while the backlog is not empty; the client services refuse writes meanwhile.
-    disk_full: Arc<AtomicBool>,
     heartbeat_ms: u64,
-    /// Trace events; `None` when tracing is off.
-    trace: Option<TraceEvents>,
-    /// OpenTelemetry spans of replication; `None` unless spans are exported.
-    otel: Option<OtelSpans>,
-    /// Holds the data-directory lock for the life of the server.
-    meta: ServerMeta,
-    /// Where applied changes go for watches (taken from the core after every step).
-    watch: Arc<WatchHub>,
-    metrics: Arc<ServerMetrics>,
-    /// Entries appended since the last fsync started (its batch size, for the metrics).
-    appended_since_sync: u64,
-    /// The leader this server knew after the last step (leader changes, for the metrics).
-    leader_seen: NodeId,
     /// When the state machine was last written for a durable commit, and how often it is
     /// (`[server] state_sync_ms`, default 1 s). Entries applied in between wait in memory
     /// (bounded by `state_machine::OVERLAY_KEYS_MAX` and `OVERLAY_BYTES_MAX`, past which they
@@ -407,6 +388,32 @@ struct Core {
     /// Foreign cluster ids already logged (once each, however often they come; bounded by
     /// [`FOREIGN_CLUSTERS_LOGGED_MAX`]).
     foreign_clusters: std::collections::BTreeSet<String>,
+}
+
+/// What the executor runs against in a real server: the data directory's files, the peer
+/// links, the waiting gRPC calls, and the side outputs (watches, metrics, trace events).
+struct ServerIo {
+    storage: DiskStorage,
+    replies: HashMap<ReplyTo, oneshot::Sender<Result<Reply, tonic::Status>>>,
+    peers: HashMap<NodeId, mpsc::Sender<AppendEntriesRequest>>,
+    streams: HashMap<StreamId, ResponseSender>,
+    faults: Arc<Faults>,
+    tx: mpsc::Sender<Input>,
+    /// Set while the log's backlog is not empty; the client services refuse writes meanwhile.
+    disk_full: Arc<AtomicBool>,
+    /// Trace events; `None` when tracing is off.
+    trace: Option<TraceEvents>,
+    /// OpenTelemetry spans of replication; `None` unless spans are exported.
+    otel: Option<OtelSpans>,
+    /// Holds the data-directory lock for the life of the server.
+    meta: ServerMeta,
+    /// Where applied changes go for watches.
+    watch: Arc<WatchHub>,
+    metrics: Arc<ServerMetrics>,
+    /// Entries appended since the last fsync started (its batch size, for the metrics).
+    appended_since_sync: u64,
+    /// The leader this server knew after the last batch (leader changes, for the metrics).
+    leader_seen: NodeId,
     /// When a refused peer message was last logged, and how many were refused since without a
     /// line (see [`REFUSALS_LOGGED_EVERY_MS`]).
     refusals_logged_ms: u64,
@@ -414,6 +421,10 @@ struct Core {
 }
 
 impl Core {
+    fn replica(&self) -> &Replica {
+        self.exec.replica()
+    }
+
     async fn run(
         mut self,
         mut rx: mpsc::Receiver<Input>,
@@ -425,47 +436,28 @@ impl Core {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
         loop {
-            let mut cmds = Vec::new();
             tokio::select! {
                 biased;
                 _ = &mut shutdown => break,
                 _ = tick.tick() => {
-                    cmds.extend(self.replica.step(Event::Tick { now_ms: monotonic_ms() }));
+                    self.exec.step(Event::Tick { now_ms: monotonic_ms() });
                 }
                 input = rx.recv() => {
                     let Some(input) = input else { break };
-                    self.handle(input, &mut cmds)?;
+                    self.handle(input)?;
                     for _ in 1..INPUT_BATCH_MAX {
                         let Ok(input) = rx.try_recv() else { break };
-                        self.handle(input, &mut cmds)?;
+                        self.handle(input)?;
                     }
                 }
             }
-            cmds.extend(self.replica.flush());
-            // Nothing of this step is executed after a failure: its answers may rest on a lost
-            // write.
-            self.check_engine()?;
-            self.check_crash_fault();
-            // An install in this step replaced the state: watches restart from it before the
-            // changes applied after it are published.
-            for cmd in &cmds {
-                if let Command::SnapshotInstalled { index, .. } = cmd {
-                    self.watch.reset(index.0);
-                }
-            }
-            let changes = self.replica.take_changes();
-            self.watch.publish(changes, self.replica.last_applied());
-            if self.replica.leader_hint() != self.leader_seen {
-                self.leader_seen = self.replica.leader_hint();
-                self.metrics.leader_changes.inc();
-            }
-            self.execute(cmds)?;
-            self.flush_log()?;
-            self.start_sync();
+            self.exec
+                .execute(&mut self.io)
+                .context("stopping the server")?;
             self.sync_state_if_due(false)?;
         }
         self.sync_state_if_due(true)?;
-        tracing::info!(server = %self.replica.id(), "server stopping");
+        tracing::info!(server = %self.replica().id(), "server stopping");
         Ok(())
     }
 
@@ -481,7 +473,7 @@ impl Core {
             return Ok(Ok(()));
         };
         let cluster_id = cluster_id.clone();
-        let recorded = self.meta.cluster_id().map(str::to_string);
+        let recorded = self.io.meta.cluster_id().map(str::to_string);
         if cluster_id.is_empty() {
             match (call, recorded) {
                 (_, None) => {}
@@ -500,14 +492,14 @@ impl Core {
                     let msg = format!(
                         "Prepare without a cluster id refused: data directory {} belongs to \
                          cluster {ours}",
-                        self.meta.dir().display()
+                        self.io.meta.dir().display()
                     );
                     return Ok(Err(tonic::Status::failed_precondition(msg)));
                 }
             }
             return Ok(Ok(()));
         }
-        let ours = tokio::task::block_in_place(|| self.meta.check_cluster_id(&cluster_id))
+        let ours = tokio::task::block_in_place(|| self.io.meta.check_cluster_id(&cluster_id))
             .context("cannot record the cluster id; stopping the server")?;
         if ours {
             return Ok(Ok(()));
@@ -516,20 +508,20 @@ impl Core {
         let msg = format!(
             "data directory {} belongs to cluster {ours}, but this message comes from a coord \
              of cluster {cluster_id}; use the directory with its own cluster, or a fresh one",
-            self.meta.dir().display()
+            self.io.meta.dir().display()
         );
         if self.foreign_clusters.len() < FOREIGN_CLUSTERS_LOGGED_MAX
             && self.foreign_clusters.insert(cluster_id)
         {
-            tracing::error!(server = %self.replica.id(), "{msg}");
+            tracing::error!(server = %self.replica().id(), "{msg}");
         }
         Ok(Err(tonic::Status::failed_precondition(msg)))
     }
 
-    fn handle(&mut self, input: Input, cmds: &mut Vec<Command>) -> anyhow::Result<()> {
+    fn handle(&mut self, input: Input) -> anyhow::Result<()> {
         let event = match input {
             Input::View(reply) => {
-                let view = tokio::task::block_in_place(|| self.replica.state_view());
+                let view = tokio::task::block_in_place(|| self.exec.replica_mut().state_view());
                 self.check_engine()?;
                 let _ = reply.send(view);
                 return Ok(());
@@ -539,27 +531,27 @@ impl Core {
                     let _ = reply.send(Err(refused));
                     return Ok(());
                 }
-                if let (Call::Put(cmd, Some(trace_id), _), Some(t)) = (&call, &mut self.trace) {
+                if let (Call::Put(cmd, Some(trace_id), _), Some(t)) = (&call, &mut self.io.trace) {
                     t.put_received(cmd.session_id, cmd.seq, *trace_id);
                 }
-                if let (Call::Put(cmd, _, context), Some(o)) = (&mut call, &mut self.otel) {
+                if let (Call::Put(cmd, _, context), Some(o)) = (&mut call, &mut self.io.otel) {
                     o.put_received(cmd.session_id, cmd.seq, std::mem::take(context));
                 }
                 let to = self.next_reply;
                 self.next_reply = self.next_reply.next();
-                self.replies.insert(to, reply);
+                self.io.replies.insert(to, reply);
                 call.into_event(to)
             }
             Input::StreamOpened(id, sender) => {
-                self.streams.insert(id, sender);
+                self.io.streams.insert(id, sender);
                 return Ok(());
             }
             Input::StreamClosed(id) => {
-                self.streams.remove(&id);
-                if let Some(t) = &mut self.trace {
+                self.io.streams.remove(&id);
+                if let Some(t) = &mut self.io.trace {
                     t.stream_closed(id);
                 }
-                if let Some(o) = &mut self.otel {
+                if let Some(o) = &mut self.io.otel {
                     o.stream_closed(id);
                 }
                 return Ok(());
@@ -570,10 +562,10 @@ impl Core {
                     n = req.entries.len(),
                     "AppendEntriesRequestRecvd"
                 );
-                if let Some(t) = &mut self.trace {
+                if let Some(t) = &mut self.io.trace {
                     t.append_received(stream, &req);
                 }
-                if let Some(o) = &mut self.otel {
+                if let Some(o) = &mut self.io.otel {
                     o.append_received(stream, &req);
                 }
                 Event::AppendEntries { stream, req }
@@ -585,7 +577,7 @@ impl Core {
                     ok = resp.success,
                     "AppendEntriesResponseRecvd"
                 );
-                if let Some(t) = &mut self.trace {
+                if let Some(t) = &mut self.io.trace {
                     t.response_received(&resp);
                 }
                 Event::AppendEntriesResponse { resp }
@@ -602,11 +594,11 @@ impl Core {
             Input::Synced(write_id, result) => {
                 result.context("fsync of the log failed; stopping the server")?;
                 tracing::trace!(write_id, "log fsynced");
-                self.writer.synced();
-                Event::Persisted { write_id }
+                self.exec.log_synced(write_id);
+                return Ok(());
             }
         };
-        cmds.extend(self.replica.step(event));
+        self.exec.step(event);
         Ok(())
     }
 
@@ -617,7 +609,7 @@ impl Core {
     fn sync_state_if_due(&mut self, now: bool) -> anyhow::Result<()> {
         let at = monotonic_ms();
         if now {
-            tokio::task::block_in_place(|| self.replica.sync_state())
+            tokio::task::block_in_place(|| self.exec.replica_mut().sync_state())
                 .context("cannot make the state machine durable; stopping the server")?;
             return Ok(());
         }
@@ -626,17 +618,17 @@ impl Core {
         }
         self.state_synced_ms = at;
         let started = std::time::Instant::now();
-        let keys = tokio::task::block_in_place(|| self.replica.write_state());
+        let keys = tokio::task::block_in_place(|| self.exec.replica_mut().write_state());
         let took = started.elapsed();
         if took.as_millis() as u64 >= ENGINE_WRITE_SLOW_MS {
-            tracing::debug!(server = %self.replica.id(), took_ms = took.as_millis() as u64, keys, "engine write");
+            tracing::debug!(server = %self.replica().id(), took_ms = took.as_millis() as u64, keys, "engine write");
         }
         self.adapt_engine_writes(keys, took);
         self.check_engine()?;
         self.state_sync_in_flight = true;
-        let applied = self.replica.last_applied();
+        let applied = self.replica().last_applied();
         // Fetched each time: an installed snapshot replaces the engine's file.
-        let (syncer, tx) = (self.replica.state_machine().syncer(), self.tx.clone());
+        let (syncer, tx) = (self.replica().state_machine().syncer(), self.io.tx.clone());
         tokio::task::spawn_blocking(move || {
             let result = syncer.sync();
             let _ = tx.blocking_send(Input::StateSynced(applied, result));
@@ -656,22 +648,25 @@ impl Core {
         }
         let micros_per_key = (took.as_micros() as f64 / keys as f64).max(0.01);
         let fits = (ENGINE_WRITE_TARGET_MS as f64 * 1000.0 / micros_per_key) as usize;
-        self.replica
+        self.exec
+            .replica_mut()
             .set_state_write_keys(fits.max(ENGINE_WRITE_KEYS_MIN));
     }
 
     /// Stops the server once the state machine's engine has failed.
     fn check_engine(&self) -> anyhow::Result<()> {
-        match self.replica.failure() {
+        match self.replica().failure() {
             Some(failure) => {
                 anyhow::bail!("the state machine's engine failed: {failure}; stopping the server")
             }
             None => Ok(()),
         }
     }
+}
 
+impl ServerIo {
     /// Logs a refused peer message, at most once per [`REFUSALS_LOGGED_EVERY_MS`].
-    fn log_refusal(&mut self, from: NodeId, reason: &str) {
+    fn log_refusal(&mut self, server: NodeId, from: NodeId, reason: &str) {
         let now = monotonic_ms();
         if self.refusals_logged_ms != 0 && now < self.refusals_logged_ms + REFUSALS_LOGGED_EVERY_MS
         {
@@ -681,27 +676,25 @@ impl Core {
         let unlogged = std::mem::take(&mut self.refusals_unlogged);
         self.refusals_logged_ms = now.max(1);
         tracing::warn!(
-            server = %self.replica.id(),
+            %server,
             peer = %from,
             "refused a peer message: {reason} ({unlogged} more refused since the last line)"
         );
     }
 
-    /// The `crash_after_commit` fault: exit as leader once the index is committed, before any
-    /// reply of this batch is sent.
-    fn check_crash_fault(&self) {
+    /// The injected crash faults: `crash_after_commit` exits as leader once the index is
+    /// committed, before any reply of this batch is sent; `crash_after_snapshot_install`
+    /// exits after an install, before the log reset that follows it.
+    fn check_crash_faults(&self, replica: &Replica, cmds: &[Command]) {
         let index = self.faults.crash_after_commit();
-        if index > 0 && self.replica.is_leader() && self.replica.commit_index() >= index {
+        if index > 0 && replica.is_leader() && replica.commit_index() >= index {
             tracing::warn!(
                 index,
-                commit = self.replica.commit_index(),
+                commit = replica.commit_index(),
                 "fault injection: crashing after commit, before replying"
             );
             std::process::exit(86);
         }
-    }
-
-    fn execute(&mut self, cmds: Vec<Command>) -> anyhow::Result<()> {
         if self.faults.crash_after_snapshot_install()
             && cmds.iter().any(|c| matches!(c, Command::ResetLog(_)))
         {
@@ -710,139 +703,43 @@ impl Core {
             );
             std::process::exit(87);
         }
-        for cmd in cmds {
-            if let Command::AppendLog(entries) = &cmd {
+    }
+}
+
+impl Io for ServerIo {
+    fn storage(&mut self) -> &mut dyn Storage {
+        &mut self.storage
+    }
+
+    fn inspect(&mut self, replica: &Replica, cmds: &mut Vec<Command>) {
+        self.check_crash_faults(replica, cmds);
+        for cmd in cmds.iter() {
+            if let Command::AppendLog(entries) = cmd {
                 self.appended_since_sync += entries.len() as u64;
-            }
-            if let (Command::AppendLog(entries), Some(t)) = (&cmd, &mut self.trace) {
-                t.appended(entries, self.replica.is_leader());
-            }
-            // Appends only reach the page cache; truncation, compaction and a reset fsync or
-            // remove files, so only those leave the worker to the other tasks meanwhile.
-            let blocking = matches!(
-                cmd,
-                Command::TruncateLog(_) | Command::CompactLog(_) | Command::ResetLog(_)
-            );
-            let rest = if blocking {
-                tokio::task::block_in_place(|| self.writer.execute(cmd, &mut self.log))?
-            } else {
-                self.writer.execute(cmd, &mut self.log)?
-            };
-            if let Some(cmd) = rest {
-                self.execute_one(cmd)?;
-            }
-        }
-        self.flush_log()
-    }
-
-    /// Writes what waits for the log (a full disk leaves it for the next call) and publishes a
-    /// change of the disk-full state.
-    fn flush_log(&mut self) -> anyhow::Result<()> {
-        self.writer.flush(&mut self.log)?;
-        match self.writer.take_change() {
-            Some(DiskFull::Full(e)) => {
-                self.disk_full.store(true, Ordering::Relaxed);
-                tracing::error!(
-                    server = %self.replica.id(),
-                    "{e}: disk full; client writes refused, nothing unwritten is acknowledged, \
-                     retrying until space returns"
-                );
-            }
-            Some(DiskFull::Writable) => {
-                self.disk_full.store(false, Ordering::Relaxed);
-                tracing::warn!(server = %self.replica.id(), "log writable again; writes resume");
-            }
-            None => {}
-        }
-        Ok(())
-    }
-
-    fn execute_one(&mut self, cmd: Command) -> anyhow::Result<()> {
-        match cmd {
-            Command::AppendLog(_)
-            | Command::TruncateLog(_)
-            | Command::CompactLog(_)
-            | Command::ResetLog(_) => unreachable!("log commands are the writer's"),
-            Command::SaveHardState(hs) => {
-                tokio::task::block_in_place(|| self.hard_file.save(hs))?;
-            }
-            Command::SendAppend { to, mut req } => {
-                self.metrics
-                    .entries_replicated
-                    .inc_by(req.entries.len() as u64);
-                let bytes: usize = req.entries.iter().map(prost::Message::encoded_len).sum();
-                self.metrics.bytes_replicated.inc_by(bytes as u64);
-                if let Some(peer) = self.peers.get(&to) {
-                    if let Some(t) = &mut self.trace {
-                        t.sending_append(to.0, &mut req);
-                    }
-                    if let Some(o) = &self.otel {
-                        o.sending_append(&mut req);
-                    }
-                    if peer.try_send(req).is_err() {
-                        tracing::debug!(peer = %to, "peer queue full; message dropped");
-                    }
-                }
-            }
-            Command::SendAppendResponse { stream, mut resp } => {
-                if let Some(s) = self.streams.get(&stream) {
-                    if let Some(t) = &mut self.trace {
-                        t.sending_response(stream, &mut resp);
-                    }
-                    if let Some(o) = &mut self.otel {
-                        o.sending_response(stream, &resp);
-                    }
-                    let _ = s.try_send(Ok(resp));
-                }
-            }
-            Command::Reply { to, mut reply } => {
-                if let Reply::Report(report) | Reply::Status { report, .. } = &mut reply {
-                    report.cluster_id = self.meta.cluster_id().unwrap_or_default().to_string();
-                }
-                self.writer.adjust_report(&mut reply);
-                if let Some(tx) = self.replies.remove(&to) {
-                    let _ = tx.send(Ok(reply));
-                }
-            }
-            Command::Refused { from, reason } => self.log_refusal(from, &reason),
-            Command::SnapshotSending {
-                to,
-                index,
-                bytes,
-                done,
-            } => {
-                let server = self.replica.id();
-                if done {
-                    tracing::info!(%server, peer = %to, %index, bytes, "snapshot sent");
-                } else {
-                    tracing::info!(%server, peer = %to, %index, "sending a snapshot");
-                }
-            }
-            Command::SnapshotInstalled { index, term } => {
-                tracing::info!(server = %self.replica.id(), %index, %term, "snapshot installed");
-            }
-            Command::RoleChanged { leader, term } => {
-                let tag = if leader {
-                    "BecameLeader"
-                } else {
-                    "BecameFollower"
-                };
-                tracing::info!(server = %self.replica.id(), %term, "{tag}");
                 if let Some(t) = &mut self.trace {
-                    t.role_changed(leader, term.0);
+                    t.appended(entries, replica.is_leader());
                 }
             }
         }
-        Ok(())
     }
 
-    /// Group commit: one fsync at a time, covering every write that reached the OS before it
-    /// starts.
-    fn start_sync(&mut self) {
-        let Some(target) = self.writer.sync_target() else {
-            return;
-        };
-        let syncer: Arc<dyn Syncer> = self.log.store.syncer();
+    fn publish(&mut self, replica: &Replica, installed: Option<LogIndex>, changes: Vec<Change>) {
+        // An install in this batch replaced the state: watches restart from it before the
+        // changes applied after it are published.
+        if let Some(index) = installed {
+            self.watch.reset(index.0);
+        }
+        self.watch.publish(changes, replica.last_applied());
+        if replica.leader_hint() != self.leader_seen {
+            self.leader_seen = replica.leader_hint();
+            self.metrics.leader_changes.inc();
+        }
+    }
+
+    /// Group commit: one fsync at a time, on a blocking thread, covering every write that
+    /// reached the OS before it starts.
+    fn start_log_sync(&mut self, write_id: u64) {
+        let syncer: Arc<dyn Syncer> = self.storage.store.syncer();
         let tx = self.tx.clone();
         self.metrics
             .fsync_entries
@@ -852,18 +749,111 @@ impl Core {
             let started = std::time::Instant::now();
             let result = syncer.sync();
             seconds.observe(started.elapsed().as_secs_f64());
-            let _ = tx.blocking_send(Input::Synced(target, result));
+            let _ = tx.blocking_send(Input::Synced(write_id, result));
         });
+    }
+
+    fn send_append(&mut self, to: NodeId, mut req: AppendEntriesRequest) {
+        self.metrics
+            .entries_replicated
+            .inc_by(req.entries.len() as u64);
+        let bytes: usize = req.entries.iter().map(prost::Message::encoded_len).sum();
+        self.metrics.bytes_replicated.inc_by(bytes as u64);
+        if let Some(peer) = self.peers.get(&to) {
+            if let Some(t) = &mut self.trace {
+                t.sending_append(to.0, &mut req);
+            }
+            if let Some(o) = &self.otel {
+                o.sending_append(&mut req);
+            }
+            if peer.try_send(req).is_err() {
+                tracing::debug!(peer = %to, "peer queue full; message dropped");
+            }
+        }
+    }
+
+    fn send_append_response(&mut self, stream: StreamId, mut resp: AppendEntriesResponse) {
+        if let Some(s) = self.streams.get(&stream) {
+            if let Some(t) = &mut self.trace {
+                t.sending_response(stream, &mut resp);
+            }
+            if let Some(o) = &mut self.otel {
+                o.sending_response(stream, &resp);
+            }
+            let _ = s.try_send(Ok(resp));
+        }
+    }
+
+    fn reply(&mut self, to: ReplyTo, mut reply: Reply) {
+        if let Reply::Report(report) | Reply::Status { report, .. } = &mut reply {
+            report.cluster_id = self.meta.cluster_id().unwrap_or_default().to_string();
+        }
+        if let Some(tx) = self.replies.remove(&to) {
+            let _ = tx.send(Ok(reply));
+        }
+    }
+
+    fn notice(&mut self, replica: &Replica, cmd: Command) {
+        let server = replica.id();
+        match cmd {
+            Command::Refused { from, reason } => self.log_refusal(server, from, &reason),
+            Command::SnapshotSending {
+                to,
+                index,
+                bytes,
+                done,
+            } => {
+                if done {
+                    tracing::info!(%server, peer = %to, %index, bytes, "snapshot sent");
+                } else {
+                    tracing::info!(%server, peer = %to, %index, "sending a snapshot");
+                }
+            }
+            Command::SnapshotInstalled { index, term } => {
+                tracing::info!(%server, %index, %term, "snapshot installed");
+            }
+            Command::RoleChanged { leader, term } => {
+                let tag = if leader {
+                    "BecameLeader"
+                } else {
+                    "BecameFollower"
+                };
+                tracing::info!(%server, %term, "{tag}");
+                if let Some(t) = &mut self.trace {
+                    t.role_changed(leader, term.0);
+                }
+            }
+            other => unreachable!("not an informational command: {other:?}"),
+        }
+    }
+
+    fn disk_full_changed(&mut self, change: DiskFull) {
+        match change {
+            DiskFull::Full(e) => {
+                self.disk_full.store(true, Ordering::Relaxed);
+                tracing::error!(
+                    "{e}: disk full; client writes refused, nothing unwritten is acknowledged, \
+                     retrying until space returns"
+                );
+            }
+            DiskFull::Writable => {
+                self.disk_full.store(false, Ordering::Relaxed);
+                tracing::warn!("log writable again; writes resume");
+            }
+        }
     }
 }
 
-/// The log as the writer sees it: the store, with the disk-full fault hook.
-struct FaultyLog {
+/// The data directory's log and hard state, with the disk-full fault hook. Appends only reach
+/// the page cache; truncation, compaction, a reset and a hard-state save fsync or remove
+/// files, so those leave the worker thread to the other tasks meanwhile.
+struct DiskStorage {
     store: FileLogStore,
+    hard_file: HardStateFile,
     faults: Arc<Faults>,
 }
 
-impl LogDisk for FaultyLog {
+impl LogDisk for DiskStorage {
     fn append(&mut self, entries: &[kvraft_proto::LogEntry]) -> Result<(), StorageError> {
         if self.faults.disk_full() {
             return Err(StorageError::disk_full("log (fault injection)"));
@@ -871,19 +861,25 @@ impl LogDisk for FaultyLog {
         self.store.append(entries)
     }
     fn truncate_from(&mut self, index: u64) -> Result<(), StorageError> {
-        self.store.truncate_from(index)
+        tokio::task::block_in_place(|| self.store.truncate_from(index))
     }
     fn compact_to(&mut self, index: u64) -> Result<usize, StorageError> {
-        let removed = self.store.compact_to(index)?;
+        let removed = tokio::task::block_in_place(|| self.store.compact_to(index))?;
         if removed > 0 {
             tracing::debug!(upto = index, removed, "log compacted");
         }
         Ok(removed)
     }
     fn reset_to(&mut self, next: u64) -> Result<(), StorageError> {
-        self.store.reset_to(next)?;
+        tokio::task::block_in_place(|| self.store.reset_to(next))?;
         tracing::info!(next, "log reset after a snapshot");
         Ok(())
+    }
+}
+
+impl Storage for DiskStorage {
+    fn save_hard_state(&mut self, hs: HardState) -> Result<(), StorageError> {
+        tokio::task::block_in_place(|| self.hard_file.save(hs))
     }
 }
 

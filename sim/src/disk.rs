@@ -9,8 +9,9 @@
 //!   crash ─▶ durable prefix + (maybe) a random part of the unsynced tail survives
 //! ```
 //!
-//! The commands reach it through the server's own [`LogWriter`] (batching, the disk-full
-//! backlog, one group fsync at a time, as in the runtime); this is only the disk. An fsync
+//! The commands reach it through the server's own executor and [`LogWriter`] (batching, the
+//! disk-full backlog, one group fsync at a time), the code the runtime runs; this is only the
+//! disk. An fsync
 //! started for write id W makes durable what was written when it started; its completion is
 //! `Event::Persisted { write_id: W }`. Between two truncations the log only grows, so "durable"
 //! is always a prefix of the written log; a truncation clamps the target of an fsync in flight
@@ -20,6 +21,7 @@
 //! [`LogWriter`]: kvraft_server::log_writer::LogWriter
 
 use kvraft_proto::LogEntry;
+use kvraft_server::executor::Storage;
 use kvraft_server::log_writer::LogDisk;
 use kvraft_server::storage::{HardState, StorageError};
 
@@ -180,6 +182,24 @@ impl LogDisk for Disk {
     }
     fn reset_to(&mut self, next: u64) -> Result<(), StorageError> {
         Disk::reset_to(self, next);
+        Ok(())
+    }
+}
+
+impl Storage for Disk {
+    /// Durable at once; a save that would go back (an older term, or another leader in the
+    /// same term) is a bug in the core, reported as a failure of the run.
+    fn save_hard_state(&mut self, hs: HardState) -> Result<(), StorageError> {
+        let old = self.hard;
+        let ok = hs.term > old.term
+            || (hs.term == old.term && (old.leader == 0 || old.leader == hs.leader));
+        if !ok {
+            return Err(StorageError::InvalidState {
+                path: "simulated hard state".into(),
+                reason: format!("saved {hs:?} over {old:?}"),
+            });
+        }
+        self.hard = hs;
         Ok(())
     }
 }

@@ -5,7 +5,8 @@
 
 use kvraft_common::NodeId;
 use kvraft_server::engine::MemEngine;
-use kvraft_server::log_writer::{finish_interrupted_install, LogWriter};
+use kvraft_server::executor::Executor;
+use kvraft_server::log_writer::finish_interrupted_install;
 use kvraft_server::replica::{Replica, ReplicaConfig};
 use kvraft_server::state_machine::StateMachine;
 
@@ -34,11 +35,12 @@ pub const SESSIONS_UNBOUNDED: usize = 1_000_000;
 
 pub struct SimNode {
     pub id: u32,
-    /// `None` while crashed.
-    pub replica: Option<Replica>,
+    /// The server's executor (its replica core and log writer: batching, disk-full backlog,
+    /// group fsync); `None` while crashed, and while the world runs a step of it.
+    pub exec: Option<Executor>,
+    /// The process is up (its executor may be out for a step).
+    running: bool,
     pub disk: Disk,
-    /// The server's log writer (batching, disk-full backlog, group fsync); a crash loses it.
-    pub writer: LogWriter,
     /// The state machine's engine on this disk: a crash keeps what it last synced.
     pub engine: MemEngine,
     pub incarnation: u64,
@@ -61,9 +63,9 @@ impl SimNode {
     ) -> SimNode {
         let mut node = SimNode {
             id,
-            replica: None,
+            exec: None,
+            running: false,
             disk: Disk::default(),
-            writer: LogWriter::default(),
             engine: MemEngine::new(),
             incarnation: 0,
             disk_generation: 0,
@@ -77,7 +79,12 @@ impl SimNode {
     }
 
     pub fn is_up(&self) -> bool {
-        self.replica.is_some()
+        self.running
+    }
+
+    /// The replica core, while the process is up and not being stepped.
+    pub fn replica(&self) -> Option<&Replica> {
+        self.exec.as_ref().map(Executor::replica)
     }
 
     /// Starts a replica from what the disk holds (recovery).
@@ -109,8 +116,8 @@ impl SimNode {
             .expect("invariant: the engine applies only entries durable in the log");
         // As the runtime, for watches (the world takes them after every step).
         replica.record_changes(true);
-        self.replica = Some(replica);
-        self.writer = LogWriter::default();
+        self.exec = Some(Executor::new(replica));
+        self.running = true;
     }
 
     /// The identity of the current disk, as a data directory's uuid.
@@ -121,7 +128,8 @@ impl SimNode {
     /// Crashes the process and loses its whole disk: it restarts empty, with a new storage
     /// identity (a wiped or replaced data directory).
     pub fn lose_disk(&mut self) {
-        self.replica = None;
+        self.exec = None;
+        self.running = false;
         self.incarnation += 1;
         self.disk_generation += 1;
         self.disk = Disk::default();
@@ -131,7 +139,8 @@ impl SimNode {
     /// Crashes the process: the replica is gone, the disk keeps its durable part plus
     /// `extra_unsynced` entries of the unsynced tail.
     pub fn crash(&mut self, extra_unsynced: usize) {
-        self.replica = None;
+        self.exec = None;
+        self.running = false;
         self.incarnation += 1;
         let (hard, first, entries) = self.disk.crash(extra_unsynced);
         self.disk = Disk::recovered(hard, first, entries);

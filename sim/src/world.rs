@@ -6,8 +6,8 @@
 //!     ▼
 //!   Tick ──▶ Replica::step(Tick) on every live node, CoordCore::step(Tick)
 //!   Deliver(msg) ──▶ the receiving core's step; what it returns is executed:
-//!        Replica: SaveHardState → disk (durable at once)   AppendLog/TruncateLog → disk
-//!                 SendAppend / SendAppendResponse / Reply → Network::plan → Deliver items
+//!        Replica: by the server's own `Executor`, over `NodeIo`: SaveHardState, log commands
+//!                 → disk; SendAppend / SendAppendResponse / Reply → Network::plan → Deliver
 //!        Coord:   PersistTerm → durable term   SendHeartbeat/SendPrepare → RPC + timeout item
 //!                 PublishLeader → a view message to every client
 //!   Fsync ──▶ Disk::complete_sync ──▶ Replica::step(Persisted { write_id })
@@ -34,7 +34,10 @@ use kvraft_common::config::WaitFor;
 use kvraft_common::{LogIndex, NodeId, Term};
 use kvraft_coord::core::{self as coord, CoordCore, CoreConfig, LogPosition};
 use kvraft_proto::{AppendEntriesRequest, AppendEntriesResponse, PutCommand};
-use kvraft_server::replica::{Command, Event, RangeQuery, Reply, ReplyTo};
+use kvraft_server::executor::{Executor, Io, Storage};
+use kvraft_server::log_writer::DiskFull;
+use kvraft_server::replica::{Command, Event, RangeQuery, Replica, Reply, ReplyTo, StreamId};
+use kvraft_server::state_machine::Change;
 use prost::bytes::Bytes;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -413,7 +416,7 @@ impl World {
     fn leader(&self) -> Option<u32> {
         self.nodes
             .iter()
-            .filter_map(|n| n.replica.as_ref())
+            .filter_map(SimNode::replica)
             .filter(|r| r.is_leader())
             .max_by_key(|r| r.term())
             .map(|r| r.id().0)
@@ -481,13 +484,14 @@ impl World {
                     // The runtime makes the state machine durable on a timer; here at random
                     // moments, so crashes fall at every distance from the last one.
                     if chance(&mut self.rng, STATE_WRITE_PERMILLE) {
-                        if let Some(replica) = self.nodes[id as usize - 1].replica.as_mut() {
-                            replica.write_state();
+                        if let Some(exec) = self.nodes[id as usize - 1].exec.as_mut() {
+                            exec.replica_mut().write_state();
                         }
                     }
                     if chance(&mut self.rng, STATE_SYNC_PERMILLE) {
-                        if let Some(replica) = self.nodes[id as usize - 1].replica.as_mut() {
-                            let applied = replica
+                        if let Some(exec) = self.nodes[id as usize - 1].exec.as_mut() {
+                            let applied = exec
+                                .replica_mut()
                                 .sync_state()
                                 .map_err(|e| format!("node {id}: state sync failed: {e}"))?;
                             self.step_node(
@@ -520,8 +524,7 @@ impl World {
                 let n = &mut self.nodes[node as usize - 1];
                 if n.is_up() && n.incarnation == life {
                     let write_id = n.disk.complete_sync();
-                    n.writer.synced();
-                    self.step_node(node, Event::Persisted { write_id })?;
+                    self.run_node(node, |exec| exec.log_synced(write_id))?;
                 }
             }
             Item::Refused { rpc } => {
@@ -814,61 +817,37 @@ impl World {
     // ------------------------------------------------------------------ replicas
 
     fn step_node(&mut self, id: u32, event: Event) -> Result<(), String> {
+        self.run_node(id, |exec| exec.step(event))
+    }
+
+    /// Feeds a node's executor (`feed`), then executes the batch through the simulated disk
+    /// and network, as the runtime does through its files and sockets.
+    fn run_node(&mut self, id: u32, feed: impl FnOnce(&mut Executor)) -> Result<(), String> {
         let i = id as usize - 1;
-        let Some(replica) = self.nodes[i].replica.as_mut() else {
+        let Some(mut exec) = self.nodes[i].exec.take() else {
             return Ok(());
         };
-        let mut cmds = replica.step(event);
-        cmds.extend(replica.flush());
-        let installed = cmds
-            .iter()
-            .any(|c| matches!(c, Command::SnapshotInstalled { .. }));
-        canonical_order(&mut cmds);
-        if self.cfg.verbose {
-            trace_node(id, replica, &cmds);
-        }
-        for cmd in cmds {
-            match &cmd {
-                Command::AppendLog(entries) => self.inv.on_append(id, entries)?,
-                Command::TruncateLog(from) => self.inv.on_truncate(id, from.0),
-                Command::CompactLog(_) => self.faults.compactions += 1,
-                Command::ResetLog(next) => self.inv.on_reset(id, next.0)?,
-                _ => {}
-            }
-            let node = &mut self.nodes[i];
-            let rest = node
-                .writer
-                .execute(cmd, &mut node.disk)
-                .map_err(|e| format!("node {id}: log write failed: {e}"))?;
-            if let Some(cmd) = rest {
-                self.execute(id, cmd)?;
-            }
-        }
+        feed(&mut exec);
+        let mut io = NodeIo {
+            world: self,
+            id,
+            failure: None,
+            published: None,
+        };
+        let executed = exec.execute(&mut io);
+        let (failure, published) = (io.failure, io.published);
         let node = &mut self.nodes[i];
-        node.writer
-            .flush(&mut node.disk)
-            .map_err(|e| format!("node {id}: log write failed: {e}"))?;
-        if node.writer.take_change().is_some() {
-            self.faults.disk_full_changes += 1;
+        node.exec = Some(exec);
+        executed.map_err(|e| format!("node {id}: {e}"))?;
+        if let Some(failure) = failure {
+            return Err(failure);
         }
-        if let Some(write_id) = node.writer.sync_target() {
-            node.disk.start_sync(write_id);
-            let ms = if chance(&mut self.rng, FSYNC_SLOW_PERMILLE) {
-                self.rng.random_range(FSYNC_SLOW_MS)
-            } else {
-                self.rng.random_range(FSYNC_MS)
-            };
-            let life = node.incarnation;
-            self.schedule(self.now_ms + ms, Item::Fsync { node: id, life });
-        }
-        let changes = (self.nodes[i].replica.as_mut())
-            .expect("invariant: stepped above")
-            .take_changes();
         let node = &self.nodes[i];
-        let replica = node.replica.as_ref().expect("invariant: stepped above");
+        let exec = node.exec.as_ref().expect("invariant: put back above");
+        let replica = exec.replica();
         // What the state machine holds durably counts as durable log (an installed snapshot).
         let durable = node.disk.durable_index().max(node.engine.durable_applied());
-        if node.disk.last_index() + node.writer.pending() as u64 != replica.last_index()
+        if node.disk.last_index() + exec.log_pending() as u64 != replica.last_index()
             || durable < replica.durable_index()
             || node.disk.first() > replica.log_base().index + 1
         {
@@ -884,97 +863,8 @@ impl World {
             ));
         }
         self.inv.after_step(id, replica)?;
+        let (installed, changes) = published.expect("invariant: every execution publishes");
         self.inv.check_changes(id, replica, changes, installed)
-    }
-
-    fn execute(&mut self, id: u32, cmd: Command) -> Result<(), String> {
-        let i = id as usize - 1;
-        match cmd {
-            Command::SaveHardState(hs) => {
-                let old = self.nodes[i].disk.hard;
-                let ok = hs.term > old.term
-                    || (hs.term == old.term && (old.leader == 0 || old.leader == hs.leader));
-                if !ok {
-                    return Err(format!("node {id} saved hard state {hs:?} over {old:?}"));
-                }
-                self.nodes[i].disk.hard = hs;
-            }
-            Command::AppendLog(_)
-            | Command::TruncateLog(_)
-            | Command::CompactLog(_)
-            | Command::ResetLog(_) => unreachable!("log commands are the writer's"),
-            Command::SendAppend { to, req } => {
-                let generation = self.network.stream(id, to.0);
-                let msg = Msg::Append {
-                    leader: id,
-                    follower: to.0,
-                    generation,
-                    req,
-                };
-                self.send(Endpoint::Node(id), Endpoint::Node(to.0), msg);
-            }
-            Command::SendAppendResponse { stream, resp } => {
-                let leader = (stream >> 32) as u32;
-                let generation = stream & 0xffff_ffff;
-                let msg = Msg::AppendResp {
-                    leader,
-                    follower: id,
-                    generation,
-                    resp,
-                };
-                self.send(Endpoint::Node(id), Endpoint::Node(leader), msg);
-            }
-            Command::Reply { to, mut reply } => {
-                // As the runtime: a full disk does not claim to lead.
-                self.nodes[i].writer.adjust_report(&mut reply);
-                match self.replies.remove(&(id, to)) {
-                    Some(Route::Coord { rpc }) => {
-                        let msg = match reply {
-                            Reply::Report(report) => Msg::HeartbeatReply { rpc, report },
-                            Reply::Prepare {
-                                ok,
-                                term,
-                                last_log_term,
-                                last_log_index,
-                                uuid,
-                            } => Msg::PrepareReply {
-                                rpc,
-                                ok,
-                                term: term.0,
-                                last_log_term: last_log_term.0,
-                                last_log_index: last_log_index.0,
-                                uuid,
-                            },
-                            other => return Err(format!("coord RPC answered with {other:?}")),
-                        };
-                        self.send(Endpoint::Node(id), Endpoint::Coord, msg);
-                    }
-                    Some(Route::Client { client, attempt }) => {
-                        let msg = Msg::Response { attempt, reply };
-                        self.send(Endpoint::Node(id), Endpoint::Client(client), msg);
-                    }
-                    None => {
-                        return Err(format!("node {id} answered unknown reply handle {}", to.0))
-                    }
-                }
-            }
-            Command::Refused { from, reason } => {
-                return Err(format!(
-                    "node {id} refused a message of node {from}, which only correct nodes send \
-                     here: {reason}"
-                ));
-            }
-            Command::SnapshotSending { .. } => {}
-            Command::SnapshotInstalled { .. } => self.faults.snapshots_installed += 1,
-            Command::RoleChanged { leader, term } => {
-                if leader {
-                    self.faults.leaders_elected += 1;
-                    let replica = self.nodes[i].replica.as_ref().expect("invariant: stepping");
-                    self.inv.on_leader(id, term.0, replica)?;
-                }
-            }
-        }
-        Ok(())
     }
 
     // ------------------------------------------------------------------ coord
@@ -1239,6 +1129,158 @@ impl World {
             );
             self.coord = Some(core);
         }
+    }
+}
+
+/// One node's view of the world while its executor runs a batch: the node's disk, the
+/// simulated network and the reply routes. The first violation it sees is kept in `failure`.
+struct NodeIo<'w> {
+    world: &'w mut World,
+    id: u32,
+    failure: Option<String>,
+    /// What the batch applied (checked once the step is done), and whether it installed a
+    /// snapshot.
+    published: Option<(bool, Vec<Change>)>,
+}
+
+impl NodeIo<'_> {
+    fn check(&mut self, result: Result<(), String>) {
+        if let (Err(e), None) = (result, &self.failure) {
+            self.failure = Some(e);
+        }
+    }
+}
+
+impl Io for NodeIo<'_> {
+    fn storage(&mut self) -> &mut dyn Storage {
+        &mut self.world.nodes[self.id as usize - 1].disk
+    }
+
+    fn inspect(&mut self, replica: &Replica, cmds: &mut Vec<Command>) {
+        canonical_order(cmds);
+        if self.world.cfg.verbose {
+            trace_node(self.id, replica, cmds);
+        }
+        let id = self.id;
+        for cmd in cmds.iter() {
+            let result = match cmd {
+                Command::AppendLog(entries) => self.world.inv.on_append(id, entries),
+                Command::TruncateLog(from) => {
+                    self.world.inv.on_truncate(id, from.0);
+                    Ok(())
+                }
+                Command::CompactLog(_) => {
+                    self.world.faults.compactions += 1;
+                    Ok(())
+                }
+                Command::ResetLog(next) => self.world.inv.on_reset(id, next.0),
+                _ => Ok(()),
+            };
+            self.check(result);
+        }
+    }
+
+    fn publish(&mut self, _replica: &Replica, installed: Option<LogIndex>, changes: Vec<Change>) {
+        self.published = Some((installed.is_some(), changes));
+    }
+
+    fn start_log_sync(&mut self, write_id: u64) {
+        let world = &mut *self.world;
+        let node = &mut world.nodes[self.id as usize - 1];
+        node.disk.start_sync(write_id);
+        let life = node.incarnation;
+        let ms = if chance(&mut world.rng, FSYNC_SLOW_PERMILLE) {
+            world.rng.random_range(FSYNC_SLOW_MS)
+        } else {
+            world.rng.random_range(FSYNC_MS)
+        };
+        world.schedule(
+            world.now_ms + ms,
+            Item::Fsync {
+                node: self.id,
+                life,
+            },
+        );
+    }
+
+    fn send_append(&mut self, to: NodeId, req: AppendEntriesRequest) {
+        let generation = self.world.network.stream(self.id, to.0);
+        let msg = Msg::Append {
+            leader: self.id,
+            follower: to.0,
+            generation,
+            req,
+        };
+        (self.world).send(Endpoint::Node(self.id), Endpoint::Node(to.0), msg);
+    }
+
+    fn send_append_response(&mut self, stream: StreamId, resp: AppendEntriesResponse) {
+        let leader = (stream >> 32) as u32;
+        let generation = stream & 0xffff_ffff;
+        let msg = Msg::AppendResp {
+            leader,
+            follower: self.id,
+            generation,
+            resp,
+        };
+        (self.world).send(Endpoint::Node(self.id), Endpoint::Node(leader), msg);
+    }
+
+    fn reply(&mut self, to: ReplyTo, reply: Reply) {
+        let id = self.id;
+        let msg = match self.world.replies.remove(&(id, to)) {
+            Some(Route::Coord { rpc }) => match reply {
+                Reply::Report(report) => Msg::HeartbeatReply { rpc, report },
+                Reply::Prepare {
+                    ok,
+                    term,
+                    last_log_term,
+                    last_log_index,
+                    uuid,
+                } => Msg::PrepareReply {
+                    rpc,
+                    ok,
+                    term: term.0,
+                    last_log_term: last_log_term.0,
+                    last_log_index: last_log_index.0,
+                    uuid,
+                },
+                other => return self.check(Err(format!("coord RPC answered with {other:?}"))),
+            },
+            Some(Route::Client { client, attempt }) => {
+                let msg = Msg::Response { attempt, reply };
+                (self.world).send(Endpoint::Node(id), Endpoint::Client(client), msg);
+                return;
+            }
+            None => {
+                return self.check(Err(format!(
+                    "node {id} answered unknown reply handle {}",
+                    to.0
+                )))
+            }
+        };
+        (self.world).send(Endpoint::Node(id), Endpoint::Coord, msg);
+    }
+
+    fn notice(&mut self, replica: &Replica, cmd: Command) {
+        let id = self.id;
+        match cmd {
+            Command::Refused { from, reason } => self.check(Err(format!(
+                "node {id} refused a message of node {from}, which only correct nodes send \
+                 here: {reason}"
+            ))),
+            Command::SnapshotInstalled { .. } => self.world.faults.snapshots_installed += 1,
+            Command::RoleChanged { leader: true, term } => {
+                self.world.faults.leaders_elected += 1;
+                let result = self.world.inv.on_leader(id, term.0, replica);
+                self.check(result);
+            }
+            _ => {}
+        }
+    }
+
+    fn disk_full_changed(&mut self, _change: DiskFull) {
+        self.world.faults.disk_full_changes += 1;
     }
 }
 
