@@ -39,6 +39,22 @@ impl LogIndex {
     }
 }
 
+/// `index + n`: the entry `n` places later (overflow is a bug, checked in debug builds).
+impl std::ops::Add<u64> for LogIndex {
+    type Output = LogIndex;
+    fn add(self, n: u64) -> LogIndex {
+        LogIndex(self.0 + n)
+    }
+}
+
+/// `index - n`: the entry `n` places earlier (underflow is a bug, checked in debug builds).
+impl std::ops::Sub<u64> for LogIndex {
+    type Output = LogIndex;
+    fn sub(self, n: u64) -> LogIndex {
+        LogIndex(self.0 - n)
+    }
+}
+
 impl fmt::Display for NodeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.0)

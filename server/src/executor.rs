@@ -301,7 +301,7 @@ mod tests {
         );
         exec.log_synced(1);
         exec.execute(&mut io).expect("executes");
-        assert_eq!(exec.replica().commit_index(), 1, "the no-op commits");
+        assert_eq!(exec.replica().commit_index().0, 1, "the no-op commits");
     }
 
     /// A full disk: the no-op waits in the backlog, no fsync covers it, nothing commits, and
@@ -332,7 +332,7 @@ mod tests {
             Some("reply report Follower"),
             "a leader that cannot write its log does not claim to lead"
         );
-        assert_eq!(exec.replica().commit_index(), 0);
+        assert_eq!(exec.replica().commit_index().0, 0);
 
         io.full = false;
         io.ops.clear();
@@ -340,6 +340,6 @@ mod tests {
         assert_eq!(io.ops, ["append 1", "disk writable", "fsync 1"]);
         exec.log_synced(1);
         exec.execute(&mut io).expect("executes");
-        assert_eq!(exec.replica().commit_index(), 1);
+        assert_eq!(exec.replica().commit_index().0, 1);
     }
 }

@@ -92,6 +92,14 @@ impl ReplyTo {
         ReplyTo(self.0 + 1)
     }
 }
+/// A client request's identity (DESIGN rule 7): its session and its sequence number in it.
+/// Attempts of one request share it; the state machine applies it once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RequestId {
+    pub session: u64,
+    pub seq: u64,
+}
+
 /// Opaque handle of an incoming replication stream (a leader talking to this follower).
 pub type StreamId = u64;
 
@@ -311,8 +319,8 @@ pub enum Command {
 
 #[derive(Debug)]
 struct Peer {
-    next_index: u64,
-    match_index: u64,
+    next_index: LogIndex,
+    match_index: LogIndex,
     /// Highest ReadIndex round the peer has confirmed in this term.
     acked_round: u64,
     /// After a rejection or a broken stream: one message at a time until the logs match.
@@ -337,21 +345,21 @@ struct PendingRead {
     reply: ReplyTo,
     round: u64,
     /// Commit index when the read arrived (set once the no-op has committed).
-    read_index: Option<u64>,
+    read_index: Option<LogIndex>,
 }
 
 #[derive(Debug)]
 struct Leader {
     peers: BTreeMap<NodeId, Peer>,
-    noop_index: u64,
+    noop_index: LogIndex,
     /// Latest ReadIndex round sent to followers.
     read_round: u64,
     /// Reads wait for a round to be sent.
     round_wanted: bool,
     reads: VecDeque<PendingRead>,
     /// Attempts waiting for `(session, seq)`, and the highest `ack_seq` appended for it.
-    put_waiters: BTreeMap<(u64, u64), PutWaiters>,
-    register_waiters: BTreeMap<u64, ReplyTo>,
+    put_waiters: BTreeMap<RequestId, PutWaiters>,
+    register_waiters: BTreeMap<LogIndex, ReplyTo>,
     /// Log time (what entries are stamped with, for session expiry) is the time of the last
     /// entry when this leadership began plus the leader's own clock since then: it never goes
     /// back, and a wall-clock jump or skew on any one server moves it not at all.
@@ -359,7 +367,7 @@ struct Leader {
     now_base_ms: u64,
     /// Catching-up peers (DESIGN rule 10): the storage identity each came back with and the
     /// index it must hold (matched in this term) before it counts again.
-    catch_up_targets: BTreeMap<NodeId, (String, u64)>,
+    catch_up_targets: BTreeMap<NodeId, (String, LogIndex)>,
     /// Last snapshot transfer id used in this term.
     next_transfer: u64,
 }
@@ -380,11 +388,11 @@ pub struct Replica {
     hard: HardState,
     /// The entries after the compacted base.
     log: ReplicaLog,
-    commit_index: u64,
+    commit_index: LogIndex,
     sm: StateMachine,
     durability: Durability,
     /// The follower's log equals the current leader's up to here (reset on a new term).
-    verified_index: u64,
+    verified_index: LogIndex,
     /// Stream (and last ReadIndex round) of the current leader, acknowledged again whenever
     /// more of the log becomes durable.
     ack_stream: Option<(StreamId, u64)>,
@@ -398,7 +406,7 @@ pub struct Replica {
     catching_up: BTreeMap<NodeId, String>,
     /// The last term this process answered `Prepare` for (in memory: a restarted process has
     /// answered none). Only the process whose answer the coord chose may lead that term.
-    prepared_term: u64,
+    prepared_term: Term,
     /// This server's own clock, in ms from any origin; only ever moves forward.
     now_ms: u64,
     out: Vec<Command>,
@@ -495,16 +503,16 @@ impl Replica {
             hard,
             log: ReplicaLog::new(base, entries),
             // Only committed entries are ever applied.
-            commit_index: applied,
+            commit_index: LogIndex(applied),
             sm,
-            durability: Durability::recovered(durable_index),
-            verified_index: 0,
+            durability: Durability::recovered(LogIndex(durable_index)),
+            verified_index: LogIndex(0),
             ack_stream: None,
             incoming: None,
             snapshot_counts: LogStatus::default(),
             leader: None,
             catching_up: BTreeMap::new(),
-            prepared_term: 0,
+            prepared_term: Term(0),
             now_ms: 0,
             out: Vec::new(),
         })
@@ -515,25 +523,25 @@ impl Replica {
     pub fn id(&self) -> NodeId {
         self.cfg.id
     }
-    pub fn term(&self) -> u64 {
+    pub fn term(&self) -> Term {
         self.hard.term
     }
     pub fn is_leader(&self) -> bool {
         self.leader.is_some()
     }
     pub fn leader_hint(&self) -> NodeId {
-        NodeId(self.hard.leader)
+        self.hard.leader
     }
-    pub fn commit_index(&self) -> u64 {
+    pub fn commit_index(&self) -> LogIndex {
         self.commit_index
     }
-    pub fn last_applied(&self) -> u64 {
-        self.sm.last_applied()
+    pub fn last_applied(&self) -> LogIndex {
+        LogIndex(self.sm.last_applied())
     }
-    pub fn last_index(&self) -> u64 {
-        self.log.last_index()
+    pub fn last_index(&self) -> LogIndex {
+        LogIndex(self.log.last_index())
     }
-    pub fn durable_index(&self) -> u64 {
+    pub fn durable_index(&self) -> LogIndex {
         self.durability.durable_index
     }
     pub fn entry(&self, index: u64) -> Option<&LogEntry> {
@@ -560,8 +568,8 @@ impl Replica {
 
     /// The term at `index`, 0 where it is not known (compacted, or beyond the end); callers
     /// that may ask below the base say what that means for them.
-    fn term_at(&self, index: u64) -> u64 {
-        self.log.term_at(index).unwrap_or(0)
+    fn term_at(&self, index: LogIndex) -> Term {
+        Term(self.log.term_at(index.0).unwrap_or(0))
     }
 
     pub fn report(&self) -> ServerReport {
@@ -569,16 +577,16 @@ impl Replica {
         ServerReport {
             server_id: self.cfg.id.0,
             uuid: self.cfg.uuid.clone(),
-            term: self.hard.term,
+            term: self.hard.term.0,
             role: if self.leads_a_majority() {
                 kvraft_proto::Role::Leader as i32
             } else {
                 kvraft_proto::Role::Follower as i32
             },
-            leader_id: self.hard.leader,
-            last_log_term: self.term_at(durable),
-            last_log_index: durable,
-            commit_index: self.commit_index,
+            leader_id: self.hard.leader.0,
+            last_log_term: self.term_at(durable).0,
+            last_log_index: durable.0,
+            commit_index: self.commit_index.0,
             // Filled in by the runtime, which owns the data directory's identity.
             cluster_id: String::new(),
             caught_up: self.caught_up(),
@@ -597,8 +605,8 @@ impl Replica {
                 leader,
                 catching_up,
                 reply,
-            } => self.on_coord_heartbeat(term.0, leader, catching_up, reply),
-            Event::Prepare { term, reply } => self.on_prepare(term.0, reply),
+            } => self.on_coord_heartbeat(term, leader, catching_up, reply),
+            Event::Prepare { term, reply } => self.on_prepare(term, reply),
             Event::AppendEntries { stream, req } => self.on_append_entries(stream, req),
             Event::AppendEntriesResponse { resp } => self.on_append_response(resp),
             Event::PeerDisconnected { peer } => self.on_peer_disconnected(peer),
@@ -608,13 +616,10 @@ impl Replica {
             Event::Get { key, reply } => self.on_read(ReadQuery::Get(key), reply),
             Event::Range { query, reply } => self.on_read(ReadQuery::Range(query), reply),
             Event::Persisted { write_id } => self.on_persisted(write_id),
-            Event::StateDurable { applied } => self.compact(applied.0),
+            Event::StateDurable { applied } => self.compact(applied),
             Event::Status { reply } => {
                 let followers = self.leader.as_ref().map_or(Vec::new(), |l| {
-                    l.peers
-                        .iter()
-                        .map(|(id, p)| (*id, LogIndex(p.match_index)))
-                        .collect()
+                    l.peers.iter().map(|(id, p)| (*id, p.match_index)).collect()
                 });
                 let status = Reply::Status {
                     followers,
@@ -649,31 +654,28 @@ impl Replica {
 
     fn not_leader(&self) -> ClientError {
         ClientError::NotLeader {
-            leader: NodeId(self.hard.leader),
-            term: Term(self.hard.term),
+            leader: self.hard.leader,
+            term: self.hard.term,
         }
     }
 
     // ------------------------------------------------------------------ terms
 
     /// Durably moves to a newer term (DESIGN rule 1), dropping leadership of the old one.
-    fn adopt_term(&mut self, term: u64, leader: NodeId) {
+    fn adopt_term(&mut self, term: Term, leader: NodeId) {
         assert!(term > self.hard.term, "invariant: terms only grow");
-        self.hard = HardState {
-            term,
-            leader: leader.0,
-        };
+        self.hard = HardState { term, leader };
         self.out.push(Command::SaveHardState(self.hard));
         // Waiting clients are told about the new term (their retry hint).
         self.step_down();
-        self.verified_index = 0;
+        self.verified_index = LogIndex(0);
         self.ack_stream = None;
         self.incoming = None;
     }
 
     fn accept_leader(&mut self, leader: NodeId) {
-        assert_eq!(self.hard.leader, 0, "invariant: one leader per term");
-        self.hard.leader = leader.0;
+        assert!(self.hard.leader.is_none(), "invariant: one leader per term");
+        self.hard.leader = leader;
         self.out.push(Command::SaveHardState(self.hard));
     }
 
@@ -703,13 +705,13 @@ impl Replica {
         }
         self.out.push(Command::RoleChanged {
             leader: false,
-            term: Term(self.hard.term),
+            term: self.hard.term,
         });
     }
 
     fn on_coord_heartbeat(
         &mut self,
-        term: u64,
+        term: Term,
         leader: NodeId,
         catching_up: Option<Vec<(NodeId, String)>>,
         reply: ReplyTo,
@@ -725,7 +727,7 @@ impl Replica {
         if !leader.is_none() {
             if term > self.hard.term && leader != self.cfg.id {
                 self.adopt_term(term, leader);
-            } else if term == self.hard.term && self.hard.leader == 0 {
+            } else if term == self.hard.term && self.hard.leader.is_none() {
                 if leader == self.cfg.id && self.prepared_term != term {
                     // Designated on a Prepare answer this process did not give: it restarted
                     // since, or its storage was replaced (rule 10) and the coord chose it for
@@ -750,11 +752,11 @@ impl Replica {
 
     /// Epoch change, phase one (DESIGN rule 2): fence first (adopt the term durably), then
     /// report the durable log position.
-    fn on_prepare(&mut self, term: u64, reply: ReplyTo) {
+    fn on_prepare(&mut self, term: Term, reply: ReplyTo) {
         if term < self.hard.term {
             let reply_msg = Reply::Prepare {
                 ok: false,
-                term: Term(self.hard.term),
+                term: self.hard.term,
                 last_log_term: Term(0),
                 last_log_index: LogIndex(0),
                 uuid: self.cfg.uuid.clone(),
@@ -768,9 +770,9 @@ impl Replica {
         let durable = self.durability.durable_index;
         let reply_msg = Reply::Prepare {
             ok: true,
-            term: Term(term),
-            last_log_term: Term(self.term_at(durable)),
-            last_log_index: LogIndex(durable),
+            term,
+            last_log_term: self.term_at(durable),
+            last_log_index: durable,
             uuid: self.cfg.uuid.clone(),
         };
         self.reply(reply, reply_msg);
@@ -778,7 +780,7 @@ impl Replica {
 
     // ------------------------------------------------------------------ commit and apply
 
-    fn set_commit(&mut self, index: u64) {
+    fn set_commit(&mut self, index: LogIndex) {
         assert!(
             index >= self.commit_index,
             "invariant: commit index never decreases"
@@ -799,7 +801,7 @@ impl Replica {
     /// durable). They reach the engine with the next [`Replica::write_state`].
     fn apply_committed(&mut self) {
         let to = self.commit_index.min(self.durability.durable_index);
-        while self.sm.last_applied() < to && self.sm.failure().is_none() {
+        while self.last_applied() < to && self.sm.failure().is_none() {
             let index = self.sm.last_applied() + 1;
             let entry = self
                 .log
@@ -825,15 +827,15 @@ impl Replica {
 
     /// Makes the state machine durable up to what it has applied; returns that index. The log
     /// below it is no longer needed for a restart.
-    pub fn sync_state(&mut self) -> Result<u64, crate::engine::EngineError> {
-        self.sm.sync()
+    pub fn sync_state(&mut self) -> Result<LogIndex, crate::engine::EngineError> {
+        self.sm.sync().map(LogIndex)
     }
 
     /// Log compaction: drops the entries at or below `applied` (durable in the state machine)
     /// but for the kept tail (`log_tail_entries`, `log_tail_bytes`), from memory and, by
     /// `CompactLog`, from the store. A follower that needs a dropped entry gets a snapshot.
-    fn compact(&mut self, applied: u64) {
-        let applied = applied.min(self.sm.last_applied());
+    fn compact(&mut self, applied: LogIndex) {
+        let applied = applied.min(self.last_applied()).0;
         let point =
             self.log
                 .compaction_point(applied, self.cfg.log_tail_entries, self.cfg.log_tail_bytes);

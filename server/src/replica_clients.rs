@@ -11,7 +11,7 @@ impl Replica {
         };
         match outcome {
             Outcome::SessionRegistered { index } => {
-                if let Some(w) = leader.register_waiters.remove(&index) {
+                if let Some(w) = leader.register_waiters.remove(&LogIndex(index)) {
                     self.reply(w, Reply::Registered(Ok(index)));
                 }
             }
@@ -21,7 +21,10 @@ impl Replica {
                 result,
                 duplicate,
             } => {
-                let waiters = leader.put_waiters.remove(&(session_id, seq));
+                let waiters = leader.put_waiters.remove(&RequestId {
+                    session: session_id,
+                    seq,
+                });
                 let result = result.map_err(client_error);
                 for w in waiters.into_iter().flat_map(|w| w.replies) {
                     let reply = Reply::Write {
@@ -37,7 +40,7 @@ impl Replica {
     pub(super) fn serving(&self) -> bool {
         self.leader
             .as_ref()
-            .is_some_and(|l| self.sm.last_applied() >= l.noop_index)
+            .is_some_and(|l| self.last_applied() >= l.noop_index)
     }
 
     pub(super) fn on_register(&mut self, client_id: String, reply: ReplyTo) {
@@ -92,7 +95,7 @@ impl Replica {
         if self.leader.is_none() {
             return refuse(self, self.not_leader());
         }
-        if session_id > self.last_index() {
+        if session_id > self.last_index().0 {
             // Session ids are indices of committed entries, and a current leader's log holds
             // every committed entry: this is no session, or this leader is deposed (the
             // request could not commit here anyway). Not definite: an earlier attempt of the
@@ -105,7 +108,10 @@ impl Replica {
             );
             return refuse(self, ClientError::Unavailable(e));
         }
-        let key = (session_id, seq);
+        let key = RequestId {
+            session: session_id,
+            seq,
+        };
         if self.serving() {
             if let Some(result) = self.sm.cached_result(session_id, seq) {
                 let reply_msg = Reply::Write {
@@ -189,7 +195,7 @@ impl Replica {
             self.send_to_all(true);
         }
         let confirmed = self.confirmed_round();
-        let applied = self.sm.last_applied();
+        let applied = self.last_applied();
         let leader = self.leader.as_mut().expect("invariant: checked above");
         let mut ready = Vec::new();
         while let Some(read) = leader.reads.front() {

@@ -9,25 +9,25 @@ use super::*;
 #[derive(Debug, Default)]
 pub(super) struct Durability {
     written: u64,
-    pending: VecDeque<(u64, u64)>,
-    pub(super) durable_index: u64,
+    pending: VecDeque<(u64, LogIndex)>,
+    pub(super) durable_index: LogIndex,
 }
 
 impl Durability {
     /// The log is durable up to `durable_index` (a recovered log, after its own fsync).
-    pub(super) fn recovered(durable_index: u64) -> Self {
+    pub(super) fn recovered(durable_index: LogIndex) -> Self {
         Durability {
             durable_index,
             ..Durability::default()
         }
     }
 
-    pub(super) fn wrote(&mut self, last_index: u64) {
+    pub(super) fn wrote(&mut self, last_index: LogIndex) {
         self.written += 1;
         self.pending.push_back((self.written, last_index));
     }
 
-    pub(super) fn truncated(&mut self, from: u64) {
+    pub(super) fn truncated(&mut self, from: LogIndex) {
         let keep = from - 1;
         self.durable_index = self.durable_index.min(keep);
         for (_, last) in self.pending.iter_mut() {
@@ -36,7 +36,7 @@ impl Durability {
     }
 
     /// The log was discarded for a snapshot of everything up to `index` (durable).
-    pub(super) fn reset(&mut self, index: u64) {
+    pub(super) fn reset(&mut self, index: LogIndex) {
         self.durable_index = index;
         for (_, last) in self.pending.iter_mut() {
             *last = (*last).min(index);

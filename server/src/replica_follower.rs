@@ -10,25 +10,25 @@ impl Replica {
     /// until the coord has told it the current term: otherwise a deposed leader it can still
     /// reach could count its acknowledgements and overwrite committed entries.
     pub(super) fn blank(&self) -> bool {
-        self.hard.term == 0 && self.log.last_index() == 0
+        self.hard.term == Term(0) && self.log.last_index() == 0
     }
 
     pub(super) fn on_append_entries(&mut self, stream: StreamId, req: AppendEntriesRequest) {
-        let leader = NodeId(req.leader_id);
+        let (leader, term) = (NodeId(req.leader_id), Term(req.term));
         if self.blank() {
             return self.respond(stream, false, 0, 0);
         }
         if let Err(reason) = self.check_append(&req) {
             return self.refuse_append(stream, leader, reason);
         }
-        if req.term > self.hard.term.saturating_add(1) {
+        if term > self.hard.term.next() {
             // Terms come from the coord (rule 1): a peer may move us one term on (the new
             // leader of the next term, whose designation we have not heard yet), no further, so
             // no message of a peer, genuine or forged, can push the term towards 2^64. The
             // coord's heartbeat brings the current term and leader within a heartbeat.
             return self.respond(stream, false, 0, 0);
         }
-        if req.term < self.hard.term {
+        if term < self.hard.term {
             // Its read round belongs to the older term: echoing it under ours would confirm a
             // round of our term's leader that this answer never saw (rule 8).
             return self.respond(stream, false, 0, 0);
@@ -36,11 +36,11 @@ impl Replica {
         if let Err(reason) = self.check_committed_prefix(&req) {
             return self.refuse_append(stream, leader, reason);
         }
-        if req.term > self.hard.term {
-            self.adopt_term(req.term, leader);
-        } else if self.hard.leader == 0 {
+        if term > self.hard.term {
+            self.adopt_term(term, leader);
+        } else if self.hard.leader.is_none() {
             self.accept_leader(leader);
-        } else if self.hard.leader != leader.0 {
+        } else if self.hard.leader != leader {
             // One leader per term: refuse any other (DESIGN rule 2).
             return self.respond(stream, false, 0, 0);
         }
@@ -48,15 +48,16 @@ impl Replica {
             return; // a leader never receives its own term's AppendEntries from another
         }
         if let Some(chunk) = req.snapshot {
-            return self.on_snapshot_chunk(stream, leader, req.term, req.read_round, chunk);
+            return self.on_snapshot_chunk(stream, leader, term, req.read_round, chunk);
         }
-        if let Some(conflict) = self.log_mismatch(req.prev_log_index, req.prev_log_term) {
-            return self.respond(stream, false, conflict, req.read_round);
+        let prev = LogIndex(req.prev_log_index);
+        if let Some(conflict) = self.log_mismatch(prev, Term(req.prev_log_term)) {
+            return self.respond(stream, false, conflict.0, req.read_round);
         }
-        let end = req.prev_log_index + req.entries.len() as u64;
+        let end = prev + req.entries.len() as u64;
         self.merge_entries(req.entries);
         self.verified_index = self.verified_index.max(end);
-        let commit = req.leader_commit.min(self.verified_index);
+        let commit = LogIndex(req.leader_commit).min(self.verified_index);
         if commit > self.commit_index {
             self.set_commit(commit);
         }
@@ -126,17 +127,18 @@ impl Replica {
     pub(super) fn check_committed_prefix(&self, req: &AppendEntriesRequest) -> Result<(), String> {
         let base = self.log.base().index;
         for (i, e) in req.entries.iter().enumerate() {
-            if e.index > self.commit_index {
+            let index = LogIndex(e.index);
+            if index > self.commit_index {
                 break;
             }
             // Below the base the terms are gone; those entries are committed and applied here,
             // and merging skips them.
-            if e.index >= base && self.term_at(e.index) != e.term {
+            if e.index >= base && self.term_at(index) != Term(e.term) {
                 return Err(format!(
                     "entries[{i}] (index {}, term {}) contradicts committed entry of term {}",
                     e.index,
                     e.term,
-                    self.term_at(e.index)
+                    self.term_at(index)
                 ));
             }
         }
@@ -145,11 +147,11 @@ impl Replica {
 
     /// The fast-backup hint when our log does not hold `(prev_index, prev_term)`: the first
     /// index of the conflicting term (never at or below the commit index), or our end.
-    pub(super) fn log_mismatch(&self, prev_index: u64, prev_term: u64) -> Option<u64> {
+    pub(super) fn log_mismatch(&self, prev_index: LogIndex, prev_term: Term) -> Option<LogIndex> {
         if prev_index > self.last_index() {
             return Some(self.last_index() + 1);
         }
-        if prev_index < self.log.base().index {
+        if prev_index.0 < self.log.base().index {
             // Compacted here, so committed: every leader of this term or a newer one holds it.
             return None;
         }
@@ -159,7 +161,7 @@ impl Replica {
         }
         let mut first = prev_index;
         while first > self.commit_index + 1 && self.term_at(first - 1) == ours {
-            first -= 1;
+            first = first - 1;
         }
         Some(first.max(self.commit_index + 1))
     }
@@ -170,25 +172,25 @@ impl Replica {
         let mut fresh = Vec::new();
         let base = self.log.base().index;
         for entry in entries {
+            let index = LogIndex(entry.index);
             if entry.index <= base {
                 continue; // compacted here: committed and applied
             }
-            if !fresh.is_empty() || entry.index > self.last_index() {
+            if !fresh.is_empty() || index > self.last_index() {
                 fresh.push(entry);
                 continue;
             }
-            if self.term_at(entry.index) == entry.term {
+            if self.term_at(index) == Term(entry.term) {
                 continue;
             }
             assert!(
-                entry.index > self.commit_index,
-                "invariant: never truncate a committed entry (index {}, commit {})",
-                entry.index,
+                index > self.commit_index,
+                "invariant: never truncate a committed entry (index {index}, commit {})",
                 self.commit_index
             );
             self.log.truncate_from(entry.index);
-            self.durability.truncated(entry.index);
-            self.out.push(Command::TruncateLog(LogIndex(entry.index)));
+            self.durability.truncated(index);
+            self.out.push(Command::TruncateLog(index));
             fresh.push(entry);
         }
         if fresh.is_empty() {
@@ -201,7 +203,7 @@ impl Replica {
 
     pub(super) fn respond_success(&mut self, stream: StreamId, read_round: u64) {
         let mut resp = self.response(true, 0, read_round);
-        resp.match_index = self.durability.durable_index.min(self.verified_index);
+        resp.match_index = self.durability.durable_index.min(self.verified_index).0;
         self.out.push(Command::SendAppendResponse { stream, resp });
     }
 
@@ -223,7 +225,7 @@ impl Replica {
         read_round: u64,
     ) -> AppendEntriesResponse {
         AppendEntriesResponse {
-            term: self.hard.term,
+            term: self.hard.term.0,
             follower_id: self.cfg.id.0,
             success,
             match_index: 0,

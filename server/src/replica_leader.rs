@@ -42,9 +42,13 @@ impl Replica {
     /// The `majority`-th highest value among this leader's own and its counted peers' values,
     /// or `None` when fewer than a majority of all servers count. Quorums are always majorities
     /// of all configured servers (rule 3); a catching-up peer only makes them harder to reach.
-    pub(super) fn quorum_value(&self, own: u64, of_peer: impl Fn(&Peer) -> u64) -> Option<u64> {
+    pub(super) fn quorum_value<T: Ord + Copy>(
+        &self,
+        own: T,
+        of_peer: impl Fn(&Peer) -> T,
+    ) -> Option<T> {
         let leader = self.leader.as_ref()?;
-        let mut values: Vec<u64> = leader
+        let mut values: Vec<T> = leader
             .peers
             .iter()
             .filter(|(&id, _)| Self::counts(leader, id))
@@ -91,7 +95,7 @@ impl Replica {
                     leader.catch_up_targets.insert(id, (uuid.clone(), last));
                     // What it acknowledged before it lost its storage no longer holds.
                     if let Some(peer) = leader.peers.get_mut(&id) {
-                        peer.match_index = 0;
+                        peer.match_index = LogIndex(0);
                         peer.next_index = peer.next_index.min(last + 1);
                         peer.probing = true;
                         peer.probe_outstanding = false;
@@ -121,7 +125,7 @@ impl Replica {
             .map(|&p| {
                 let peer = Peer {
                     next_index: next,
-                    match_index: 0,
+                    match_index: LogIndex(0),
                     acked_round: 0,
                     probing: true,
                     probe_outstanding: false,
@@ -147,7 +151,7 @@ impl Replica {
         });
         self.out.push(Command::RoleChanged {
             leader: true,
-            term: Term(self.hard.term),
+            term: self.hard.term,
         });
         self.append_local(Payload::Noop(Noop {}));
         // Catching-up peers must reach at least the no-op: it follows every committed entry.
@@ -157,7 +161,7 @@ impl Replica {
         self.advance_commit();
     }
 
-    pub(super) fn append_local(&mut self, payload: Payload) -> u64 {
+    pub(super) fn append_local(&mut self, payload: Payload) -> LogIndex {
         let index = self.last_index() + 1;
         let leader = self
             .leader
@@ -166,8 +170,8 @@ impl Replica {
         let elapsed_ms = self.now_ms.saturating_sub(leader.now_base_ms);
         let previous_ms = self.log.last_time_ms();
         let entry = LogEntry {
-            term: self.hard.term,
-            index,
+            term: self.hard.term.0,
+            index: index.0,
             time_ms: previous_ms.max(leader.log_time_base_ms.saturating_add(elapsed_ms)),
             payload: Some(payload),
         };
@@ -197,12 +201,13 @@ impl Replica {
             .peers
             .get_mut(&peer_id)
             .expect("invariant: known peer");
-        if peer.snapshot.is_some() || peer.next_index <= base.index {
+        if peer.snapshot.is_some() || peer.next_index.0 <= base.index {
             // It needs entries this leader compacted: a snapshot, plus empty heartbeats at the
             // base (their answers confirm read rounds; their hints are ignored meanwhile).
             if heartbeat {
                 peer.last_sent_ms = now;
-                let req = self.append_request(base.index + 1, base.index, read_round);
+                let base = LogIndex(base.index);
+                let req = self.append_request(base + 1, base, read_round);
                 self.out.push(Command::SendAppend { to: peer_id, req });
             }
             return self.send_snapshot(peer_id);
@@ -219,7 +224,7 @@ impl Replica {
             }
         } else {
             while peer.next_index <= last
-                && peer.next_index - 1 - peer.match_index < INFLIGHT_ENTRIES_MAX
+                && (peer.next_index - 1).0 - peer.match_index.0 < INFLIGHT_ENTRIES_MAX
             {
                 let from = peer.next_index;
                 let to = batch_end(&self.log, from, last);
@@ -242,23 +247,23 @@ impl Replica {
 
     pub(super) fn append_request(
         &self,
-        from: u64,
-        to: u64,
+        from: LogIndex,
+        to: LogIndex,
         read_round: u64,
     ) -> AppendEntriesRequest {
         let prev = from - 1;
         let entries = if to >= from {
-            self.log.slice(from, to)
+            self.log.slice(from.0, to.0)
         } else {
             Vec::new()
         };
         AppendEntriesRequest {
-            term: self.hard.term,
+            term: self.hard.term.0,
             leader_id: self.cfg.id.0,
-            prev_log_index: prev,
-            prev_log_term: self.term_at(prev),
+            prev_log_index: prev.0,
+            prev_log_term: self.term_at(prev).0,
             entries,
-            leader_commit: self.commit_index,
+            leader_commit: self.commit_index.0,
             read_round,
             snapshot: None,
             trace_context: Default::default(),
@@ -267,10 +272,11 @@ impl Replica {
     }
 
     pub(super) fn on_append_response(&mut self, resp: AppendEntriesResponse) {
-        if resp.term > self.hard.term {
+        let (resp_term, match_index) = (Term(resp.term), LogIndex(resp.match_index));
+        if resp_term > self.hard.term {
             // A newer term exists: step down at once (DESIGN rule 1). The coord names its
             // leader in its next heartbeat.
-            self.adopt_term(resp.term, NodeId::NONE);
+            self.adopt_term(resp_term, NodeId::NONE);
             return;
         }
         let term = self.hard.term;
@@ -278,13 +284,13 @@ impl Replica {
         let Some(leader) = self.leader.as_mut() else {
             return;
         };
-        if resp.term < term {
+        if resp_term < term {
             return;
         }
         let Some(peer) = leader.peers.get_mut(&NodeId(resp.follower_id)) else {
             return;
         };
-        if resp.match_index > last || resp.read_round > leader.read_round {
+        if match_index > last || resp.read_round > leader.read_round {
             // Claims entries or a round this leader never sent (rule 11): counting it could
             // commit what no majority holds.
             let reason = format!(
@@ -298,9 +304,9 @@ impl Replica {
         }
         peer.acked_round = peer.acked_round.max(resp.read_round);
         peer.last_ack_ms = peer.last_ack_ms.max(self.now_ms);
-        let base = self.log.base().index;
+        let base = LogIndex(self.log.base().index);
         if resp.success {
-            peer.match_index = peer.match_index.max(resp.match_index);
+            peer.match_index = peer.match_index.max(match_index);
             peer.next_index = peer.next_index.max(peer.match_index + 1);
             peer.probing = false;
             peer.probe_outstanding = false;
@@ -322,7 +328,7 @@ impl Replica {
             let (from, transfer) = (NodeId(resp.follower_id), resp.snapshot_transfer);
             self.on_snapshot_ack(from, transfer, resp.snapshot_next_seq);
         } else if resp.conflict_index > 0 {
-            let conflict = resp.conflict_index.min(last + 1);
+            let conflict = LogIndex(resp.conflict_index).min(last + 1);
             if conflict <= peer.match_index {
                 // The follower holds less than it acknowledged: it lost its storage (rule 10).
                 // Its old acknowledgements no longer count.
@@ -367,7 +373,8 @@ impl Replica {
 }
 
 /// Last index of a batch starting at `from`, within the entry and byte budgets.
-pub(super) fn batch_end(log: &ReplicaLog, from: u64, last: u64) -> u64 {
+pub(super) fn batch_end(log: &ReplicaLog, from: LogIndex, last: LogIndex) -> LogIndex {
+    let (from, last) = (from.0, last.0);
     let mut bytes = 0usize;
     let mut to = from;
     while to <= last && (to - from) < BATCH_ENTRIES_MAX as u64 {
@@ -378,5 +385,5 @@ pub(super) fn batch_end(log: &ReplicaLog, from: u64, last: u64) -> u64 {
         bytes += len;
         to += 1;
     }
-    to - 1
+    LogIndex(to - 1)
 }

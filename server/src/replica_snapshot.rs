@@ -74,7 +74,7 @@ impl std::fmt::Debug for Outgoing {
 
 /// A transfer a follower is receiving.
 pub(super) struct Incoming {
-    term: u64,
+    term: Term,
     transfer: u64,
     next_seq: u64,
     sink: Box<dyn SnapshotSink>,
@@ -124,9 +124,9 @@ impl Replica {
         if peer.snapshot.is_none() && (!alive || !self.start_transfer(peer_id)) {
             return;
         }
-        let term = self.hard.term;
+        let term = self.hard.term.0;
         let leader_id = self.cfg.id.0;
-        let commit = self.commit_index;
+        let commit = self.commit_index.0;
         let leader = self.leader.as_mut().expect("invariant: only leaders send");
         let read_round = leader.read_round;
         let peer = leader
@@ -247,14 +247,14 @@ impl Replica {
         &mut self,
         stream: StreamId,
         leader: NodeId,
-        req_term: u64,
+        req_term: Term,
         read_round: u64,
         chunk: SnapshotChunk,
     ) {
-        if let Err(reason) = check_chunk(&chunk, req_term) {
+        if let Err(reason) = check_chunk(&chunk, req_term.0) {
             return self.refuse_append(stream, leader, reason);
         }
-        if chunk.index <= self.commit_index {
+        if LogIndex(chunk.index) <= self.commit_index {
             // Already held: the log continues from here (entries at or below the commit index
             // are the leader's, whatever term they were verified in).
             self.incoming = None;
@@ -324,25 +324,26 @@ impl Replica {
         // ahead of the durable log once its first write clears the install mark (a restart
         // would refuse the pair). Otherwise nothing at or after the snapshot was acknowledged
         // (acknowledgements stop at the durable index), and the log goes.
+        let index = LogIndex(meta.index);
         let keep = self.log.term_at(meta.index) == Some(meta.term)
-            && self.durability.durable_index >= meta.index;
+            && self.durability.durable_index >= index;
         if keep {
             self.log.compact_to(meta.index);
-            self.out.push(Command::CompactLog(LogIndex(meta.index)));
+            self.out.push(Command::CompactLog(index));
         } else {
             self.log.reset(base);
-            self.durability.reset(meta.index);
+            self.durability.reset(index);
             // What was verified past the snapshot went with the log.
-            self.verified_index = self.verified_index.min(meta.index);
-            self.out.push(Command::ResetLog(LogIndex(meta.index + 1)));
+            self.verified_index = self.verified_index.min(index);
+            self.out.push(Command::ResetLog(index + 1));
         }
         // The snapshot is durable: it stands for the log up to its index.
-        self.durability.durable_index = self.durability.durable_index.max(meta.index);
-        self.commit_index = self.commit_index.max(meta.index);
-        self.verified_index = self.verified_index.max(meta.index);
+        self.durability.durable_index = self.durability.durable_index.max(index);
+        self.commit_index = self.commit_index.max(index);
+        self.verified_index = self.verified_index.max(index);
         self.snapshot_counts.snapshots_installed += 1;
         self.out.push(Command::SnapshotInstalled {
-            index: LogIndex(meta.index),
+            index,
             term: Term(meta.term),
         });
         true

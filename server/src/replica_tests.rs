@@ -285,8 +285,8 @@ fn prepare_fences_durably_before_reporting_durable_position() {
     net.put(1, session, 1, "k", "v");
     // Node 2 gets the entry but has not fsynced it yet.
     net.deliver();
-    let durable = net.node(2).durable_index();
-    assert!(net.node(2).last_index() > durable);
+    let durable = net.node(2).durable_index().0;
+    assert!(net.node(2).last_index().0 > durable);
     net.log.clear();
     let reply = net.prepare(2, 7);
     let Reply::Prepare {
@@ -304,10 +304,15 @@ fn prepare_fences_durably_before_reporting_durable_position() {
         (last_log_index, last_log_term),
         (LogIndex(durable), Term(1))
     );
-    let save = net
-        .log
-        .iter()
-        .position(|(_, c)| matches!(c, Command::SaveHardState(HardState { term: 7, leader: 0 })));
+    let save = net.log.iter().position(|(_, c)| {
+        matches!(
+            c,
+            Command::SaveHardState(HardState {
+                term: Term(7),
+                leader: NodeId(0)
+            })
+        )
+    });
     let answer = net
         .log
         .iter()
@@ -353,19 +358,19 @@ fn new_leader_appends_noop_and_serves_nothing_before_it_commits() {
 #[test]
 fn commit_needs_fsync_on_a_majority_of_all_servers() {
     let (mut net, session) = Net::with_leader(5);
-    let index = net.node(1).last_index() + 1;
+    let index = net.node(1).last_index().0 + 1;
     let put = net.put(1, session, 1, "k", "v");
     net.deliver();
     // Two followers fsync; the leader has not: 2 of 5 durable, no commit.
     net.sync(2);
     net.sync(3);
     net.deliver();
-    assert!(net.node(1).commit_index() < index);
+    assert!(net.node(1).commit_index().0 < index);
     assert!(net.take(1, put).is_none());
     // The leader's own fsync makes 3 of 5.
     net.sync(1);
     net.deliver();
-    assert_eq!(net.node(1).commit_index(), index);
+    assert_eq!(net.node(1).commit_index().0, index);
     assert_eq!(put_version(net.take(1, put)), (1, false));
 }
 
@@ -376,7 +381,7 @@ fn commit_needs_fsync_on_a_majority_of_all_servers() {
 #[test]
 fn an_entry_applies_only_once_the_local_log_holds_it_durably() {
     let (mut net, session) = Net::with_leader(3);
-    let index = net.node(1).last_index() + 1;
+    let index = net.node(1).last_index().0 + 1;
     let put = net.put(1, session, 1, "k", "v");
     net.deliver();
     // Both followers fsync and acknowledge: committed by a majority without the leader.
@@ -384,23 +389,23 @@ fn an_entry_applies_only_once_the_local_log_holds_it_durably() {
     net.sync(3);
     net.deliver();
     assert_eq!(
-        net.node(1).commit_index(),
+        net.node(1).commit_index().0,
         index,
         "2 of 3 durable: committed"
     );
-    assert!(net.node(1).durable_index() < index);
+    assert!(net.node(1).durable_index().0 < index);
     assert!(
-        net.node(1).last_applied() < index,
+        net.node(1).last_applied().0 < index,
         "not applied before the leader's fsync"
     );
     assert!(net.take(1, put).is_none(), "not answered before it applies");
     // A follower learns the commit, but applies only what its own fsync covered: here all.
     net.settle();
-    assert_eq!(net.node(1).last_applied(), index);
+    assert_eq!(net.node(1).last_applied().0, index);
     assert_eq!(put_version(net.take(1, put)), (1, false));
     for id in 1..=3 {
         let n = net.node(id);
-        assert!(n.last_applied() <= n.durable_index(), "node {id}");
+        assert!(n.last_applied().0 <= n.durable_index().0, "node {id}");
     }
 }
 
@@ -425,7 +430,7 @@ fn a_state_file_ahead_of_the_log_or_of_another_term_is_refused() {
     let open = |entries: Vec<LogEntry>| {
         let sm = StateMachine::open(Box::new(engine.clone()), 60_000, 100).unwrap();
         Replica::recovered(config(1, 3), HardState::default(), 1, entries, sm)
-            .map(|r| r.commit_index())
+            .map(|r| r.commit_index().0)
     };
     let log = |terms: &[u64]| -> Vec<LogEntry> {
         terms
@@ -456,7 +461,7 @@ fn a_state_file_ahead_of_the_log_or_of_another_term_is_refused() {
             .map(|(i, &t)| entry(start + i as u64, t))
             .collect();
         Replica::recovered(config(1, 3), HardState::default(), start, entries, sm)
-            .map(|r| (r.log_base().index, r.log_base().term, r.last_index()))
+            .map(|r| (r.log_base().index, r.log_base().term, r.last_index().0))
     };
     assert_eq!(open_from(4, &[2, 3]), Ok((3, 2, 5)));
     assert_eq!(open_from(4, &[]), Ok((3, 2, 3)));
@@ -474,12 +479,7 @@ fn a_state_file_ahead_of_the_log_or_of_another_term_is_refused() {
 fn make_state_durable(net: &mut Net, id: u32) {
     let node = net.nodes.get_mut(&id).unwrap();
     let applied = node.replica.sync_state().expect("memory engine");
-    net.step(
-        id,
-        Event::StateDurable {
-            applied: LogIndex(applied),
-        },
-    );
+    net.step(id, Event::StateDurable { applied });
 }
 
 /// Log compaction and snapshot transfer: a follower cut off while the leader compacts past it
@@ -509,7 +509,7 @@ fn a_follower_behind_the_compacted_log_catches_up_by_snapshot() {
     let first_base = net.node(1).log_base().index;
     assert_eq!(
         first_base,
-        net.node(1).last_applied() - 2,
+        net.node(1).last_applied().0 - 2,
         "the tail of 2 is kept"
     );
     // While node 3 is down (its stream broke), the leader's heartbeats find it silent: a
@@ -528,7 +528,7 @@ fn a_follower_behind_the_compacted_log_catches_up_by_snapshot() {
     let base = net.node(1).log_base().index;
     assert!(base >= first_base + 10, "compaction held at {base}");
     assert!(
-        base > net.node(3).last_index() + 10,
+        base > net.node(3).last_index().0 + 10,
         "node 3 needs compacted entries"
     );
     net.nodes.get_mut(&3).unwrap().isolated = false;
@@ -536,11 +536,11 @@ fn a_follower_behind_the_compacted_log_catches_up_by_snapshot() {
     for t in 61..=260 {
         net.step(1, Event::Tick { now_ms: t * 50 });
         net.settle();
-        if net.node(3).last_applied() == net.node(1).last_applied() {
+        if net.node(3).last_applied().0 == net.node(1).last_applied().0 {
             break;
         }
     }
-    assert_eq!(net.node(3).last_applied(), net.node(1).last_applied());
+    assert_eq!(net.node(3).last_applied().0, net.node(1).last_applied().0);
     let chunks = net
         .log
         .iter()
@@ -561,7 +561,7 @@ fn a_follower_behind_the_compacted_log_catches_up_by_snapshot() {
     net.step(1, Event::Tick { now_ms: 1_000_000 });
     net.settle();
     for id in [2, 3] {
-        assert_eq!(net.node(id).last_applied(), net.node(1).last_applied());
+        assert_eq!(net.node(id).last_applied().0, net.node(1).last_applied().0);
     }
     for k in 0..7 {
         let key = format!("k{k}");
@@ -581,10 +581,10 @@ fn minority_leader_commits_nothing() {
     for id in [3, 4, 5] {
         net.nodes.get_mut(&id).unwrap().isolated = true;
     }
-    let commit = net.node(1).commit_index();
+    let commit = net.node(1).commit_index().0;
     let put = net.put(1, session, 1, "k", "v");
     net.settle();
-    assert_eq!(net.node(1).commit_index(), commit);
+    assert_eq!(net.node(1).commit_index().0, commit);
     assert!(net.take(1, put).is_none());
 }
 
@@ -602,7 +602,7 @@ fn older_term_is_refused_and_old_leader_steps_down() {
     net.nodes.get_mut(&1).unwrap().isolated = false;
     net.settle();
     assert!(!net.node(1).is_leader(), "old leader stepped down");
-    assert_eq!(net.node(1).term(), 2);
+    assert_eq!(net.node(1).term().0, 2);
     match net.take(1, put) {
         Some(Reply::Write {
             result: Err(ClientError::NotLeader { term: Term(2), .. }),
@@ -623,7 +623,7 @@ fn older_term_is_refused_and_old_leader_steps_down() {
 #[test]
 fn second_leader_in_same_term_is_refused() {
     let (mut net, _) = Net::with_leader(3);
-    let before = net.node(2).last_index();
+    let before = net.node(2).last_index().0;
     let req = AppendEntriesRequest {
         term: 1,
         leader_id: 3,
@@ -643,7 +643,7 @@ fn second_leader_in_same_term_is_refused() {
     };
     net.log.clear();
     net.step(2, Event::AppendEntries { stream: 3, req });
-    assert_eq!(net.node(2).last_index(), before);
+    assert_eq!(net.node(2).last_index().0, before);
     assert!(net.log.iter().any(|(_, c)| matches!(
         c,
         Command::SendAppendResponse { resp, .. } if !resp.success
@@ -663,7 +663,7 @@ fn conflicting_suffix_is_replaced_and_logs_converge() {
         net.put(1, session, seq, "k", "lost");
     }
     net.settle();
-    let committed = net.node(1).commit_index();
+    let committed = net.node(1).commit_index().0;
     // Node 2 becomes leader of term 2 with 3 and writes other entries.
     net.nodes.get_mut(&2).unwrap().isolated = false;
     net.nodes.get_mut(&3).unwrap().isolated = false;
@@ -687,8 +687,8 @@ fn conflicting_suffix_is_replaced_and_logs_converge() {
         .iter()
         .any(|(id, c)| *id == 1 && matches!(c, Command::TruncateLog(i) if i.0 > committed)));
     let (a, b) = (net.node(1), net.node(2));
-    assert_eq!(a.last_index(), b.last_index());
-    for i in 1..=a.last_index() {
+    assert_eq!(a.last_index().0, b.last_index().0);
+    for i in 1..=a.last_index().0 {
         assert_eq!(a.entry(i), b.entry(i), "entry {i}");
     }
     assert_eq!(
@@ -707,7 +707,7 @@ fn a_message_rewriting_a_committed_entry_is_refused() {
     let (mut net, _) = Net::with_leader(3);
     net.step(1, Event::Tick { now_ms: 10_000 });
     net.settle();
-    let committed = net.node(2).commit_index();
+    let committed = net.node(2).commit_index().0;
     assert!(committed >= 2);
     let before = net.node(2).entry(committed).cloned();
     net.log.clear();
@@ -767,7 +767,7 @@ fn malformed_snapshot_chunks_are_refused_and_change_nothing() {
     use kvraft_proto::SnapshotChunk;
     let (mut net, _) = Net::with_leader(3);
     net.settle();
-    let applied = net.node(2).last_applied();
+    let applied = net.node(2).last_applied().0;
     let chunk = |data: &[u8]| SnapshotChunk {
         format: SNAPSHOT_FORMAT,
         index: applied + 100,
@@ -794,9 +794,9 @@ fn malformed_snapshot_chunks_are_refused_and_change_nothing() {
     // Tag 9 is no record kind.
     let bad_record = chunk(&[9, 0, 0, 0, 0, 0, 0, 0, 0]);
     let mut with_entries = append_base();
-    with_entries.prev_log_index = net.node(2).last_index();
+    with_entries.prev_log_index = net.node(2).last_index().0;
     with_entries.prev_log_term = 1;
-    with_entries.entries = vec![entry(net.node(2).last_index() + 1, 1)];
+    with_entries.entries = vec![entry(net.node(2).last_index().0 + 1, 1)];
     with_entries.snapshot = Some(chunk(b""));
     let mut reqs: Vec<AppendEntriesRequest> = [bad_crc, other_format, term_above, bad_record]
         .into_iter()
@@ -810,7 +810,7 @@ fn malformed_snapshot_chunks_are_refused_and_change_nothing() {
         net.log.clear();
         net.step(2, Event::AppendEntries { stream: 1, req });
         assert!(refused(&net, 2), "chunk {i} was not refused");
-        assert_eq!(net.node(2).last_applied(), applied, "chunk {i}");
+        assert_eq!(net.node(2).last_applied().0, applied, "chunk {i}");
         assert!(!net
             .log
             .iter()
@@ -825,8 +825,8 @@ fn malformed_snapshot_chunks_are_refused_and_change_nothing() {
 fn malformed_append_entries_are_refused_and_change_nothing() {
     let (mut net, _) = Net::with_leader(3);
     net.settle();
-    let last = net.node(2).last_index();
-    let term = net.node(2).term();
+    let last = net.node(2).last_index().0;
+    let term = net.node(2).term().0;
     let bad = [
         (
             "gap",
@@ -893,8 +893,8 @@ fn malformed_append_entries_are_refused_and_change_nothing() {
         net.log.clear();
         net.step(2, Event::AppendEntries { stream: 1, req });
         assert!(refused(&net, 2), "{what}: {:?}", net.log);
-        assert_eq!(net.node(2).last_index(), last, "{what}");
-        assert_eq!(net.node(2).term(), term, "{what}");
+        assert_eq!(net.node(2).last_index().0, last, "{what}");
+        assert_eq!(net.node(2).term().0, term, "{what}");
     }
     // An enormous commit index is clamped to what the follower verified, never trusted.
     let req = AppendEntriesRequest {
@@ -904,7 +904,7 @@ fn malformed_append_entries_are_refused_and_change_nothing() {
         ..append_base()
     };
     net.step(2, Event::AppendEntries { stream: 1, req });
-    assert!(net.node(2).commit_index() <= last);
+    assert!(net.node(2).commit_index().0 <= last);
 }
 
 /// Rule 11 on the leader: an acknowledgement claiming more than the leader ever sent is
@@ -913,13 +913,13 @@ fn malformed_append_entries_are_refused_and_change_nothing() {
 fn acknowledgement_beyond_the_log_is_ignored() {
     let (mut net, _) = Net::with_leader(3);
     net.settle();
-    let commit = net.node(1).commit_index();
+    let commit = net.node(1).commit_index().0;
     net.nodes.get_mut(&2).unwrap().isolated = true;
     net.nodes.get_mut(&3).unwrap().isolated = true;
     net.register(1);
     for (match_index, read_round) in [
         (u64::MAX, 0),
-        (net.node(1).last_index() + 1, 0),
+        (net.node(1).last_index().0 + 1, 0),
         (0, u64::MAX),
     ] {
         let resp = kvraft_proto::AppendEntriesResponse {
@@ -931,7 +931,7 @@ fn acknowledgement_beyond_the_log_is_ignored() {
             ..Default::default()
         };
         net.step(1, Event::AppendEntriesResponse { resp });
-        assert_eq!(net.node(1).commit_index(), commit, "match {match_index}");
+        assert_eq!(net.node(1).commit_index().0, commit, "match {match_index}");
     }
 }
 
@@ -953,17 +953,17 @@ fn a_catching_up_follower_counts_only_once_it_holds_the_log() {
     net.nodes.get_mut(&2).unwrap().isolated = true;
     let listed = vec![(NodeId(3), "uuid-3-new".to_string())];
     net.coord_view(1, 1, NodeId(1), Some(listed.clone()));
-    let target = net.node(1).last_index();
-    let commit = net.node(1).commit_index();
+    let target = net.node(1).last_index().0;
+    let commit = net.node(1).commit_index().0;
     assert!(net.node(1).report().caught_up.is_empty());
     // The leader catches it up (rejection, reset, resend); meanwhile a new put waits: node 3's
     // acknowledgements do not count before it has reached the target.
     let p = net.put(1, session, 2, "k", "v2");
     net.deliver();
-    assert_eq!(net.node(1).commit_index(), commit, "3 does not count yet");
+    assert_eq!(net.node(1).commit_index().0, commit, "3 does not count yet");
     net.step(1, Event::Tick { now_ms: 1_000_000 });
     net.settle();
-    assert!(net.node(3).last_index() >= target);
+    assert!(net.node(3).last_index().0 >= target);
     let report = net.node(1).report();
     let ids: Vec<u32> = report.caught_up.iter().map(|m| m.server_id).collect();
     assert_eq!(ids, vec![3], "{report:?}");
@@ -989,7 +989,7 @@ fn a_new_leader_sets_catching_up_targets_at_its_noop() {
     let listed = vec![(NodeId(3), "uuid-3".to_string())];
     net.coord_view(2, 2, NodeId(2), Some(listed));
     assert!(net.node(2).is_leader());
-    let noop = net.node(2).last_index();
+    let noop = net.node(2).last_index().0;
     // A reordered heartbeat without the follower: it is still not counted.
     net.coord_view(2, 2, NodeId(2), Some(Vec::new()));
     net.nodes.get_mut(&1).unwrap().isolated = true;
@@ -997,8 +997,8 @@ fn a_new_leader_sets_catching_up_targets_at_its_noop() {
     // Node 3 acknowledges up to the no-op: that is its target, so it counts and commits it.
     net.step(2, Event::Tick { now_ms: 1_000_000 });
     net.settle();
-    assert!(net.node(3).last_index() >= noop);
-    assert!(net.node(2).commit_index() >= noop);
+    assert!(net.node(3).last_index().0 >= noop);
+    assert!(net.node(2).commit_index().0 >= noop);
 }
 
 /// Rule 7 (session expiry): a leader stamps entries with the log's time plus its own clock
@@ -1011,7 +1011,11 @@ fn log_time_follows_the_previous_entry_not_the_leaders_clock() {
     let p = net.put(1, session, 1, "k", "v");
     net.settle();
     put_version(net.take(1, p));
-    let before = net.node(1).entry(net.node(1).last_index()).unwrap().time_ms;
+    let before = net
+        .node(1)
+        .entry(net.node(1).last_index().0)
+        .unwrap()
+        .time_ms;
     // Node 2's clock is three hours ahead of node 1's.
     let skew = 3 * 3_600_000;
     net.step(2, Event::Tick { now_ms: skew });
@@ -1021,7 +1025,11 @@ fn log_time_follows_the_previous_entry_not_the_leaders_clock() {
     let p = net.put(2, session, 2, "k", "v2");
     net.settle();
     assert_eq!(put_version(net.take(2, p)), (2, false));
-    let last = net.node(2).entry(net.node(2).last_index()).unwrap().time_ms;
+    let last = net
+        .node(2)
+        .entry(net.node(2).last_index().0)
+        .unwrap()
+        .time_ms;
     assert!(
         last >= before && last <= before + 250,
         "log time {before} -> {last}"
@@ -1112,7 +1120,7 @@ fn arbitrary_inputs_never_panic_the_core() {
         }
         // Heal: a new term led by node 1, and an honest session still writes.
         let ids = [1, 2, 3];
-        let term = ids.iter().map(|&i| net.node(i).term()).max().unwrap() + 1;
+        let term = ids.iter().map(|&i| net.node(i).term().0).max().unwrap() + 1;
         net.elect(1, term, &ids);
         net.step(1, Event::Tick { now_ms: 1_000_000 });
         net.settle();
@@ -1159,7 +1167,7 @@ fn retry_after_failover_applies_once() {
     let (mut net, session) = Net::with_leader(3);
     let put = net.put(1, session, 1, "k", "v");
     net.settle();
-    assert_eq!(net.node(2).last_index(), net.node(1).last_index());
+    assert_eq!(net.node(2).last_index().0, net.node(1).last_index().0);
     let _ = net.take(1, put); // the reply is lost with the crash
     net.nodes.get_mut(&1).unwrap().isolated = true;
     net.elect(2, 2, &[2, 3]);
@@ -1358,14 +1366,14 @@ fn restarted_leader_does_not_resume_its_term() {
     let node = net.node(1);
     let hard = HardState {
         term: node.term(),
-        leader: 1,
+        leader: NodeId(1),
     };
-    let entries: Vec<LogEntry> = (1..=node.durable_index())
+    let entries: Vec<LogEntry> = (1..=node.durable_index().0)
         .map(|i| node.entry(i).unwrap().clone())
         .collect();
     let mut restarted = Replica::new(config(1, 3), hard, entries);
     let cmds = restarted.step(Event::CoordHeartbeat {
-        term: Term(hard.term),
+        term: hard.term,
         leader: NodeId(1),
         catching_up: None,
         reply: ReplyTo(1),
@@ -1431,17 +1439,17 @@ fn a_wiped_server_follows_no_one_before_the_coord_tells_it_the_term() {
     net.step(1, Event::Tick { now_ms: 1_000_000 });
     net.settle();
     assert_eq!(
-        net.node(2).last_index(),
+        net.node(2).last_index().0,
         0,
         "nothing taken from the old leader"
     );
-    assert_eq!(net.node(2).term(), 0);
+    assert_eq!(net.node(2).term().0, 0);
     // The coord's heartbeat (no leader yet, an epoch change in progress) sets its floor.
     net.coord_view(2, 2, NodeId::NONE, None);
-    assert_eq!(net.node(2).term(), 2);
+    assert_eq!(net.node(2).term().0, 2);
     net.step(1, Event::Tick { now_ms: 2_000_000 });
     net.settle();
-    assert_eq!(net.node(2).last_index(), 0, "term 1 is refused now");
+    assert_eq!(net.node(2).last_index().0, 0, "term 1 is refused now");
     assert!(
         !net.node(1).is_leader(),
         "and the old leader learns of term 2"
@@ -1455,7 +1463,7 @@ fn a_wiped_server_follows_no_one_before_the_coord_tells_it_the_term() {
 fn a_peer_cannot_push_the_term_far_ahead() {
     let (mut net, _) = Net::with_leader(3);
     net.settle();
-    let last = net.node(2).last_index();
+    let last = net.node(2).last_index().0;
     for term in [3, 1_000, u64::MAX] {
         let req = AppendEntriesRequest {
             term,
@@ -1464,10 +1472,10 @@ fn a_peer_cannot_push_the_term_far_ahead() {
             ..append_base()
         };
         net.step(2, Event::AppendEntries { stream: 1, req });
-        assert_eq!(net.node(2).term(), 1, "term {term}");
+        assert_eq!(net.node(2).term().0, 1, "term {term}");
     }
     net.coord_view(2, 3, NodeId(3), None);
-    assert_eq!(net.node(2).term(), 3, "the coord moves it on");
+    assert_eq!(net.node(2).term().0, 3, "the coord moves it on");
 }
 
 /// Rule 7: a put waiting for an earlier seq is released by a retry whose `ack_seq` says the
@@ -1540,7 +1548,7 @@ fn a_leader_waiting_for_a_catching_up_follower_keeps_leading() {
         net.deliver();
         net.sync(1);
         net.deliver();
-        assert!(net.node(3).last_index() > 0 && net.node(3).durable_index() == 0);
+        assert!(net.node(3).last_index().0 > 0 && net.node(3).durable_index().0 == 0);
         assert!(net.take(1, p).is_none(), "nothing commits without node 3");
         assert_eq!(
             net.node(1).report().role,

@@ -151,7 +151,7 @@ pub(crate) enum Input {
     PeerDisconnected(NodeId),
     Synced(u64, Result<(), StorageError>),
     /// The state machine is durable up to this applied index.
-    StateSynced(u64, Result<(), EngineError>),
+    StateSynced(LogIndex, Result<(), EngineError>),
 }
 
 /// Cloneable handle the gRPC services use to reach the core.
@@ -243,7 +243,7 @@ pub async fn run(
     if let Some(t) = &tracer {
         t.create_trace().record_action(&ServerStart {
             server_id: id,
-            term: hard.term,
+            term: hard.term.0,
             last_log_index: entries.last().map_or(0, |e| e.index),
         });
     }
@@ -254,7 +254,7 @@ pub async fn run(
         torn_tail_bytes = recovery.truncated_tail_bytes,
         segments = recovery.segments,
         converted = recovery.converted_legacy_log,
-        term = hard.term,
+        term = hard.term.0,
         "ServerStart: recovered {}",
         dir.display()
     );
@@ -302,7 +302,7 @@ pub async fn run(
     let mut replica = replica;
     replica.record_changes(true);
     let watch = Arc::new(WatchHub::new(
-        replica.last_applied(),
+        replica.last_applied().0,
         usize::try_from(config.server.watch_history_revisions).unwrap_or(usize::MAX),
         usize::try_from(config.server.watch_history_bytes).unwrap_or(usize::MAX),
     ));
@@ -585,11 +585,9 @@ impl Core {
             Input::PeerDisconnected(peer) => Event::PeerDisconnected { peer },
             Input::StateSynced(applied, result) => {
                 result.context("cannot make the state machine durable; stopping the server")?;
-                tracing::trace!(applied, "state machine durable");
+                tracing::trace!(%applied, "state machine durable");
                 self.state_sync_in_flight = false;
-                Event::StateDurable {
-                    applied: LogIndex(applied),
-                }
+                Event::StateDurable { applied }
             }
             Input::Synced(write_id, result) => {
                 result.context("fsync of the log failed; stopping the server")?;
@@ -687,10 +685,10 @@ impl ServerIo {
     /// exits after an install, before the log reset that follows it.
     fn check_crash_faults(&self, replica: &Replica, cmds: &[Command]) {
         let index = self.faults.crash_after_commit();
-        if index > 0 && replica.is_leader() && replica.commit_index() >= index {
+        if index > 0 && replica.is_leader() && replica.commit_index().0 >= index {
             tracing::warn!(
                 index,
-                commit = replica.commit_index(),
+                commit = %replica.commit_index(),
                 "fault injection: crashing after commit, before replying"
             );
             std::process::exit(86);
@@ -729,7 +727,7 @@ impl Io for ServerIo {
         if let Some(index) = installed {
             self.watch.reset(index.0);
         }
-        self.watch.publish(changes, replica.last_applied());
+        self.watch.publish(changes, replica.last_applied().0);
         if replica.leader_hint() != self.leader_seen {
             self.leader_seen = replica.leader_hint();
             self.metrics.leader_changes.inc();

@@ -192,7 +192,7 @@ impl Storage for Disk {
     fn save_hard_state(&mut self, hs: HardState) -> Result<(), StorageError> {
         let old = self.hard;
         let ok = hs.term > old.term
-            || (hs.term == old.term && (old.leader == 0 || old.leader == hs.leader));
+            || (hs.term == old.term && (old.leader.is_none() || old.leader == hs.leader));
         if !ok {
             return Err(StorageError::InvalidState {
                 path: "simulated hard state".into(),

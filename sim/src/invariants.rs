@@ -178,7 +178,7 @@ impl Invariants {
             return Err(format!(
                 "node {node} became leader of term {term} without every committed entry \
                  (committed up to {n}, its log ends at {})",
-                replica.last_index()
+                replica.last_index().0
             ));
         }
         Ok(())
@@ -187,10 +187,10 @@ impl Invariants {
     /// Checks `node` after a step that touched it.
     pub fn after_step(&mut self, node: u32, replica: &Replica) -> Result<(), String> {
         let shadow_len = self.shadows.get(&node).map_or(0, |s| s.len() as u64);
-        if shadow_len != replica.last_index() {
+        if shadow_len != replica.last_index().0 {
             return Err(format!(
                 "simulator wiring: node {node}'s log has {} entries but its commands wrote {}",
-                replica.last_index(),
+                replica.last_index().0,
                 shadow_len
             ));
         }
@@ -199,7 +199,7 @@ impl Invariants {
     }
 
     fn check_commit(&mut self, node: u32, replica: &Replica) -> Result<(), String> {
-        let commit = replica.commit_index();
+        let commit = replica.commit_index().0;
         if commit == 0 {
             return Ok(());
         }
@@ -296,7 +296,7 @@ impl Invariants {
         changes: Vec<Change>,
         installed: bool,
     ) -> Result<(), String> {
-        let applied = replica.last_applied();
+        let applied = replica.last_applied().0;
         let before = self.changes_applied.insert(node, applied);
         let got = change_digests(changes);
         for (revision, digest) in &got {
@@ -333,7 +333,7 @@ impl Invariants {
     }
 
     fn check_applied(&mut self, node: u32, replica: &Replica) -> Result<(), String> {
-        let applied = replica.last_applied();
+        let applied = replica.last_applied().0;
         let before = self.node_applied.insert(node, applied).unwrap_or(0);
         if applied == before {
             return Ok(());

@@ -418,7 +418,7 @@ impl World {
             .iter()
             .filter_map(SimNode::replica)
             .filter(|r| r.is_leader())
-            .max_by_key(|r| r.term())
+            .max_by_key(|r| r.term().0)
             .map(|r| r.id().0)
     }
 
@@ -494,12 +494,7 @@ impl World {
                                 .replica_mut()
                                 .sync_state()
                                 .map_err(|e| format!("node {id}: state sync failed: {e}"))?;
-                            self.step_node(
-                                id,
-                                Event::StateDurable {
-                                    applied: LogIndex(applied),
-                                },
-                            )?;
+                            self.step_node(id, Event::StateDurable { applied })?;
                         }
                     }
                 }
@@ -847,8 +842,8 @@ impl World {
         let replica = exec.replica();
         // What the state machine holds durably counts as durable log (an installed snapshot).
         let durable = node.disk.durable_index().max(node.engine.durable_applied());
-        if node.disk.last_index() + exec.log_pending() as u64 != replica.last_index()
-            || durable < replica.durable_index()
+        if node.disk.last_index() + exec.log_pending() as u64 != replica.last_index().0
+            || durable < replica.durable_index().0
             || node.disk.first() > replica.log_base().index + 1
         {
             return Err(format!(
@@ -858,8 +853,8 @@ impl World {
                 node.disk.last_index(),
                 node.disk.durable_index(),
                 replica.log_base().index,
-                replica.last_index(),
-                replica.durable_index()
+                replica.last_index().0,
+                replica.durable_index().0
             ));
         }
         self.inv.after_step(id, replica)?;
@@ -1331,13 +1326,13 @@ fn trace_node(id: u32, r: &kvraft_server::replica::Replica, cmds: &[Command]) {
     }
     println!(
         "         node {id}: t{} leader={} hint={} last={} durable={} commit={} applied={} {}",
-        r.term(),
+        r.term().0,
         r.is_leader(),
         r.leader_hint(),
-        r.last_index(),
-        r.durable_index(),
-        r.commit_index(),
-        r.last_applied(),
+        r.last_index().0,
+        r.durable_index().0,
+        r.commit_index().0,
+        r.last_applied().0,
         did.join(" ")
     );
 }

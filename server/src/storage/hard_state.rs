@@ -13,7 +13,7 @@
 
 use std::path::{Path, PathBuf};
 
-use kvraft_common::create_dir_durable;
+use kvraft_common::{create_dir_durable, NodeId, Term};
 
 use super::{io_err, replace_file_durable, StorageError};
 
@@ -24,9 +24,9 @@ const TMP_FILE_NAME: &str = "hard_state.tmp";
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HardState {
     /// The highest term this server has seen (0 before any term).
-    pub term: u64,
-    /// The leader this server accepted for `term`, 0 = none yet.
-    pub leader: u32,
+    pub term: Term,
+    /// The leader this server accepted for `term`, [`NodeId::NONE`] = none yet.
+    pub leader: NodeId,
 }
 
 /// The hard state file of one data directory.
@@ -67,7 +67,7 @@ impl HardStateFile {
             "hard state term going back: {old:?} -> {hs:?}"
         );
         assert!(
-            hs.term > old.term || old.leader == 0 || hs.leader == old.leader,
+            hs.term > old.term || old.leader.is_none() || hs.leader == old.leader,
             "hard state: a second leader accepted in one term: {old:?} -> {hs:?}"
         );
         replace_file_durable(&self.tmp_path, &self.path, &encode(hs))?;
@@ -93,8 +93,8 @@ fn decode(bytes: &[u8]) -> Result<HardState, String> {
         return Err(format!("expected term= and leader= lines, found {body:?}"));
     };
     Ok(HardState {
-        term: field(term, "term")?,
-        leader: field(leader, "leader")?,
+        term: Term(field(term, "term")?),
+        leader: NodeId(field(leader, "leader")?),
     })
 }
 
@@ -121,19 +121,39 @@ mod tests {
     fn missing_file_opens_as_default() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (_, hs) = HardStateFile::open(dir.path()).expect("open");
-        assert_eq!(hs, HardState { term: 0, leader: 0 });
+        assert_eq!(
+            hs,
+            HardState {
+                term: Term(0),
+                leader: NodeId(0)
+            }
+        );
     }
 
     #[test]
     fn save_then_open_round_trip() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (mut file, _) = HardStateFile::open(dir.path()).expect("open");
-        file.save(HardState { term: 7, leader: 0 }).expect("save");
-        file.save(HardState { term: 7, leader: 3 }).expect("save");
+        file.save(HardState {
+            term: Term(7),
+            leader: NodeId(0),
+        })
+        .expect("save");
+        file.save(HardState {
+            term: Term(7),
+            leader: NodeId(3),
+        })
+        .expect("save");
         drop(file);
 
         let (_, hs) = HardStateFile::open(dir.path()).expect("reopen");
-        assert_eq!(hs, HardState { term: 7, leader: 3 });
+        assert_eq!(
+            hs,
+            HardState {
+                term: Term(7),
+                leader: NodeId(3)
+            }
+        );
         let text = std::fs::read_to_string(dir.path().join(FILE_NAME)).expect("read");
         let crc = crc32fast::hash(b"term=7\nleader=3\n");
         assert_eq!(text, format!("term=7\nleader=3\ncrc32={crc:08x}\n"));
@@ -144,17 +164,31 @@ mod tests {
     fn leftover_tmp_file_is_ignored() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (mut file, _) = HardStateFile::open(dir.path()).expect("open");
-        file.save(HardState { term: 2, leader: 1 }).expect("save");
+        file.save(HardState {
+            term: Term(2),
+            leader: NodeId(1),
+        })
+        .expect("save");
         std::fs::write(dir.path().join(TMP_FILE_NAME), "term=9\nle").expect("write tmp");
         let (_, hs) = HardStateFile::open(dir.path()).expect("reopen");
-        assert_eq!(hs, HardState { term: 2, leader: 1 });
+        assert_eq!(
+            hs,
+            HardState {
+                term: Term(2),
+                leader: NodeId(1)
+            }
+        );
     }
 
     #[test]
     fn bad_checksum_is_an_error_naming_the_file() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (mut file, _) = HardStateFile::open(dir.path()).expect("open");
-        file.save(HardState { term: 5, leader: 2 }).expect("save");
+        file.save(HardState {
+            term: Term(5),
+            leader: NodeId(2),
+        })
+        .expect("save");
         let path = dir.path().join(FILE_NAME);
         let text = std::fs::read_to_string(&path).expect("read");
         std::fs::write(&path, text.replace("term=5", "term=6")).expect("write");
@@ -189,8 +223,15 @@ mod tests {
     fn saving_a_lower_term_panics() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (mut file, _) = HardStateFile::open(dir.path()).expect("open");
-        file.save(HardState { term: 5, leader: 0 }).expect("save");
-        let _ = file.save(HardState { term: 4, leader: 0 });
+        file.save(HardState {
+            term: Term(5),
+            leader: NodeId(0),
+        })
+        .expect("save");
+        let _ = file.save(HardState {
+            term: Term(4),
+            leader: NodeId(0),
+        });
     }
 
     #[test]
@@ -198,7 +239,14 @@ mod tests {
     fn accepting_a_second_leader_in_a_term_panics() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (mut file, _) = HardStateFile::open(dir.path()).expect("open");
-        file.save(HardState { term: 5, leader: 1 }).expect("save");
-        let _ = file.save(HardState { term: 5, leader: 2 });
+        file.save(HardState {
+            term: Term(5),
+            leader: NodeId(1),
+        })
+        .expect("save");
+        let _ = file.save(HardState {
+            term: Term(5),
+            leader: NodeId(2),
+        });
     }
 }
