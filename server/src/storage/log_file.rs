@@ -1112,6 +1112,56 @@ mod tests {
         assert_eq!(store.last_index(), 12);
     }
 
+    /// A crash in the middle of a compaction: segments go oldest first, one unlink each, so a
+    /// crash leaves any number of the oldest segments removed and the rest whole. Every such
+    /// state opens, holds a contiguous suffix of the log up to its end, and a later compaction
+    /// finishes the job.
+    #[test]
+    fn a_crash_at_any_point_of_a_compaction_leaves_a_log_that_opens() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, small) = small_segments(dir.path(), 3, 20);
+        store.syncer().sync().expect("sync");
+        drop(store);
+        let wal = dir.path().join(WAL_DIR);
+        let mut names: Vec<_> = std::fs::read_dir(&wal)
+            .expect("read wal")
+            .map(|e| e.expect("entry").path())
+            .collect();
+        names.retain(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .and_then(parse_segment_name)
+                .is_some()
+        });
+        names.sort_by_key(|p| {
+            parse_segment_name(p.file_name().and_then(|n| n.to_str()).expect("name"))
+        });
+        let original: Vec<Vec<u8>> = names
+            .iter()
+            .map(|p| std::fs::read(p).expect("read"))
+            .collect();
+        // Removing all but the last would be a whole compaction; every prefix short of it is a
+        // crash partway.
+        for crashed_after in 0..names.len() - 1 {
+            for (path, bytes) in names.iter().zip(&original) {
+                std::fs::write(path, bytes).expect("restore");
+            }
+            for path in &names[..crashed_after] {
+                std::fs::remove_file(path).expect("remove");
+            }
+            let (mut store, got, _) = FileLogStore::open_with(dir.path(), small)
+                .unwrap_or_else(|e| panic!("after {crashed_after} removals: {e}"));
+            let first = store.first_index();
+            assert_eq!(got, entries(first, 20, 1), "after {crashed_after} removals");
+            store.compact_to(15).expect("compaction redone");
+            assert!(store.first_index() <= 16 && store.first_index() > first.min(13));
+            drop(store);
+            let (store, got, _) = FileLogStore::open_with(dir.path(), small).expect("reopen");
+            assert_eq!(got.last().map(|e| e.index), Some(20));
+            assert_eq!(got.first().map(|e| e.index), Some(store.first_index()));
+        }
+    }
+
     #[test]
     fn a_reset_log_continues_at_the_given_index_and_reopens_there() {
         let dir = tempfile::tempdir().expect("tempdir");
