@@ -99,7 +99,8 @@ pub async fn tracing_server(config_path: &Path, fresh: bool) -> anyhow::Result<(
         json: t.output_file.clone(),
         shiviz: t.shiviz_output_file.clone(),
     };
-    kvraft_tracing::server::run(paths, fresh, listener, shutdown_signal()).await
+    let spool_dir = t.spool_dir.clone();
+    kvraft_tracing::server::run(paths, spool_dir, fresh, listener, shutdown_signal()).await
 }
 
 /// Completes on Ctrl-C or, on Unix, SIGTERM.

@@ -187,8 +187,8 @@ pub struct ClientOptions {
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TracingOptions {
-    /// Off by default: tracing makes every RPC wait until the events its token covers are
-    /// stored by the tracing server, which costs latency.
+    /// Off by default: tracing records and ships events for every traced RPC, which costs
+    /// CPU and latency.
     pub enabled: bool,
     /// Where the tracing server listens and every tracer ships its events.
     pub server_addr: String,
@@ -196,6 +196,10 @@ pub struct TracingOptions {
     pub output_file: PathBuf,
     /// ShiViz log written by the tracing server.
     pub shiviz_output_file: PathBuf,
+    /// Where every process writes its trace events (one file per identity) before a message
+    /// carrying a token leaves, and where the tracing server reads those of a process that
+    /// died before shipping them. Processes and the tracing server share it (same machine).
+    pub spool_dir: PathBuf,
 }
 
 impl Default for TracingOptions {
@@ -205,6 +209,7 @@ impl Default for TracingOptions {
             server_addr: "127.0.0.1:23010".to_string(),
             output_file: PathBuf::from("trace_output.log"),
             shiviz_output_file: PathBuf::from("shiviz_output.log"),
+            spool_dir: PathBuf::from("trace-spool"),
         }
     }
 }

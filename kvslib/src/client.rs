@@ -612,7 +612,8 @@ impl Client {
 
     /// Stops the background leader watch (for every clone of this handle). Other clones keep
     /// working, following server hints only. With tracing on, records `KvslibStop` and waits
-    /// until every trace event is shipped.
+    /// until every trace event is shipped; the last handle also stops the tracer, which then
+    /// removes its spool file.
     pub async fn close(self) {
         let watcher = self
             .inner
@@ -630,11 +631,15 @@ impl Client {
             });
             // Bounded: closing must not hang while the tracing server is gone. Other clones
             // keep the tracer running.
-            let _ = t
-                .flush_for(Duration::from_millis(
-                    kvraft_tracing::tracer::CLOSE_FLUSH_MS,
-                ))
-                .await;
+            if Arc::strong_count(&self.inner) == 1 {
+                t.close().await;
+            } else {
+                let _ = t
+                    .flush_for(Duration::from_millis(
+                        kvraft_tracing::tracer::CLOSE_FLUSH_MS,
+                    ))
+                    .await;
+            }
         }
     }
 

@@ -1,5 +1,7 @@
 //! Vector-clock tracing on a real cluster (DESIGN section 5): a tracing-server process, three
-//! servers, the coord and a kvslib client, with a leader SIGKILLed mid-run and restarted. The
+//! servers, the coord and a kvslib client, with a leader SIGKILLed mid-run and restarted, and
+//! at the end a follower SIGKILLed for good (its last events reach the log only through its
+//! spool file, which the tracing server reads). The
 //! ShiViz log is then read as ShiViz reads it and checked: every host's counter rises by one
 //! per event from 1, every clock names only events that exist and are in its past, and one
 //! put's events are causally ordered client -> leader -> followers -> leader -> client.
@@ -121,15 +123,17 @@ fn check_put_story(events: &[Event], key: &str) -> String {
 async fn shiviz_log_of_a_run_with_failover_is_valid_and_causal() {
     let port = free_ports(1)[0];
     let tmp = tempfile::tempdir().unwrap();
-    let (json, shiviz_path) = (
+    let (json, shiviz_path, spool) = (
         tmp.path().join("trace_output.log"),
         tmp.path().join("shiviz_output.log"),
+        tmp.path().join("trace-spool"),
     );
     let tracing_section = format!(
         "\n[tracing]\nenabled = true\nserver_addr = \"127.0.0.1:{port}\"\noutput_file = \"{}\"\n\
-         shiviz_output_file = \"{}\"\n",
+         shiviz_output_file = \"{}\"\nspool_dir = \"{}\"\n",
         json.display(),
-        shiviz_path.display()
+        shiviz_path.display(),
+        spool.display()
     );
     let mut cluster = Cluster::with_coord_options(3, &tracing_section);
     assert!(cluster.config.tracing.enabled);
@@ -172,8 +176,25 @@ async fn shiviz_log_of_a_run_with_failover_is_valid_and_causal() {
             .is_some_and(|s| s.last_applied > 15)
     })
     .await;
+
+    tracing::info!(
+        "--- kill -9 a follower for good while puts go on: its spool is all that is left"
+    );
+    let gone = (1..=3)
+        .find(|&id| id != second.leader_id && id != first.leader_id)
+        .unwrap_or(first.leader_id);
+    cluster.kill_server(gone);
+    for i in 15..18 {
+        client.put(format!("k{i}"), format!("v{i}")).await.unwrap();
+    }
     client.close().await;
     tracer.stop();
+    assert!(
+        kvraft_tracing::spool::list(&spool, Some("client1"))
+            .unwrap()
+            .is_empty(),
+        "a client that stopped cleanly leaves no spool"
+    );
 
     tracing::info!("--- the ShiViz log passes ShiViz's rules");
     let text = std::fs::read_to_string(&shiviz_path).unwrap();

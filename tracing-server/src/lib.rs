@@ -12,6 +12,7 @@
 //! - [`vclock`]: the vector clock.
 //! - [`action`]: the typed actions every process records.
 //! - [`tracer`]: the per-process tracer and its batched, never-dropping shipper.
+//! - [`spool`]: the local file a tracer writes its events to before a token leaves.
 //! - [`server`]: the tracing server (gRPC `Tracing` service and the two logs).
 //! - [`shiviz`]: a checker that reads a ShiViz log as ShiViz does.
 //!
@@ -20,6 +21,7 @@
 pub mod action;
 pub mod server;
 pub mod shiviz;
+pub mod spool;
 pub mod tracer;
 pub mod vclock;
 
@@ -42,7 +44,7 @@ pub async fn tracer_for(
     if !options.enabled {
         return Ok(None);
     }
-    Tracer::connect(identity, &options.server_addr)
+    Tracer::connect_spooled(identity, &options.server_addr, Some(&options.spool_dir))
         .await
         .map(Some)
 }

@@ -13,6 +13,10 @@
 //!   of this process loses no acknowledged event; the tracer resends an unacknowledged batch.
 //! - Per identity, stored events have own counters 1, 2, 3, ... in file order: an event whose
 //!   counter is not above the last stored one is a resend and is skipped.
+//! - Events of a process that was killed before shipping them are read from its spool file
+//!   (`tracing.spool_dir`, see [`crate::spool`]) every [`SPOOL_SCAN_MS`] and at shutdown, and
+//!   stored the same way (a resend of what is stored is skipped), so a token another process
+//!   received always names stored events. `--fresh` removes old spool files with the logs.
 //! - The JSON-lines log is the source of truth. On start (unless `fresh`) it is read back, a
 //!   torn last line (crash mid-write) is cut, and the ShiViz log is rewritten from it; both are
 //!   then appended to. So a restart of the tracing server continues the same logs.
@@ -41,6 +45,8 @@ pub const SHIVIZ_REGEX: &str = r"(?<host>\S*) (?<clock>{.*})\n(?<event>.*)";
 const SHUTDOWN_DRAIN_MS: u64 = 2_000;
 /// Largest batch accepted (the tracer sends at most ~1 MiB).
 const MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// How often the spool directory is read for events no tracer shipped.
+pub const SPOOL_SCAN_MS: u64 = 500;
 
 /// One line of the JSON-lines log.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -230,6 +236,86 @@ fn recover_json(path: &Path) -> anyhow::Result<Vec<JsonEvent>> {
         .collect()
 }
 
+/// Reads the spool files of every tracer (see [`crate::spool`]) from where it last stopped in
+/// each, and stores the events the logs lack.
+pub struct SpoolScan {
+    dir: PathBuf,
+    /// Bytes of each file already read.
+    offsets: HashMap<PathBuf, u64>,
+}
+
+impl SpoolScan {
+    /// A scan of `dir`; with `fresh`, the spool files of earlier runs are removed first (their
+    /// events belong to the logs `--fresh` discards).
+    pub fn new(dir: PathBuf, fresh: bool) -> SpoolScan {
+        if fresh {
+            for (_, _, path) in crate::spool::list(&dir, None).unwrap_or_default() {
+                if let Err(e) = std::fs::remove_file(&path) {
+                    tracing::warn!("cannot remove old trace spool {}: {e}", path.display());
+                }
+            }
+        }
+        SpoolScan {
+            dir,
+            offsets: HashMap::new(),
+        }
+    }
+
+    /// One pass over the spool files; returns how many events it stored. A file that cannot
+    /// be read is reported and skipped (it is tried again next pass).
+    pub fn scan(&mut self, files: &Mutex<LogFiles>) -> anyhow::Result<usize> {
+        use std::io::{Read, Seek, SeekFrom};
+        let listed = crate::spool::list(&self.dir, None)
+            .with_context(|| format!("cannot list the trace spool {}", self.dir.display()))?;
+        self.offsets
+            .retain(|path, _| listed.iter().any(|(_, _, p)| p == path));
+        let mut stored = 0;
+        for (identity, _, path) in listed {
+            let offset = self.offsets.get(&path).copied().unwrap_or(0);
+            let mut bytes = Vec::new();
+            let read = File::open(&path).and_then(|mut f| {
+                f.seek(SeekFrom::Start(offset))?;
+                f.read_to_end(&mut bytes)
+            });
+            if let Err(e) = read {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!("cannot read trace spool {}: {e}", path.display());
+                }
+                continue;
+            }
+            let records = match crate::spool::read_records(&bytes, offset == 0) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!("skipping trace spool {}: {e}", path.display());
+                    continue;
+                }
+            };
+            self.offsets
+                .insert(path.clone(), offset + records.end as u64);
+            let mut files = files.lock().unwrap_or_else(|p| p.into_inner());
+            let have = files.last_clock(&identity).get(&identity);
+            let mut events = Vec::new();
+            for (own, body) in records.records {
+                if own <= have {
+                    continue;
+                }
+                match crate::spool::decode(&body) {
+                    Ok(event) => events.push(event),
+                    Err(e) => {
+                        tracing::warn!("{}: {e}", path.display());
+                        break;
+                    }
+                }
+            }
+            if !events.is_empty() {
+                stored += events.len();
+                files.store(&identity, &events)?;
+            }
+        }
+        Ok(stored)
+    }
+}
+
 /// The `Tracing` gRPC service.
 #[derive(Clone)]
 pub struct TracingService {
@@ -286,15 +372,19 @@ impl Tracing for TracingService {
     }
 }
 
-/// Serves `Tracing` on `listener` until `shutdown` completes, then flushes and fsyncs the logs.
+/// Serves `Tracing` on `listener` until `shutdown` completes, reading the spool files in
+/// `spool_dir` meanwhile, then reads them a last time and flushes and fsyncs the logs.
 pub async fn run(
     paths: OutputPaths,
+    spool_dir: PathBuf,
     fresh: bool,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let files = LogFiles::open(paths, fresh)?;
     let service = TracingService::new(files);
+    let scan = Arc::new(Mutex::new(SpoolScan::new(spool_dir, fresh)));
+    let scanning = tokio::spawn(scan_spools(Arc::clone(&scan), Arc::clone(&service.files)));
     let addr = listener.local_addr()?;
     tracing::info!("tracing server listening on {addr}");
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
@@ -320,6 +410,16 @@ pub async fn run(
             }
         }
     }
+    scanning.abort();
+    let last_scan = {
+        let mut scan = scan.lock().unwrap_or_else(|p| p.into_inner());
+        scan.scan(&service.files)
+    };
+    match last_scan {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(events = n, "stored trace events found only in spool files"),
+        Err(e) => tracing::warn!("{e:#}"),
+    }
     let mut files = service.files();
     files.sync()?;
     tracing::info!(
@@ -327,6 +427,29 @@ pub async fn run(
         "tracing server stopped; logs flushed"
     );
     Ok(())
+}
+
+/// Reads the spool files every [`SPOOL_SCAN_MS`], off the async workers.
+async fn scan_spools(scan: Arc<Mutex<SpoolScan>>, files: Arc<Mutex<LogFiles>>) {
+    let mut every = tokio::time::interval(Duration::from_millis(SPOOL_SCAN_MS));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let (scan, files) = (Arc::clone(&scan), Arc::clone(&files));
+        let result = tokio::task::spawn_blocking(move || {
+            let mut scan = scan.lock().unwrap_or_else(|p| p.into_inner());
+            scan.scan(&files)
+        })
+        .await;
+        match result {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => {
+                tracing::info!(events = n, "stored trace events found only in spool files")
+            }
+            Ok(Err(e)) => tracing::warn!("{e:#}"),
+            Err(e) => tracing::warn!("spool scan task failed: {e}"),
+        }
+    }
 }
 
 /// Last clock per identity, from a JSON-lines log (for tests).

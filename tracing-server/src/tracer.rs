@@ -15,10 +15,12 @@
 //!   (the server drops a resent event it already stored). Nothing is ever dropped: a full queue
 //!   blocks the recording thread until the shipper makes room.
 //! - Clock updates and queueing happen under one lock, so queue order is clock order.
-//! - A token must only leave the process once the events it covers are stored
-//!   ([`Tracer::flush`]): a process killed with SIGKILL then loses only events no other process
-//!   has seen, and its next incarnation resumes its clock from the server without reusing a
-//!   counter anyone refers to.
+//! - A token must only leave the process once the events it covers are safe from a SIGKILL
+//!   ([`Tracer::flush`]): written to the process's spool file (see [`crate::spool`]), or, with
+//!   no spool, stored by the tracing server. A process killed with SIGKILL then loses only
+//!   events no other process has seen: its next incarnation ships what the spool holds and
+//!   the server lacks, then resumes its clock after it, and the tracing server reads the spool
+//!   of a process that never comes back. No counter anyone refers to is ever reused.
 //! - The shipper runs on its own OS thread, so a recorder blocked on a full queue never stalls
 //!   the shipping it waits for, whatever runtime the caller uses.
 
@@ -34,6 +36,7 @@ use prost::Message;
 use tokio::sync::{oneshot, watch, Notify};
 
 use crate::action::{Action, GenerateTokenTrace, ReceiveTokenTrace};
+use crate::spool::{self, SpoolWriter};
 use crate::vclock::VClock;
 
 /// Events recorded but not yet handed to the shipper. At ~200 bytes an event this bounds the
@@ -99,6 +102,9 @@ struct Inner {
 struct State {
     clock: VClock,
     queue: VecDeque<TraceEvent>,
+    /// Where events are written before a token covering them leaves; `None` without a spool
+    /// directory, or after a spool write failed (tokens then wait for the tracing server).
+    spool: Option<SpoolWriter>,
     /// Events recorded so far by this incarnation (the sequence number of the last one).
     recorded: u64,
     /// Set by `close`: the shipper drains the queue and exits.
@@ -118,6 +124,17 @@ impl Tracer {
     /// server at `addr` where this identity's clock left off (a restarted process continues
     /// it) and starts the shipper.
     pub async fn connect(identity: &str, addr: &str) -> Result<Tracer, TracerError> {
+        Self::connect_spooled(identity, addr, None).await
+    }
+
+    /// [`Tracer::connect`] with a spool in `spool_dir`: tokens then wait only for a local
+    /// write, not for the tracing server. At start, events an earlier incarnation spooled and
+    /// the server lacks are shipped first.
+    pub async fn connect_spooled(
+        identity: &str,
+        addr: &str,
+        spool_dir: Option<&std::path::Path>,
+    ) -> Result<Tracer, TracerError> {
         let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| TracerError::BadAddress {
                 addr: addr.to_string(),
@@ -131,6 +148,7 @@ impl Tracer {
             state: Mutex::new(State {
                 clock: VClock::new(),
                 queue: VecDeque::new(),
+                spool: None,
                 recorded: 0,
                 closed: false,
             }),
@@ -141,9 +159,10 @@ impl Tracer {
         let (ready_tx, ready_rx) = oneshot::channel();
         let shipper = Arc::clone(&inner);
         let addr_owned = addr.to_string();
+        let spool_dir = spool_dir.map(std::path::Path::to_path_buf);
         std::thread::Builder::new()
             .name(format!("trace-shipper-{identity}"))
-            .spawn(move || shipper.run_shipper(endpoint, addr_owned, ready_tx))
+            .spawn(move || shipper.run_shipper(endpoint, addr_owned, spool_dir, ready_tx))
             .map_err(TracerError::Thread)?;
         let resumed = ready_rx.await.unwrap_or_else(|_| {
             Err(TracerError::Unreachable {
@@ -153,7 +172,7 @@ impl Tracer {
             })
         })?;
         tracing::debug!(identity, clock = %resumed.to_json(), "tracer resumed its clock");
-        inner.lock().clock = resumed;
+        inner.lock().clock.merge(&resumed);
         Ok(Tracer { inner })
     }
 
@@ -197,30 +216,51 @@ impl Tracer {
         trace
     }
 
-    /// Waits until every event recorded so far (by any clone) is stored by the tracing server.
-    /// Call it before a token leaves the process (see the module invariants).
+    /// Makes every event recorded so far (by any clone) safe from a SIGKILL: written to the
+    /// spool (one local write), or without one, stored by the tracing server. Call it before a
+    /// token leaves the process (see the module invariants).
     pub async fn flush(&self) {
+        if self.inner.write_spool() {
+            return;
+        }
+        self.shipped().await;
+    }
+
+    /// Waits until every event recorded so far is stored by the tracing server.
+    async fn shipped(&self) {
         let target = self.inner.lock().recorded;
         let mut rx = self.inner.shipped.subscribe();
         // The sender lives in `inner`, which `self` keeps alive: this only ends at the target.
         let _ = rx.wait_for(|&shipped| shipped >= target).await;
     }
 
-    /// [`Tracer::flush`], giving up after `timeout`; returns whether everything was shipped.
+    /// Waits until the tracing server has stored every event recorded so far, giving up after
+    /// `timeout`; returns whether everything was stored.
     pub async fn flush_for(&self, timeout: Duration) -> bool {
-        tokio::time::timeout(timeout, self.flush()).await.is_ok()
+        tokio::time::timeout(timeout, self.shipped()).await.is_ok()
     }
 
-    /// Flushes (for at most [`CLOSE_FLUSH_MS`]), then stops the shipper. Events recorded
-    /// afterwards are queued but never sent.
+    /// Ships everything (for at most [`CLOSE_FLUSH_MS`]), then stops the shipper; with
+    /// everything stored the spool files go. Events recorded afterwards are never sent.
     pub async fn close(&self) {
-        if !self.flush_for(Duration::from_millis(CLOSE_FLUSH_MS)).await {
-            tracing::warn!(
+        self.inner.write_spool();
+        let stored = self.flush_for(Duration::from_millis(CLOSE_FLUSH_MS)).await;
+        let mut state = self.inner.lock();
+        match (stored, state.spool.as_mut()) {
+            (true, Some(spool)) => spool.remove_all(),
+            (true, None) => {}
+            (false, spooled) => tracing::warn!(
                 identity = %self.inner.identity,
-                "trace events not shipped within {CLOSE_FLUSH_MS} ms; they are lost"
-            );
+                "trace events not shipped within {CLOSE_FLUSH_MS} ms; {}",
+                if spooled.is_some() {
+                    "they stay in the spool for the tracing server or the next start"
+                } else {
+                    "they are lost"
+                }
+            ),
         }
-        self.inner.lock().closed = true;
+        state.closed = true;
+        drop(state);
         self.inner.work.notify_one();
     }
 
@@ -271,6 +311,29 @@ impl Inner {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Writes what waits for the spool; false if there is no spool (any more).
+    fn write_spool(&self) -> bool {
+        let mut state = self.lock();
+        Self::write_spool_locked(&self.identity, &mut state)
+    }
+
+    fn write_spool_locked(identity: &str, state: &mut State) -> bool {
+        let Some(spool) = state.spool.as_mut() else {
+            return false;
+        };
+        match spool.write_out() {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(
+                    identity,
+                    "cannot write the trace spool ({e}); tokens now wait for the tracing server"
+                );
+                state.spool = None;
+                false
+            }
+        }
+    }
+
     /// Ticks the clock (after merging `merge`), queues the event and returns the new clock.
     fn record(&self, trace_id: u64, action: &impl Action, merge: Option<&VClock>) -> VClock {
         let body =
@@ -284,15 +347,23 @@ impl Inner {
             if let Some(theirs) = merge {
                 state.clock.merge(theirs);
             }
-            state.clock.tick(&self.identity);
+            let own = state.clock.tick(&self.identity);
             state.recorded += 1;
             let clock = state.clock.clone();
-            state.queue.push_back(TraceEvent {
+            let event = TraceEvent {
                 trace_id,
                 tag: tag.to_string(),
                 body: body.clone(),
                 clock: clock.to_proto(),
-            });
+            };
+            let seq = state.recorded;
+            if let Some(spool) = state.spool.as_mut() {
+                spool.push(seq, own, &event);
+                if spool.pending_full() {
+                    Self::write_spool_locked(&self.identity, &mut state);
+                }
+            }
+            state.queue.push_back(event);
             clock
         };
         self.work.notify_one();
@@ -307,6 +378,7 @@ impl Inner {
         self: Arc<Self>,
         endpoint: tonic::transport::Endpoint,
         addr: String,
+        spool_dir: Option<std::path::PathBuf>,
         ready: oneshot::Sender<Result<VClock, TracerError>>,
     ) {
         let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -324,7 +396,10 @@ impl Inner {
                 .max_encoding_message_size(MESSAGE_BYTES_MAX)
                 .max_decoding_message_size(MESSAGE_BYTES_MAX);
             match self.resume(&mut client, &addr).await {
-                Ok(clock) => {
+                Ok(mut clock) => {
+                    if let Some(dir) = &spool_dir {
+                        clock = self.recover_spool(&mut client, &addr, dir, clock).await;
+                    }
                     if ready.send(Ok(clock)).is_err() {
                         return;
                     }
@@ -337,8 +412,50 @@ impl Inner {
             while let Some((batch, last_seq)) = self.next_batch().await {
                 self.ship(&mut client, batch, &addr).await;
                 self.shipped.send_replace(last_seq);
+                if let Some(spool) = self.lock().spool.as_mut() {
+                    spool.remove_stored(last_seq);
+                }
             }
         });
+    }
+
+    /// Ships what an earlier incarnation spooled and the server (whose last stored clock of
+    /// this identity is `clock`) lacks, then starts this incarnation's spool after it; returns
+    /// the clock to continue from. Without a usable spool directory the tracer runs without
+    /// one (tokens wait for the server).
+    async fn recover_spool(
+        &self,
+        client: &mut TracingClient<tonic::transport::Channel>,
+        addr: &str,
+        dir: &std::path::Path,
+        mut clock: VClock,
+    ) -> VClock {
+        let (events, gen) = spool::recover(dir, &self.identity, clock.get(&self.identity));
+        if !events.is_empty() {
+            tracing::info!(
+                identity = %self.identity,
+                events = events.len(),
+                "shipping trace events the last run spooled"
+            );
+            if let Some(last) = events.last() {
+                clock.merge(&VClock::from_proto(&last.clock));
+            }
+            for batch in events.chunks(BATCH_EVENTS_MAX) {
+                self.ship(client, batch.to_vec(), addr).await;
+            }
+        }
+        match SpoolWriter::create(dir, &self.identity, gen + 1) {
+            Ok(spool) => {
+                spool.remove_older();
+                self.lock().spool = Some(spool);
+            }
+            Err(e) => tracing::warn!(
+                identity = %self.identity,
+                "cannot create a trace spool in {} ({e}); tokens wait for the tracing server",
+                dir.display()
+            ),
+        }
+        clock
     }
 
     async fn resume(

@@ -28,7 +28,8 @@ async fn start_server(dir: &Path, fresh: bool, addr: Option<&str>) -> Running {
         shiviz: dir.join("shiviz_output.log"),
     };
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(server::run(paths, fresh, listener, async move {
+    let spool = dir.join("spool");
+    let task = tokio::spawn(server::run(paths, spool, fresh, listener, async move {
         let _ = stopped.await;
     }));
     Running { addr, stop, task }
@@ -148,6 +149,121 @@ async fn many_events_are_all_shipped_in_order() {
     let events = read_log(dir.path());
     assert_eq!(events.len() as u64, n);
     stop_server(srv).await;
+}
+
+/// What a process killed right after spooling events `1..=n` leaves behind.
+fn leave_spool(dir: &Path, identity: &str, gen: u64, n: u64) {
+    let mut w = kvraft_tracing::spool::SpoolWriter::create(dir, identity, gen).unwrap();
+    for own in 1..=n {
+        let event = kvraft_proto::TraceEvent {
+            trace_id: 7,
+            tag: "Spooled".into(),
+            body: format!("{{\"N\":{own}}}"),
+            clock: [(identity.to_string(), own)].into_iter().collect(),
+        };
+        w.push(own, own, &event);
+    }
+    w.write_out().unwrap();
+}
+
+/// A process killed after spooling events (tokens for them may have reached others) and never
+/// shipping them: its next start ships them first and continues after them; one that never
+/// comes back has them read from its spool by the tracing server. Either way the log is whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_left_in_a_spool_by_a_killed_process_reach_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    // An older run's leftovers: a fresh start removes them with the logs.
+    leave_spool(&spool, "server9", 1, 5);
+    let srv = start_server(dir.path(), true, None).await;
+    wait_until("the fresh start to clear the spool", || {
+        kvraft_tracing::spool::list(&spool, None)
+            .unwrap()
+            .is_empty()
+    })
+    .await;
+
+    leave_spool(&spool, "server3", 1, 3);
+    leave_spool(&spool, "client9", 1, 2);
+    let restarted = Tracer::connect_spooled("server3", &srv.addr, Some(&spool))
+        .await
+        .unwrap();
+    assert_eq!(
+        restarted.clock().get("server3"),
+        3,
+        "continues after its spool"
+    );
+    restarted.create_trace().record_action(&put(1));
+    restarted.flush().await;
+    assert_eq!(
+        kvraft_tracing::spool::list(&spool, Some("server3"))
+            .unwrap()
+            .len(),
+        1,
+        "the last run's file is gone once shipped again; this run has its own"
+    );
+    restarted.close().await;
+    assert!(
+        kvraft_tracing::spool::list(&spool, Some("server3"))
+            .unwrap()
+            .is_empty(),
+        "a clean stop with everything stored leaves no spool"
+    );
+    stop_server(srv).await;
+
+    let events = read_log(dir.path());
+    let own = |host: &str| -> Vec<u64> {
+        events
+            .iter()
+            .filter(|e| e.host == host)
+            .map(|e| e.own())
+            .collect()
+    };
+    assert_eq!(own("server3"), [1, 2, 3, 4]);
+    assert_eq!(
+        own("client9"),
+        [1, 2],
+        "read from the spool of a process that never returned"
+    );
+    assert!(
+        own("server9").is_empty(),
+        "a fresh log takes nothing of an older run"
+    );
+}
+
+/// With a spool, a token waits for a local write only: flushing does not wait for the tracing
+/// server, even while it is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_spool_a_flush_does_not_wait_for_the_tracing_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let srv = start_server(dir.path(), true, None).await;
+    let tracer = Tracer::connect_spooled("server4", &srv.addr, Some(&spool))
+        .await
+        .unwrap();
+    let addr = srv.addr.clone();
+    stop_server(srv).await;
+    tracer.create_trace().record_action(&put(1));
+    tokio::time::timeout(Duration::from_secs(5), tracer.flush())
+        .await
+        .expect("a spooled flush returns without the server");
+    let srv = start_server(dir.path(), false, Some(&addr)).await;
+    tracer.close().await;
+    stop_server(srv).await;
+    let events = read_log(dir.path());
+    assert_eq!(events.iter().filter(|e| e.host == "server4").count(), 1);
+}
+
+/// Polls `ready` every 20 ms for up to 10 s.
+async fn wait_until(what: &str, mut ready: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !ready() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[test]
