@@ -143,9 +143,9 @@ impl LogFiles {
 
     /// Writes a batch of `identity`'s events and flushes both files to the OS.
     pub fn store(&mut self, identity: &str, events: &[TraceEvent]) -> anyhow::Result<()> {
+        let ident_json = serde_json::to_string(identity).context("cannot encode an identity")?;
         for event in events {
-            let clock = VClock::from_proto(&event.clock);
-            let own = clock.get(identity);
+            let own = event.clock.get(identity).copied().unwrap_or(0);
             let last_own = self.last.get(identity).map_or(0, |c| c.get(identity));
             if own <= last_own {
                 continue; // a resend of a batch whose answer was lost
@@ -160,19 +160,30 @@ impl LogFiles {
                     last_own + 1
                 );
             }
-            let body = serde_json::from_str(&event.body)
-                .unwrap_or_else(|_| serde_json::Value::String(event.body.clone()));
-            let line = JsonEvent {
-                identity: identity.to_string(),
-                trace_id: event.trace_id,
-                tag: event.tag.clone(),
-                body,
-                clock: clock.clone(),
+            // Written as text, not through a JSON value: the body is kept as the tracer wrote
+            // it when it is one line of JSON (what tracers send), and each clock is printed
+            // once for both logs.
+            let clock = VClock::from_proto(&event.clock);
+            let clock_json = clock.to_json();
+            let raw_ok = !event.body.contains(['\n', '\r'])
+                && serde_json::from_str::<serde::de::IgnoredAny>(&event.body).is_ok();
+            let body = if raw_ok {
+                std::borrow::Cow::Borrowed(event.body.as_str())
+            } else {
+                std::borrow::Cow::Owned(
+                    serde_json::to_string(&event.body).context("cannot encode an event body")?,
+                )
             };
-            let text = serde_json::to_string(&line).context("cannot encode an event")?;
-            writeln!(self.json, "{text}")
-                .with_context(|| format!("cannot write {}", self.paths.json.display()))?;
-            write_shiviz(&mut self.shiviz, &line)
+            let tag_json = serde_json::to_string(&event.tag).context("cannot encode a tag")?;
+            writeln!(
+                self.json,
+                "{{\"TracerIdentity\":{ident_json},\"TraceID\":{},\"Tag\":{tag_json},\
+                 \"Body\":{body},\"VectorClock\":{clock_json}}}",
+                event.trace_id
+            )
+            .with_context(|| format!("cannot write {}", self.paths.json.display()))?;
+            writeln!(self.shiviz, "{identity} {clock_json}")
+                .and_then(|_| writeln!(self.shiviz, "{} {} {body}", event.trace_id, event.tag))
                 .with_context(|| format!("cannot write {}", self.paths.shiviz.display()))?;
             self.last.insert(identity.to_string(), clock);
             self.stored += 1;

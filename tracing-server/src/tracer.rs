@@ -24,7 +24,7 @@
 //! - The shipper runs on its own OS thread, so a recorder blocked on a full queue never stalls
 //!   the shipping it waits for, whatever runtime the caller uses.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
@@ -45,6 +45,13 @@ pub const EVENTS_BUFFERED_MAX: usize = 16 * 1024;
 /// Most events in one `Ship` call: bounds the message size (~1 MiB) and the work repeated when
 /// an answer is lost.
 pub const BATCH_EVENTS_MAX: usize = 4096;
+/// With a spool, shipping is off every message's path: the shipper lets events gather this
+/// long before it ships a batch smaller than [`SHIP_EAGER_EVENTS`], so a busy process sends a
+/// few hundred batches a second instead of one per event (each costs both ends a round of
+/// syscalls, wakeups and framing).
+pub const SHIP_LINGER_MS: u64 = 5;
+/// A batch at least this large ships at once.
+pub const SHIP_EAGER_EVENTS: usize = 1024;
 /// How long a starting tracer keeps trying to reach the tracing server for its clock.
 pub const RESUME_DEADLINE_MS: u64 = 10_000;
 /// Retry pacing when the tracing server cannot be reached.
@@ -211,8 +218,8 @@ impl Tracer {
         let action = ReceiveTokenTrace {
             from: token.identity,
         };
-        let theirs = VClock::from_proto(&token.clock);
-        self.inner.record(trace.id, &action, Some(&theirs));
+        self.inner
+            .record(trace.id, &action, Some(&token.clock), false);
         trace
     }
 
@@ -281,7 +288,7 @@ impl Trace {
 
     /// Records `action` in this trace: ticks the local clock by exactly one.
     pub fn record_action(&self, action: &impl Action) {
-        self.tracer.inner.record(self.id, action, None);
+        self.tracer.inner.record(self.id, action, None, false);
     }
 
     /// Records a `GenerateTokenTrace` event and returns the token carrying its clock, for the
@@ -295,11 +302,15 @@ impl Trace {
         let action = GenerateTokenTrace {
             token_for: message.to_string(),
         };
-        let clock = self.tracer.inner.record(self.id, &action, None);
+        let clock = self
+            .tracer
+            .inner
+            .record(self.id, &action, None, true)
+            .expect("invariant: asked for the clock");
         let token = TraceToken {
             identity: self.tracer.inner.identity.clone(),
             trace_id: self.id,
-            clock: clock.to_proto(),
+            clock,
         };
         Bytes::from(token.encode_to_vec())
     }
@@ -334,28 +345,38 @@ impl Inner {
         }
     }
 
-    /// Ticks the clock (after merging `merge`), queues the event and returns the new clock.
-    fn record(&self, trace_id: u64, action: &impl Action, merge: Option<&VClock>) -> VClock {
+    /// Ticks the clock (after merging `merge`), queues the event and, with `want_clock`,
+    /// returns the new clock as it travels (in a token).
+    fn record(
+        &self,
+        trace_id: u64,
+        action: &impl Action,
+        merge: Option<&HashMap<String, u64>>,
+        want_clock: bool,
+    ) -> Option<HashMap<String, u64>> {
         let body =
             serde_json::to_string(action).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
         let tag = action.tag();
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            tracing::debug!("{}", console_line(&self.identity, trace_id, tag, &body));
+        }
         let clock = {
             let mut state = self.lock();
             while state.queue.len() >= EVENTS_BUFFERED_MAX && !state.closed {
                 state = self.space.wait(state).unwrap_or_else(|p| p.into_inner());
             }
             if let Some(theirs) = merge {
-                state.clock.merge(theirs);
+                state.clock.merge_proto(theirs);
             }
             let own = state.clock.tick(&self.identity);
             state.recorded += 1;
-            let clock = state.clock.clone();
             let event = TraceEvent {
                 trace_id,
                 tag: tag.to_string(),
-                body: body.clone(),
-                clock: clock.to_proto(),
+                body,
+                clock: state.clock.to_proto(),
             };
+            let clock = want_clock.then(|| event.clock.clone());
             let seq = state.recorded;
             if let Some(spool) = state.spool.as_mut() {
                 spool.push(seq, own, &event);
@@ -367,9 +388,6 @@ impl Inner {
             clock
         };
         self.work.notify_one();
-        if tracing::enabled!(tracing::Level::DEBUG) {
-            tracing::debug!("{}", console_line(&self.identity, trace_id, tag, &body));
-        }
         clock
     }
 
@@ -487,15 +505,25 @@ impl Inner {
     }
 
     /// Takes the next batch off the queue, waiting for one; `None` once closed and drained.
+    /// With a spool, a small batch waits [`SHIP_LINGER_MS`] for more.
     async fn next_batch(&self) -> Option<(Vec<TraceEvent>, u64)> {
+        let mut lingered = false;
         let mut state = loop {
             {
                 let state = self.lock();
-                if !state.queue.is_empty() {
+                let small = state.queue.len() < SHIP_EAGER_EVENTS;
+                let linger = !lingered && small && state.spool.is_some() && !state.closed;
+                if !state.queue.is_empty() && !linger {
                     break state;
                 }
-                if state.closed {
+                if state.queue.is_empty() && state.closed {
                     return None;
+                }
+                if !state.queue.is_empty() {
+                    drop(state);
+                    lingered = true;
+                    tokio::time::sleep(Duration::from_millis(SHIP_LINGER_MS)).await;
+                    continue;
                 }
             }
             // `notify_one` leaves a permit when nobody waits, so no wakeup is missed here.

@@ -23,7 +23,11 @@ impl VClock {
 
     /// Advances `identity`'s own counter by exactly one and returns the new value.
     pub fn tick(&mut self, identity: &str) -> u64 {
-        let counter = self.0.entry(identity.to_string()).or_insert(0);
+        // The own entry exists after the first tick: no allocation on the hot path.
+        let counter = match self.0.get_mut(identity) {
+            Some(c) => c,
+            None => self.0.entry(identity.to_string()).or_insert(0),
+        };
         *counter += 1;
         *counter
     }
@@ -31,8 +35,24 @@ impl VClock {
     /// Entry-wise maximum with `other`.
     pub fn merge(&mut self, other: &VClock) {
         for (id, &theirs) in &other.0 {
-            let mine = self.0.entry(id.clone()).or_insert(0);
-            *mine = (*mine).max(theirs);
+            match self.0.get_mut(id) {
+                Some(mine) => *mine = (*mine).max(theirs),
+                None => {
+                    self.0.insert(id.clone(), theirs);
+                }
+            }
+        }
+    }
+
+    /// Entry-wise maximum with a clock as it travels in a token.
+    pub fn merge_proto(&mut self, other: &HashMap<String, u64>) {
+        for (id, &theirs) in other {
+            match self.0.get_mut(id) {
+                Some(mine) => *mine = (*mine).max(theirs),
+                None => {
+                    self.0.insert(id.clone(), theirs);
+                }
+            }
         }
     }
 
