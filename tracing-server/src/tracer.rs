@@ -509,7 +509,7 @@ impl Inner {
     async fn next_batch(&self) -> Option<(Vec<TraceEvent>, u64)> {
         let mut lingered = false;
         let mut state = loop {
-            {
+            let linger = {
                 let state = self.lock();
                 let small = state.queue.len() < SHIP_EAGER_EVENTS;
                 let linger = !lingered && small && state.spool.is_some() && !state.closed;
@@ -519,12 +519,12 @@ impl Inner {
                 if state.queue.is_empty() && state.closed {
                     return None;
                 }
-                if !state.queue.is_empty() {
-                    drop(state);
-                    lingered = true;
-                    tokio::time::sleep(Duration::from_millis(SHIP_LINGER_MS)).await;
-                    continue;
-                }
+                !state.queue.is_empty()
+            };
+            if linger {
+                lingered = true;
+                tokio::time::sleep(Duration::from_millis(SHIP_LINGER_MS)).await;
+                continue;
             }
             // `notify_one` leaves a permit when nobody waits, so no wakeup is missed here.
             self.work.notified().await;
