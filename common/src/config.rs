@@ -424,6 +424,12 @@ impl ClusterConfig {
                 format!("{:?} is not an IP:port address", t.server_addr),
             ));
         }
+        if t.spool_dir.as_os_str().is_empty() {
+            return Err((
+                "tracing.spool_dir".into(),
+                "must be a directory path (processes write their trace events there)".into(),
+            ));
+        }
         if t.output_file == t.shiviz_output_file || t.output_file.as_os_str().is_empty() {
             return Err((
                 "tracing.shiviz_output_file".into(),
@@ -609,6 +615,9 @@ data_dir = "data/server2"
         );
         let e = err(&(base() + "[tracing]\nserver_addr = \"nowhere\"\n"));
         assert!(e.contains("tracing.server_addr"), "{e}");
+        assert_eq!(c.tracing.spool_dir, PathBuf::from("trace-spool"));
+        let e = err(&(base() + "[tracing]\nspool_dir = \"\"\n"));
+        assert!(e.contains("tracing.spool_dir"), "{e}");
         let ok = base() + "[tracing]\nenabled = true\nserver_addr = \"127.0.0.1:23010\"\n";
         assert!(
             ClusterConfig::parse(&ok, Path::new("t.toml"))
