@@ -156,6 +156,10 @@ pub struct ServerOptions {
     pub log_tail_bytes: u64,
     /// Size of one chunk of a snapshot sent to a follower (one chunk in flight per follower).
     pub snapshot_chunk_bytes: u64,
+    /// Pace of a snapshot transfer to one follower (bytes per second; 0: as fast as the
+    /// follower takes chunks). A rebuild at full speed competes with clients for the leader's
+    /// CPU and disk; a pace leaves them room. At least one chunk per second when set.
+    pub snapshot_bytes_per_sec: u64,
     /// Size at which a log segment file is closed and the next begins; compaction deletes
     /// whole segments, so the log on disk is at least one segment.
     pub log_segment_bytes: u64,
@@ -238,6 +242,7 @@ impl Default for ServerOptions {
             log_tail_entries: LOG_TAIL_ENTRIES_DEFAULT,
             log_tail_bytes: LOG_TAIL_BYTES_DEFAULT,
             snapshot_chunk_bytes: SNAPSHOT_CHUNK_BYTES_DEFAULT,
+            snapshot_bytes_per_sec: 0,
             log_segment_bytes: LOG_SEGMENT_BYTES_DEFAULT,
             max_value_bytes: crate::limits::VALUE_BYTES_MAX as u64,
             watch_history_revisions: WATCH_HISTORY_REVISIONS_DEFAULT,
@@ -375,6 +380,15 @@ impl ClusterConfig {
                     o.state_sync_ms,
                     STATE_SYNC_MS_RANGE.start(),
                     STATE_SYNC_MS_RANGE.end()
+                ),
+            ));
+        }
+        if o.snapshot_bytes_per_sec != 0 && o.snapshot_bytes_per_sec < o.snapshot_chunk_bytes {
+            return Err((
+                "server.snapshot_bytes_per_sec".into(),
+                format!(
+                    "{} is below one chunk ({} bytes) per second; use 0 for no pace",
+                    o.snapshot_bytes_per_sec, o.snapshot_chunk_bytes
                 ),
             ));
         }
@@ -524,6 +538,14 @@ data_dir = "data/server1"
             Path::new("t.toml"),
         );
         assert_eq!(c.unwrap().server.state_sync_ms, 250);
+        let e = err(&(base() + "[server]\nsnapshot_bytes_per_sec = 1000\n"));
+        assert!(
+            e.contains("server.snapshot_bytes_per_sec") && e.contains("below one chunk"),
+            "{e}"
+        );
+        let paced = base() + "[server]\nsnapshot_bytes_per_sec = 33554432\n";
+        let paced = ClusterConfig::parse(&paced, Path::new("t.toml")).unwrap();
+        assert_eq!(paced.server.snapshot_bytes_per_sec, 32 << 20);
         for bad in [
             "log_tail_entries = 10000001",
             "log_tail_bytes = 17179869185",

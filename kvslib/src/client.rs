@@ -386,6 +386,16 @@ impl Client {
         let limit = inner.grpc_message_bytes;
         let span = tracing::Span::current();
         let seq = guard.seq;
+        let trace = inner.router.tracer().map(|t| {
+            let trace = t.create_trace();
+            trace.record_action(&act::Txn {
+                client_id: client_id.clone(),
+                op_id: seq,
+                compares: compare.len() as u64,
+                ops: (success.len() + failure.len()) as u64,
+            });
+            trace
+        });
         let result = inner
             .router
             .call("Txn", deadline, |channel, addr| {
@@ -398,15 +408,26 @@ impl Client {
                     compare: compare.clone(),
                     success: success.clone(),
                     failure: failure.clone(),
-                    trace_token: Vec::new().into(),
+                    trace_token: kvraft_tracing::token(trace.as_ref(), "TxnRequest"),
                 };
                 let span = || tracing::info_span!(parent: &span, "kv.Txn", server = %addr);
                 let request = attempt_request(span, request);
-                txn_attempt(channel, addr, request, limit)
+                txn_attempt(channel, addr, request, trace.clone(), limit)
             })
             .await;
         // The seq is finished (answered or abandoned) before the caller sees the result.
         drop(guard);
+        if let Some(trace) = &trace {
+            trace.record_action(&act::TxnResultRecvd {
+                client_id: client_id.clone(),
+                op_id: seq,
+                ok: result.is_ok(),
+                result: match &result {
+                    Ok(out) => format!("succeeded {}, revision {}", out.succeeded, out.revision),
+                    Err(e) => e.to_string(),
+                },
+            });
+        }
         debug!(action = "TxnResultRecvd", client_id = %inner.client_id,
             session_id = session.id, seq, result = ?result);
         if result == Err(Error::SessionExpired) {
@@ -522,8 +543,19 @@ impl Client {
         let _permit = acquire(&self.inner.get_permits, "Range", deadline).await?;
         let client_id = &self.inner.client_id;
         let limit_bytes = self.inner.grpc_message_bytes;
+        let trace = self.inner.router.tracer().map(|t| {
+            let trace = t.create_trace();
+            trace.record_action(&act::Range {
+                client_id: client_id.clone(),
+                start: act::text(&start),
+                end: act::text(&end),
+                limit,
+            });
+            trace
+        });
         let (start, end) = (Bytes::from(start), Bytes::from(end));
-        self.inner
+        let result = self
+            .inner
             .router
             .call("Range", deadline, |channel, addr| {
                 let request = pb::RangeRequest {
@@ -534,12 +566,23 @@ impl Client {
                     limit,
                     keys_only,
                     revision: 0,
-                    trace_token: Vec::new().into(),
+                    trace_token: kvraft_tracing::token(trace.as_ref(), "RangeRequest"),
                 };
                 let request = attempt_request(|| tracing::info_span!("kv.Range"), request);
-                range_attempt(channel, addr, request, limit_bytes)
+                range_attempt(channel, addr, request, trace.clone(), limit_bytes)
             })
-            .await
+            .await;
+        if let Some(trace) = &trace {
+            trace.record_action(&act::RangeResultRecvd {
+                client_id: client_id.clone(),
+                ok: result.is_ok(),
+                result: match &result {
+                    Ok(page) => format!("{} keys, more {}", page.kvs.len(), page.more),
+                    Err(e) => e.to_string(),
+                },
+            });
+        }
+        result
     }
 
     /// Every key that starts with `prefix`, page by page (see [`Client::range`]).
@@ -773,11 +816,14 @@ async fn txn_attempt(
     channel: tonic::transport::Channel,
     addr: String,
     attempt: Attempt<pb::TxnRequest>,
+    trace: Option<Trace>,
     limit: usize,
 ) -> Result<TxnOutcome, Failure> {
     let Attempt { span, request } = attempt;
     let call = || async move { kv_client(channel, limit).txn(request).await };
-    let response = kv_call(&addr, None, call).instrument(span).await?;
+    let response = kv_call(&addr, trace.as_ref(), call)
+        .instrument(span)
+        .await?;
     txn::outcome_of(&response)
         .map_err(|e| Failure::Fatal(Error::Unavailable(format!("server {addr}: {e}"))))
 }
@@ -786,11 +832,14 @@ async fn range_attempt(
     channel: tonic::transport::Channel,
     addr: String,
     attempt: Attempt<pb::RangeRequest>,
+    trace: Option<Trace>,
     limit: usize,
 ) -> Result<RangePage, Failure> {
     let Attempt { span, request } = attempt;
     let call = || async move { kv_client(channel, limit).range(request).await };
-    let response = kv_call(&addr, None, call).instrument(span).await?;
+    let response = kv_call(&addr, trace.as_ref(), call)
+        .instrument(span)
+        .await?;
     Ok(RangePage {
         kvs: response
             .kvs

@@ -160,6 +160,18 @@ impl Watch {
         let limit = inner.grpc_message_bytes;
         let (start, end, from) = (self.start.clone(), self.end.clone(), self.next_revision);
         let client_id = inner.client_id.clone();
+        // One trace per (re)opening: the request's token reaches the server's WatchRecvd; the
+        // events the stream delivers are not traced.
+        let trace = inner.router.tracer().map(|t| {
+            let trace = t.create_trace();
+            trace.record_action(&kvraft_tracing::action::Watch {
+                client_id: client_id.clone(),
+                start: kvraft_tracing::action::text(&start),
+                end: kvraft_tracing::action::text(&end),
+                start_revision: from,
+            });
+            trace
+        });
         let (stream, header) = inner
             .router
             .call("Watch", deadline, |channel, addr| {
@@ -169,9 +181,13 @@ impl Watch {
                     end: end.clone(),
                     prefix: false,
                     start_revision: from,
-                    trace_token: Bytes::new(),
+                    trace_token: kvraft_tracing::token(trace.as_ref(), "WatchRequest"),
                 };
+                let trace = trace.clone();
                 async move {
+                    if let Some(t) = &trace {
+                        t.tracer().flush().await;
+                    }
                     let mut kv = crate::client::kv_client(channel, limit);
                     let mut stream = kv
                         .watch(request)

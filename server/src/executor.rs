@@ -261,6 +261,7 @@ mod tests {
             log_tail_entries: 10_000,
             log_tail_bytes: usize::MAX,
             snapshot_chunk_bytes: 1024,
+            snapshot_bytes_per_sec: 0,
             max_value_bytes: kvraft_common::limits::VALUE_BYTES_MAX,
         };
         Executor::new(Replica::new(cfg, HardState::default(), Vec::new()))

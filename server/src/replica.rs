@@ -124,6 +124,9 @@ pub struct ReplicaConfig {
     pub log_tail_bytes: usize,
     /// Size of one snapshot chunk (one in flight per follower).
     pub snapshot_chunk_bytes: usize,
+    /// Pace of a snapshot transfer to one follower, in bytes per second (0: as fast as the
+    /// follower acknowledges chunks), so a rebuild leaves the leader's CPU and disk to clients.
+    pub snapshot_bytes_per_sec: u64,
     /// Longest value a put may carry (`[server] max_value_bytes`).
     pub max_value_bytes: usize,
 }
@@ -890,6 +893,9 @@ impl Replica {
         }
         for id in due {
             self.send_to(id, true);
+        }
+        for id in self.paced_snapshots_due() {
+            self.send_snapshot(id);
         }
     }
 }

@@ -49,6 +49,9 @@ pub(super) struct Outgoing {
     last: bool,
     /// 0 until first sent.
     sent_ms: u64,
+    /// The chunk in flight is not sent before this (the `snapshot_bytes_per_sec` pace; 0:
+    /// at once).
+    not_before_ms: u64,
     /// When the transfer started or a chunk was last acknowledged.
     progress_ms: u64,
     /// Bytes sent so far, for the log line when it completes.
@@ -94,6 +97,23 @@ impl std::fmt::Debug for Incoming {
 impl Replica {
     // ------------------------------------------------------------------ leader
 
+    /// Peers whose next snapshot chunk waited for its pace and may go now.
+    pub(super) fn paced_snapshots_due(&self) -> Vec<NodeId> {
+        let Some(leader) = &self.leader else {
+            return Vec::new();
+        };
+        leader
+            .peers
+            .iter()
+            .filter(|(_, p)| {
+                p.snapshot.as_ref().is_some_and(|out| {
+                    out.sent_ms == 0 && out.not_before_ms != 0 && self.now_ms >= out.not_before_ms
+                })
+            })
+            .map(|(&id, _)| id)
+            .collect()
+    }
+
     /// The lowest snapshot index of the transfers in flight: compaction stops there.
     pub(super) fn transfers_floor(leader: &Leader) -> Option<u64> {
         leader
@@ -138,6 +158,9 @@ impl Replica {
         };
         if out.sent_ms != 0 && now < out.sent_ms + retry {
             return;
+        }
+        if out.sent_ms == 0 && now < out.not_before_ms {
+            return; // paced: the tick sends it when its time comes
         }
         out.sent_ms = now.max(1);
         peer.last_sent_ms = now;
@@ -190,6 +213,7 @@ impl Replica {
             data,
             last,
             sent_ms: 0,
+            not_before_ms: 0,
             progress_ms: self.now_ms,
         };
         let peer = leader
@@ -231,6 +255,13 @@ impl Replica {
             peer.snapshot = None;
             return;
         };
+        // Paced from when the previous chunk left: at `snapshot_bytes_per_sec`, a chunk of
+        // `len` bytes is followed by the next no sooner than len / rate later.
+        let rate = self.cfg.snapshot_bytes_per_sec;
+        if rate > 0 {
+            let len = out.data.len() as u64;
+            out.not_before_ms = out.sent_ms + (len * 1000).div_ceil(rate);
+        }
         out.seq = next_seq;
         out.progress_ms = self.now_ms;
         out.bytes += data.len() as u64;

@@ -43,6 +43,7 @@ fn config(id: u32, n: u32) -> ReplicaConfig {
         log_tail_entries: 10_000,
         log_tail_bytes: usize::MAX,
         snapshot_chunk_bytes: 1024,
+        snapshot_bytes_per_sec: 0,
         max_value_bytes: kvraft_common::limits::VALUE_BYTES_MAX,
     }
 }
@@ -571,6 +572,61 @@ fn a_follower_behind_the_compacted_log_catches_up_by_snapshot() {
             let got = net.node(id).state_machine().get(key.as_bytes()).unwrap();
             assert_eq!(got, want, "node {id} key {key}");
         }
+    }
+}
+
+/// `snapshot_bytes_per_sec`: a chunk of `len` bytes is followed by the next no sooner than
+/// len / rate later, so a transfer cannot take the leader's disk and CPU from its clients; the
+/// transfer still completes. (Unpaced, every chunk follows its acknowledgement at once: the
+/// same test then sees many chunks within one tick.)
+#[test]
+fn snapshot_chunks_keep_their_configured_pace() {
+    const RATE: u64 = 640; // ten 64-byte chunks a second
+    let (mut net, session) = Net::with_leader_using(3, |c| {
+        c.log_tail_entries = 2;
+        c.snapshot_chunk_bytes = 64;
+        c.snapshot_bytes_per_sec = RATE;
+    });
+    net.nodes.get_mut(&3).unwrap().isolated = true;
+    for seq in 1..=30 {
+        net.put(1, session, seq, &format!("k{seq}"), &format!("value {seq}"));
+        net.settle();
+    }
+    make_state_durable(&mut net, 1);
+    assert!(net.node(1).log_base().index > net.node(3).last_index().0 + 2);
+    net.nodes.get_mut(&3).unwrap().isolated = false;
+    net.step(1, Event::PeerDisconnected { peer: NodeId(3) });
+    net.log.clear();
+    let mut sent: Vec<(u64, usize)> = Vec::new(); // (tick time, chunk bytes)
+    for t in 1..=3_000 {
+        let now_ms = 10 * t;
+        let seen = net.log.len();
+        net.step(1, Event::Tick { now_ms });
+        net.settle();
+        for (from, c) in &net.log[seen..] {
+            if let (1, Command::SendAppend { to, req }) = (*from, c) {
+                if let (3, Some(chunk)) = (to.0, &req.snapshot) {
+                    sent.push((now_ms, chunk.data.len()));
+                }
+            }
+        }
+        if net.node(3).last_applied() == net.node(1).last_applied() {
+            break;
+        }
+    }
+    assert_eq!(
+        net.node(3).last_applied(),
+        net.node(1).last_applied(),
+        "installed"
+    );
+    assert!(sent.len() >= 4, "{} chunks", sent.len());
+    for pair in sent.windows(2) {
+        let ((t0, len), (t1, _)) = (pair[0], pair[1]);
+        let pace_ms = (len as u64 * 1000).div_ceil(RATE);
+        assert!(
+            t1 >= t0 + pace_ms,
+            "a {len}-byte chunk at {t0} ms was followed at {t1} ms (pace {pace_ms} ms): {sent:?}"
+        );
     }
 }
 

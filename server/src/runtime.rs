@@ -269,6 +269,7 @@ pub async fn run(
         log_tail_entries: config.server.log_tail_entries,
         log_tail_bytes: usize::try_from(config.server.log_tail_bytes).unwrap_or(usize::MAX),
         snapshot_chunk_bytes: config.server.snapshot_chunk_bytes as usize,
+        snapshot_bytes_per_sec: config.server.snapshot_bytes_per_sec,
         max_value_bytes: config.server.max_value(),
     };
     let state_path = dir.join(STATE_FILE);

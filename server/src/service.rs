@@ -785,6 +785,14 @@ impl Kv for CoreHandle {
                 return refuse(ErrorCode::ErrorCompacted, e);
             }
         };
+        if let Some(t) = self.trace_in(&req.trace_token) {
+            t.record_action(&act::WatchRecvd {
+                client_id: req.client_id.clone(),
+                start: act::text(&req.start),
+                end: act::text(&end),
+                start_revision: req.start_revision,
+            });
+        }
         let range = (req.start, end);
         let hub = self.watch.clone();
         tokio::spawn(async move {
@@ -1023,6 +1031,16 @@ impl CoreHandle {
             return Ok(Response::new(resp));
         }
         let trace = self.trace_in(&req.trace_token);
+        if let Some(t) = &trace {
+            t.record_action(&act::TxnRecvd {
+                client_id: req.client_id.clone(),
+                session_id: req.session_id,
+                seq: req.seq,
+                compares: req.compare.len() as u64,
+                ops: (req.success.len() + req.failure.len()) as u64,
+            });
+        }
+        let (client_id, session_id, seq) = (req.client_id.clone(), req.session_id, req.seq);
         let cmd = TxnCommand {
             session_id: req.session_id,
             seq: req.seq,
@@ -1044,6 +1062,15 @@ impl CoreHandle {
             Some(Reply::Write { result: Err(e), .. }) => resp.error = Some(kv_error(e)),
             _ => resp.error = error_of(ErrorCode::ErrorUnavailable, "shutting down".into()),
         }
+        if let (Some(t), None) = (&trace, &resp.error) {
+            t.record_action(&act::TxnResult {
+                client_id,
+                session_id,
+                seq,
+                succeeded: resp.succeeded,
+                revision: resp.revision,
+            });
+        }
         resp.trace_token = self.token_out(trace.as_ref(), "TxnResponse").await;
         Ok(Response::new(resp))
     }
@@ -1058,6 +1085,15 @@ impl CoreHandle {
             }
         };
         let trace = self.trace_in(&req.trace_token);
+        if let Some(t) = &trace {
+            t.record_action(&act::RangeRecvd {
+                client_id: req.client_id.clone(),
+                start: act::text(&req.start),
+                end: act::text(&end),
+                limit: req.limit,
+            });
+        }
+        let client_id = req.client_id.clone();
         let query = RangeQuery {
             start: req.start,
             end,
@@ -1074,6 +1110,14 @@ impl CoreHandle {
             }
             Some(Reply::Range(Err(e))) => resp.error = Some(kv_error(e)),
             _ => resp.error = error_of(ErrorCode::ErrorUnavailable, "shutting down".into()),
+        }
+        if let (Some(t), None) = (&trace, &resp.error) {
+            t.record_action(&act::RangeResult {
+                client_id,
+                keys: resp.kvs.len() as u64,
+                more: resp.more,
+                revision: resp.revision,
+            });
         }
         resp.trace_token = self.token_out(trace.as_ref(), "RangeResponse").await;
         Ok(Response::new(resp))

@@ -23,6 +23,8 @@ pub struct SessionLimits {
     pub window: u64,
     /// Entries kept below the state machine's durable position (`[server] log_tail_entries`).
     pub log_tail_entries: u64,
+    /// Pace of snapshot transfers (`[server] snapshot_bytes_per_sec`; 0: unpaced).
+    pub snapshot_bytes_per_sec: u64,
 }
 
 /// Small snapshot chunks, so a transfer takes several (and some get lost or repeated).
@@ -100,6 +102,7 @@ impl SimNode {
             log_tail_entries: self.limits.log_tail_entries,
             log_tail_bytes: usize::MAX,
             snapshot_chunk_bytes: SNAPSHOT_CHUNK_BYTES,
+            snapshot_bytes_per_sec: self.limits.snapshot_bytes_per_sec,
             max_value_bytes: kvraft_common::limits::VALUE_BYTES_MAX,
         };
         let (hard, first, entries) = self.disk.crash(0);

@@ -1301,6 +1301,12 @@ fn session_limits(rng: &mut StdRng, cfg: &SimConfig, clients: usize) -> SessionL
         window,
         // Short tails, so compaction runs often and lagging or restarted nodes need snapshots.
         log_tail_entries: rng.random_range(LOG_TAIL_ENTRIES),
+        // Half the runs pace snapshot transfers: a 256-byte chunk every 10 to 100 ms.
+        snapshot_bytes_per_sec: if rng.random_bool(0.5) {
+            0
+        } else {
+            rng.random_range(2_560..=25_600)
+        },
     }
 }
 

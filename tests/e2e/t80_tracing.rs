@@ -154,6 +154,21 @@ async fn shiviz_log_of_a_run_with_failover_is_valid_and_causal() {
         );
     }
 
+    tracing::info!("--- a compare-and-swap, a scan and a watch are traced too");
+    let cas = client.cas("w/1", 0, "one").await.unwrap();
+    let kvslib::CasOutcome::Swapped(swapped) = cas else {
+        panic!("{cas:?}");
+    };
+    let mut watch = client.watch_prefix("w/", swapped.index).unwrap();
+    let event = tokio::time::timeout(WAIT, watch.next())
+        .await
+        .expect("the watch delivers the swap")
+        .unwrap();
+    assert_eq!(event.key, b"w/1");
+    drop(watch);
+    let page = client.range_prefix("k", 0, true).await.unwrap();
+    assert_eq!(page.kvs.len(), 5);
+
     tracing::info!("--- kill -9 the leader (its unshipped events are lost), keep going");
     cluster.kill_server(first.leader_id);
     for i in 5..10 {
@@ -227,6 +242,16 @@ async fn shiviz_log_of_a_run_with_failover_is_valid_and_causal() {
         "KvslibStart",
         "KvslibStop",
         "LeaderNodeUpdateRecvd",
+        "Txn",
+        "TxnRecvd",
+        "TxnResult",
+        "TxnResultRecvd",
+        "Range",
+        "RangeRecvd",
+        "RangeResult",
+        "RangeResultRecvd",
+        "Watch",
+        "WatchRecvd",
     ] {
         assert!(events.iter().any(|e| e.tag == tag), "no {tag} event");
     }

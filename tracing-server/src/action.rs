@@ -94,6 +94,14 @@ actions! {
     DuplicateRequestResolved { client_id: String, session_id: u64, seq: u64, index: u64 }
     GetRecvd { client_id: String, key: String }
     GetResult { client_id: String, key: String, found: bool, value: String }
+    /// A transaction (deletes and compare-and-swaps are transactions) reached the leader.
+    TxnRecvd { client_id: String, session_id: u64, seq: u64, compares: u64, ops: u64 }
+    /// It was applied (or its retry answered with the recorded result).
+    TxnResult { client_id: String, session_id: u64, seq: u64, succeeded: bool, revision: u64 }
+    RangeRecvd { client_id: String, start: String, end: String, limit: u64 }
+    RangeResult { client_id: String, keys: u64, more: bool, revision: u64 }
+    /// A watch was opened on this server (its later events are not traced).
+    WatchRecvd { client_id: String, start: String, end: String, start_revision: u64 }
     /// The coord started an epoch change (it follows a failure): Prepare(term) received.
     ServerFailRecvd { server_id: u32, term: u64 }
 }
@@ -106,6 +114,12 @@ actions! {
     PutResultRecvd { client_id: String, op_id: u64, key: String, ok: bool, result: String }
     Get { client_id: String, key: String }
     GetResultRecvd { client_id: String, key: String, ok: bool, result: String }
+    Txn { client_id: String, op_id: u64, compares: u64, ops: u64 }
+    TxnResultRecvd { client_id: String, op_id: u64, ok: bool, result: String }
+    Range { client_id: String, start: String, end: String, limit: u64 }
+    RangeResultRecvd { client_id: String, ok: bool, result: String }
+    /// A watch stream was (re)opened, from `start_revision`.
+    Watch { client_id: String, start: String, end: String, start_revision: u64 }
     LeaderResRecvd { client_id: String, leader_id: u32, term: u64 }
     LeaderNodeUpdateRecvd { client_id: String, leader_id: u32, term: u64 }
 }
