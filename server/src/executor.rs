@@ -179,7 +179,6 @@ mod tests {
     use kvraft_proto::LogEntry;
 
     use super::*;
-    use crate::replica::ReplicaConfig;
 
     /// Records what the executor did, in order, over a memory log that can be made full.
     #[derive(Default)]
@@ -250,20 +249,7 @@ mod tests {
     }
 
     fn single_server() -> Executor {
-        let cfg = ReplicaConfig {
-            id: NodeId(1),
-            servers: vec![NodeId(1)],
-            uuid: "uuid-1".into(),
-            session_ttl_ms: 60_000,
-            sessions_max: 100,
-            session_window: kvraft_common::limits::SESSION_WINDOW_MAX,
-            heartbeat_ms: 50,
-            log_tail_entries: 10_000,
-            log_tail_bytes: usize::MAX,
-            snapshot_chunk_bytes: 1024,
-            snapshot_bytes_per_sec: 0,
-            max_value_bytes: kvraft_common::limits::VALUE_BYTES_MAX,
-        };
+        let cfg = crate::replica_tests::config(1, 1);
         Executor::new(Replica::new(cfg, HardState::default(), Vec::new()))
     }
 

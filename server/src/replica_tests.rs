@@ -31,7 +31,8 @@ struct Net {
     log: Vec<(u32, Command)>,
 }
 
-fn config(id: u32, n: u32) -> ReplicaConfig {
+/// Server `id` of `n`, with the settings the core tests use.
+pub(crate) fn config(id: u32, n: u32) -> ReplicaConfig {
     ReplicaConfig {
         id: NodeId(id),
         servers: (1..=n).map(NodeId).collect(),
