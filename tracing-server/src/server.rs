@@ -31,7 +31,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use kvraft_proto::tracing_server::{Tracing, TracingServer};
-use kvraft_proto::{EventBatch, EventBatchAck, ResumeRequest, ResumeResponse, TraceEvent};
+use kvraft_proto::{
+    EncodedEventBatch, EventBatch, EventBatchAck, ResumeRequest, ResumeResponse, TraceEvent,
+};
+use prost::Message as _;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
@@ -361,17 +364,42 @@ impl Tracing for TracingService {
 
     async fn ship(&self, request: Request<EventBatch>) -> Result<Response<EventBatchAck>, Status> {
         let batch = request.into_inner();
-        if batch.identity.is_empty() || batch.identity.contains(char::is_whitespace) {
+        self.store(batch.identity, batch.events).await
+    }
+
+    async fn ship_encoded(
+        &self,
+        request: Request<EncodedEventBatch>,
+    ) -> Result<Response<EventBatchAck>, Status> {
+        let batch = request.into_inner();
+        let mut events = Vec::with_capacity(batch.events.len());
+        for (i, bytes) in batch.events.iter().enumerate() {
+            let event = TraceEvent::decode(bytes.as_ref()).map_err(|e| {
+                Status::invalid_argument(format!("events[{i}] is not a TraceEvent: {e}"))
+            })?;
+            events.push(event);
+        }
+        self.store(batch.identity, events).await
+    }
+}
+
+impl TracingService {
+    /// Stores `identity`'s events (written and flushed to both logs before it returns).
+    async fn store(
+        &self,
+        identity: String,
+        events: Vec<TraceEvent>,
+    ) -> Result<Response<EventBatchAck>, Status> {
+        if identity.is_empty() || identity.contains(char::is_whitespace) {
             return Err(Status::invalid_argument(format!(
-                "tracer identity {:?} must be non-empty without spaces",
-                batch.identity
+                "tracer identity {identity:?} must be non-empty without spaces"
             )));
         }
         let files = Arc::clone(&self.files);
         // File writes block: keep them off the async workers.
         let result = tokio::task::spawn_blocking(move || {
             let mut files = files.lock().unwrap_or_else(|p| p.into_inner());
-            files.store(&batch.identity, &batch.events)
+            files.store(&identity, &events)
         })
         .await
         .map_err(|e| Status::internal(format!("storing task failed: {e}")))?;

@@ -5,7 +5,7 @@
 //!  record_action / generate_token / receive_token        shipper thread (own tokio runtime)
 //!        │  (tick clock, push event)                            │
 //!        ▼                                                      ▼
-//!   bounded queue (EVENTS_BUFFERED_MAX) ──── batch ≤ BATCH_EVENTS_MAX ──▶ Tracing.Ship (gRPC)
+//!   bounded queue (EVENTS_BUFFERED_MAX) ── batch ≤ BATCH_EVENTS_MAX ──▶ Tracing.ShipEncoded
 //!        ▲ full: the recorder waits (backpressure)              │ retried until stored
 //!        └──────────────── space ◀──────────────────────────────┘ shipped watermark ──▶ flush()
 //! ```
@@ -30,7 +30,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use kvraft_proto::tracing_client::TracingClient;
-use kvraft_proto::{EventBatch, ResumeRequest, TraceEvent, TraceToken};
+use kvraft_proto::{EncodedEventBatch, ResumeRequest, TraceToken};
 use prost::bytes::Bytes;
 use prost::Message;
 use tokio::sync::{oneshot, watch, Notify};
@@ -108,7 +108,8 @@ struct Inner {
 
 struct State {
     clock: VClock,
-    queue: VecDeque<TraceEvent>,
+    /// Encoded `TraceEvent`s: each event is encoded once, for the spool and the wire.
+    queue: VecDeque<Bytes>,
     /// Where events are written before a token covering them leaves; `None` without a spool
     /// directory, or after a spool write failed (tokens then wait for the tracing server).
     spool: Option<SpoolWriter>,
@@ -370,13 +371,10 @@ impl Inner {
             }
             let own = state.clock.tick(&self.identity);
             state.recorded += 1;
-            let event = TraceEvent {
-                trace_id,
-                tag: tag.to_string(),
-                body,
-                clock: state.clock.to_proto(),
-            };
-            let clock = want_clock.then(|| event.clock.clone());
+            let mut encoded = Vec::with_capacity(body.len() + tag.len() + 64);
+            spool::encode_event(&mut encoded, trace_id, tag, &body, &state.clock.0);
+            let event = Bytes::from(encoded);
+            let clock = want_clock.then(|| state.clock.to_proto());
             let seq = state.recorded;
             if let Some(spool) = state.spool.as_mut() {
                 spool.push(seq, own, &event);
@@ -455,9 +453,12 @@ impl Inner {
                 events = events.len(),
                 "shipping trace events the last run spooled"
             );
-            if let Some(last) = events.last() {
-                clock.merge(&VClock::from_proto(&last.clock));
+            match events.last().map(|e| spool::decode(e)) {
+                Some(Ok(last)) => clock.merge(&VClock::from_proto(&last.clock)),
+                Some(Err(e)) => tracing::warn!(identity = %self.identity, "{e}"),
+                None => {}
             }
+            let events: Vec<Bytes> = events.into_iter().map(Bytes::from).collect();
             for batch in events.chunks(BATCH_EVENTS_MAX) {
                 self.ship(client, batch.to_vec(), addr).await;
             }
@@ -506,7 +507,7 @@ impl Inner {
 
     /// Takes the next batch off the queue, waiting for one; `None` once closed and drained.
     /// With a spool, a small batch waits [`SHIP_LINGER_MS`] for more.
-    async fn next_batch(&self) -> Option<(Vec<TraceEvent>, u64)> {
+    async fn next_batch(&self) -> Option<(Vec<Bytes>, u64)> {
         let mut lingered = false;
         let mut state = loop {
             let linger = {
@@ -530,7 +531,7 @@ impl Inner {
             self.work.notified().await;
         };
         let n = state.queue.len().min(BATCH_EVENTS_MAX);
-        let batch: Vec<TraceEvent> = state.queue.drain(..n).collect();
+        let batch: Vec<Bytes> = state.queue.drain(..n).collect();
         let last_seq = state.recorded - state.queue.len() as u64;
         drop(state);
         self.space.notify_all();
@@ -542,17 +543,17 @@ impl Inner {
     async fn ship(
         &self,
         client: &mut TracingClient<tonic::transport::Channel>,
-        events: Vec<TraceEvent>,
+        events: Vec<Bytes>,
         addr: &str,
     ) {
-        let batch = EventBatch {
+        let batch = EncodedEventBatch {
             identity: self.identity.clone(),
             events,
         };
         let mut delay = RETRY_INITIAL_MS;
         let mut warned = false;
         loop {
-            match client.ship(batch.clone()).await {
+            match client.ship_encoded(batch.clone()).await {
                 Ok(_) => {
                     if warned {
                         tracing::info!(identity = %self.identity, "tracing server {addr} reachable again");

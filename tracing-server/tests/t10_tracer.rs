@@ -161,7 +161,7 @@ fn leave_spool(dir: &Path, identity: &str, gen: u64, n: u64) {
             body: format!("{{\"N\":{own}}}"),
             clock: [(identity.to_string(), own)].into_iter().collect(),
         };
-        w.push(own, own, &event);
+        w.push(own, own, &prost::Message::encode_to_vec(&event));
     }
     w.write_out().unwrap();
 }
