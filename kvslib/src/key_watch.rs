@@ -6,7 +6,8 @@
 //!   next(): events of one revision at a time ─▶ caller
 //!   stream breaks / server canceled the watch (slow reader, snapshot) ─▶ open again on the
 //!     leader from `next_revision` (the first revision not yet delivered) ─▶ no gap, no repeat
-//!   ERROR_COMPACTED (the new server no longer holds that revision) ─▶ Error::Rejected
+//!   ERROR_COMPACTED (the leader no longer holds that revision) ─▶ the other servers in turn
+//!     (each keeps its own recent history) ─▶ Error::Rejected if none holds it
 //! ```
 //!
 //! Every server applies the same entries and keeps the same recent changes, so resuming on
@@ -153,7 +154,10 @@ impl Watch {
         self.backoff.reset();
     }
 
-    /// Opens the stream on the leader (as the router finds it) and reads its header.
+    /// Opens the stream on the leader (as the router finds it) and reads its header. If the
+    /// leader no longer holds the revision to resume from, the other servers are asked in
+    /// turn: each keeps its own recent history (a server that restarted holds less of it than
+    /// one that did not), and any of them delivers the same changes.
     async fn open(&mut self) -> Result<(), Error> {
         let inner = &self.client.inner;
         let deadline = Instant::now() + inner.op_timeout;
@@ -172,43 +176,50 @@ impl Watch {
             });
             trace
         });
-        let (stream, header) = inner
+        let request = pb::WatchRequest {
+            client_id,
+            start,
+            end,
+            prefix: false,
+            start_revision: from,
+            trace_token: Bytes::new(),
+        };
+        let with_token = |request: &pb::WatchRequest| pb::WatchRequest {
+            trace_token: kvraft_tracing::token(trace.as_ref(), "WatchRequest"),
+            ..request.clone()
+        };
+        let opened = inner
             .router
             .call("Watch", deadline, |channel, addr| {
-                let request = pb::WatchRequest {
-                    client_id: client_id.clone(),
-                    start: start.clone(),
-                    end: end.clone(),
-                    prefix: false,
-                    start_revision: from,
-                    trace_token: kvraft_tracing::token(trace.as_ref(), "WatchRequest"),
-                };
-                let trace = trace.clone();
-                async move {
-                    if let Some(t) = &trace {
-                        t.tracer().flush().await;
-                    }
-                    let mut kv = crate::client::kv_client(channel, limit);
-                    let mut stream = kv
-                        .watch(request)
-                        .await
-                        .map_err(|s| Failure::from_status(&s, &addr))?
-                        .into_inner();
-                    let header = match stream.message().await {
-                        Ok(Some(first)) => first,
-                        Ok(None) => {
-                            let e = format!("server {addr}: the watch stream ended at once");
-                            return Err(Failure::Retry(e));
-                        }
-                        Err(status) => return Err(Failure::from_status(&status, &addr)),
-                    };
-                    if let Some(failure) = Failure::from_kv_error(header.error.as_ref(), &addr) {
-                        return Err(failure);
-                    }
-                    Ok((stream, header))
-                }
+                open_at(channel, addr, with_token(&request), trace.clone(), limit)
             })
             .await?;
+        let (stream, header) = match opened {
+            Opened::Stream(stream, header) => (stream, header),
+            Opened::Compacted { addr, message } => {
+                let mut refusals = vec![message];
+                let mut found = None;
+                for other in inner.router.server_addrs() {
+                    if other == addr || Instant::now() >= deadline {
+                        continue;
+                    }
+                    let Ok(channel) = inner.router.channel(&other) else {
+                        continue;
+                    };
+                    let attempt =
+                        open_at(channel, other, with_token(&request), trace.clone(), limit);
+                    match tokio::time::timeout(inner.router.attempt_timeout(), attempt).await {
+                        Ok(Ok(Opened::Stream(stream, header))) => {
+                            found = Some((stream, header));
+                            break;
+                        }
+                        Ok(Ok(Opened::Compacted { message, .. })) => refusals.push(message),
+                        Ok(Err(_)) | Err(_) => {} // unreachable or slow: the next one
+                    }
+                }
+                found.ok_or_else(|| Error::Rejected(refusals.join("; ")))?
+            }
+        };
         if self.next_revision == 0 {
             self.next_revision = header.revision + 1;
         }
@@ -216,4 +227,47 @@ impl Watch {
         self.delivered_since_open = false;
         Ok(())
     }
+}
+
+/// A watch opened on one server, or its refusal because it no longer holds the revision.
+enum Opened {
+    Stream(tonic::Streaming<pb::WatchResponse>, pb::WatchResponse),
+    Compacted { addr: String, message: String },
+}
+
+/// Opens `request` on the server at `addr` and reads the stream's header.
+async fn open_at(
+    channel: tonic::transport::Channel,
+    addr: String,
+    request: pb::WatchRequest,
+    trace: Option<kvraft_tracing::Trace>,
+    limit: usize,
+) -> Result<Opened, Failure> {
+    if let Some(t) = &trace {
+        t.tracer().flush().await;
+    }
+    let mut kv = crate::client::kv_client(channel, limit);
+    let mut stream = kv
+        .watch(request)
+        .await
+        .map_err(|s| Failure::from_status(&s, &addr))?
+        .into_inner();
+    let header = match stream.message().await {
+        Ok(Some(first)) => first,
+        Ok(None) => {
+            let e = format!("server {addr}: the watch stream ended at once");
+            return Err(Failure::Retry(e));
+        }
+        Err(status) => return Err(Failure::from_status(&status, &addr)),
+    };
+    if let Some(error) = &header.error {
+        if error.code == pb::ErrorCode::ErrorCompacted as i32 {
+            let message = format!("server {addr}: {}", error.message);
+            return Ok(Opened::Compacted { addr, message });
+        }
+    }
+    if let Some(failure) = Failure::from_kv_error(header.error.as_ref(), &addr) {
+        return Err(failure);
+    }
+    Ok(Opened::Stream(stream, header))
 }

@@ -110,6 +110,11 @@ impl Router {
         self.tracer.as_ref()
     }
 
+    /// Every configured server's address.
+    pub(crate) fn server_addrs(&self) -> Vec<String> {
+        self.servers.iter().map(|(_, addr)| addr.clone()).collect()
+    }
+
     pub(crate) fn attempt_timeout(&self) -> Duration {
         self.attempt_timeout
     }

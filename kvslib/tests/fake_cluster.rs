@@ -36,6 +36,10 @@ struct Cluster {
     applied: HashMap<(u64, u64), (u64, u64)>,
     store: HashMap<Vec<u8>, (Vec<u8>, u64)>,
     last_index: u64,
+    /// Servers whose watch history no longer holds the revisions asked for.
+    compacted: HashSet<u32>,
+    /// Servers that answered a watch request.
+    watched: Vec<u32>,
 }
 
 type Shared = Arc<Mutex<Cluster>>;
@@ -92,13 +96,51 @@ impl pb::kv_server::Kv for FakeKv {
         Box<dyn tokio_stream::Stream<Item = Result<pb::WatchResponse, Status>> + Send>,
     >;
 
+    /// A server holding the revision sends a header at revision 10, then a put of `w/1` at
+    /// revision 11, then nothing; one that does not answers ERROR_COMPACTED.
     async fn watch(
         &self,
-        _: Request<pb::WatchRequest>,
+        r: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        Err(Status::unimplemented(
-            "the fake cluster serves puts and gets",
-        ))
+        let mut c = self.cluster.lock().unwrap();
+        c.watched.push(self.id);
+        let first = r.into_inner().start_revision;
+        let responses = if c.compacted.contains(&self.id) {
+            let mut error = kv_error(ErrorCode::ErrorCompacted, &c);
+            if let Some(e) = error.as_mut() {
+                e.message = format!("revision {first} is compacted on server {}", self.id);
+            }
+            vec![pb::WatchResponse {
+                error,
+                ..Default::default()
+            }]
+        } else {
+            let kv = pb::KeyValue {
+                key: "w/1".into(),
+                value: "one".into(),
+                version: 1,
+                create_revision: 11,
+                mod_revision: 11,
+            };
+            vec![
+                pb::WatchResponse {
+                    created: true,
+                    revision: 10,
+                    ..Default::default()
+                },
+                pb::WatchResponse {
+                    revision: 11,
+                    events: vec![pb::WatchEvent {
+                        kind: pb::watch_event::Kind::Put as i32,
+                        kv: Some(kv),
+                    }],
+                    ..Default::default()
+                },
+            ]
+        };
+        let stream =
+            tokio_stream::iter(responses.into_iter().map(Ok)).chain(tokio_stream::pending());
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn register_session(
@@ -558,4 +600,41 @@ async fn a_reader_registers_no_session_until_it_puts() {
         .collect();
     assert_eq!(seqs, vec![1, 2]);
     client.close().await;
+}
+
+/// A watch whose revision the leader no longer holds (it restarted, so its history is short)
+/// is opened on another server that still holds it; when none does, it fails naming each.
+#[tokio::test]
+async fn a_watch_the_leader_cannot_resume_is_served_by_another_server() {
+    let (cluster, addrs) = three_servers().await;
+    cluster.lock().unwrap().compacted = [2, 1].into_iter().collect();
+    let client =
+        Client::connect_without_session(&config(&closed_port().await, &addrs, 3_000), "c1")
+            .await
+            .unwrap();
+    let mut watch = client.watch("w/", "w0", 5).unwrap();
+    let event = tokio::time::timeout(Duration::from_secs(5), watch.next())
+        .await
+        .expect("an event")
+        .unwrap();
+    assert_eq!((event.key.as_slice(), event.revision), (&b"w/1"[..], 11));
+    let mut watched = cluster.lock().unwrap().watched.clone();
+    assert_eq!(
+        watched.last(),
+        Some(&3),
+        "served by the one that holds it: {watched:?}"
+    );
+    watched.sort_unstable();
+    assert_eq!(watched, [1, 2, 3], "each asked once");
+
+    cluster.lock().unwrap().compacted = [1, 2, 3].into_iter().collect();
+    let mut watch = client.watch("w/", "w0", 5).unwrap();
+    match watch.next().await {
+        Err(Error::Rejected(m)) => {
+            for id in 1..=3 {
+                assert!(m.contains(&format!("compacted on server {id}")), "{m}");
+            }
+        }
+        other => panic!("{other:?}"),
+    }
 }
