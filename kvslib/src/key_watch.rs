@@ -195,7 +195,7 @@ impl Watch {
             })
             .await?;
         let (stream, header) = match opened {
-            Opened::Stream(stream, header) => (stream, header),
+            Opened::Stream(opened) => *opened,
             Opened::Compacted { addr, message } => {
                 let mut refusals = vec![message];
                 let mut found = None;
@@ -209,8 +209,8 @@ impl Watch {
                     let attempt =
                         open_at(channel, other, with_token(&request), trace.clone(), limit);
                     match tokio::time::timeout(inner.router.attempt_timeout(), attempt).await {
-                        Ok(Ok(Opened::Stream(stream, header))) => {
-                            found = Some((stream, header));
+                        Ok(Ok(Opened::Stream(opened))) => {
+                            found = Some(*opened);
                             break;
                         }
                         Ok(Ok(Opened::Compacted { message, .. })) => refusals.push(message),
@@ -231,7 +231,7 @@ impl Watch {
 
 /// A watch opened on one server, or its refusal because it no longer holds the revision.
 enum Opened {
-    Stream(tonic::Streaming<pb::WatchResponse>, pb::WatchResponse),
+    Stream(Box<(tonic::Streaming<pb::WatchResponse>, pb::WatchResponse)>),
     Compacted { addr: String, message: String },
 }
 
@@ -269,5 +269,5 @@ async fn open_at(
     if let Some(failure) = Failure::from_kv_error(header.error.as_ref(), &addr) {
         return Err(failure);
     }
-    Ok(Opened::Stream(stream, header))
+    Ok(Opened::Stream(Box::new((stream, header))))
 }
