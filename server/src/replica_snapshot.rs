@@ -133,11 +133,10 @@ impl Replica {
         let Some(peer) = self.leader.as_mut().and_then(|l| l.peers.get_mut(&peer_id)) else {
             return;
         };
-        if peer
-            .snapshot
-            .as_ref()
-            .is_some_and(|out| now > out.progress_ms + hb * SNAPSHOT_STALL_HEARTBEATS)
-        {
+        // A chunk that waits for its pace is not stalled: the wait counts from when it may go.
+        if peer.snapshot.as_ref().is_some_and(|out| {
+            now > out.progress_ms.max(out.not_before_ms) + hb * SNAPSHOT_STALL_HEARTBEATS
+        }) {
             peer.snapshot = None; // stalled: let compaction go on
         }
         let alive = now <= peer.last_ack_ms + hb * QUORUM_LOSS_HEARTBEATS;

@@ -582,11 +582,19 @@ fn a_follower_behind_the_compacted_log_catches_up_by_snapshot() {
 /// same test then sees many chunks within one tick.)
 #[test]
 fn snapshot_chunks_keep_their_configured_pace() {
-    const RATE: u64 = 640; // ten 64-byte chunks a second
+    // Ten 64-byte chunks a second.
+    paced_transfer(50, 640);
+    // A pace slower than the stall timeout (40 heartbeats of 5 ms): a chunk waiting for its
+    // pace is not a stalled transfer.
+    paced_transfer(5, 150);
+}
+
+fn paced_transfer(heartbeat_ms: u64, rate: u64) {
     let (mut net, session) = Net::with_leader_using(3, |c| {
+        c.heartbeat_ms = heartbeat_ms;
         c.log_tail_entries = 2;
         c.snapshot_chunk_bytes = 64;
-        c.snapshot_bytes_per_sec = RATE;
+        c.snapshot_bytes_per_sec = rate;
     });
     net.nodes.get_mut(&3).unwrap().isolated = true;
     for seq in 1..=30 {
@@ -623,7 +631,7 @@ fn snapshot_chunks_keep_their_configured_pace() {
     assert!(sent.len() >= 4, "{} chunks", sent.len());
     for pair in sent.windows(2) {
         let ((t0, len), (t1, _)) = (pair[0], pair[1]);
-        let pace_ms = (len as u64 * 1000).div_ceil(RATE);
+        let pace_ms = (len as u64 * 1000).div_ceil(rate);
         assert!(
             t1 >= t0 + pace_ms,
             "a {len}-byte chunk at {t0} ms was followed at {t1} ms (pace {pace_ms} ms): {sent:?}"
