@@ -292,7 +292,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         Some(Command::Digest) => print_digests(&config).await,
         None => {
             let client = connect(&config, id).await?;
-            finish(client.clone(), script(&client).await).await
+            let result = script(&client).await;
+            finish(client, result).await
         }
         Some(Command::Put { key, value, output }) => {
             let value = value_arg(value)?;
@@ -301,12 +302,14 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             check_key_value_within(key.as_bytes(), Some(&value), max)
                 .map_err(anyhow::Error::msg)?;
             let client = connect(&config, id).await?;
-            finish(client.clone(), put_once(&client, key, value, output).await).await
+            let result = put_once(&client, key, value, output).await;
+            finish(client, result).await
         }
         Some(Command::Get { key, output }) => {
             check_key_value(key.as_bytes(), None).map_err(anyhow::Error::msg)?;
             let client = connect_lazily(&config, id).await?;
-            finish(client.clone(), get_once(&client, &key, output).await).await
+            let result = get_once(&client, &key, output).await;
+            finish(client, result).await
         }
         Some(Command::Delete {
             key,
@@ -314,11 +317,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             output,
         }) => {
             let client = connect_lazily(&config, id).await?;
-            finish(
-                client.clone(),
-                delete_once(&client, key, prefix, output).await,
-            )
-            .await
+            let result = delete_once(&client, key, prefix, output).await;
+            finish(client, result).await
         }
         Some(Command::Cas {
             key,
@@ -332,7 +332,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 .map_err(anyhow::Error::msg)?;
             let client = connect_lazily(&config, id).await?;
             let result = cas_once(&client, key, expected_version, value, output).await;
-            finish(client.clone(), result).await
+            finish(client, result).await
         }
         Some(Command::Txn { output }) => {
             let mut text = String::new();
@@ -340,7 +340,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 .context("cannot read the transaction from stdin")?;
             let txn = kvraft::txn_text::parse_txn(&text).map_err(anyhow::Error::msg)?;
             let client = connect_lazily(&config, id).await?;
-            finish(client.clone(), txn_once(&client, txn, output).await).await
+            let result = txn_once(&client, txn, output).await;
+            finish(client, result).await
         }
         Some(Command::Scan {
             start,
@@ -363,7 +364,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 limit,
                 keys_only,
             };
-            finish(client.clone(), scan_all(&client, scan, output).await).await
+            let result = scan_all(&client, scan, output).await;
+            finish(client, result).await
         }
         Some(Command::Watch {
             key,
@@ -382,15 +384,18 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             };
             let client = connect_lazily(&config, id).await?;
             let watch = client.watch(key.into_bytes(), end, from_rev)?;
-            finish(client.clone(), watch_events(watch, count, output).await).await
+            let result = watch_events(watch, count, output).await;
+            finish(client, result).await
         }
         Some(Command::Run(args)) => {
             let client = connect(&config, id).await?;
-            finish(client.clone(), run_batch(&client, &args).await).await
+            let result = run_batch(&client, &args).await;
+            finish(client, result).await
         }
         Some(Command::Shell) => {
             let client = connect(&config, id).await?;
-            finish(client.clone(), shell(&client).await).await
+            let result = shell(&client).await;
+            finish(client, result).await
         }
     }
 }
@@ -588,7 +593,7 @@ fn status_json(
 }
 
 /// Closes the client (which ships its last trace events when tracing is on) and passes the
-/// command's result on.
+/// command's result on. It takes the last handle, so the tracer stops and removes its spool.
 async fn finish<T>(client: Client, result: T) -> T {
     client.close().await;
     result
