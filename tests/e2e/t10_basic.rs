@@ -274,6 +274,14 @@ async fn bench_failover_mode_reports_each_trial() {
 async fn status_shows_every_server_without_writing() {
     let mut cluster = Cluster::start(3);
     let leader = cluster.wait_leader(|_| true).await.leader_id;
+    // The coord names the leader before its no-op commits: wait for that write first.
+    Cluster::wait_for("the leader's no-op to apply", || async {
+        cluster
+            .status(leader)
+            .await
+            .is_some_and(|s| s.last_applied >= 1)
+    })
+    .await;
     let before = cluster.status(leader).await.unwrap().last_applied;
     let out = cluster.client("ops", &["status"]);
     let text = stdout(&out);
