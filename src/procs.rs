@@ -66,6 +66,25 @@ impl Procs {
         self.kill(&format!("server{id}"));
     }
 
+    /// Sends `signal` (`STOP`, `CONT`, ...) to server `id`'s process, by its pid.
+    pub fn signal_server(&self, id: u32, signal: &str) -> anyhow::Result<()> {
+        let name = format!("server{id}");
+        let child = self
+            .children
+            .get(&name)
+            .with_context(|| format!("{name} is not running"))?;
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(child.id().to_string())
+            .status()
+            .context("cannot run kill")?;
+        anyhow::ensure!(
+            status.success(),
+            "kill -{signal} of {name} failed: {status}"
+        );
+        Ok(())
+    }
+
     /// Waits until the coord names a leader, failing if a child exits or `timeout` passes.
     pub async fn wait_for_leader(
         &mut self,

@@ -40,6 +40,13 @@ const RETRY_BACKOFF_INITIAL_MS: u64 = 20;
 /// (300 ms), so a client notices a new leader about as soon as it exists, without hammering a
 /// dead cluster.
 const RETRY_BACKOFF_MAX_MS: u64 = 250;
+/// How one attempt ended.
+enum Attempted<T> {
+    Done(Result<T, Failure>),
+    /// The leader view moved to another server while the attempt waited.
+    LeaderMoved(String),
+}
+
 /// Most cached channels. Addresses come from the config (at most 9 servers) and from the
 /// coord; the cap only guards against a misbehaving coord handing out endless addresses.
 const CHANNELS_MAX: usize = 64;
@@ -193,7 +200,22 @@ impl Router {
                 });
             }
             let addr = self.pick_target(&mut rx, &state);
-            let result = self.attempt_once(&addr, deadline - now, &mut attempt).await;
+            let result = match self
+                .attempt_once(&addr, deadline - now, &mut attempt, &mut rx)
+                .await
+            {
+                Attempted::Done(result) => result,
+                Attempted::LeaderMoved(message) => {
+                    // Abandoned for the new leader, at once and with the same request
+                    // identity (a put that the old leader did apply is answered from the
+                    // session table).
+                    debug!(op, addr = %addr, "{message}");
+                    state.last_error = message;
+                    state.last_addr = Some(addr);
+                    state.probing = false;
+                    continue;
+                }
+            };
             let failure = match result {
                 Ok(value) => return Ok(value),
                 Err(Failure::Fatal(error)) => return Err(error),
@@ -206,25 +228,51 @@ impl Router {
         }
     }
 
-    /// One attempt against `addr`, bounded by the attempt timeout and the time left.
+    /// One attempt against `addr`, bounded by the attempt timeout and the time left, and
+    /// abandoned as soon as the leader view names another server: a leader that hangs (no
+    /// connection reset) would otherwise hold each request for the whole attempt timeout
+    /// after the coord has replaced it.
     async fn attempt_once<T, F, Fut>(
         &self,
         addr: &str,
         time_left: Duration,
         attempt: &mut F,
-    ) -> Result<T, Failure>
+        rx: &mut watch::Receiver<LeaderInfo>,
+    ) -> Attempted<T>
     where
         F: FnMut(Channel, String) -> Fut,
         Fut: Future<Output = Result<T, Failure>>,
     {
-        let channel = self.channel(addr).map_err(Failure::Retry)?;
+        let channel = match self.channel(addr) {
+            Ok(c) => c,
+            Err(e) => return Attempted::Done(Err(Failure::Retry(e))),
+        };
         let limit = time_left.min(self.attempt_timeout);
-        match tokio::time::timeout(limit, attempt(channel, addr.to_string())).await {
-            Ok(result) => result,
-            Err(_) => Err(Failure::Retry(format!(
-                "server {addr}: no answer within {} ms",
-                limit.as_millis()
-            ))),
+        let moved = async {
+            loop {
+                if rx.changed().await.is_err() {
+                    return std::future::pending::<String>().await;
+                }
+                let view = rx.borrow().clone();
+                if let Some(leader) = self.leader_addr(&view).filter(|a| a != addr) {
+                    return format!(
+                        "server {addr}: abandoned, the leader is now server {} at {leader} \
+                         (term {})",
+                        view.leader_id, view.term
+                    );
+                }
+            }
+        };
+        tokio::select! {
+            result = tokio::time::timeout(limit, attempt(channel, addr.to_string())) => {
+                Attempted::Done(result.unwrap_or_else(|_| {
+                    Err(Failure::Retry(format!(
+                        "server {addr}: no answer within {} ms",
+                        limit.as_millis()
+                    )))
+                }))
+            }
+            message = moved => Attempted::LeaderMoved(message),
         }
     }
 

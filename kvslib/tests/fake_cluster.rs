@@ -40,6 +40,8 @@ struct Cluster {
     compacted: HashSet<u32>,
     /// Servers that answered a watch request.
     watched: Vec<u32>,
+    /// Servers that take puts and never answer (a hung process: the connection stays open).
+    hung: HashSet<u32>,
 }
 
 type Shared = Arc<Mutex<Cluster>>;
@@ -161,8 +163,15 @@ impl pb::kv_server::Kv for FakeKv {
 
     async fn put(&self, r: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
         let r = r.into_inner();
+        let hung = {
+            let mut c = self.cluster.lock().unwrap();
+            c.attempts.push((self.id, r.clone()));
+            c.hung.contains(&self.id)
+        };
+        if hung {
+            std::future::pending::<()>().await;
+        }
         let mut c = self.cluster.lock().unwrap();
-        c.attempts.push((self.id, r.clone()));
         if let Some(error) = self.not_leader(&c) {
             return Ok(Response::new(pb::PutResponse {
                 error,
@@ -637,4 +646,53 @@ async fn a_watch_the_leader_cannot_resume_is_served_by_another_server() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+/// A leader that hangs (its connection stays open, so only a timeout would end the attempt):
+/// once the coord names a new leader, the put in flight is sent there at once, with the same
+/// identity, instead of waiting out the attempt timeout (8 s here).
+#[tokio::test]
+async fn a_put_waiting_on_a_hung_leader_moves_to_the_new_one_at_once() {
+    let (cluster, addrs) = three_servers().await;
+    let (tx, rx) = watch::channel(leader_info(1, 2, &addrs[1]));
+    let coord_addr = serve_coord(FakeCoord {
+        leader: rx,
+        down: Arc::new(Mutex::new(false)),
+    })
+    .await;
+    let mut cfg = config(&coord_addr, &addrs, 20_000);
+    cfg.client.attempt_timeout_ms = 8_000;
+    let client = Client::connect(&cfg, "c1").await.unwrap();
+    cluster.lock().unwrap().hung.insert(2);
+    let put = tokio::spawn({
+        let client = client.clone();
+        async move { client.put("k", "v").await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !attempts(&cluster).iter().any(|(id, _)| *id == 2) {
+        assert!(Instant::now() < deadline, "the put never reached server 2");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    {
+        let mut c = cluster.lock().unwrap();
+        (c.leader_id, c.term) = (3, 2);
+    }
+    tx.send(leader_info(2, 3, &addrs[2])).unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(4), put)
+        .await
+        .expect("answered well before the 8 s attempt timeout")
+        .unwrap()
+        .unwrap();
+    assert_eq!(out.version, 1);
+    let tried: Vec<(u32, u64, u64)> = attempts(&cluster)
+        .iter()
+        .map(|(id, r)| (*id, r.session_id, r.seq))
+        .collect();
+    assert_eq!(tried.len(), 2, "{tried:?}");
+    assert_eq!((tried[0].0, tried[1].0), (2, 3), "{tried:?}");
+    assert_eq!(
+        (tried[0].1, tried[0].2),
+        (tried[1].1, tried[1].2),
+        "the same request identity"
+    );
 }

@@ -67,6 +67,11 @@ struct Args {
     /// writes and the time from the kill to the first write acknowledged after it.
     #[arg(long, value_name = "TRIALS")]
     failover: Option<usize>,
+    /// With --failover: stop the leader with SIGSTOP (a hung process: its connections stay
+    /// open, so only the coord's failure timeout finds it) instead of killing it, and let it
+    /// go on (SIGCONT) once writes resumed.
+    #[arg(long, requires = "failover")]
+    hang: bool,
     /// Drive an etcd cluster at these client endpoints (`host:port`, comma-separated; the
     /// connections are spread over them) instead of kvraft: same workload, keys and values.
     #[arg(long, value_name = "ENDPOINTS", value_delimiter = ',')]
@@ -496,6 +501,7 @@ const FAILOVER_WRITES_AROUND: usize = 200;
 
 /// One failover trial's figures (ms).
 struct Trial {
+    /// The leader killed (or hung).
     killed: u32,
     longest_gap_ms: f64,
     kill_to_first_ack_ms: f64,
@@ -520,12 +526,15 @@ async fn failover(args: &Args, trials: usize) -> anyhow::Result<()> {
     let client = kvslib::Client::connect(&config, "bench-failover").await?;
     let mut results = Vec::new();
     for trial in 1..=trials {
-        let result = one_failover(&config, &client, &mut procs).await;
+        let result = one_failover(&config, &client, &mut procs, args.hang).await;
         let t = result.with_context(|| format!("failover trial {trial}"))?;
         println!(
-            "failover trial {trial}: killed server {}, longest gap {:.1} ms, kill to first ack \
+            "failover trial {trial}: {} server {}, longest gap {:.1} ms, kill to first ack \
              {:.1} ms",
-            t.killed, t.longest_gap_ms, t.kill_to_first_ack_ms
+            if args.hang { "hung" } else { "killed" },
+            t.killed,
+            t.longest_gap_ms,
+            t.kill_to_first_ack_ms
         );
         results.push(t);
     }
@@ -548,6 +557,7 @@ async fn failover(args: &Args, trials: usize) -> anyhow::Result<()> {
     if let Some(path) = &args.json {
         let result = serde_json::json!({
             "trials": trials,
+            "fault": if args.hang { "sigstop" } else { "sigkill" },
             "longest_gap_ms": gaps,
             "kill_to_first_ack_ms": firsts,
             "killed": results.iter().map(|t| t.killed).collect::<Vec<_>>(),
@@ -559,13 +569,14 @@ async fn failover(args: &Args, trials: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One trial: writes until [`FAILOVER_WRITES_AROUND`] are acknowledged, kills the leader,
-/// writes until as many more are acknowledged after the kill, restarts the killed server and
-/// waits for it to catch up.
+/// One trial: writes until [`FAILOVER_WRITES_AROUND`] are acknowledged, kills the leader
+/// (with `hang`, stops it), writes until as many more are acknowledged after that, restarts
+/// (continues) the server and waits for it to catch up.
 async fn one_failover(
     config: &ClusterConfig,
     client: &kvslib::Client,
     procs: &mut kvraft::procs::Procs,
+    hang: bool,
 ) -> anyhow::Result<Trial> {
     let leader = procs
         .wait_for_leader(config, FAILOVER_WAIT)
@@ -587,7 +598,11 @@ async fn one_failover(
         }
         match killed_at {
             None if acks.len() >= FAILOVER_WRITES_AROUND => {
-                procs.kill_server(leader);
+                if hang {
+                    procs.signal_server(leader, "STOP")?;
+                } else {
+                    procs.kill_server(leader);
+                }
                 killed_at = Some((Instant::now(), acks.len()));
             }
             Some((_, before)) if acks.len() >= before + FAILOVER_WRITES_AROUND => break,
@@ -601,7 +616,11 @@ async fn one_failover(
         .max()
         .unwrap_or_default();
     let first_after = acks[before] - kill;
-    procs.start_server(leader)?;
+    if hang {
+        procs.signal_server(leader, "CONT")?;
+    } else {
+        procs.start_server(leader)?;
+    }
     // Back to full strength before the next trial: the restarted server holds the commit.
     let target = client.put("failover-mark", b"v".as_slice()).await?.index;
     let addr = config

@@ -266,6 +266,29 @@ async fn bench_failover_mode_reports_each_trial() {
         })
         .await;
     }
+
+    tracing::info!("--- --hang: the leader is stopped (SIGSTOP), not killed, then continued");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bench"))
+        .arg("--config")
+        .arg(&cluster.config_path)
+        .args(["--failover", "1", "--hang", "--log-dir"])
+        .arg(cluster.dir.path().join("bench-logs-hang"))
+        .output()
+        .expect("run bench");
+    let text = stdout(&out);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("failover trial 1: hung server"), "{text}");
+    for s in &cluster.config.servers {
+        Cluster::wait_for("the hung-leader cluster's ports to be free", || {
+            let addr = s.addr.clone();
+            async move { std::net::TcpListener::bind(addr).is_ok() }
+        })
+        .await;
+    }
 }
 
 /// `client status`: one row per server and the coord's view, as a table or JSON; it registers
