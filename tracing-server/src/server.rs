@@ -14,9 +14,11 @@
 //! - Per identity, stored events have own counters 1, 2, 3, ... in file order: an event whose
 //!   counter is not above the last stored one is a resend and is skipped.
 //! - Events of a process that was killed before shipping them are read from its spool file
-//!   (`tracing.spool_dir`, see [`crate::spool`]) every [`SPOOL_SCAN_MS`] and at shutdown, and
-//!   stored the same way (a resend of what is stored is skipped), so a token another process
-//!   received always names stored events. `--fresh` removes old spool files with the logs.
+//!   (`tracing.spool_dir`, see [`crate::spool`]) at start, every [`SPOOL_SCAN_MS`] and at
+//!   shutdown, and stored the same way (a resend of what is stored is skipped). So an event a
+//!   token names is in the logs within [`SPOOL_SCAN_MS`] of the kill, or, if this server was
+//!   killed in that window too, once it starts again. `--fresh` removes old spool files with
+//!   the logs.
 //! - The JSON-lines log is the source of truth. On start (unless `fresh`) it is read back, a
 //!   torn last line (crash mid-write) is cut, and the ShiViz log is rewritten from it; both are
 //!   then appended to. So a restart of the tracing server continues the same logs.
@@ -48,8 +50,11 @@ pub const SHIVIZ_REGEX: &str = r"(?<host>\S*) (?<clock>{.*})\n(?<event>.*)";
 const SHUTDOWN_DRAIN_MS: u64 = 2_000;
 /// Largest batch accepted (the tracer sends at most ~1 MiB).
 const MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
-/// How often the spool directory is read for events no tracer shipped.
-pub const SPOOL_SCAN_MS: u64 = 500;
+/// How often the spool directory is read for events no tracer shipped. It bounds how long
+/// the log may name an event of a killed process that it does not hold yet (a process's last
+/// events before a SIGKILL may be spooled, and seen by others, but not shipped); a scan reads
+/// only what the files gained since the last one.
+pub const SPOOL_SCAN_MS: u64 = 100;
 
 /// One line of the JSON-lines log.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
