@@ -228,21 +228,13 @@ async fn bench_prints_figures() {
 async fn bench_failover_mode_reports_each_trial() {
     let cluster = Cluster::new(3);
     let json_path = cluster.dir.path().join("failover.json");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bench"))
-        .arg("--config")
-        .arg(&cluster.config_path)
-        .args(["--failover", "2", "--log-dir"])
-        .arg(cluster.dir.path().join("bench-logs"))
-        .arg("--json")
-        .arg(&json_path)
-        .output()
-        .expect("run bench");
-    let text = stdout(&out);
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let json_arg = json_path.display().to_string();
+    let text = bench_failover(
+        &cluster,
+        &["--failover", "2", "--json", &json_arg],
+        "bench-logs",
+    )
+    .await;
     assert!(text.contains("failover trial 2: killed server"), "{text}");
     assert!(
         text.contains("failover: trials 2, longest gap median"),
@@ -258,21 +250,22 @@ async fn bench_failover_mode_reports_each_trial() {
             "{json}"
         );
     }
-    // What it started is gone: the servers' ports can be bound again.
-    for s in &cluster.config.servers {
-        Cluster::wait_for("the failover cluster's ports to be free", || {
-            let addr = s.addr.clone();
-            async move { std::net::TcpListener::bind(addr).is_ok() }
-        })
-        .await;
-    }
 
     tracing::info!("--- --hang: the leader is stopped (SIGSTOP), not killed, then continued");
+    let text = bench_failover(&cluster, &["--failover", "1", "--hang"], "bench-logs-hang").await;
+    assert!(text.contains("failover trial 1: hung server"), "{text}");
+}
+
+/// Runs `bench` with `args` on the cluster's config (logs under `log_dir` in its directory),
+/// checks it succeeded and that what it started is gone (the servers' ports can be bound
+/// again), and returns its output.
+async fn bench_failover(cluster: &Cluster, args: &[&str], log_dir: &str) -> String {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_bench"))
         .arg("--config")
         .arg(&cluster.config_path)
-        .args(["--failover", "1", "--hang", "--log-dir"])
-        .arg(cluster.dir.path().join("bench-logs-hang"))
+        .args(args)
+        .arg("--log-dir")
+        .arg(cluster.dir.path().join(log_dir))
         .output()
         .expect("run bench");
     let text = stdout(&out);
@@ -281,14 +274,14 @@ async fn bench_failover_mode_reports_each_trial() {
         "{text}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(text.contains("failover trial 1: hung server"), "{text}");
     for s in &cluster.config.servers {
-        Cluster::wait_for("the hung-leader cluster's ports to be free", || {
+        Cluster::wait_for("the failover cluster's ports to be free", || {
             let addr = s.addr.clone();
             async move { std::net::TcpListener::bind(addr).is_ok() }
         })
         .await;
     }
+    text
 }
 
 /// `client status`: one row per server and the coord's view, as a table or JSON; it registers
