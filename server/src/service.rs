@@ -120,10 +120,15 @@ pub(crate) async fn join_coord(
         Err(e) => return tracing::error!("coord.server_api_addr is not usable: {e}"),
     };
     let mut client = CoordClient::new(endpoint.connect_lazy());
+    // Until one Join is answered, it is sent even while heartbeats arrive: the coord may have
+    // found this server by heartbeat first (a Join sent before the coord listened fails), and
+    // the Join is what announces the server, in the log and in the trace (`ServerJoined`).
+    let mut joined = false;
     loop {
         let last = handle.last_coord_contact_ms.load(Ordering::Relaxed);
-        if now_ms().saturating_sub(last) > silence_ms && !handle.faults.coord_partitioned() {
-            try_join(&handle, &mut client, silence_ms).await;
+        let silent = now_ms().saturating_sub(last) > silence_ms;
+        if (silent || !joined) && !handle.faults.coord_partitioned() {
+            joined |= try_join(&handle, &mut client, silence_ms).await;
         }
         tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
@@ -132,13 +137,14 @@ pub(crate) async fn join_coord(
     }
 }
 
+/// One Join; whether the coord answered it.
 async fn try_join(
     handle: &CoreHandle,
     client: &mut CoordClient<tonic::transport::Channel>,
     timeout_ms: u64,
-) {
+) -> bool {
     let Some(Reply::Status { report, .. }) = handle.call(Call::Status).await else {
-        return;
+        return false;
     };
     let trace = handle.tracer.as_ref().map(|t| {
         let trace = t.create_trace();
@@ -175,8 +181,12 @@ async fn try_join(
                 catching_up: None,
             };
             let _ = handle.call(view).await;
+            true
         }
-        Err(e) => tracing::debug!("ServerJoining: coord not reachable: {}", e.message()),
+        Err(e) => {
+            tracing::debug!("ServerJoining: coord not reachable: {}", e.message());
+            false
+        }
     }
 }
 
