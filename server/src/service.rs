@@ -1050,7 +1050,10 @@ impl CoreHandle {
                 ops: (req.success.len() + req.failure.len()) as u64,
             });
         }
-        let (client_id, session_id, seq) = (req.client_id.clone(), req.session_id, req.seq);
+        // Only when traced: an untraced request copies nothing for it.
+        let traced = trace
+            .as_ref()
+            .map(|_| (req.client_id.clone(), req.session_id, req.seq));
         let cmd = TxnCommand {
             session_id: req.session_id,
             seq: req.seq,
@@ -1072,7 +1075,7 @@ impl CoreHandle {
             Some(Reply::Write { result: Err(e), .. }) => resp.error = Some(kv_error(e)),
             _ => resp.error = error_of(ErrorCode::ErrorUnavailable, "shutting down".into()),
         }
-        if let (Some(t), None) = (&trace, &resp.error) {
+        if let (Some(t), Some((client_id, session_id, seq)), None) = (&trace, traced, &resp.error) {
             t.record_action(&act::TxnResult {
                 client_id,
                 session_id,
@@ -1103,7 +1106,7 @@ impl CoreHandle {
                 limit: req.limit,
             });
         }
-        let client_id = req.client_id.clone();
+        let traced_client = trace.as_ref().map(|_| req.client_id.clone());
         let query = RangeQuery {
             start: req.start,
             end,
@@ -1121,7 +1124,7 @@ impl CoreHandle {
             Some(Reply::Range(Err(e))) => resp.error = Some(kv_error(e)),
             _ => resp.error = error_of(ErrorCode::ErrorUnavailable, "shutting down".into()),
         }
-        if let (Some(t), None) = (&trace, &resp.error) {
+        if let (Some(t), Some(client_id), None) = (&trace, traced_client, &resp.error) {
             t.record_action(&act::RangeResult {
                 client_id,
                 keys: resp.kvs.len() as u64,

@@ -259,8 +259,10 @@ fn recover_json(path: &Path) -> anyhow::Result<Vec<JsonEvent>> {
 /// each, and stores the events the logs lack.
 pub struct SpoolScan {
     dir: PathBuf,
-    /// Bytes of each file already read.
-    offsets: HashMap<PathBuf, u64>,
+    /// Each file's random id (from its header) and the bytes of it already read: a name can
+    /// come back for a new file (a tracer that stopped cleanly removed its files, and its next
+    /// start numbers them from 1 again), which is then read from its start.
+    offsets: HashMap<PathBuf, (u64, u64)>,
 }
 
 impl SpoolScan {
@@ -290,18 +292,35 @@ impl SpoolScan {
             .retain(|path, _| listed.iter().any(|(_, _, p)| p == path));
         let mut stored = 0;
         for (identity, _, path) in listed {
-            let offset = self.offsets.get(&path).copied().unwrap_or(0);
+            let mut header = [0u8; crate::spool::HEADER_BYTES];
             let mut bytes = Vec::new();
+            let known = self.offsets.get(&path).copied();
             let read = File::open(&path).and_then(|mut f| {
-                f.seek(SeekFrom::Start(offset))?;
-                f.read_to_end(&mut bytes)
-            });
-            if let Err(e) = read {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!("cannot read trace spool {}: {e}", path.display());
+                // A file whose header is not whole yet is read again next pass.
+                if f.read_exact(&mut header).is_err() {
+                    return Ok(None);
                 }
-                continue;
-            }
+                let id = crate::spool::file_id(&header)
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?
+                    .unwrap_or(0);
+                let offset = match known {
+                    Some((known_id, offset)) if known_id == id => offset,
+                    _ => 0,
+                };
+                f.seek(SeekFrom::Start(offset))?;
+                f.read_to_end(&mut bytes)?;
+                Ok(Some((id, offset)))
+            });
+            let (id, offset) = match read {
+                Ok(Some(r)) => r,
+                Ok(None) => continue,
+                Err(e) => {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        tracing::warn!("cannot read trace spool {}: {e}", path.display());
+                    }
+                    continue;
+                }
+            };
             let records = match crate::spool::read_records(&bytes, offset == 0) {
                 Ok(r) => r,
                 Err(e) => {
@@ -310,7 +329,7 @@ impl SpoolScan {
                 }
             };
             self.offsets
-                .insert(path.clone(), offset + records.end as u64);
+                .insert(path.clone(), (id, offset + records.end as u64));
             let mut files = files.lock().unwrap_or_else(|p| p.into_inner());
             let have = files.last_clock(&identity).get(&identity);
             let mut events = Vec::new();
@@ -318,7 +337,7 @@ impl SpoolScan {
                 if own <= have {
                     continue;
                 }
-                match crate::spool::decode(&body) {
+                match crate::spool::decode(body) {
                     Ok(event) => events.push(event),
                     Err(e) => {
                         tracing::warn!("{}: {e}", path.display());

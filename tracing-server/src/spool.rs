@@ -16,6 +16,8 @@
 //! ```
 //!
 //! File format (a change is detected by the header, never misread): `KVTSPOOL`, format u32 LE,
+//! a random u64 naming this file (a name comes back for a new file when a tracer that removed
+//! its files starts again; a reader that remembers where it stopped tells them apart by it),
 //! then records `[len u32 LE][crc32 u32 LE][own u64 LE][TraceEvent protobuf, len - 8 bytes]`,
 //! the crc covering `own` and the event. `own` is the event's own clock entry, so a reader can
 //! skip what it already has without decoding. A record cut short (the process was killed
@@ -38,7 +40,8 @@ use prost::Message;
 pub const SPOOL_MAGIC: &[u8; 8] = b"KVTSPOOL";
 /// The record layout described in the module docs.
 pub const SPOOL_FORMAT: u32 = 1;
-const HEADER_BYTES: usize = SPOOL_MAGIC.len() + 4;
+/// Magic, format, the file's random id.
+pub const HEADER_BYTES: usize = SPOOL_MAGIC.len() + 4 + 8;
 const RECORD_HEAD_BYTES: usize = 4 + 4 + 8;
 /// A spool file is closed, and a new one started, once it holds this much; closed files are
 /// removed as soon as the tracing server has stored them.
@@ -138,9 +141,10 @@ pub fn encode_event(
 
 /// What [`read_records`] found: the complete records, and where the readable part ends.
 #[derive(Debug, Default)]
-pub struct Records {
-    /// `(own, event bytes)` in file order; decode with [`decode`] when needed.
-    pub records: Vec<(u64, Vec<u8>)>,
+pub struct Records<'a> {
+    /// `(own, event bytes)` in file order, borrowed from the bytes read (a reader skips most
+    /// of them by `own` and copies none); decode with [`decode`] when needed.
+    pub records: Vec<(u64, &'a [u8])>,
     /// Offset just past the last complete record: where the next read starts.
     pub end: usize,
 }
@@ -148,20 +152,11 @@ pub struct Records {
 /// Reads the records in `bytes`: a whole spool file (`header`: its header is checked first),
 /// or the part after an earlier read's `end`. Stops at a record cut short or damaged (a process
 /// killed mid-write); a wrong header is an error naming what was found.
-pub fn read_records(bytes: &[u8], header: bool) -> Result<Records, String> {
+pub fn read_records(bytes: &[u8], header: bool) -> Result<Records<'_>, String> {
     let mut at = 0;
     if header {
-        if bytes.len() < HEADER_BYTES {
+        if file_id(bytes)?.is_none() {
             return Ok(Records::default()); // the header is being written
-        }
-        if &bytes[..SPOOL_MAGIC.len()] != SPOOL_MAGIC {
-            return Err("not a spool file (bad magic number)".into());
-        }
-        let format = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
-        if format != SPOOL_FORMAT {
-            return Err(format!(
-                "spool format {format}, this build reads format {SPOOL_FORMAT}"
-            ));
         }
         at = HEADER_BYTES;
     }
@@ -177,10 +172,33 @@ pub fn read_records(bytes: &[u8], header: bool) -> Result<Records, String> {
             break;
         }
         let own = u64::from_le_bytes(body[..8].try_into().expect("8 bytes"));
-        records.push((own, body[8..].to_vec()));
+        records.push((own, &body[8..]));
         at += 8 + len;
     }
     Ok(Records { records, end: at })
+}
+
+/// The random id in a spool file's header (which starts `bytes`); `None` while the header is
+/// not whole yet, an error naming what is wrong with another magic number or format.
+pub fn file_id(bytes: &[u8]) -> Result<Option<u64>, String> {
+    // Each part is checked as soon as it is there.
+    if bytes.len() >= 8 && &bytes[..SPOOL_MAGIC.len()] != SPOOL_MAGIC {
+        return Err("not a spool file (bad magic number)".into());
+    }
+    if bytes.len() >= 12 {
+        let format = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
+        if format != SPOOL_FORMAT {
+            return Err(format!(
+                "spool format {format}, this build reads format {SPOOL_FORMAT}"
+            ));
+        }
+    }
+    if bytes.len() < HEADER_BYTES {
+        return Ok(None);
+    }
+    Ok(Some(u64::from_le_bytes(
+        bytes[12..20].try_into().expect("8 bytes"),
+    )))
 }
 
 /// Decodes a record's event.
@@ -208,21 +226,25 @@ pub fn recover(dir: &Path, identity: &str, after: u64) -> (Vec<Vec<u8>>, u64) {
     let mut max_gen = 0;
     for (_, gen, path) in files {
         max_gen = max_gen.max(gen);
-        let read = std::fs::read(&path)
-            .map_err(|e| e.to_string())
-            .and_then(|bytes| read_records(&bytes, true));
-        let records = match read {
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(identity, "skipping trace spool {}: {e}", path.display());
+                continue;
+            }
+        };
+        let records = match read_records(&bytes, true) {
             Ok(r) => r.records,
             Err(e) => {
                 tracing::warn!(identity, "skipping trace spool {}: {e}", path.display());
                 continue;
             }
         };
-        for (own, bytes) in records {
+        for (own, event) in records {
             if own <= last {
                 continue;
             }
-            events.push(bytes);
+            events.push(event.to_vec());
             last = own;
         }
     }
@@ -275,6 +297,7 @@ impl SpoolWriter {
             .open(path)?;
         let mut header = SPOOL_MAGIC.to_vec();
         header.extend_from_slice(&SPOOL_FORMAT.to_le_bytes());
+        header.extend_from_slice(&rand::random::<u64>().to_le_bytes());
         file.write_all(&header)?;
         Ok((file, HEADER_BYTES as u64))
     }
@@ -388,6 +411,21 @@ mod tests {
         }
     }
 
+    /// A writer of generation `gen` that spooled (and wrote out) the events `owns`.
+    fn spooled(
+        dir: &Path,
+        identity: &str,
+        gen: u64,
+        owns: std::ops::RangeInclusive<u64>,
+    ) -> SpoolWriter {
+        let mut w = SpoolWriter::create(dir, identity, gen).unwrap();
+        for own in owns {
+            w.push(own, own, &event(own).encode_to_vec());
+        }
+        w.write_out().unwrap();
+        w
+    }
+
     #[test]
     fn names_round_trip_and_other_files_are_ignored() {
         assert_eq!(
@@ -401,17 +439,13 @@ mod tests {
     #[test]
     fn records_read_back_and_a_cut_tail_ends_the_readable_part() {
         let dir = tempfile::tempdir().unwrap();
-        let mut w = SpoolWriter::create(dir.path(), "server1", 1).unwrap();
-        for own in 1..=5 {
-            w.push(own, own, &event(own).encode_to_vec());
-        }
-        w.write_out().unwrap();
+        let w = spooled(dir.path(), "server1", 1, 1..=5);
         assert_eq!(w.written(), 5);
         let bytes = std::fs::read(dir.path().join(file_name("server1", 1))).unwrap();
         let all = read_records(&bytes, true).unwrap();
         assert_eq!(all.records.len(), 5);
         assert_eq!(all.end, bytes.len());
-        assert_eq!(decode(&all.records[2].1).unwrap(), event(3));
+        assert_eq!(decode(all.records[2].1).unwrap(), event(3));
         // Reading on from where the last read ended finds nothing new.
         assert!(read_records(&bytes[all.end..], false)
             .unwrap()
@@ -441,16 +475,8 @@ mod tests {
     #[test]
     fn recovery_returns_what_the_server_lacks_across_generations() {
         let dir = tempfile::tempdir().unwrap();
-        let mut w = SpoolWriter::create(dir.path(), "server1", 4).unwrap();
-        for own in 1..=3 {
-            w.push(own, own, &event(own).encode_to_vec());
-        }
-        w.write_out().unwrap();
-        let mut w2 = SpoolWriter::create(dir.path(), "server1", 5).unwrap();
-        for own in 4..=6 {
-            w2.push(own, own, &event(own).encode_to_vec());
-        }
-        w2.write_out().unwrap();
+        spooled(dir.path(), "server1", 4, 1..=3);
+        spooled(dir.path(), "server1", 5, 4..=6);
         SpoolWriter::create(dir.path(), "server2", 9)
             .unwrap()
             .write_out()

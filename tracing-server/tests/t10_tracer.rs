@@ -153,8 +153,13 @@ async fn many_events_are_all_shipped_in_order() {
 
 /// What a process killed right after spooling events `1..=n` leaves behind.
 fn leave_spool(dir: &Path, identity: &str, gen: u64, n: u64) {
+    leave_spool_from(dir, identity, gen, 1..=n);
+}
+
+/// [`leave_spool`] of the events with own counters `owns`.
+fn leave_spool_from(dir: &Path, identity: &str, gen: u64, owns: std::ops::RangeInclusive<u64>) {
     let mut w = kvraft_tracing::spool::SpoolWriter::create(dir, identity, gen).unwrap();
-    for own in 1..=n {
+    for own in owns {
         let event = kvraft_proto::TraceEvent {
             trace_id: 7,
             tag: "Spooled".into(),
@@ -195,18 +200,15 @@ async fn events_left_in_a_spool_by_a_killed_process_reach_the_log() {
     );
     restarted.create_trace().record_action(&put(1));
     restarted.flush().await;
+    let files_of = |identity| kvraft_tracing::spool::list(&spool, Some(identity)).unwrap();
     assert_eq!(
-        kvraft_tracing::spool::list(&spool, Some("server3"))
-            .unwrap()
-            .len(),
+        files_of("server3").len(),
         1,
         "the last run's file is gone once shipped again; this run has its own"
     );
     restarted.close().await;
     assert!(
-        kvraft_tracing::spool::list(&spool, Some("server3"))
-            .unwrap()
-            .is_empty(),
+        files_of("server3").is_empty(),
         "a clean stop with everything stored leaves no spool"
     );
     stop_server(srv).await;
@@ -229,6 +231,60 @@ async fn events_left_in_a_spool_by_a_killed_process_reach_the_log() {
         own("server9").is_empty(),
         "a fresh log takes nothing of an older run"
     );
+}
+
+/// A spool file name can come back for a new file (a tracer that stopped cleanly removed its
+/// files and the next start numbers them from 1 again): the scan reads the new file from its
+/// start, not from where it stopped in the old one.
+#[test]
+fn a_spool_name_reused_for_a_new_file_is_read_from_its_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let paths = OutputPaths {
+        json: dir.path().join("trace_output.log"),
+        shiviz: dir.path().join("shiviz_output.log"),
+    };
+    let files = std::sync::Mutex::new(server::LogFiles::open(paths, true).unwrap());
+    let mut scan = server::SpoolScan::new(spool.clone(), true);
+    leave_spool_from(&spool, "client5", 1, 1..=6);
+    assert_eq!(scan.scan(&files).unwrap(), 6);
+    std::fs::remove_file(spool.join(kvraft_tracing::spool::file_name("client5", 1))).unwrap();
+    // The next run: same name, its events after the stored ones, in a shorter file.
+    leave_spool_from(&spool, "client5", 1, 7..=8);
+    assert_eq!(
+        scan.scan(&files).unwrap(),
+        2,
+        "the new file's events are stored"
+    );
+    drop(files);
+    let own: Vec<u64> = read_log(dir.path()).iter().map(|e| e.own()).collect();
+    assert_eq!(own, (1..=8).collect::<Vec<_>>());
+}
+
+/// DESIGN rule 11 for the tracing server: a `ShipEncoded` batch holding bytes that are no
+/// `TraceEvent` is refused as INVALID_ARGUMENT, naming the event, and stores nothing; the
+/// server goes on storing what tracers send.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_encoded_batch_is_refused_and_stores_nothing() {
+    use kvraft_proto::tracing_client::TracingClient;
+    let dir = tempfile::tempdir().unwrap();
+    let srv = start_server(dir.path(), true, None).await;
+    let mut client = TracingClient::connect(format!("http://{}", srv.addr))
+        .await
+        .unwrap();
+    let batch = kvraft_proto::EncodedEventBatch {
+        identity: "server6".into(),
+        events: vec![vec![0xff, 0xff, 0xff].into()],
+    };
+    let status = client.ship_encoded(batch).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("events[0]"), "{status:?}");
+    let tracer = Tracer::connect("server6", &srv.addr).await.unwrap();
+    tracer.create_trace().record_action(&put(1));
+    tracer.close().await;
+    stop_server(srv).await;
+    let events = read_log(dir.path());
+    assert_eq!(events.iter().map(|e| e.own()).collect::<Vec<_>>(), [1]);
 }
 
 /// With a spool, a token waits for a local write only: flushing does not wait for the tracing
