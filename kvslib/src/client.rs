@@ -537,6 +537,23 @@ impl Client {
         limit: u64,
         keys_only: bool,
     ) -> Result<RangePage, Error> {
+        self.range_at(start, end, limit, keys_only, 0).await
+    }
+
+    /// As [`Client::range`], as of `revision` (0: the latest): the keys and values the range
+    /// held then. Pass a page's `revision` to read the next page at the same revision (a
+    /// consistent listing however many pages it takes). A server keeps the changes of its
+    /// last `[server] watch_history_revisions` revisions: an older revision is refused with
+    /// [`Error::Rejected`] ("compacted", naming the oldest it holds), and so is a revision not
+    /// yet applied ("invalid argument", naming the latest).
+    pub async fn range_at(
+        &self,
+        start: impl Into<Vec<u8>>,
+        end: impl Into<Vec<u8>>,
+        limit: u64,
+        keys_only: bool,
+        revision: u64,
+    ) -> Result<RangePage, Error> {
         let (start, end) = (start.into(), end.into());
         check_range(&start, &end).map_err(Error::InvalidInput)?;
         let deadline = self.deadline();
@@ -565,7 +582,7 @@ impl Client {
                     prefix: false,
                     limit,
                     keys_only,
-                    revision: 0,
+                    revision,
                     trace_token: kvraft_tracing::token(trace.as_ref(), "RangeRequest"),
                 };
                 let request = attempt_request(|| tracing::info_span!("kv.Range"), request);

@@ -10,6 +10,7 @@
 //!
 //! - [`replica`]: the decisions (replication, commit, epoch handling, reads), no IO.
 //! - [`state_machine`]: the key-value map and exactly-once sessions.
+//! - [`past`]: the values keys had before their recent changes, for reads at a past revision.
 //! - [`engine`]: where the state machine keeps them (redb on disk, or memory in tests).
 //! - [`storage`]: the checksummed log file, the hard state, the data-directory identity.
 //! - [`executor`]: executes the core's commands over an `Io` (storage, network, replies); the
@@ -22,6 +23,7 @@ pub mod faults;
 pub mod log_writer;
 pub mod metrics;
 mod otel_spans;
+pub mod past;
 pub mod replica;
 pub mod replica_log;
 pub mod runtime;

@@ -208,6 +208,9 @@ pub enum ClientError {
     /// This server cannot take the request now (the message says why); another server or a
     /// later attempt may. Never a verdict on whether an earlier attempt applied.
     Unavailable(String),
+    /// A read at a revision this server no longer holds (the message names the oldest it
+    /// does).
+    Compacted(String),
 }
 
 /// A linearizable read of keys `[start, end)` (an empty `end`: no upper bound).
@@ -218,7 +221,7 @@ pub struct RangeQuery {
     /// Most keys (at most [`limits::RANGE_LIMIT_MAX`]).
     pub limit: u64,
     pub keys_only: bool,
-    /// Read as of this revision; 0 = the latest (the only one the store keeps).
+    /// Read as of this revision; 0 = the latest (see [`crate::past`] for how far back).
     pub revision: u64,
 }
 

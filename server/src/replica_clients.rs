@@ -3,6 +3,7 @@
 //! ReadIndex (rule 8).
 
 use super::*;
+use crate::past::PastError;
 
 impl Replica {
     pub(super) fn answer(&mut self, outcome: Outcome) {
@@ -212,7 +213,9 @@ impl Replica {
     }
 
     /// Answers a read whose ReadIndex is confirmed and applied. A range is bounded by its
-    /// limit and by `max_value_bytes` of keys and values (at least one key).
+    /// limit and by `max_value_bytes` of keys and values (at least one key); one at a past
+    /// revision is answered with that revision, or refused if the history no longer holds it
+    /// (`Compacted`) or it is not applied yet (`Invalid`).
     fn serve_read(&mut self, query: ReadQuery) -> Reply {
         let revision = self.sm.last_applied();
         match query {
@@ -221,22 +224,32 @@ impl Replica {
                 Reply::Get(Ok(ReadResult { value, revision }))
             }
             ReadQuery::Range(q) => {
-                if q.revision != 0 && q.revision != revision {
-                    let e = format!(
-                        "revision {} is not held: the store keeps only its latest revision, \
-                         {revision} (read with revision 0 for the latest)",
-                        q.revision
-                    );
-                    return Reply::Range(Err(ClientError::Invalid(e)));
-                }
                 let limit = match q.limit {
                     0 => limits::RANGE_LIMIT_MAX,
                     n => n.min(limits::RANGE_LIMIT_MAX),
                 } as usize;
                 let bytes_max = self.cfg.max_value_bytes;
-                let page = self
-                    .sm
-                    .range(&q.start, &q.end, limit, bytes_max, q.keys_only);
+                let page = match self.sm.range_at(
+                    q.revision,
+                    &q.start,
+                    &q.end,
+                    limit,
+                    bytes_max,
+                    q.keys_only,
+                ) {
+                    Ok(page) => page,
+                    Err(e @ PastError::Compacted { .. }) => {
+                        return Reply::Range(Err(ClientError::Compacted(e.to_string())))
+                    }
+                    Err(e @ PastError::Future { .. }) => {
+                        return Reply::Range(Err(ClientError::Invalid(e.to_string())))
+                    }
+                };
+                let revision = if q.revision == 0 {
+                    revision
+                } else {
+                    q.revision
+                };
                 Reply::Range(Ok((page, revision)))
             }
         }

@@ -274,11 +274,16 @@ pub async fn run(
     };
     let state_path = dir.join(STATE_FILE);
     let engine = tokio::task::block_in_place(|| RedbEngine::open(&state_path))?;
-    let sm = StateMachine::open(
+    let mut sm = StateMachine::open(
         Box::new(engine),
         config.server.session_ttl_ms,
         config.server.sessions_max,
     )?;
+    // Reads at a past revision keep as much history as watches do.
+    sm.set_past_bounds(
+        usize::try_from(config.server.watch_history_revisions).unwrap_or(usize::MAX),
+        usize::try_from(config.server.watch_history_bytes).unwrap_or(usize::MAX),
+    );
     tracing::info!(
         server = id,
         applied = sm.last_applied(),

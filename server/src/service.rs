@@ -642,6 +642,7 @@ fn kv_error(e: ClientError) -> KvError {
         ),
         ClientError::Invalid(message) => (ErrorCode::ErrorInvalidArgument, 0, 0, message),
         ClientError::Unavailable(message) => (ErrorCode::ErrorUnavailable, 0, 0, message),
+        ClientError::Compacted(message) => (ErrorCode::ErrorCompacted, 0, 0, message),
     };
     KvError {
         code: code as i32,

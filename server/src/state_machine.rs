@@ -30,7 +30,8 @@
 //! Revisions. The store's revision is the index of the last applied entry; each key keeps
 //! `create_revision` (the entry that created it since it was last absent), `mod_revision`
 //! (the entry that last changed it) and `version` (puts since it was created; a delete ends
-//! it, and a later put starts again at 1).
+//! it, and a later put starts again at 1). Each put and delete also records the key's value
+//! before it (see [`crate::past`]), so a range read can be served as of a recent revision.
 //!
 //! Invariants: `next_seq` and `acked` of a session only grow; a `(session, seq)` changes the map
 //! at most once; the result of every applied seq at or above `acked` is kept (never evicted),
@@ -47,6 +48,8 @@ use crate::engine::{
     Applied, Engine, EngineError, MemEngine, SnapshotMeta, SnapshotSink, SnapshotSource, WriteBatch,
 };
 
+use crate::past::{PastError, PastValues};
+use kvraft_common::config::{WATCH_HISTORY_BYTES_DEFAULT, WATCH_HISTORY_REVISIONS_DEFAULT};
 use kvraft_common::limits::{self, DELETE_KEYS_PER_ENTRY_MAX, SESSION_WINDOW_MAX};
 use kvraft_proto::log_entry::Payload;
 use kvraft_proto::{txn_op, Compare, CompareOp, CompareTarget, LogEntry, TxnCommand};
@@ -204,6 +207,8 @@ pub struct StateMachine {
     /// See [`StateMachine::record_changes`].
     recording: bool,
     changes: Vec<Change>,
+    /// The values keys had before their recent changes, for reads at a past revision.
+    past: PastValues,
 }
 
 /// A key changed by an applied entry, for watches: its new value (`None`: deleted) at
@@ -267,7 +272,24 @@ impl StateMachine {
             written_applied: recovered.applied_index,
             recording: false,
             changes: Vec::new(),
+            past: PastValues::new(
+                recovered.applied_index,
+                WATCH_HISTORY_REVISIONS_DEFAULT as usize,
+                WATCH_HISTORY_BYTES_DEFAULT as usize,
+            ),
         })
+    }
+
+    /// Bounds the history that reads at a past revision use (see [`crate::past`]): at most
+    /// `revisions_max` revisions and about `bytes_max` bytes. What it held is dropped: call
+    /// it before applying.
+    pub fn set_past_bounds(&mut self, revisions_max: usize, bytes_max: usize) {
+        self.past = PastValues::new(self.last_applied, revisions_max, bytes_max);
+    }
+
+    /// The oldest revision a range read can ask for.
+    pub fn oldest_readable(&self) -> u64 {
+        self.past.oldest()
     }
 
     /// Term of the last applied entry (0 when nothing is applied).
@@ -412,7 +434,9 @@ impl StateMachine {
         match result {
             Ok(installed) => {
                 let recording = self.recording;
+                let past = self.past.emptied(installed.last_applied);
                 *self = installed;
+                self.past = past;
                 self.write_keys_max = write_keys_max;
                 self.recording = recording;
                 Ok(())
@@ -448,9 +472,32 @@ impl StateMachine {
         bytes_max: usize,
         keys_only: bool,
     ) -> RangePage {
+        self.range_at(0, start, end, limit, bytes_max, keys_only)
+            .expect("invariant: the latest revision is always readable")
+    }
+
+    /// As [`Self::range`], as of `revision` (0: the latest): the latest state with the keys
+    /// changed since `revision` put back as they were then. An error if the history no longer
+    /// holds `revision` or it is not applied yet. Work is bounded as for the latest, plus the
+    /// keys of the range the history holds.
+    pub fn range_at(
+        &mut self,
+        revision: u64,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+        bytes_max: usize,
+        keys_only: bool,
+    ) -> Result<RangePage, PastError> {
+        let latest = self.last_applied;
+        let revision = if revision == 0 { latest } else { revision };
+        if revision != latest {
+            self.past.check(revision, latest)?;
+        }
         let mut page = RangePage::default();
         let mut bytes = 0usize;
-        let walked = self.walk(start, end, |key, mut v| {
+        // Adds a key to the page; false once the page is full (the key is the next one).
+        let mut add = |key: Bytes, mut v: Versioned| {
             let size = key.len() + if keys_only { 0 } else { v.value.len() };
             if page.kvs.len() >= limit || (!page.kvs.is_empty() && bytes + size > bytes_max) {
                 page.more = true;
@@ -463,14 +510,49 @@ impl StateMachine {
             bytes += size;
             page.kvs.push((key, v));
             true
+        };
+        // The keys changed since `revision`, with their values then, merged into the walk of
+        // the latest state by key (none when reading the latest).
+        let mut then = self
+            .past
+            .changed_after(revision, start, crate::engine::end_bound(end))
+            .peekable();
+        let mut full = false;
+        let walked = self.walk(start, end, |key, v| {
+            // Keys absent now but present then come before this one.
+            while let Some((k, before)) = then.next_if(|(k, _)| k[..] < key[..]) {
+                if let Some(before) = before {
+                    if !add(k.clone(), before.clone()) {
+                        full = true;
+                        return false;
+                    }
+                }
+            }
+            let v = match then.next_if(|(k, _)| k[..] == key[..]) {
+                Some((_, None)) => return true, // created since
+                Some((_, Some(before))) => before.clone(),
+                None => v,
+            };
+            if !add(key, v) {
+                full = true;
+                return false;
+            }
+            true
         });
-        match walked {
-            Ok(()) => page,
-            Err(e) => {
-                self.failure.get_or_insert(e.to_string());
-                RangePage::default()
+        if let Err(e) = walked {
+            self.failure.get_or_insert(e.to_string());
+            return Ok(RangePage::default());
+        }
+        if !full {
+            for (k, before) in then {
+                if let Some(before) = before {
+                    if !add(k.clone(), before.clone()) {
+                        break;
+                    }
+                }
             }
         }
+        Ok(page)
     }
 
     /// Visits the keys of `[start, end)` (an empty `end`: no upper bound) in key order, the
@@ -855,14 +937,15 @@ impl StateMachine {
 
     /// Writes `key` at the current revision; returns its new version.
     fn put_key(&mut self, key: Bytes, value: Bytes) -> Result<u64, EngineError> {
-        // Only the counters of the previous value are needed, not the value itself.
-        let previous = self.counters(&key)?;
+        // The previous value is kept for reads at a past revision.
+        let previous = self.get(&key)?;
         let revision = self.last_applied;
-        let version = previous.map_or(0, |(version, _)| version) + 1;
+        let version = previous.as_ref().map_or(0, |v| v.version) + 1;
+        let create_revision = previous.as_ref().map_or(revision, |v| v.create_revision);
         if previous.is_none() {
             self.overlay_key_delta += 1;
         }
-        let create_revision = previous.map_or(revision, |(_, created)| created);
+        self.past.record(revision, &key, previous);
         let versioned = Versioned {
             value,
             version,
@@ -883,9 +966,10 @@ impl StateMachine {
 
     /// Removes `key`; whether it existed.
     fn delete_key(&mut self, key: Bytes) -> Result<bool, EngineError> {
-        if self.counters(&key)?.is_none() {
+        let Some(previous) = self.get(&key)? else {
             return Ok(false);
-        }
+        };
+        self.past.record(self.last_applied, &key, Some(previous));
         self.overlay_key_delta -= 1;
         self.overlay_bytes += key.len();
         if self.recording {
@@ -2054,7 +2138,9 @@ mod tests {
 
     /// Property: random puts, deletes, range deletes, compare-and-swaps and transactions,
     /// with batches written at random points and a restart now and then, give the same
-    /// answers, revisions and ranges as a plain ordered map.
+    /// answers, revisions and ranges as a plain ordered map; and a range read at any past
+    /// revision the history holds, page by page, gives what the map held then (one older is
+    /// refused as compacted, naming the oldest held).
     #[test]
     fn transactions_match_a_reference_map() {
         use rand::{Rng, SeedableRng};
@@ -2078,7 +2164,12 @@ mod tests {
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
             let engine = MemEngine::new();
             let mut sm = StateMachine::open(Box::new(engine.clone()), u64::MAX / 4, 4).unwrap();
+            // Some seeds keep a short history, so eviction moves the oldest readable revision.
+            let past_revisions = if seed % 2 == 0 { 1_000 } else { 7 };
+            sm.set_past_bounds(past_revisions, 1 << 20);
             let mut model = Model::new();
+            // The model after each revision.
+            let mut models: BTreeMap<u64, Model> = BTreeMap::from([(1, Model::new())]);
             let mut index = 1;
             sm.apply(&payload_entry(
                 1,
@@ -2211,6 +2302,52 @@ mod tests {
                     // A clean restart from what the engine holds (everything, once synced).
                     sm.sync().unwrap();
                     sm = StateMachine::open(Box::new(engine.clone()), u64::MAX / 4, 4).unwrap();
+                    sm.set_past_bounds(past_revisions, 1 << 20);
+                }
+                models.insert(rev, model.clone());
+                // A read at a random past revision, a random range, page by page.
+                let at = rng.random_range(1..=rev);
+                let (lo, hi) = (key(&mut rng), key(&mut rng));
+                let (lo, hi) = if rng.random_bool(0.3) {
+                    (String::new(), String::new())
+                } else {
+                    (lo.clone().min(hi.clone()), lo.max(hi) + "0")
+                };
+                let limit = rng.random_range(1..4);
+                let mut got = Vec::new();
+                let mut from = lo.clone().into_bytes();
+                let result = loop {
+                    match sm.range_at(at, &from, hi.as_bytes(), limit, usize::MAX, false) {
+                        Err(e) => break Err(e),
+                        Ok(page) => {
+                            assert!(page.kvs.len() <= limit);
+                            got.extend(page.kvs.iter().map(|(k, v)| (k.to_vec(), v.clone())));
+                            if !page.more {
+                                break Ok(());
+                            }
+                            from = page.next_key.to_vec();
+                        }
+                    }
+                };
+                if at < sm.oldest_readable() {
+                    assert_eq!(
+                        result,
+                        Err(PastError::Compacted {
+                            revision: at,
+                            oldest: sm.oldest_readable()
+                        }),
+                        "seed {seed} seq {seq} at {at}"
+                    );
+                } else {
+                    result.unwrap();
+                    let want: Vec<_> = models[&at]
+                        .iter()
+                        .filter(|(k, _)| {
+                            k[..] >= *lo.as_bytes() && (hi.is_empty() || k[..] < *hi.as_bytes())
+                        })
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect();
+                    assert_eq!(got, want, "seed {seed} seq {seq}: range at {at} of {rev}");
                 }
                 let page = sm.range(b"", b"", 100, usize::MAX, false);
                 let got: Vec<_> = page

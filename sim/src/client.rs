@@ -63,6 +63,8 @@ pub enum Request {
     Range {
         start: String,
         end: String,
+        /// 0: the latest.
+        revision: u64,
     },
 }
 
@@ -70,8 +72,8 @@ pub enum Request {
 /// group, so multi-key operations keep the checker's components small.
 pub const TXN_KEYS: [&str; 3] = ["t0", "t1", "t2"];
 /// A scan of every key in [`TXN_KEYS`].
-const SCAN_START: &str = "t";
-const SCAN_END: &str = "u";
+pub const SCAN_START: &str = "t";
+pub const SCAN_END: &str = "u";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ClientTimer {
@@ -117,6 +119,23 @@ enum OpKind {
         input: lc::Input,
     },
     Range,
+    /// A scan of the same keys as of a past revision (checked against the replay of the
+    /// committed log, not in the linearizable history: it reads the past).
+    PastRange {
+        revision: u64,
+    },
+}
+
+/// A key as a scan read it: (key, value, version).
+pub type ScannedKey = (String, String, u64);
+
+/// A scan read at a past revision: what the server answered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PastRead {
+    pub client: u32,
+    pub revision: u64,
+    /// Ok(the revision the page says, (key, value, version)) or the refusal.
+    pub result: Result<(u64, Vec<ScannedKey>), ClientError>,
 }
 
 #[derive(Clone, Debug)]
@@ -172,6 +191,10 @@ pub struct Client {
     /// The last version this client saw of each transaction key (what its compare-and-swaps
     /// expect).
     seen: BTreeMap<String, u64>,
+    /// The highest revision an answer named (a past scan reads at or below it).
+    revision_seen: u64,
+    /// Past scans answered, for the world to check.
+    pub past_reads: Vec<PastRead>,
     /// New operations are started only while this is set.
     pub issuing: bool,
     pub out: Vec<ClientAction>,
@@ -208,6 +231,8 @@ impl Client {
             attempts: BTreeMap::new(),
             values: 0,
             seen: BTreeMap::new(),
+            revision_seen: 0,
+            past_reads: Vec::new(),
             issuing: true,
             out: Vec::new(),
             done: Vec::new(),
@@ -311,8 +336,17 @@ impl Client {
             return self.new_txn(slot, now_ms, now_ns, rng);
         }
         if range {
+            // Half the scans read the past, up to 30 revisions before the latest seen.
+            let kind = if self.revision_seen > 0 && rng.random_bool(0.5) {
+                let back = rng.random_range(0..=30u64);
+                OpKind::PastRange {
+                    revision: self.revision_seen.saturating_sub(back).max(1),
+                }
+            } else {
+                OpKind::Range
+            };
             self.slots[slot] = Some(Op {
-                kind: OpKind::Range,
+                kind,
                 call_ns: now_ns,
                 deadline_ms: now_ms + self.timing.op_timeout_ms,
                 attempt: None,
@@ -499,6 +533,12 @@ impl Client {
             OpKind::Range => Request::Range {
                 start: SCAN_START.to_string(),
                 end: SCAN_END.to_string(),
+                revision: 0,
+            },
+            OpKind::PastRange { revision } => Request::Range {
+                start: SCAN_START.to_string(),
+                end: SCAN_END.to_string(),
+                revision: *revision,
             },
         };
         self.attempts.insert(id, slot);
@@ -548,10 +588,32 @@ impl Client {
                         self.session_active_ms = self.session_active_ms.max(call_ms);
                     }
                 }
+                self.revision_seen = self.revision_seen.max(r.revision);
                 let output = self.txn_output(slot, &r.results, r.succeeded);
                 return self.finish(slot, OpResult::Ok(output), now_ns, rng, now_ms);
             }
-            Reply::Range(Ok((page, _))) => {
+            Reply::Range(Ok((page, revision))) => {
+                let op = self.slots[slot].as_ref().expect("invariant: checked above");
+                if let OpKind::PastRange { revision: asked } = op.kind {
+                    let kvs = page
+                        .kvs
+                        .iter()
+                        .map(|(k, v)| {
+                            (
+                                String::from_utf8_lossy(k).into_owned(),
+                                String::from_utf8_lossy(&v.value).into_owned(),
+                                v.version,
+                            )
+                        })
+                        .collect();
+                    self.past_reads.push(PastRead {
+                        client: self.id,
+                        revision: asked,
+                        result: Ok((revision, kvs)),
+                    });
+                    return self.finish(slot, OpResult::Unknown, now_ns, rng, now_ms);
+                }
+                self.revision_seen = self.revision_seen.max(revision);
                 let mut kvs = Vec::with_capacity(page.kvs.len());
                 for (key, v) in page.kvs {
                     let key = String::from_utf8_lossy(&key).into_owned();
@@ -581,6 +643,7 @@ impl Client {
                         self.session_active_ms = self.session_active_ms.max(call_ms);
                     }
                 }
+                self.revision_seen = self.revision_seen.max(r.index);
                 return self.finish(
                     slot,
                     OpResult::Ok(Output::Put(r.version)),
@@ -594,6 +657,26 @@ impl Client {
                     .value
                     .map(|v| (String::from_utf8_lossy(&v.value).into_owned(), v.version));
                 return self.finish(slot, OpResult::Ok(Output::Get(read)), now_ns, rng, now_ms);
+            }
+            Reply::Range(Err(e @ ClientError::Compacted(_)))
+                if matches!(
+                    self.slots[slot].as_ref().map(|o| &o.kind),
+                    Some(OpKind::PastRange { .. })
+                ) =>
+            {
+                let Some(Op {
+                    kind: OpKind::PastRange { revision },
+                    ..
+                }) = self.slots[slot]
+                else {
+                    unreachable!("invariant: matched above");
+                };
+                self.past_reads.push(PastRead {
+                    client: self.id,
+                    revision,
+                    result: Err(e),
+                });
+                return self.finish(slot, OpResult::Unknown, now_ns, rng, now_ms);
             }
             Reply::Registered(Err(e))
             | Reply::Write { result: Err(e), .. }
@@ -620,7 +703,7 @@ impl Client {
                     rng.random_range(BACKOFF_MS)
                 }
             }
-            ClientError::Unavailable(_) => rng.random_range(BACKOFF_MS),
+            ClientError::Unavailable(_) | ClientError::Compacted(_) => rng.random_range(BACKOFF_MS),
             ClientError::SessionExpired => return self.session_expired(slot, now_ms, now_ns, rng),
             ClientError::Stale | ClientError::Invalid(_) => {
                 let op = self.slots[slot].as_ref().expect("invariant: checked above");
@@ -719,6 +802,10 @@ impl Client {
                 start: SCAN_START.as_bytes().to_vec(),
                 end: SCAN_END.as_bytes().to_vec(),
             }),
+            // Checked by the world against the replay, whatever became of it.
+            OpKind::PastRange { .. } => {
+                return self.start_after_think(slot, rng, now_ms);
+            }
         };
         if op.is_final && !self.final_pending {
             self.final_ok = Some(matches!(result, OpResult::Ok(_)));
@@ -735,6 +822,11 @@ impl Client {
             result,
             return_ns,
         });
+        self.start_after_think(slot, rng, now_ms);
+    }
+
+    /// Starts the slot's next operation after a pause, while issuing.
+    fn start_after_think(&mut self, slot: usize, rng: &mut StdRng, now_ms: u64) {
         if self.issuing {
             let idle = self.limits.ttl_ms != SESSION_TTL_NEVER_MS
                 && crate::network::chance(rng, IDLE_PERMILLE);

@@ -72,6 +72,8 @@ pub struct Operation {
 #[derive(Debug, Default)]
 pub struct History {
     pub ops: Vec<Operation>,
+    /// Scans at a past revision, checked against the replay (`Invariants::check_past_reads`).
+    pub past_reads: Vec<crate::client::PastRead>,
 }
 
 /// An operation's interval.

@@ -33,7 +33,10 @@ use kvraft_server::replica::Replica;
 use kvraft_server::state_machine::{Change, Outcome, StateMachine, WriteResult};
 use prost::Message;
 
+use crate::client::{PastRead, SCAN_END, SCAN_START};
 use crate::node::SessionLimits;
+use kvraft_server::replica::ClientError;
+use kvraft_server::watch::in_range;
 
 /// Hash of the log prefix ending with `entry`, given the hash of the prefix before it.
 fn chain(prev: u64, entry: &LogEntry) -> u64 {
@@ -42,6 +45,9 @@ fn chain(prev: u64, entry: &LogEntry) -> u64 {
         &entry.encode_to_vec(),
     )
 }
+
+/// (revision, key, new value and version; `None`: deleted).
+type ScannedChange = (u64, String, Option<(String, u64)>);
 
 #[derive(Debug)]
 pub struct Invariants {
@@ -68,6 +74,9 @@ pub struct Invariants {
     change_digests: BTreeMap<u64, u64>,
     /// Per node: `last_applied` when its changes were last checked.
     changes_applied: BTreeMap<u32, u64>,
+    /// Every change the replay made to a key the clients scan: (revision, key, new value and
+    /// version, `None` for a delete), in revision order.
+    scanned_changes: Vec<ScannedChange>,
 }
 
 impl Invariants {
@@ -90,6 +99,7 @@ impl Invariants {
             keys,
             change_digests: BTreeMap::new(),
             changes_applied: BTreeMap::new(),
+            scanned_changes: Vec::new(),
         };
         let empty = inv.digest(&inv.reference);
         inv.digests.push(empty);
@@ -279,10 +289,76 @@ impl Invariants {
         }
         let digest = self.digest(&self.reference);
         self.digests.push(digest);
-        for (revision, digest) in change_digests(self.reference.take_changes()) {
+        let changes = self.reference.take_changes();
+        for c in &changes {
+            if in_range(&c.key, SCAN_START.as_bytes(), SCAN_END.as_bytes()) {
+                self.scanned_changes.push((
+                    c.revision,
+                    String::from_utf8_lossy(&c.key).into_owned(),
+                    c.value
+                        .as_ref()
+                        .map(|v| (String::from_utf8_lossy(&v.value).into_owned(), v.version)),
+                ));
+            }
+        }
+        for (revision, digest) in change_digests(changes) {
             self.change_digests.insert(revision, digest);
         }
         Ok(())
+    }
+
+    /// **Reads at a past revision**: each scan a server answered at revision `R` holds what
+    /// the replay of the committed log held at `R`, in key order, and names `R`; a refusal
+    /// is only ever `Compacted`. Returns (answered, refused as compacted).
+    pub fn check_past_reads(&self, reads: &[PastRead]) -> Result<(u64, u64), String> {
+        let (mut answered, mut compacted) = (0, 0);
+        for read in reads {
+            let (revision, got) = match &read.result {
+                Ok(page) => page,
+                Err(ClientError::Compacted(_)) => {
+                    compacted += 1;
+                    continue;
+                }
+                Err(e) => {
+                    return Err(format!(
+                        "client {}: a scan at revision {} was refused: {e:?}",
+                        read.client, read.revision
+                    ))
+                }
+            };
+            if read.revision > self.committed_len() {
+                return Err(format!(
+                    "client {}: a scan at revision {} was answered, but only {} entries are \
+                     committed",
+                    read.client,
+                    read.revision,
+                    self.committed_len()
+                ));
+            }
+            let mut then: BTreeMap<&str, &(String, u64)> = BTreeMap::new();
+            for (r, key, value) in &self.scanned_changes {
+                if *r > read.revision {
+                    break;
+                }
+                match value {
+                    Some(v) => then.insert(key, v),
+                    None => then.remove(key.as_str()),
+                };
+            }
+            let want: Vec<(String, String, u64)> = then
+                .into_iter()
+                .map(|(k, (v, version))| (k.to_string(), v.clone(), *version))
+                .collect();
+            if *revision != read.revision || *got != want {
+                return Err(format!(
+                    "client {}: a scan at revision {} answered {got:?} as of revision \
+                     {revision}; the committed log held {want:?} then",
+                    read.client, read.revision
+                ));
+            }
+            answered += 1;
+        }
+        Ok((answered, compacted))
     }
 
     /// **Watches see the same changes everywhere**: the changes `node` applied in its last

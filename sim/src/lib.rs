@@ -104,6 +104,10 @@ pub struct SimStats {
     /// Transactions (compare-and-swaps, deletes, multi-key writes) and scans that succeeded.
     pub txns_ok: u64,
     pub scans_ok: u64,
+    /// Scans at a past revision that matched the committed log then, and those refused as
+    /// compacted.
+    pub past_scans_ok: u64,
+    pub past_scans_compacted: u64,
     /// Operations given up on (result unknown to the client).
     pub ops_unknown: u64,
     pub committed_entries: u64,
@@ -126,6 +130,8 @@ impl SimStats {
         self.gets_ok += o.gets_ok;
         self.txns_ok += o.txns_ok;
         self.scans_ok += o.scans_ok;
+        self.past_scans_ok += o.past_scans_ok;
+        self.past_scans_compacted += o.past_scans_compacted;
         self.ops_unknown += o.ops_unknown;
         self.committed_entries += o.committed_entries;
         self.acked_writes_checked += o.acked_writes_checked;
@@ -142,7 +148,7 @@ impl fmt::Display for SimStats {
         write!(
             f,
             "seeds={} steps={} sim_s={} ops: puts_ok={} gets_ok={} txns_ok={} scans_ok={} \
-             unknown={} committed={} \
+             past_scans_ok={} past_scans_compacted={} unknown={} committed={} \
              faults: dropped={} duplicated={} reordered={} isolations={} coord_partitions={} \
              splits={} one_way={} crashes={} disk_losses={} torn_tails={} coord_crashes={} \
              disks_full={} (full/writable changes {}) \
@@ -155,6 +161,8 @@ impl fmt::Display for SimStats {
             self.gets_ok,
             self.txns_ok,
             self.scans_ok,
+            self.past_scans_ok,
+            self.past_scans_compacted,
             self.ops_unknown,
             self.committed_entries,
             x.dropped,
@@ -240,6 +248,12 @@ pub fn run_seed(seed: u64, cfg: &SimConfig) -> Result<SimStats, SimFailure> {
         .check(&world.inv.applied)
         .map_err(|e| fail(step, now_ms, describe(e)))?;
     let mut stats = world.stats(acked);
+    let (past_ok, past_compacted) = world
+        .inv
+        .check_past_reads(&world.history.past_reads)
+        .map_err(|e| fail(step, now_ms, describe(e)))?;
+    stats.past_scans_ok = past_ok;
+    stats.past_scans_compacted = past_compacted;
     match kvraft_checker::check(&world.history.to_checker()) {
         CheckResult::Linearizable => stats.checker_linearizable += 1,
         CheckResult::Violation(v) => {

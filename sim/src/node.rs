@@ -25,6 +25,9 @@ pub struct SessionLimits {
     pub log_tail_entries: u64,
     /// Pace of snapshot transfers (`[server] snapshot_bytes_per_sec`; 0: unpaced).
     pub snapshot_bytes_per_sec: u64,
+    /// Revisions of history kept for reads at a past revision (`[server]
+    /// watch_history_revisions`).
+    pub past_revisions: usize,
 }
 
 /// Small snapshot chunks, so a transfer takes several (and some get lost or repeated).
@@ -106,12 +109,13 @@ impl SimNode {
             max_value_bytes: kvraft_common::limits::VALUE_BYTES_MAX,
         };
         let (hard, first, entries) = self.disk.crash(0);
-        let sm = StateMachine::open(
+        let mut sm = StateMachine::open(
             Box::new(self.engine.clone()),
             self.limits.ttl_ms,
             self.limits.sessions_max,
         )
         .expect("invariant: the memory engine never fails");
+        sm.set_past_bounds(self.limits.past_revisions, usize::MAX);
         // As the runtime: an install whose log reset did not happen is finished.
         let (first, entries) = finish_interrupted_install(&sm, first, entries, &mut self.disk)
             .expect("invariant: the simulated disk resets");

@@ -376,6 +376,7 @@ impl World {
                     return Err(v);
                 }
                 self.history.ops.append(&mut c.done);
+                self.history.past_reads.append(&mut c.past_reads);
             }
             if self.phase == Phase::Drain && self.clients.iter().all(Client::idle) {
                 self.phase = Phase::Final;
@@ -674,13 +675,17 @@ impl World {
                         reply,
                     },
                     Request::Txn { cmd } => Event::Txn { cmd, reply },
-                    Request::Range { start, end } => Event::Range {
+                    Request::Range {
+                        start,
+                        end,
+                        revision,
+                    } => Event::Range {
                         query: RangeQuery {
                             start: Bytes::from(start),
                             end: Bytes::from(end),
                             limit: 0,
                             keys_only: false,
-                            revision: 0,
+                            revision,
                         },
                         reply,
                     },
@@ -1306,6 +1311,12 @@ fn session_limits(rng: &mut StdRng, cfg: &SimConfig, clients: usize) -> SessionL
             0
         } else {
             rng.random_range(2_560..=25_600)
+        },
+        // Half the runs keep a short history, so some reads at a past revision are refused.
+        past_revisions: if rng.random_bool(0.5) {
+            20_000
+        } else {
+            rng.random_range(5..=60)
         },
     }
 }

@@ -149,12 +149,18 @@ enum Command {
     },
     /// List keys in [START, END) in key order (no END: to the last key), or with --prefix
     /// those that start with START: "key<TAB>value" per line (JSON: one object per line).
-    /// Linearizable; read in pages, so any number of keys may be listed.
+    /// Linearizable; read in pages, every page at the revision of the first (or --rev), so
+    /// the listing is the range as it was at one revision, however many pages it takes.
     Scan {
         start: String,
         end: Option<String>,
         #[arg(long, conflicts_with = "end")]
         prefix: bool,
+        /// List the range as it was at this revision (0: now). A server keeps the changes of
+        /// its last watch_history_revisions revisions; an older one is refused, naming the
+        /// oldest it holds.
+        #[arg(long = "rev", default_value_t = 0)]
+        revision: u64,
         /// Most keys to list (0: all).
         #[arg(long, default_value_t = 0)]
         limit: u64,
@@ -347,6 +353,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             start,
             end,
             prefix,
+            revision,
             limit,
             keys_only,
             output,
@@ -361,6 +368,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             let scan = Scan {
                 start: start.into_bytes(),
                 end,
+                revision,
                 limit,
                 keys_only,
             };
@@ -812,14 +820,18 @@ async fn watch_events(
 struct Scan {
     start: Vec<u8>,
     end: Vec<u8>,
+    /// 0: now.
+    revision: u64,
     /// 0: all.
     limit: u64,
     keys_only: bool,
 }
 
-/// Lists a range page by page (each page linearizable on its own), printing as it goes.
+/// Lists a range page by page, printing as it goes: the first page at `scan.revision` (0:
+/// a linearizable read of now), the others at the revision the first was read at.
 async fn scan_all(client: &Client, scan: Scan, output: DataFormat) -> anyhow::Result<bool> {
     let mut start = scan.start;
+    let mut revision = scan.revision;
     let mut listed = 0u64;
     loop {
         let left = match scan.limit {
@@ -827,8 +839,15 @@ async fn scan_all(client: &Client, scan: Scan, output: DataFormat) -> anyhow::Re
             n => n - listed,
         };
         let page = client
-            .range(start.clone(), scan.end.clone(), left, scan.keys_only)
+            .range_at(
+                start.clone(),
+                scan.end.clone(),
+                left,
+                scan.keys_only,
+                revision,
+            )
             .await?;
+        revision = page.revision;
         for kv in &page.kvs {
             match (output, scan.keys_only) {
                 (DataFormat::Text, true) => say(txn_text::show(&kv.key))?,

@@ -104,6 +104,57 @@ async fn delete_cas_txn_and_scan_through_the_binary() {
     assert_eq!(json["kv"]["value"]["hex"], "009fff0a");
 }
 
+/// Scans at a past revision: the range as it was then, whatever changed since; a revision not
+/// applied yet, or one the server's history no longer holds, is refused with a message naming
+/// the bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scans_read_the_range_as_it_was_at_a_past_revision() {
+    let mut cluster = Cluster::with_server_options(3, "watch_history_revisions = 8");
+    cluster.start_all();
+    cluster.wait_leader(|_| true).await;
+    for (k, v) in [("app/a", "1"), ("app/b", "2")] {
+        stdout(&cluster.client("w", &["put", k, v]));
+    }
+    let text = stdout(&cluster.client("r", &["get", "app/b", "-o", "json"]));
+    let json: Value = serde_json::from_str(text.trim()).unwrap();
+    let then = json["kv"]["mod_revision"].as_u64().unwrap().to_string();
+    stdout(&cluster.client("w", &["put", "app/a", "changed"]));
+    stdout(&cluster.client("w", &["delete", "app/b"]));
+    stdout(&cluster.client("w", &["put", "app/c", "3"]));
+
+    let now = stdout(&cluster.client("r", &["scan", "app/", "--prefix"]));
+    assert_eq!(now, "app/a\tchanged\napp/c\t3\n");
+    let past = stdout(&cluster.client("r", &["scan", "app/", "--prefix", "--rev", &then]));
+    assert_eq!(past, "app/a\t1\napp/b\t2\n", "as at revision {then}");
+    let text = stdout(&cluster.client(
+        "r",
+        &["scan", "app/", "--prefix", "--rev", &then, "-o", "json"],
+    ));
+    let rows: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows[0]["version"], 1, "the counters as they were: {text}");
+    assert_eq!(rows[1]["mod_revision"].as_u64().unwrap().to_string(), then);
+
+    let future = cluster.client("r", &["scan", "app/", "--rev", "1000000"]);
+    assert!(!future.status.success());
+    let err = String::from_utf8_lossy(&future.stderr);
+    assert!(err.contains("revision 1000000 is in the future"), "{err}");
+
+    // More revisions than the history keeps (each run that writes registers a session too).
+    for i in 0..6 {
+        stdout(&cluster.client("w", &["put", "other", &i.to_string()]));
+    }
+    let old = cluster.client("r", &["scan", "app/", "--prefix", "--rev", &then]);
+    assert!(!old.status.success());
+    let err = String::from_utf8_lossy(&old.stderr);
+    assert!(
+        err.contains(&format!("revision {then} is compacted")) && err.contains("from "),
+        "{err}"
+    );
+}
+
 /// Several clients increment one counter by compare-and-swap (read the version, write
 /// value + 1 if the version is unchanged) while the leader is killed and restarted. Every
 /// write is a swap from the value it read, so the value always equals the version minus one,
