@@ -265,8 +265,8 @@ async fn compare_and_swap_increments_survive_a_leader_kill() {
 }
 
 /// A watch of a prefix sees every acknowledged write to it exactly once, in revision order,
-/// while the leader is killed and restarted under it; a second watch from a past revision
-/// replays the same changes.
+/// while the leader is killed and restarted under it; scans at past revisions hold what was
+/// written by then; a second watch from a past revision replays the same changes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prefix_watch_follows_writes_through_a_leader_kill() {
     use kvslib::EventKind;
@@ -374,6 +374,33 @@ async fn a_prefix_watch_follows_writes_through_a_leader_kill() {
         "deletes of existing keys are watched"
     );
     assert!(events.iter().all(|e| e.value.mod_revision == e.revision));
+
+    tracing::info!("--- scans at past revisions across the kill hold what was written by then");
+    use kvraft_checker::watch::{check_scan_at, ScannedKey};
+    let mut read_at = 0;
+    for revision in (first.saturating_sub(1).max(1)..=last).step_by(3) {
+        let page = match reader.range_at("cfg/", "cfg0", 0, false, revision).await {
+            Ok(page) => page,
+            // A leader that restarted holds only what it applied since.
+            Err(kvslib::Error::Rejected(e)) if e.contains("compacted") => continue,
+            Err(e) => panic!("scan at revision {revision}: {e}"),
+        };
+        assert_eq!(page.revision, revision);
+        let kvs: Vec<ScannedKey> = page
+            .kvs
+            .iter()
+            .map(|kv| ScannedKey {
+                key: kv.key.clone(),
+                value: kv.value.value.clone(),
+                mod_revision: kv.value.mod_revision,
+            })
+            .collect();
+        if let Err(e) = check_scan_at(&writes, prefix, revision, &kvs) {
+            panic!("scan at revision {revision}: {e}");
+        }
+        read_at += 1;
+    }
+    assert!(read_at > 0, "no past revision was readable");
 
     tracing::info!("--- a watch from the first revision replays the same changes");
     let mut again = reader.watch_prefix("cfg/", first).unwrap();
