@@ -282,7 +282,7 @@ pub(crate) async fn start_metrics(
 /// Streams one watch: the header, the batches the history holds, then live ones, each filtered to the
 /// watched range; ends when the client goes, or cancels the watch when it falls behind the
 /// broadcast or a snapshot replaces the state (with the revision to resume from).
-pub(crate) async fn serve_watch(
+pub async fn serve_watch(
     tx: mpsc::Sender<Result<WatchResponse, Status>>,
     (start, end): (Bytes, Bytes),
     hub: Arc<watches::WatchHub>,

@@ -35,6 +35,7 @@ use prost::Message;
 
 use crate::client::{PastRead, SCAN_END, SCAN_START};
 use crate::node::SessionLimits;
+use crate::watcher::{Delivered, Watcher};
 use kvraft_server::replica::ClientError;
 use kvraft_server::watch::in_range;
 
@@ -74,9 +75,9 @@ pub struct Invariants {
     change_digests: BTreeMap<u64, u64>,
     /// Per node: `last_applied` when its changes were last checked.
     changes_applied: BTreeMap<u32, u64>,
-    /// Every change the replay made to a key the clients scan: (revision, key, new value and
-    /// version, `None` for a delete), in revision order.
-    scanned_changes: Vec<ScannedChange>,
+    /// Every change the replay made: (revision, key, new value and version, `None` for a
+    /// delete), in revision order.
+    replayed_changes: Vec<ScannedChange>,
 }
 
 impl Invariants {
@@ -99,7 +100,7 @@ impl Invariants {
             keys,
             change_digests: BTreeMap::new(),
             changes_applied: BTreeMap::new(),
-            scanned_changes: Vec::new(),
+            replayed_changes: Vec::new(),
         };
         let empty = inv.digest(&inv.reference);
         inv.digests.push(empty);
@@ -291,15 +292,13 @@ impl Invariants {
         self.digests.push(digest);
         let changes = self.reference.take_changes();
         for c in &changes {
-            if in_range(&c.key, SCAN_START.as_bytes(), SCAN_END.as_bytes()) {
-                self.scanned_changes.push((
-                    c.revision,
-                    String::from_utf8_lossy(&c.key).into_owned(),
-                    c.value
-                        .as_ref()
-                        .map(|v| (String::from_utf8_lossy(&v.value).into_owned(), v.version)),
-                ));
-            }
+            self.replayed_changes.push((
+                c.revision,
+                String::from_utf8_lossy(&c.key).into_owned(),
+                c.value
+                    .as_ref()
+                    .map(|v| (String::from_utf8_lossy(&v.value).into_owned(), v.version)),
+            ));
         }
         for (revision, digest) in change_digests(changes) {
             self.change_digests.insert(revision, digest);
@@ -336,9 +335,12 @@ impl Invariants {
                 ));
             }
             let mut then: BTreeMap<&str, &(String, u64)> = BTreeMap::new();
-            for (r, key, value) in &self.scanned_changes {
+            for (r, key, value) in &self.replayed_changes {
                 if *r > read.revision {
                     break;
+                }
+                if !in_range(key.as_bytes(), SCAN_START.as_bytes(), SCAN_END.as_bytes()) {
+                    continue;
                 }
                 match value {
                     Some(v) => then.insert(key, v),
@@ -359,6 +361,66 @@ impl Invariants {
             answered += 1;
         }
         Ok((answered, compacted))
+    }
+
+    /// **Watches deliver every change once, in order, through failovers**: each segment a
+    /// watcher was given without a gap holds, revision by revision and in key order, exactly
+    /// the changes the replay of the committed log made to its range in the segment's
+    /// revisions (a key once per revision, as last changed there). Returns the events
+    /// checked.
+    pub fn check_watches(&self, watchers: &[Watcher]) -> Result<u64, String> {
+        let mut checked = 0;
+        for w in watchers {
+            let (start, end) = w.range();
+            for s in &w.segments {
+                if s.through > self.committed_len() {
+                    return Err(format!(
+                        "watcher {}: given revisions up to {}, but only {} entries are committed",
+                        w.id,
+                        s.through,
+                        self.committed_len()
+                    ));
+                }
+                // The replay's changes in the segment, a key once per revision (its last).
+                let mut want: BTreeMap<(u64, &str), &Option<(String, u64)>> = BTreeMap::new();
+                let from = self
+                    .replayed_changes
+                    .partition_point(|(r, _, _)| *r < s.from);
+                for (r, key, value) in &self.replayed_changes[from..] {
+                    if *r > s.through {
+                        break;
+                    }
+                    if in_range(key.as_bytes(), start.as_bytes(), end.as_bytes()) {
+                        want.insert((*r, key), value);
+                    }
+                }
+                let want: Vec<Delivered> = want
+                    .into_iter()
+                    .map(|((r, k), v)| (r, k.to_string(), v.clone()))
+                    .collect();
+                if s.events != want {
+                    let at = s
+                        .events
+                        .iter()
+                        .zip(&want)
+                        .position(|(a, b)| a != b)
+                        .unwrap_or(s.events.len().min(want.len()));
+                    return Err(format!(
+                        "watcher {}: revisions {}..={} delivered {} changes, the committed log \
+                         made {}; first difference at #{at}: given {:?}, made {:?}",
+                        w.id,
+                        s.from,
+                        s.through,
+                        s.events.len(),
+                        want.len(),
+                        s.events.get(at),
+                        want.get(at)
+                    ));
+                }
+                checked += want.len() as u64;
+            }
+        }
+        Ok(checked)
     }
 
     /// **Watches see the same changes everywhere**: the changes `node` applied in its last

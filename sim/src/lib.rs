@@ -30,6 +30,7 @@ pub mod history;
 pub mod invariants;
 pub mod network;
 pub mod node;
+pub mod watcher;
 pub mod world;
 
 use std::fmt;
@@ -108,6 +109,12 @@ pub struct SimStats {
     /// compacted.
     pub past_scans_ok: u64,
     pub past_scans_compacted: u64,
+    /// Changes watchers were given (each checked against the replay), the watches they
+    /// opened again after losing their server or being canceled, and those no server could
+    /// resume (the revision was compacted everywhere).
+    pub watch_events: u64,
+    pub watch_resumes: u64,
+    pub watch_gaps: u64,
     /// Operations given up on (result unknown to the client).
     pub ops_unknown: u64,
     pub committed_entries: u64,
@@ -132,6 +139,9 @@ impl SimStats {
         self.scans_ok += o.scans_ok;
         self.past_scans_ok += o.past_scans_ok;
         self.past_scans_compacted += o.past_scans_compacted;
+        self.watch_events += o.watch_events;
+        self.watch_resumes += o.watch_resumes;
+        self.watch_gaps += o.watch_gaps;
         self.ops_unknown += o.ops_unknown;
         self.committed_entries += o.committed_entries;
         self.acked_writes_checked += o.acked_writes_checked;
@@ -148,7 +158,8 @@ impl fmt::Display for SimStats {
         write!(
             f,
             "seeds={} steps={} sim_s={} ops: puts_ok={} gets_ok={} txns_ok={} scans_ok={} \
-             past_scans_ok={} past_scans_compacted={} unknown={} committed={} \
+             past_scans_ok={} past_scans_compacted={} watch_events={} watch_resumes={} \
+             watch_gaps={} unknown={} committed={} \
              faults: dropped={} duplicated={} reordered={} isolations={} coord_partitions={} \
              splits={} one_way={} crashes={} disk_losses={} torn_tails={} coord_crashes={} \
              disks_full={} (full/writable changes {}) \
@@ -163,6 +174,9 @@ impl fmt::Display for SimStats {
             self.scans_ok,
             self.past_scans_ok,
             self.past_scans_compacted,
+            self.watch_events,
+            self.watch_resumes,
+            self.watch_gaps,
             self.ops_unknown,
             self.committed_entries,
             x.dropped,
@@ -254,6 +268,14 @@ pub fn run_seed(seed: u64, cfg: &SimConfig) -> Result<SimStats, SimFailure> {
         .map_err(|e| fail(step, now_ms, describe(e)))?;
     stats.past_scans_ok = past_ok;
     stats.past_scans_compacted = past_compacted;
+    stats.watch_events = world
+        .inv
+        .check_watches(&world.watchers)
+        .map_err(|e| fail(step, now_ms, describe(e)))?;
+    for w in &world.watchers {
+        stats.watch_resumes += w.opened.saturating_sub(1);
+        stats.watch_gaps += w.segments.len().saturating_sub(1) as u64;
+    }
     match kvraft_checker::check(&world.history.to_checker()) {
         CheckResult::Linearizable => stats.checker_linearizable += 1,
         CheckResult::Violation(v) => {

@@ -9,6 +9,8 @@ use kvraft_server::executor::Executor;
 use kvraft_server::log_writer::finish_interrupted_install;
 use kvraft_server::replica::{Replica, ReplicaConfig};
 use kvraft_server::state_machine::StateMachine;
+use kvraft_server::watch::WatchHub;
+use std::sync::Arc;
 
 use crate::disk::Disk;
 
@@ -56,6 +58,9 @@ pub struct SimNode {
     servers: Vec<NodeId>,
     heartbeat_ms: u64,
     limits: SessionLimits,
+    /// The watch history and broadcast of the running process (as the runtime's): a new one
+    /// at each start, fed with what each step applied.
+    pub hub: Arc<WatchHub>,
 }
 
 impl SimNode {
@@ -78,6 +83,7 @@ impl SimNode {
             servers,
             heartbeat_ms,
             limits,
+            hub: Arc::new(WatchHub::new(0, 1, usize::MAX)),
         };
         node.start();
         node
@@ -123,6 +129,11 @@ impl SimNode {
             .expect("invariant: the engine applies only entries durable in the log");
         // As the runtime, for watches (the world takes them after every step).
         replica.record_changes(true);
+        self.hub = Arc::new(WatchHub::new(
+            replica.last_applied().0,
+            self.limits.past_revisions,
+            usize::MAX,
+        ));
         self.exec = Some(Executor::new(replica));
         self.running = true;
     }

@@ -42,12 +42,15 @@ use prost::bytes::Bytes;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::client::{Client, ClientAction, ClientTimer, ClientTiming, Request, TXN_KEYS};
+use crate::client::{
+    Client, ClientAction, ClientTimer, ClientTiming, Request, SCAN_END, SCAN_START, TXN_KEYS,
+};
 use crate::config::SimConfig;
 use crate::history::History;
 use crate::invariants::Invariants;
 use crate::network::{chance, Endpoint, Network};
 use crate::node::{SessionLimits, SimNode, SESSIONS_UNBOUNDED, SESSION_TTL_NEVER_MS};
+use crate::watcher::Watcher;
 use crate::{FaultCounts, SimStats};
 
 /// A coord RPC answered later than this many heartbeat periods counts as failed (the coord
@@ -223,6 +226,8 @@ pub struct World {
     next_reply: ReplyTo,
     network: Network,
     clients: Vec<Client>,
+    /// Watch clients, checked against the replay at the end (`Invariants::check_watches`).
+    pub watchers: Vec<Watcher>,
     pub history: History,
     pub inv: Invariants,
     faults: FaultCounts,
@@ -296,6 +301,7 @@ impl World {
             next_reply: ReplyTo(1),
             network: Network::new(cfg),
             clients,
+            watchers: Vec::new(),
             history: History::default(),
             inv: Invariants::new(
                 keys.iter()
@@ -321,6 +327,13 @@ impl World {
             world.clients[i].boot(0, &mut world.rng);
             world.client_actions(i);
         }
+        // Two watchers: the transaction keys from when it opens, every key from revision 1.
+        let open_at = world.rng.random_range(0..=cfg.fault_ms / 2);
+        world
+            .watchers
+            .push(Watcher::new(1, (SCAN_START, SCAN_END), 0, open_at));
+        let open_at = world.rng.random_range(0..=cfg.fault_ms);
+        world.watchers.push(Watcher::new(2, ("", ""), 1, open_at));
         Ok(world)
     }
 
@@ -371,6 +384,7 @@ impl World {
                 );
             }
             self.handle(item)?;
+            self.poll_watchers()?;
             for c in &mut self.clients {
                 if let Some(v) = c.violations.pop() {
                     return Err(v);
@@ -864,7 +878,30 @@ impl World {
         }
         self.inv.after_step(id, replica)?;
         let (installed, changes) = published.expect("invariant: every execution publishes");
-        self.inv.check_changes(id, replica, changes, installed)
+        // As the runtime: an install resets the watch history before the changes after it.
+        if let Some(index) = installed {
+            node.hub.reset(index.0);
+        }
+        node.hub.publish(changes.clone(), replica.last_applied().0);
+        self.inv
+            .check_changes(id, replica, changes, installed.is_some())
+    }
+
+    /// Runs every watcher against the nodes up now.
+    fn poll_watchers(&mut self) -> Result<(), String> {
+        let up: Vec<_> = self
+            .nodes
+            .iter()
+            .filter(|n| n.is_up())
+            .map(|n| (n.id, n.incarnation, n.hub.clone()))
+            .collect();
+        for w in &mut self.watchers {
+            w.poll(self.now_ms, &up, &mut self.rng);
+            if let Some(v) = w.violations.pop() {
+                return Err(v);
+            }
+        }
+        Ok(())
     }
 
     // ------------------------------------------------------------------ coord
@@ -1140,7 +1177,7 @@ struct NodeIo<'w> {
     failure: Option<String>,
     /// What the batch applied (checked once the step is done), and whether it installed a
     /// snapshot.
-    published: Option<(bool, Vec<Change>)>,
+    published: Option<(Option<LogIndex>, Vec<Change>)>,
 }
 
 impl NodeIo<'_> {
@@ -1181,7 +1218,7 @@ impl Io for NodeIo<'_> {
     }
 
     fn publish(&mut self, _replica: &Replica, installed: Option<LogIndex>, changes: Vec<Change>) {
-        self.published = Some((installed.is_some(), changes));
+        self.published = Some((installed, changes));
     }
 
     fn start_log_sync(&mut self, write_id: u64) {
