@@ -22,6 +22,11 @@
 //!   streams are sent) are, revision by revision, the replay's, and none is left out (but for
 //!   an installed snapshot, which stands for its changes as a whole).
 //!
+//! - **Reads at a past revision** (checked at the end): each scan answered at revision `R`
+//!   equals the replay at `R`.
+//! - **Watches deliver every change once, in order** (checked at the end): what a watcher was
+//!   given without a gap, across the servers it resumed on, equals the replay's changes.
+//!
 //! The checks are incremental (a step touches one node), so they run after every step.
 
 use std::collections::BTreeMap;
