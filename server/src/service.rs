@@ -279,9 +279,10 @@ pub(crate) async fn start_metrics(
     Ok(server)
 }
 
-/// Streams one watch: the header, the batches the history holds, then live ones, each filtered to the
-/// watched range; ends when the client goes, or cancels the watch when it falls behind the
-/// broadcast or a snapshot replaces the state (with the revision to resume from).
+/// Streams one watch: the header, the batches the history holds, then those its queue names,
+/// each filtered to the watched range; ends when the client goes, or cancels the watch when
+/// the history no longer holds its next revision (it fell behind, or a snapshot replaced the
+/// state), with the revision to resume from.
 pub async fn serve_watch(
     tx: mpsc::Sender<Result<WatchResponse, Status>>,
     (start, end): (Bytes, Bytes),
@@ -289,7 +290,6 @@ pub async fn serve_watch(
     sub: watches::Subscription,
 ) {
     let watches::Subscription { mut live, after } = sub;
-    use tokio::sync::broadcast::error::RecvError;
     let header = WatchResponse {
         created: true,
         revision: after,
@@ -313,60 +313,65 @@ pub async fn serve_watch(
             ..Default::default()
         })
     };
-    // What the history holds from the first revision on, a chunk at a time; what is
-    // published meanwhile also comes live, and is skipped there.
-    loop {
-        let chunk = match hub.replay(next, watches::REPLAY_CHUNK) {
-            Ok(chunk) => chunk,
-            Err(c) => {
-                let reason = format!(
-                    "the history moved past revision {next} while the watch caught up \
-                     (it holds revisions after {})",
-                    c.floor
-                );
-                let _ = tx.send(Ok(canceled(next, reason))).await;
-                return;
-            }
-        };
-        let whole = chunk.len() == watches::REPLAY_CHUNK;
-        for batch in chunk {
-            if let Some(resp) = send(&batch) {
-                if tx.send(Ok(resp)).await.is_err() {
-                    return;
+    let gone = |next: u64, floor: u64| {
+        canceled(
+            next,
+            format!(
+                "this server no longer holds revision {next}: its history holds the changes \
+                 after revision {floor} (a watch that falls behind, or a snapshot installed, \
+                 moves it past)"
+            ),
+        )
+    };
+    // Reads what the history holds from `next` on, a chunk at a time (what is published
+    // meanwhile is also queued, and skipped then); false if the watch ended.
+    let catch_up = async |next: &mut u64| -> bool {
+        loop {
+            let chunk = match hub.replay(*next, watches::REPLAY_CHUNK) {
+                Ok(chunk) => chunk,
+                Err(c) => {
+                    let _ = tx.send(Ok(gone(*next, c.floor))).await;
+                    return false;
                 }
+            };
+            let whole = chunk.len() == watches::REPLAY_CHUNK;
+            for batch in chunk {
+                if let Some(resp) = send(&batch) {
+                    if tx.send(Ok(resp)).await.is_err() {
+                        return false;
+                    }
+                }
+                *next = batch.revision + 1;
             }
-            next = batch.revision + 1;
+            if !whole {
+                return true;
+            }
         }
-        if !whole {
-            break;
-        }
+    };
+    if !catch_up(&mut next).await {
+        return;
     }
     loop {
-        let cancel = match live.recv().await {
-            Ok(watches::Notice::Batch(batch)) => {
-                if batch.revision < next {
-                    continue;
-                }
+        match live.wake(next).await {
+            None => return,
+            Some(Ok(watches::Wake::Batch(batch))) => {
                 if let Some(resp) = send(&batch) {
                     if tx.send(Ok(resp)).await.is_err() {
                         return;
                     }
                 }
                 next = batch.revision + 1;
-                continue;
             }
-            Ok(watches::Notice::Reset { floor }) => format!(
-                "a snapshot replaced this server's state up to revision {floor}: the changes \
-                 before it are not known one by one"
-            ),
-            Err(RecvError::Lagged(n)) => format!(
-                "the watch fell {n} revisions behind the server's buffer of {} (a slow reader)",
-                watches::BROADCAST_BATCHES
-            ),
-            Err(RecvError::Closed) => return,
-        };
-        let _ = tx.send(Ok(canceled(next, cancel))).await;
-        return;
+            Some(Ok(watches::Wake::CatchUp)) => {
+                if !catch_up(&mut next).await {
+                    return;
+                }
+            }
+            Some(Err(c)) => {
+                let _ = tx.send(Ok(gone(next, c.floor))).await;
+                return;
+            }
+        }
     }
 }
 
@@ -781,7 +786,10 @@ impl Kv for CoreHandle {
             );
             return refuse(ErrorCode::ErrorUnavailable, e);
         };
-        let sub = match self.watch.subscribe(req.start_revision) {
+        let sub = match self
+            .watch
+            .subscribe(req.start_revision, (req.start.clone(), end.clone()))
+        {
             Ok(s) => s,
             Err(c) => {
                 let e = format!(

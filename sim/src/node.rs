@@ -58,7 +58,7 @@ pub struct SimNode {
     servers: Vec<NodeId>,
     heartbeat_ms: u64,
     limits: SessionLimits,
-    /// The watch history and broadcast of the running process (as the runtime's): a new one
+    /// The watch history and registry of the running process (as the runtime's): a new one
     /// at each start, fed with what each step applied.
     pub hub: Arc<WatchHub>,
 }

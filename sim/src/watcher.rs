@@ -127,15 +127,15 @@ impl Watcher {
         let first = rng.random_range(0..nodes.len());
         for i in 0..nodes.len() {
             let (id, incarnation, hub) = &nodes[(first + i) % nodes.len()];
-            match hub.subscribe(from) {
+            let range = (
+                prost::bytes::Bytes::from(self.start.clone().into_bytes()),
+                prost::bytes::Bytes::from(self.end.clone().into_bytes()),
+            );
+            match hub.subscribe(from, range.clone()) {
                 Err(_) => self.refused += 1,
                 Ok(sub) => {
                     self.opened += 1;
                     let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-                    let range = (
-                        prost::bytes::Bytes::from(self.start.clone().into_bytes()),
-                        prost::bytes::Bytes::from(self.end.clone().into_bytes()),
-                    );
                     let task = kvraft_server::service::serve_watch(tx, range, hub.clone(), sub);
                     self.open = Some(Open {
                         node: *id,

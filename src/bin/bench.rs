@@ -76,6 +76,10 @@ struct Args {
     /// connections are spread over them) instead of kvraft: same workload, keys and values.
     #[arg(long, value_name = "ENDPOINTS", value_delimiter = ',')]
     etcd: Vec<String>,
+    /// Open this many watches (one key each, keys the load never writes) on the leader before
+    /// the load, and keep them open while it runs: what idle watchers cost the write path.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    watchers: usize,
     /// Where the failover mode's processes write their logs.
     #[arg(long, value_name = "DIR", default_value = "data/bench-logs")]
     log_dir: PathBuf,
@@ -185,6 +189,31 @@ impl Store {
     }
 }
 
+/// Opens `n` watches of one unwritten key each, on one client without a session; each is
+/// read by a task of its own until aborted.
+async fn open_watchers(
+    config: &ClusterConfig,
+    n: usize,
+) -> anyhow::Result<(kvslib::Client, Vec<tokio::task::JoinHandle<()>>)> {
+    let client = kvslib::Client::connect_without_session(config, "bench-watchers").await?;
+    let mut tasks = Vec::with_capacity(n);
+    for i in 0..n {
+        let key = format!("bench-watch/{i}").into_bytes();
+        let mut end = key.clone();
+        end.push(0);
+        let mut watch = client.watch(key, end, 0)?;
+        watch
+            .start()
+            .await
+            .with_context(|| format!("cannot open watch {i} of {n}"))?;
+        tasks.push(tokio::spawn(async move {
+            // Nothing writes the key: this waits until aborted, unless the watch fails.
+            let _ = watch.next().await;
+        }));
+    }
+    Ok((client, tasks))
+}
+
 /// The stores the connections use: kvslib clients of the config's cluster, or one gRPC channel
 /// per connection to the etcd endpoints in turn.
 async fn connect(args: &Args, config: Option<&ClusterConfig>) -> anyhow::Result<Vec<Store>> {
@@ -238,6 +267,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         false => None,
     };
     let clients = connect(&args, config.as_ref()).await?;
+    let watchers = match (&config, args.watchers) {
+        (Some(config), n) if n > 0 => Some(open_watchers(config, n).await?),
+        (None, n) if n > 0 => anyhow::bail!("--watchers needs a kvraft cluster"),
+        _ => None,
+    };
     let value = Arc::new(vec![b'x'; args.value_bytes]);
     let warmup_end = Instant::now() + Duration::from_secs(args.warmup_secs);
     let started = warmup_end;
@@ -292,6 +326,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let elapsed = started.elapsed();
     for client in clients {
+        client.close().await;
+    }
+    if let Some((client, tasks)) = watchers {
+        for task in &tasks {
+            anyhow::ensure!(!task.is_finished(), "a watcher ended during the run");
+            task.abort();
+        }
         client.close().await;
     }
     let system = if args.etcd.is_empty() {
