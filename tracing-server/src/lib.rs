@@ -24,6 +24,7 @@ pub mod shiviz;
 pub mod spool;
 pub mod tracer;
 pub mod vclock;
+pub mod wire;
 
 pub use action::Action;
 pub use tracer::{Trace, Tracer, TracerError};

@@ -36,12 +36,12 @@ use kvraft_proto::tracing_server::{Tracing, TracingServer};
 use kvraft_proto::{
     EncodedEventBatch, EventBatch, EventBatchAck, ResumeRequest, ResumeResponse, TraceEvent,
 };
-use prost::Message as _;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
 use crate::vclock::VClock;
+use crate::wire::EventView;
 
 /// The first line of every ShiViz log: how ShiViz splits it into events.
 pub const SHIVIZ_REGEX: &str = r"(?<host>\S*) (?<clock>{.*})\n(?<event>.*)";
@@ -150,11 +150,14 @@ impl LogFiles {
     }
 
     /// Writes a batch of `identity`'s events and flushes both files to the OS.
-    pub fn store(&mut self, identity: &str, events: &[TraceEvent]) -> anyhow::Result<()> {
-        let ident_json = serde_json::to_string(identity).context("cannot encode an identity")?;
+    pub fn store(&mut self, identity: &str, events: &[EventView<'_>]) -> anyhow::Result<()> {
+        let mut ident_json = String::new();
+        crate::wire::json_string(&mut ident_json, identity);
+        let mut last_own = self.last.get(identity).map_or(0, |c| c.get(identity));
+        let mut last_stored = None;
+        let (mut clock_json, mut tag_json) = (String::new(), String::new());
         for event in events {
-            let own = event.clock.get(identity).copied().unwrap_or(0);
-            let last_own = self.last.get(identity).map_or(0, |c| c.get(identity));
+            let own = event.counter(identity);
             if own <= last_own {
                 continue; // a resend of a batch whose answer was lost
             }
@@ -170,19 +173,20 @@ impl LogFiles {
             }
             // Written as text, not through a JSON value: the body is kept as the tracer wrote
             // it when it is one line of JSON (what tracers send), and each clock is printed
-            // once for both logs.
-            let clock = VClock::from_proto(&event.clock);
-            let clock_json = clock.to_json();
+            // once for both logs, straight from the wire form.
+            clock_json.clear();
+            crate::wire::clock_json(&mut clock_json, &event.clock);
             let raw_ok = !event.body.contains(['\n', '\r'])
-                && serde_json::from_str::<serde::de::IgnoredAny>(&event.body).is_ok();
+                && serde_json::from_str::<serde::de::IgnoredAny>(event.body).is_ok();
             let body = if raw_ok {
-                std::borrow::Cow::Borrowed(event.body.as_str())
+                std::borrow::Cow::Borrowed(event.body)
             } else {
                 std::borrow::Cow::Owned(
-                    serde_json::to_string(&event.body).context("cannot encode an event body")?,
+                    serde_json::to_string(event.body).context("cannot encode an event body")?,
                 )
             };
-            let tag_json = serde_json::to_string(&event.tag).context("cannot encode a tag")?;
+            tag_json.clear();
+            crate::wire::json_string(&mut tag_json, event.tag);
             writeln!(
                 self.json,
                 "{{\"TracerIdentity\":{ident_json},\"TraceID\":{},\"Tag\":{tag_json},\
@@ -193,8 +197,13 @@ impl LogFiles {
             writeln!(self.shiviz, "{identity} {clock_json}")
                 .and_then(|_| writeln!(self.shiviz, "{} {} {body}", event.trace_id, event.tag))
                 .with_context(|| format!("cannot write {}", self.paths.shiviz.display()))?;
-            self.last.insert(identity.to_string(), clock);
+            last_own = own;
+            last_stored = Some(event);
             self.stored += 1;
+        }
+        if let Some(event) = last_stored {
+            self.last
+                .insert(identity.to_string(), VClock::from_wire(&event.clock));
         }
         self.flush()
     }
@@ -337,7 +346,7 @@ impl SpoolScan {
                 if own <= have {
                     continue;
                 }
-                match crate::spool::decode(body) {
+                match crate::wire::decode_event(body) {
                     Ok(event) => events.push(event),
                     Err(e) => {
                         tracing::warn!("{}: {e}", path.display());
@@ -388,7 +397,8 @@ impl Tracing for TracingService {
 
     async fn ship(&self, request: Request<EventBatch>) -> Result<Response<EventBatchAck>, Status> {
         let batch = request.into_inner();
-        self.store(batch.identity, batch.events).await
+        self.store(batch.identity, Incoming::Messages(batch.events))
+            .await
     }
 
     async fn ship_encoded(
@@ -396,15 +406,15 @@ impl Tracing for TracingService {
         request: Request<EncodedEventBatch>,
     ) -> Result<Response<EventBatchAck>, Status> {
         let batch = request.into_inner();
-        let mut events = Vec::with_capacity(batch.events.len());
-        for (i, bytes) in batch.events.iter().enumerate() {
-            let event = TraceEvent::decode(bytes.as_ref()).map_err(|e| {
-                Status::invalid_argument(format!("events[{i}] is not a TraceEvent: {e}"))
-            })?;
-            events.push(event);
-        }
-        self.store(batch.identity, events).await
+        self.store(batch.identity, Incoming::Encoded(batch.events))
+            .await
     }
+}
+
+/// A batch of events as it came: generated messages (`Ship`) or their bytes (`ShipEncoded`).
+enum Incoming {
+    Messages(Vec<TraceEvent>),
+    Encoded(Vec<prost::bytes::Bytes>),
 }
 
 impl TracingService {
@@ -412,7 +422,7 @@ impl TracingService {
     async fn store(
         &self,
         identity: String,
-        events: Vec<TraceEvent>,
+        events: Incoming,
     ) -> Result<Response<EventBatchAck>, Status> {
         if identity.is_empty() || identity.contains(char::is_whitespace) {
             return Err(Status::invalid_argument(format!(
@@ -420,17 +430,32 @@ impl TracingService {
             )));
         }
         let files = Arc::clone(&self.files);
-        // File writes block: keep them off the async workers.
+        // Decoding and file writes take CPU and block: keep them off the async workers.
         let result = tokio::task::spawn_blocking(move || {
+            let views: Vec<EventView<'_>> = match &events {
+                Incoming::Messages(events) => events.iter().map(EventView::of_message).collect(),
+                Incoming::Encoded(events) => {
+                    let mut views = Vec::with_capacity(events.len());
+                    for (i, bytes) in events.iter().enumerate() {
+                        let view = crate::wire::decode_event(bytes).map_err(|e| {
+                            Status::invalid_argument(format!(
+                                "events[{i}] is not a TraceEvent: {e}"
+                            ))
+                        })?;
+                        views.push(view);
+                    }
+                    views
+                }
+            };
             let mut files = files.lock().unwrap_or_else(|p| p.into_inner());
-            files.store(&identity, &events)
+            files.store(&identity, &views).map_err(|e| {
+                tracing::error!("{e:#}");
+                Status::unavailable(format!("cannot store events: {e:#}"))
+            })
         })
         .await
         .map_err(|e| Status::internal(format!("storing task failed: {e}")))?;
-        result.map_err(|e| {
-            tracing::error!("{e:#}");
-            Status::unavailable(format!("cannot store events: {e:#}"))
-        })?;
+        result?;
         Ok(Response::new(EventBatchAck {}))
     }
 }

@@ -111,12 +111,8 @@ pub fn encode_event(
     body: &str,
     clock: &std::collections::BTreeMap<String, u64>,
 ) {
-    use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
-    fn bytes_field(out: &mut Vec<u8>, tag: u32, bytes: &[u8]) {
-        encode_key(tag, WireType::LengthDelimited, out);
-        encode_varint(bytes.len() as u64, out);
-        out.extend_from_slice(bytes);
-    }
+    use crate::wire::{bytes_field, clock_field};
+    use prost::encoding::{encode_key, encode_varint, WireType};
     if trace_id != 0 {
         encode_key(1, WireType::Varint, out);
         encode_varint(trace_id, out);
@@ -127,16 +123,7 @@ pub fn encode_event(
     if !body.is_empty() {
         bytes_field(out, 3, body.as_bytes());
     }
-    for (identity, &counter) in clock {
-        // A map entry: a message with the key as field 1 and the value as field 2.
-        let key_len = 1 + encoded_len_varint(identity.len() as u64) + identity.len();
-        let value_len = 1 + encoded_len_varint(counter);
-        encode_key(4, WireType::LengthDelimited, out);
-        encode_varint((key_len + value_len) as u64, out);
-        bytes_field(out, 1, identity.as_bytes());
-        encode_key(2, WireType::Varint, out);
-        encode_varint(counter, out);
-    }
+    clock_field(out, 4, clock);
 }
 
 /// What [`read_records`] found: the complete records, and where the readable part ends.

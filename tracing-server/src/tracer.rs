@@ -24,15 +24,14 @@
 //! - The shipper runs on its own OS thread, so a recorder blocked on a full queue never stalls
 //!   the shipping it waits for, whatever runtime the caller uses.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use kvraft_proto::tracing_client::TracingClient;
-use kvraft_proto::{EncodedEventBatch, ResumeRequest, TraceToken};
+use kvraft_proto::{EncodedEventBatch, ResumeRequest};
 use prost::bytes::Bytes;
-use prost::Message;
 use tokio::sync::{oneshot, watch, Notify};
 
 use crate::action::{Action, GenerateTokenTrace, ReceiveTokenTrace};
@@ -208,7 +207,7 @@ impl Tracer {
         if token.is_empty() {
             return self.create_trace();
         }
-        let token = match TraceToken::decode(token) {
+        let token = match crate::wire::decode_token(token) {
             Ok(t) => t,
             Err(e) => {
                 tracing::warn!(identity = %self.inner.identity, "unreadable trace token: {e}");
@@ -217,7 +216,7 @@ impl Tracer {
         };
         let trace = self.trace(token.trace_id);
         let action = ReceiveTokenTrace {
-            from: token.identity,
+            from: token.identity.to_string(),
         };
         self.inner
             .record(trace.id, &action, Some(&token.clock), false);
@@ -303,17 +302,12 @@ impl Trace {
         let action = GenerateTokenTrace {
             token_for: message.to_string(),
         };
-        let clock = self
+        let token = self
             .tracer
             .inner
             .record(self.id, &action, None, true)
-            .expect("invariant: asked for the clock");
-        let token = TraceToken {
-            identity: self.tracer.inner.identity.clone(),
-            trace_id: self.id,
-            clock,
-        };
-        Bytes::from(token.encode_to_vec())
+            .expect("invariant: asked for the token");
+        Bytes::from(token)
     }
 }
 
@@ -346,15 +340,15 @@ impl Inner {
         }
     }
 
-    /// Ticks the clock (after merging `merge`), queues the event and, with `want_clock`,
-    /// returns the new clock as it travels (in a token).
+    /// Ticks the clock (after merging `merge`), queues the event and, with `want_token`,
+    /// returns a token (in trace `trace_id`) carrying the new clock.
     fn record(
         &self,
         trace_id: u64,
         action: &impl Action,
-        merge: Option<&HashMap<String, u64>>,
-        want_clock: bool,
-    ) -> Option<HashMap<String, u64>> {
+        merge: Option<&[(&str, u64)]>,
+        want_token: bool,
+    ) -> Option<Vec<u8>> {
         let body =
             serde_json::to_string(action).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
         let tag = action.tag();
@@ -367,14 +361,15 @@ impl Inner {
                 state = self.space.wait(state).unwrap_or_else(|p| p.into_inner());
             }
             if let Some(theirs) = merge {
-                state.clock.merge_proto(theirs);
+                state.clock.merge_wire(theirs);
             }
             let own = state.clock.tick(&self.identity);
             state.recorded += 1;
             let mut encoded = Vec::with_capacity(body.len() + tag.len() + 64);
             spool::encode_event(&mut encoded, trace_id, tag, &body, &state.clock.0);
             let event = Bytes::from(encoded);
-            let clock = want_clock.then(|| state.clock.to_proto());
+            let clock = want_token
+                .then(|| crate::wire::encode_token(&self.identity, trace_id, &state.clock.0));
             let seq = state.recorded;
             if let Some(spool) = state.spool.as_mut() {
                 spool.push(seq, own, &event);

@@ -44,16 +44,22 @@ impl VClock {
         }
     }
 
-    /// Entry-wise maximum with a clock as it travels in a token.
-    pub fn merge_proto(&mut self, other: &HashMap<String, u64>) {
-        for (id, &theirs) in other {
+    /// Entry-wise maximum with a clock as a token carries it (no allocation for identities
+    /// already known).
+    pub fn merge_wire(&mut self, other: &[(&str, u64)]) {
+        for &(id, theirs) in other {
             match self.0.get_mut(id) {
                 Some(mine) => *mine = (*mine).max(theirs),
                 None => {
-                    self.0.insert(id.clone(), theirs);
+                    self.0.insert(id.to_string(), theirs);
                 }
             }
         }
+    }
+
+    /// A clock as the wire carries it.
+    pub fn from_wire(clock: &[(&str, u64)]) -> VClock {
+        VClock(clock.iter().map(|&(k, v)| (k.to_string(), v)).collect())
     }
 
     /// Entry-wise `self <= other` (an identity missing from a clock counts as 0).
