@@ -34,6 +34,7 @@ use crate::backoff::Backoff;
 use crate::failure::Failure;
 use crate::key_watch::Watch;
 use crate::kv_call::kv_call;
+use crate::put_batch::PutBatcher;
 use crate::router::Router;
 use crate::session::{self, Session, Sessions};
 use crate::txn::{self, CasOutcome, CmpOp, Compare, Txn, TxnOp, TxnOpOutcome, TxnOutcome};
@@ -78,6 +79,8 @@ pub(crate) struct Inner {
     sessions: Sessions,
     put_permits: Semaphore,
     get_permits: Semaphore,
+    /// Carries the puts to each server, several per call under load.
+    put_batcher: Arc<PutBatcher>,
     /// The leader watch task; `None` after `close`. Dropping it (with the last handle) stops it.
     watcher: Mutex<Option<Watcher>>,
 }
@@ -167,6 +170,7 @@ impl Client {
                 sessions: Sessions::new(client_id, session_id),
                 put_permits: Semaphore::new(PUTS_IN_FLIGHT_MAX),
                 get_permits: Semaphore::new(GETS_IN_FLIGHT_MAX),
+                put_batcher: PutBatcher::new(config.server.grpc_message_bytes()),
                 watcher: Mutex::new(watcher),
             }),
         }
@@ -263,8 +267,8 @@ impl Client {
         trace: Option<&Trace>,
     ) -> Result<PutOutcome, Error> {
         let client_id = &self.inner.client_id;
-        let limit = self.inner.grpc_message_bytes;
         let span = tracing::Span::current();
+        let batcher = &self.inner.put_batcher;
         self.inner
             .router
             .call("Put", deadline, |channel, addr| {
@@ -280,7 +284,7 @@ impl Client {
                 };
                 let span = || tracing::info_span!(parent: &span, "kv.Put", server = %addr);
                 let request = attempt_request(span, request);
-                put_attempt(channel, addr, request, trace.cloned(), limit)
+                put_attempt(batcher.clone(), channel, addr, request, trace.cloned())
             })
             .await
     }
@@ -812,14 +816,17 @@ pub(crate) fn kv_client(
 }
 
 async fn put_attempt(
+    batcher: Arc<PutBatcher>,
     channel: tonic::transport::Channel,
     addr: String,
     attempt: Attempt<pb::PutRequest>,
     trace: Option<Trace>,
-    limit: usize,
 ) -> Result<PutOutcome, Failure> {
     let Attempt { span, request } = attempt;
-    let call = || async move { kv_client(channel, limit).put(request).await };
+    let call = || {
+        let addr = addr.clone();
+        async move { batcher.put(channel, &addr, request).await }
+    };
     let response = kv_call(&addr, trace.as_ref(), call)
         .instrument(span)
         .await?;

@@ -36,6 +36,7 @@ mod key_watch;
 mod kv_call;
 mod leader;
 mod outcome;
+mod put_batch;
 mod router;
 mod seq_tracker;
 mod session;

@@ -192,6 +192,17 @@ impl pb::kv_server::Kv for FakeKv {
         Ok(Response::new(self.apply_put(&mut c, &r)))
     }
 
+    async fn put_batch(
+        &self,
+        r: Request<pb::PutBatchRequest>,
+    ) -> Result<Response<pb::PutBatchResponse>, Status> {
+        let mut results = Vec::new();
+        for put in r.into_inner().puts {
+            results.push(self.put(Request::new(put)).await?.into_inner());
+        }
+        Ok(Response::new(pb::PutBatchResponse { results }))
+    }
+
     async fn txn(&self, _: Request<pb::TxnRequest>) -> Result<Response<pb::TxnResponse>, Status> {
         Err(Status::unimplemented(
             "the fake cluster serves puts and gets",

@@ -847,6 +847,34 @@ impl Kv for CoreHandle {
         self.observe("put", started, r)
     }
 
+    async fn put_batch(
+        &self,
+        request: Request<PutBatchRequest>,
+    ) -> Result<Response<PutBatchResponse>, Status> {
+        let puts = request.into_inner().puts;
+        if puts.len() > limits::PUT_BATCH_MAX {
+            return Err(Status::invalid_argument(format!(
+                "a PutBatch carries at most {} puts, not {}",
+                limits::PUT_BATCH_MAX,
+                puts.len()
+            )));
+        }
+        // Each put as its own Put, all at once: they reach the core in order.
+        let results = futures_util::future::join_all(puts.into_iter().map(|put| async move {
+            let started = std::time::Instant::now();
+            let r = self.put_in_span(put, HashMap::new()).await;
+            match self.observe("put", started, r) {
+                Ok(resp) => resp.into_inner(),
+                Err(status) => PutResponse {
+                    error: error_of(ErrorCode::ErrorUnavailable, status.message().to_string()),
+                    ..Default::default()
+                },
+            }
+        }))
+        .await;
+        Ok(Response::new(PutBatchResponse { results }))
+    }
+
     async fn txn(&self, request: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
         let span = kvraft_telemetry::span_if_enabled(|| {
             let r = request.get_ref();

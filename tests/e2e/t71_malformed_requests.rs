@@ -143,6 +143,48 @@ async fn malformed_and_extreme_requests_leave_the_cluster_serving() {
         assert_eq!(e.code, ErrorCode::ErrorInvalidArgument as i32, "{e:?}");
         assert!(e.message.contains(field), "{field}: {e:?}");
     }
+    tracing::info!("--- Kv.PutBatch: answered in order, each put on its own; too many refused");
+    let batch_session = {
+        let client = kvslib::Client::connect(&cluster.config, "batch-owner")
+            .await
+            .unwrap();
+        client.put("batch-0", "0").await.unwrap();
+        client.session_id()
+    };
+    let put = |seq: u64, key: &'static str| PutRequest {
+        client_id: "batch-owner".into(),
+        session_id: batch_session,
+        seq,
+        ack_seq: 2,
+        key: Bytes::from(key),
+        value: Bytes::from(format!("v{seq}")),
+        trace_token: Bytes::new(),
+    };
+    let mut req = tonic::Request::new(kvraft_proto::PutBatchRequest {
+        puts: vec![put(2, "batch-a"), put(3, ""), put(3, "batch-b")],
+    });
+    req.set_timeout(ANSWER_WITHIN);
+    let results = kv.put_batch(req).await.unwrap().into_inner().results;
+    assert_eq!(results.len(), 3, "one answer per put");
+    assert!(
+        results[0].error.is_none() && results[0].version == 1,
+        "{results:?}"
+    );
+    let e = results[1].error.as_ref().expect("an empty key is refused");
+    assert_eq!(e.code, ErrorCode::ErrorInvalidArgument as i32, "{e:?}");
+    assert!(e.message.contains("key"), "{e:?}");
+    assert!(
+        results[2].error.is_none() && results[2].version == 1,
+        "{results:?}"
+    );
+    assert!(results[2].index > 0 && results[0].index > 0);
+    let too_many = vec![put(4, "batch-c"); kvraft_common::limits::PUT_BATCH_MAX + 1];
+    let mut req = tonic::Request::new(kvraft_proto::PutBatchRequest { puts: too_many });
+    req.set_timeout(ANSWER_WITHIN);
+    let status = kv.put_batch(req).await.expect_err("refused as a whole");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("at most"), "{status:?}");
+
     for key in [
         Bytes::new(),
         oversized_key.clone(),
