@@ -23,7 +23,8 @@ pub fn grpc_message_bytes(max_value_bytes: usize, chunk_bytes: usize) -> usize {
     BATCH_BYTES_MAX.max(chunk_bytes) + max_value_bytes + KEY_BYTES_MAX + 64 * 1024
 }
 
-/// Most puts in one `PutBatch` call (a batch is also bounded by the gRPC message size).
+/// Most puts in one `PutBatch` call, and gets in one `GetBatch` (a batch is also bounded by the
+/// gRPC message size).
 pub const PUT_BATCH_MAX: usize = 256;
 
 /// Longest client id in bytes. It is carried in every session's `RegisterSession` log entry.

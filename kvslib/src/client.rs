@@ -31,10 +31,10 @@ use tokio::time::Instant;
 use tracing::{debug, Instrument as _};
 
 use crate::backoff::Backoff;
+use crate::batch::{Batcher, Gets, Puts};
 use crate::failure::Failure;
 use crate::key_watch::Watch;
 use crate::kv_call::kv_call;
-use crate::put_batch::PutBatcher;
 use crate::router::Router;
 use crate::session::{self, Session, Sessions};
 use crate::txn::{self, CasOutcome, CmpOp, Compare, Txn, TxnOp, TxnOpOutcome, TxnOutcome};
@@ -79,8 +79,9 @@ pub(crate) struct Inner {
     sessions: Sessions,
     put_permits: Semaphore,
     get_permits: Semaphore,
-    /// Carries the puts to each server, several per call under load.
-    put_batcher: Arc<PutBatcher>,
+    /// Carry the puts and gets to each server, several per call under load.
+    put_batcher: Arc<Batcher<Puts>>,
+    get_batcher: Arc<Batcher<Gets>>,
     /// The leader watch task; `None` after `close`. Dropping it (with the last handle) stops it.
     watcher: Mutex<Option<Watcher>>,
 }
@@ -170,7 +171,8 @@ impl Client {
                 sessions: Sessions::new(client_id, session_id),
                 put_permits: Semaphore::new(PUTS_IN_FLIGHT_MAX),
                 get_permits: Semaphore::new(GETS_IN_FLIGHT_MAX),
-                put_batcher: PutBatcher::new(config.server.grpc_message_bytes()),
+                put_batcher: Batcher::new(config.server.grpc_message_bytes()),
+                get_batcher: Batcher::new(config.server.grpc_message_bytes()),
                 watcher: Mutex::new(watcher),
             }),
         }
@@ -327,7 +329,7 @@ impl Client {
             trace
         });
         let key = Bytes::copy_from_slice(key);
-        let limit = self.inner.grpc_message_bytes;
+        let batcher = &self.inner.get_batcher;
         let span = tracing::Span::current();
         let result = self
             .inner
@@ -340,7 +342,7 @@ impl Client {
                 };
                 let span = || tracing::info_span!(parent: &span, "kv.Get", server = %addr);
                 let request = attempt_request(span, request);
-                get_attempt(channel, addr, request, trace.clone(), limit)
+                get_attempt(batcher.clone(), channel, addr, request, trace.clone())
             })
             .await;
         if let Some(trace) = &trace {
@@ -816,7 +818,7 @@ pub(crate) fn kv_client(
 }
 
 async fn put_attempt(
-    batcher: Arc<PutBatcher>,
+    batcher: Arc<Batcher<Puts>>,
     channel: tonic::transport::Channel,
     addr: String,
     attempt: Attempt<pb::PutRequest>,
@@ -825,7 +827,7 @@ async fn put_attempt(
     let Attempt { span, request } = attempt;
     let call = || {
         let addr = addr.clone();
-        async move { batcher.put(channel, &addr, request).await }
+        async move { batcher.call(channel, &addr, request).await }
     };
     let response = kv_call(&addr, trace.as_ref(), call)
         .instrument(span)
@@ -880,14 +882,17 @@ async fn range_attempt(
 }
 
 async fn get_attempt(
+    batcher: Arc<Batcher<Gets>>,
     channel: tonic::transport::Channel,
     addr: String,
     attempt: Attempt<pb::GetRequest>,
     trace: Option<Trace>,
-    limit: usize,
 ) -> Result<Option<Versioned>, Failure> {
     let Attempt { span, request } = attempt;
-    let call = || async move { kv_client(channel, limit).get(request).await };
+    let call = || {
+        let addr = addr.clone();
+        async move { batcher.call(channel, &addr, request).await }
+    };
     let response = kv_call(&addr, trace.as_ref(), call)
         .instrument(span)
         .await?;

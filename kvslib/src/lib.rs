@@ -29,6 +29,7 @@
 //! ```
 
 mod backoff;
+mod batch;
 mod client;
 mod error;
 mod failure;
@@ -36,7 +37,6 @@ mod key_watch;
 mod kv_call;
 mod leader;
 mod outcome;
-mod put_batch;
 mod router;
 mod seq_tracker;
 mod session;

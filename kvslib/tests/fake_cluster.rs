@@ -203,6 +203,17 @@ impl pb::kv_server::Kv for FakeKv {
         Ok(Response::new(pb::PutBatchResponse { results }))
     }
 
+    async fn get_batch(
+        &self,
+        r: Request<pb::GetBatchRequest>,
+    ) -> Result<Response<pb::GetBatchResponse>, Status> {
+        let mut results = Vec::new();
+        for get in r.into_inner().gets {
+            results.push(self.get(Request::new(get)).await?.into_inner());
+        }
+        Ok(Response::new(pb::GetBatchResponse { results }))
+    }
+
     async fn txn(&self, _: Request<pb::TxnRequest>) -> Result<Response<pb::TxnResponse>, Status> {
         Err(Status::unimplemented(
             "the fake cluster serves puts and gets",

@@ -875,6 +875,34 @@ impl Kv for CoreHandle {
         Ok(Response::new(PutBatchResponse { results }))
     }
 
+    async fn get_batch(
+        &self,
+        request: Request<GetBatchRequest>,
+    ) -> Result<Response<GetBatchResponse>, Status> {
+        let gets = request.into_inner().gets;
+        if gets.len() > limits::PUT_BATCH_MAX {
+            return Err(Status::invalid_argument(format!(
+                "a GetBatch carries at most {} gets, not {}",
+                limits::PUT_BATCH_MAX,
+                gets.len()
+            )));
+        }
+        // Each get as its own Get, all at once (the core answers them in one ReadIndex round).
+        let results = futures_util::future::join_all(gets.into_iter().map(|get| async move {
+            let started = std::time::Instant::now();
+            let r = self.get_in_span(get).await;
+            match self.observe("get", started, r) {
+                Ok(resp) => resp.into_inner(),
+                Err(status) => GetResponse {
+                    error: error_of(ErrorCode::ErrorUnavailable, status.message().to_string()),
+                    ..Default::default()
+                },
+            }
+        }))
+        .await;
+        Ok(Response::new(GetBatchResponse { results }))
+    }
+
     async fn txn(&self, request: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
         let span = kvraft_telemetry::span_if_enabled(|| {
             let r = request.get_ref();

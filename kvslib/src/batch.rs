@@ -1,11 +1,12 @@
-//! Puts to one server carried several per call: what queues while earlier calls are in flight
-//! goes in the next `Kv.PutBatch`.
+//! Puts and gets to one server carried several per call: what queues while earlier calls are
+//! in flight goes in the next `Kv.PutBatch` / `Kv.GetBatch`.
 //!
 //! ```text
-//!   put attempt ─(request, channel, reply)─▶ lane of the server's address (bounded queue)
+//!   attempt ─(request, channel, reply)─▶ lane of (kind, server address) (bounded queue)
 //!     lane: take one, then whatever else queued (≤ PUT_BATCH_MAX, ≤ the message size)
-//!           ─▶ at most CALLS_IN_FLIGHT calls at once: 1 put: Kv.Put; more: Kv.PutBatch
-//!           ─▶ each answer to its own attempt (a failed call fails every put it carried)
+//!           ─▶ at most CALLS_IN_FLIGHT calls at once: 1 request: Kv.Put / Kv.Get;
+//!              more: Kv.PutBatch / Kv.GetBatch
+//!           ─▶ each answer to its own attempt (a failed call fails every request it carried)
 //! ```
 //!
 //! Nothing waits for a batch to fill: a put goes out at once when fewer than
@@ -18,6 +19,7 @@
 //! router moved to another leader) just drops its reply.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 
 use kvraft_common::limits::PUT_BATCH_MAX;
@@ -26,6 +28,8 @@ use prost::Message;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::client::kv_client;
+use kvraft_proto::kv_client::KvClient;
+use tonic::transport::Channel;
 
 /// Calls to one server in flight at once before a put waits for one to end...
 pub const CALLS_IN_FLIGHT: usize = 4;
@@ -38,43 +42,97 @@ const HOLD: std::time::Duration = std::time::Duration::from_millis(1);
 /// Puts queued for one server (kvslib holds at most `PUTS_IN_FLIGHT_MAX` puts in all).
 const LANE_QUEUE: usize = crate::client::PUTS_IN_FLIGHT_MAX;
 
-type Answer = Result<pb::PutResponse, tonic::Status>;
-
-struct Queued {
-    /// With its metadata (the OpenTelemetry context), which only a put sent alone keeps.
-    request: tonic::Request<pb::PutRequest>,
-    channel: tonic::transport::Channel,
-    reply: oneshot::Sender<Answer>,
+/// A request kind that a lane carries: its single call and its batch call.
+pub(crate) trait Kind: Send + 'static {
+    type Req: Message + Send + 'static;
+    type Resp: Send + 'static;
+    fn one(
+        client: KvClient<Channel>,
+        req: tonic::Request<Self::Req>,
+    ) -> impl Future<Output = Result<Self::Resp, tonic::Status>> + Send;
+    fn many(
+        client: KvClient<Channel>,
+        reqs: Vec<Self::Req>,
+    ) -> impl Future<Output = Result<Vec<Self::Resp>, tonic::Status>> + Send;
 }
 
-/// The lanes of one client, one per server address (at most the cluster's servers).
-pub(crate) struct PutBatcher {
-    lanes: Mutex<HashMap<String, mpsc::Sender<Queued>>>,
-    /// The gRPC message limit: a call carries at most this many bytes of puts.
+pub(crate) struct Puts;
+pub(crate) struct Gets;
+
+impl Kind for Puts {
+    type Req = pb::PutRequest;
+    type Resp = pb::PutResponse;
+    async fn one(
+        mut client: KvClient<Channel>,
+        req: tonic::Request<pb::PutRequest>,
+    ) -> Result<pb::PutResponse, tonic::Status> {
+        client.put(req).await.map(tonic::Response::into_inner)
+    }
+    async fn many(
+        mut client: KvClient<Channel>,
+        puts: Vec<pb::PutRequest>,
+    ) -> Result<Vec<pb::PutResponse>, tonic::Status> {
+        let resp = client.put_batch(pb::PutBatchRequest { puts }).await?;
+        Ok(resp.into_inner().results)
+    }
+}
+
+impl Kind for Gets {
+    type Req = pb::GetRequest;
+    type Resp = pb::GetResponse;
+    async fn one(
+        mut client: KvClient<Channel>,
+        req: tonic::Request<pb::GetRequest>,
+    ) -> Result<pb::GetResponse, tonic::Status> {
+        client.get(req).await.map(tonic::Response::into_inner)
+    }
+    async fn many(
+        mut client: KvClient<Channel>,
+        gets: Vec<pb::GetRequest>,
+    ) -> Result<Vec<pb::GetResponse>, tonic::Status> {
+        let resp = client.get_batch(pb::GetBatchRequest { gets }).await?;
+        Ok(resp.into_inner().results)
+    }
+}
+
+type Answer<K> = Result<<K as Kind>::Resp, tonic::Status>;
+
+struct Queued<K: Kind> {
+    /// With its metadata (the OpenTelemetry context), which only a request sent alone keeps.
+    request: tonic::Request<K::Req>,
+    channel: Channel,
+    reply: oneshot::Sender<Answer<K>>,
+}
+
+/// The lanes of one client for one kind, one per server address (at most the cluster's
+/// servers).
+pub(crate) struct Batcher<K: Kind> {
+    lanes: Mutex<HashMap<String, mpsc::Sender<Queued<K>>>>,
+    /// The gRPC message limit: a call carries at most this many bytes of requests.
     limit: usize,
 }
 
-impl PutBatcher {
-    pub(crate) fn new(limit: usize) -> Arc<PutBatcher> {
-        Arc::new(PutBatcher {
+impl<K: Kind> Batcher<K> {
+    pub(crate) fn new(limit: usize) -> Arc<Batcher<K>> {
+        Arc::new(Batcher {
             lanes: Mutex::new(HashMap::new()),
             limit,
         })
     }
 
     /// Sends `request` to `addr` over `channel`, alone or with others queued for it.
-    pub(crate) async fn put(
+    pub(crate) async fn call(
         &self,
-        channel: tonic::transport::Channel,
+        channel: Channel,
         addr: &str,
-        request: tonic::Request<pb::PutRequest>,
-    ) -> Result<tonic::Response<pb::PutResponse>, tonic::Status> {
+        request: tonic::Request<K::Req>,
+    ) -> Result<tonic::Response<K::Resp>, tonic::Status> {
         let lane = {
             let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
             let lane = lanes.get(addr).filter(|l| !l.is_closed()).cloned();
             lane.unwrap_or_else(|| {
                 let (tx, rx) = mpsc::channel(LANE_QUEUE);
-                tokio::spawn(run_lane(rx, self.limit));
+                tokio::spawn(run_lane::<K>(rx, self.limit));
                 lanes.insert(addr.to_string(), tx.clone());
                 tx
             })
@@ -85,7 +143,7 @@ impl PutBatcher {
             channel,
             reply,
         };
-        let gone = || tonic::Status::unavailable("the put lane stopped");
+        let gone = || tonic::Status::unavailable("the request lane stopped");
         lane.send(queued).await.map_err(|_| gone())?;
         answer.await.map_err(|_| gone())?.map(tonic::Response::new)
     }
@@ -93,11 +151,11 @@ impl PutBatcher {
 
 /// Sends what queues for one server, batching what arrives while calls are in flight; ends
 /// when the client is dropped (every sender gone).
-async fn run_lane(mut rx: mpsc::Receiver<Queued>, limit: usize) {
+async fn run_lane<K: Kind>(mut rx: mpsc::Receiver<Queued<K>>, limit: usize) {
     let calls = Arc::new(Semaphore::new(CALLS_IN_FLIGHT));
     // A budget well under the message limit: the encoding adds a few bytes per put.
     let budget = limit.saturating_sub(64 * 1024).max(1);
-    let mut carried: Option<Queued> = None;
+    let mut carried: Option<Queued<K>> = None;
     loop {
         let first = match carried.take() {
             Some(q) => q,
@@ -126,39 +184,32 @@ async fn run_lane(mut rx: mpsc::Receiver<Queued>, limit: usize) {
         }
         tokio::spawn(async move {
             let _permit = permit;
-            send(batch, limit).await;
+            send::<K>(batch, limit).await;
         });
     }
 }
 
-/// One call carrying `batch`; every put gets its own answer.
-async fn send(mut batch: Vec<Queued>, limit: usize) {
+/// One call carrying `batch`; every request gets its own answer.
+async fn send<K: Kind>(mut batch: Vec<Queued<K>>, limit: usize) {
     if batch.len() == 1 {
-        let q = batch.pop().expect("invariant: one put");
-        let answer = kv_client(q.channel, limit)
-            .put(q.request)
-            .await
-            .map(tonic::Response::into_inner);
+        let q = batch.pop().expect("invariant: one request");
+        let answer = K::one(kv_client(q.channel, limit), q.request).await;
         let _ = q.reply.send(answer);
         return;
     }
     let channel = batch[0].channel.clone();
     let mut replies = Vec::with_capacity(batch.len());
-    let mut puts = Vec::with_capacity(batch.len());
+    let mut requests = Vec::with_capacity(batch.len());
     for q in batch {
-        puts.push(q.request.into_inner());
+        requests.push(q.request.into_inner());
         replies.push(q.reply);
     }
-    let asked = puts.len();
-    match kv_client(channel, limit)
-        .put_batch(pb::PutBatchRequest { puts })
-        .await
-    {
-        Ok(resp) => {
-            let results = resp.into_inner().results;
+    let asked = requests.len();
+    match K::many(kv_client(channel, limit), requests).await {
+        Ok(results) => {
             if results.len() != asked {
                 let status = tonic::Status::internal(format!(
-                    "a PutBatch of {asked} puts was answered with {} results",
+                    "a batch of {asked} requests was answered with {} results",
                     results.len()
                 ));
                 for reply in replies {
