@@ -143,7 +143,9 @@ async fn malformed_and_extreme_requests_leave_the_cluster_serving() {
         assert_eq!(e.code, ErrorCode::ErrorInvalidArgument as i32, "{e:?}");
         assert!(e.message.contains(field), "{field}: {e:?}");
     }
-    tracing::info!("--- Kv.PutBatch: answered in order, each put on its own; too many refused");
+    tracing::info!(
+        "--- Kv.PutBatch and GetBatch: answered in order, each on its own; too many refused"
+    );
     let batch_session = {
         let client = kvslib::Client::connect(&cluster.config, "batch-owner")
             .await
@@ -178,6 +180,37 @@ async fn malformed_and_extreme_requests_leave_the_cluster_serving() {
         "{results:?}"
     );
     assert!(results[2].index > 0 && results[0].index > 0);
+    let get = |key: &'static str| kvraft_proto::GetRequest {
+        client_id: "batch-reader".into(),
+        key: Bytes::from(key),
+        trace_token: Bytes::new(),
+    };
+    let mut req = tonic::Request::new(kvraft_proto::GetBatchRequest {
+        gets: vec![get("batch-b"), get(""), get("batch-none"), get("batch-a")],
+    });
+    req.set_timeout(ANSWER_WITHIN);
+    let results = kv.get_batch(req).await.unwrap().into_inner().results;
+    assert_eq!(results.len(), 4, "one answer per get");
+    assert_eq!(
+        (results[0].found, &results[0].value[..]),
+        (true, &b"v3"[..])
+    );
+    let e = results[1].error.as_ref().expect("an empty key is refused");
+    assert_eq!(e.code, ErrorCode::ErrorInvalidArgument as i32, "{e:?}");
+    assert!(
+        !results[2].found && results[2].error.is_none(),
+        "{results:?}"
+    );
+    assert_eq!(
+        (results[3].found, &results[3].value[..]),
+        (true, &b"v2"[..])
+    );
+    let mut req = tonic::Request::new(kvraft_proto::GetBatchRequest {
+        gets: vec![get("batch-a"); kvraft_common::limits::PUT_BATCH_MAX + 1],
+    });
+    req.set_timeout(ANSWER_WITHIN);
+    let status = kv.get_batch(req).await.expect_err("refused as a whole");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
     let too_many = vec![put(4, "batch-c"); kvraft_common::limits::PUT_BATCH_MAX + 1];
     let mut req = tonic::Request::new(kvraft_proto::PutBatchRequest { puts: too_many });
     req.set_timeout(ANSWER_WITHIN);
