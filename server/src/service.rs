@@ -698,6 +698,45 @@ impl CoreHandle {
     }
 
     /// Counts a client request of `op` answered after `started` and passes the answer on.
+    /// The requests of a batch call (`Kv.PutBatch`, `Kv.GetBatch`), each handled by `handle`
+    /// as its own call, all at once, answered in order (a status error becomes that request's
+    /// error); a batch of more than [`limits::PUT_BATCH_MAX`] is refused as a whole.
+    async fn each_of<Req, Resp, Fut>(
+        &self,
+        op: &'static str,
+        requests: Vec<Req>,
+        handle: impl Fn(Req) -> Fut,
+    ) -> Result<Vec<Resp>, Status>
+    where
+        Resp: ErrorField + Default,
+        Fut: std::future::Future<Output = Result<Response<Resp>, Status>>,
+    {
+        if requests.len() > limits::PUT_BATCH_MAX {
+            return Err(Status::invalid_argument(format!(
+                "a batch carries at most {} requests, not {}",
+                limits::PUT_BATCH_MAX,
+                requests.len()
+            )));
+        }
+        let handle = &handle;
+        let answers = requests.into_iter().map(|req| async move {
+            let started = std::time::Instant::now();
+            let r = handle(req).await;
+            match self.observe(op, started, r) {
+                Ok(resp) => resp.into_inner(),
+                Err(status) => {
+                    let mut resp = Resp::default();
+                    resp.set_error(error_of(
+                        ErrorCode::ErrorUnavailable,
+                        status.message().to_string(),
+                    ));
+                    resp
+                }
+            }
+        });
+        Ok(futures_util::future::join_all(answers).await)
+    }
+
     fn observe<T: ErrorField>(
         &self,
         op: &'static str,
@@ -851,27 +890,11 @@ impl Kv for CoreHandle {
         &self,
         request: Request<PutBatchRequest>,
     ) -> Result<Response<PutBatchResponse>, Status> {
+        // They reach the core in order.
         let puts = request.into_inner().puts;
-        if puts.len() > limits::PUT_BATCH_MAX {
-            return Err(Status::invalid_argument(format!(
-                "a PutBatch carries at most {} puts, not {}",
-                limits::PUT_BATCH_MAX,
-                puts.len()
-            )));
-        }
-        // Each put as its own Put, all at once: they reach the core in order.
-        let results = futures_util::future::join_all(puts.into_iter().map(|put| async move {
-            let started = std::time::Instant::now();
-            let r = self.put_in_span(put, HashMap::new()).await;
-            match self.observe("put", started, r) {
-                Ok(resp) => resp.into_inner(),
-                Err(status) => PutResponse {
-                    error: error_of(ErrorCode::ErrorUnavailable, status.message().to_string()),
-                    ..Default::default()
-                },
-            }
-        }))
-        .await;
+        let results = self
+            .each_of("put", puts, |put| self.put_in_span(put, HashMap::new()))
+            .await?;
         Ok(Response::new(PutBatchResponse { results }))
     }
 
@@ -879,27 +902,11 @@ impl Kv for CoreHandle {
         &self,
         request: Request<GetBatchRequest>,
     ) -> Result<Response<GetBatchResponse>, Status> {
+        // The core answers them in one ReadIndex round.
         let gets = request.into_inner().gets;
-        if gets.len() > limits::PUT_BATCH_MAX {
-            return Err(Status::invalid_argument(format!(
-                "a GetBatch carries at most {} gets, not {}",
-                limits::PUT_BATCH_MAX,
-                gets.len()
-            )));
-        }
-        // Each get as its own Get, all at once (the core answers them in one ReadIndex round).
-        let results = futures_util::future::join_all(gets.into_iter().map(|get| async move {
-            let started = std::time::Instant::now();
-            let r = self.get_in_span(get).await;
-            match self.observe("get", started, r) {
-                Ok(resp) => resp.into_inner(),
-                Err(status) => GetResponse {
-                    error: error_of(ErrorCode::ErrorUnavailable, status.message().to_string()),
-                    ..Default::default()
-                },
-            }
-        }))
-        .await;
+        let results = self
+            .each_of("get", gets, |get| self.get_in_span(get))
+            .await?;
         Ok(Response::new(GetBatchResponse { results }))
     }
 
@@ -977,6 +984,7 @@ fn range_end(client_id: &str, start: &[u8], end: Bytes, prefix: bool) -> Result<
 /// The error field of a client response, for the request metrics.
 trait ErrorField {
     fn error_field(&self) -> Option<&KvError>;
+    fn set_error(&mut self, error: Option<KvError>);
 }
 
 macro_rules! error_field {
@@ -984,6 +992,9 @@ macro_rules! error_field {
         impl ErrorField for $t {
             fn error_field(&self) -> Option<&KvError> {
                 self.error.as_ref()
+            }
+            fn set_error(&mut self, error: Option<KvError>) {
+                self.error = error;
             }
         }
     )*};
