@@ -191,6 +191,11 @@ async fn run_lane<K: Kind>(mut rx: mpsc::Receiver<Queued<K>>, limit: usize) {
 
 /// One call carrying `batch`; every request gets its own answer.
 async fn send<K: Kind>(mut batch: Vec<Queued<K>>, limit: usize) {
+    // An attempt given up on while it queued (the router moved on) is not sent.
+    batch.retain(|q| !q.reply.is_closed());
+    if batch.is_empty() {
+        return;
+    }
     if batch.len() == 1 {
         let q = batch.pop().expect("invariant: one request");
         let answer = K::one(kv_client(q.channel, limit), q.request).await;
