@@ -170,7 +170,8 @@ impl PastValues {
             .map(move |(key, i)| (key, &self.order[first + i].2))
     }
 
-    /// Revisions and bytes held (for tests and status).
+    /// Revisions and bytes held.
+    #[cfg(test)]
     pub fn held(&self) -> (usize, usize) {
         (self.revisions, self.bytes)
     }

@@ -137,9 +137,8 @@ pub const REPLAY_CHUNK: usize = 64;
 struct Registered {
     tx: mpsc::Sender<u64>,
     overflow: Arc<AtomicBool>,
-    /// `Some`: a range watch `[start, end)`; `None`: a single-key watch (in `by_key`).
-    range: Option<(Bytes, Bytes)>,
-    key: Bytes,
+    /// The key of a single-key watch (in `by_key`); `None`: a range watch (in `ranged`).
+    key: Option<Bytes>,
 }
 
 struct History {
@@ -155,8 +154,8 @@ struct History {
     watches: HashMap<u64, Registered>,
     /// Single-key watches by key.
     by_key: HashMap<Bytes, Vec<u64>>,
-    /// Range and prefix watches.
-    ranged: Vec<u64>,
+    /// Range and prefix watches: (id, start, end).
+    ranged: Vec<(u64, Bytes, Bytes)>,
 }
 
 impl History {
@@ -164,12 +163,14 @@ impl History {
         let Some(w) = self.watches.remove(&id) else {
             return;
         };
-        if w.range.is_some() {
-            self.ranged.retain(|i| *i != id);
-        } else if let Some(ids) = self.by_key.get_mut(&w.key) {
+        let Some(key) = w.key else {
+            self.ranged.retain(|(i, _, _)| *i != id);
+            return;
+        };
+        if let Some(ids) = self.by_key.get_mut(&key) {
             ids.retain(|i| *i != id);
             if ids.is_empty() {
-                self.by_key.remove(&w.key);
+                self.by_key.remove(&key);
             }
         }
     }
@@ -261,13 +262,9 @@ impl WatchHub {
                     h.wake(id, revision);
                 }
             }
-            for &id in &h.ranged {
-                let touched = h.watches.get(&id).is_some_and(|w| {
-                    let (start, end) = w.range.as_ref().expect("invariant: a range watch");
-                    batch.touches(start, end)
-                });
-                if touched {
-                    h.wake(id, revision);
+            for (id, start, end) in &h.ranged {
+                if batch.touches(start, end) {
+                    h.wake(*id, revision);
                 }
             }
         }
@@ -307,13 +304,12 @@ impl WatchHub {
         let registered = Registered {
             tx,
             overflow: overflow.clone(),
-            range: (!single).then(|| (start.clone(), end)),
-            key: start.clone(),
+            key: single.then(|| start.clone()),
         };
         if single {
             h.by_key.entry(start).or_default().push(id);
         } else {
-            h.ranged.push(id);
+            h.ranged.push((id, start, end));
         }
         h.watches.insert(id, registered);
         Ok(Subscription {
@@ -354,6 +350,7 @@ impl WatchHub {
     }
 
     /// Watches registered now.
+    #[cfg(test)]
     pub fn registered(&self) -> usize {
         self.lock().watches.len()
     }

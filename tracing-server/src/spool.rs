@@ -33,9 +33,6 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use kvraft_proto::TraceEvent;
-use prost::Message;
-
 /// First bytes of every spool file.
 pub const SPOOL_MAGIC: &[u8; 8] = b"KVTSPOOL";
 /// The record layout described in the module docs.
@@ -130,7 +127,7 @@ pub fn encode_event(
 #[derive(Debug, Default)]
 pub struct Records<'a> {
     /// `(own, event bytes)` in file order, borrowed from the bytes read (a reader skips most
-    /// of them by `own` and copies none); decode with [`decode`] when needed.
+    /// of them by `own` and copies none); decode with [`crate::wire::decode_event`] when needed.
     pub records: Vec<(u64, &'a [u8])>,
     /// Offset just past the last complete record: where the next read starts.
     pub end: usize,
@@ -186,11 +183,6 @@ pub fn file_id(bytes: &[u8]) -> Result<Option<u64>, String> {
     Ok(Some(u64::from_le_bytes(
         bytes[12..20].try_into().expect("8 bytes"),
     )))
-}
-
-/// Decodes a record's event.
-pub fn decode(bytes: &[u8]) -> Result<TraceEvent, String> {
-    TraceEvent::decode(bytes).map_err(|e| format!("unreadable event in a spool file: {e}"))
 }
 
 /// The events (encoded) of `identity`'s spool files in `dir` whose own clock entry is above
@@ -365,6 +357,13 @@ impl SpoolWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kvraft_proto::TraceEvent;
+    use prost::Message;
+
+    /// A record's event as the generated message (what the hand-made encoding must match).
+    fn decode(bytes: &[u8]) -> Result<TraceEvent, String> {
+        TraceEvent::decode(bytes).map_err(|e| format!("unreadable event: {e}"))
+    }
 
     fn event(own: u64) -> TraceEvent {
         TraceEvent {

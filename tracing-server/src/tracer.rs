@@ -448,8 +448,8 @@ impl Inner {
                 events = events.len(),
                 "shipping trace events the last run spooled"
             );
-            match events.last().map(|e| spool::decode(e)) {
-                Some(Ok(last)) => clock.merge(&VClock::from_proto(&last.clock)),
+            match events.last().map(|e| crate::wire::decode_event(e)) {
+                Some(Ok(last)) => clock.merge_wire(&last.clock),
                 Some(Err(e)) => tracing::warn!(identity = %self.identity, "{e}"),
                 None => {}
             }
