@@ -1674,3 +1674,90 @@ fn a_server_designated_on_an_answer_it_did_not_give_does_not_lead() {
     assert!(!net.node(2).is_leader(), "an empty process never leads");
     assert_ne!(net.node(2).report().role, kvraft_proto::Role::Leader as i32);
 }
+
+/// Rule 5 and the answers a follower leaves out: under one read round, an AppendEntries that
+/// wrote entries is answered once, after the fsync; a request that wrote nothing, and one that
+/// brings a new round, are answered at once (a round is confirmed without waiting for a disk).
+#[test]
+fn a_follower_answers_written_entries_after_their_fsync_and_new_rounds_at_once() {
+    let (mut net, _) = Net::with_leader(3);
+    net.settle();
+    let term = net.node(2).term().0;
+    let last = net.node(2).last_index().0;
+    let round = 100;
+    let req = |prev: u64, read_round: u64, n: u64| AppendEntriesRequest {
+        term,
+        leader_id: 1,
+        prev_log_index: prev,
+        prev_log_term: term,
+        entries: (prev + 1..=prev + n).map(|i| entry(i, term)).collect(),
+        read_round,
+        ..append_base()
+    };
+    let answers = |net: &Net| -> Vec<(u64, u64)> {
+        net.log
+            .iter()
+            .filter_map(|(from, c)| match c {
+                Command::SendAppendResponse { resp, .. } if *from == 2 => {
+                    assert!(resp.success);
+                    Some((resp.match_index, resp.read_round))
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    net.log.clear();
+    // A new round: answered now, with what is durable.
+    net.step(
+        2,
+        Event::AppendEntries {
+            stream: 1,
+            req: req(last, round, 1),
+        },
+    );
+    assert_eq!(answers(&net), vec![(last, round)]);
+    // Same round, entries written: nothing to say before the fsync.
+    net.step(
+        2,
+        Event::AppendEntries {
+            stream: 1,
+            req: req(last + 1, round, 1),
+        },
+    );
+    assert_eq!(answers(&net), vec![(last, round)]);
+    // Nothing written (a heartbeat): answered now.
+    net.step(
+        2,
+        Event::AppendEntries {
+            stream: 1,
+            req: req(last + 2, round, 0),
+        },
+    );
+    assert_eq!(answers(&net), vec![(last, round), (last, round)]);
+    // The fsync: both writes acknowledged.
+    net.sync(2);
+    let after_sync = vec![(last, round), (last, round), (last + 2, round)];
+    assert_eq!(answers(&net), after_sync);
+    // A newer round with entries: answered now, and again after its fsync.
+    net.step(
+        2,
+        Event::AppendEntries {
+            stream: 1,
+            req: req(last + 2, round + 1, 1),
+        },
+    );
+    net.sync(2);
+    let mut expected = after_sync;
+    expected.extend([(last + 2, round + 1), (last + 3, round + 1)]);
+    assert_eq!(answers(&net), expected);
+    // Another stream (a reconnected leader) is answered at once even in the same round.
+    net.step(
+        2,
+        Event::AppendEntries {
+            stream: 9,
+            req: req(last + 3, round + 1, 1),
+        },
+    );
+    expected.push((last + 3, round + 1));
+    assert_eq!(answers(&net), expected);
+}
