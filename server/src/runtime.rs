@@ -365,7 +365,12 @@ pub async fn run(
         state_sync_in_flight: false,
         foreign_clusters: Default::default(),
     };
-    let result = core.run(rx, shutdown).await;
+    // The core runs as a task of the runtime, not on the thread that started it: a handler
+    // that feeds it and the core then share a worker thread, with no cross-thread wake-up.
+    let result = match tokio::spawn(core.run(rx, shutdown)).await {
+        Ok(result) => result,
+        Err(e) => Err(anyhow::anyhow!("the core task failed: {e}")),
+    };
     let _ = stop_tx.send(true);
     let _ = grpc.await;
     if let Some(t) = &tracer {
