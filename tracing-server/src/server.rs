@@ -150,12 +150,17 @@ impl LogFiles {
     }
 
     /// Writes a batch of `identity`'s events and flushes both files to the OS.
+    ///
+    /// Each batch's lines are built as bytes in two buffers and written with one `write_all`
+    /// per file: no formatting machinery per field (`writeln!` through the buffered files took
+    /// a fifth of the tracing server's CPU).
     pub fn store(&mut self, identity: &str, events: &[EventView<'_>]) -> anyhow::Result<()> {
         let mut ident_json = String::new();
         crate::wire::json_string(&mut ident_json, identity);
         let mut last_own = self.last.get(identity).map_or(0, |c| c.get(identity));
         let mut last_stored = None;
         let (mut clock_json, mut tag_json) = (String::new(), String::new());
+        let (mut json, mut shiviz) = (Vec::new(), Vec::new());
         for event in events {
             let own = event.counter(identity);
             if own <= last_own {
@@ -187,20 +192,46 @@ impl LogFiles {
             };
             tag_json.clear();
             crate::wire::json_string(&mut tag_json, event.tag);
-            writeln!(
-                self.json,
-                "{{\"TracerIdentity\":{ident_json},\"TraceID\":{},\"Tag\":{tag_json},\
-                 \"Body\":{body},\"VectorClock\":{clock_json}}}",
-                event.trace_id
-            )
-            .with_context(|| format!("cannot write {}", self.paths.json.display()))?;
-            writeln!(self.shiviz, "{identity} {clock_json}")
-                .and_then(|_| writeln!(self.shiviz, "{} {} {body}", event.trace_id, event.tag))
-                .with_context(|| format!("cannot write {}", self.paths.shiviz.display()))?;
+            let trace_id = crate::wire::decimal(event.trace_id);
+            for part in [
+                "{\"TracerIdentity\":",
+                &ident_json,
+                ",\"TraceID\":",
+                trace_id.as_str(),
+                ",\"Tag\":",
+                &tag_json,
+                ",\"Body\":",
+                &body,
+                ",\"VectorClock\":",
+                &clock_json,
+                "}\n",
+            ] {
+                json.extend_from_slice(part.as_bytes());
+            }
+            for part in [
+                identity,
+                " ",
+                &clock_json,
+                "\n",
+                trace_id.as_str(),
+                " ",
+                event.tag,
+                " ",
+                &body,
+                "\n",
+            ] {
+                shiviz.extend_from_slice(part.as_bytes());
+            }
             last_own = own;
             last_stored = Some(event);
             self.stored += 1;
         }
+        self.json
+            .write_all(&json)
+            .with_context(|| format!("cannot write {}", self.paths.json.display()))?;
+        self.shiviz
+            .write_all(&shiviz)
+            .with_context(|| format!("cannot write {}", self.paths.shiviz.display()))?;
         if let Some(event) = last_stored {
             self.last
                 .insert(identity.to_string(), VClock::from_wire(&event.clock));

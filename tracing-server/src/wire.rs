@@ -219,16 +219,43 @@ pub fn json_string(out: &mut String, s: &str) {
 
 /// Appends a sorted clock as compact JSON (`{"a":1,"b":2}`), as `VClock::to_json` writes it.
 pub fn clock_json(out: &mut String, clock: &[(&str, u64)]) {
-    use std::fmt::Write;
     out.push('{');
     for (i, (id, n)) in clock.iter().enumerate() {
         if i > 0 {
             out.push(',');
         }
         json_string(out, id);
-        let _ = write!(out, ":{n}");
+        out.push(':');
+        out.push_str(decimal(*n).as_str());
     }
     out.push('}');
+}
+
+/// `n` in decimal, without the formatting machinery.
+pub fn decimal(mut n: u64) -> Decimal {
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    Decimal { digits, start }
+}
+
+/// The digits [`decimal`] wrote.
+pub struct Decimal {
+    digits: [u8; 20],
+    start: usize,
+}
+
+impl Decimal {
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.digits[self.start..]).expect("invariant: ASCII digits")
+    }
 }
 
 #[cfg(test)]
@@ -240,6 +267,13 @@ mod tests {
 
     fn clock(entries: &[(&str, u64)]) -> BTreeMap<String, u64> {
         entries.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+    }
+
+    #[test]
+    fn decimal_matches_display() {
+        for n in [0, 1, 9, 10, 99, 100, 12_345, u64::MAX - 1, u64::MAX] {
+            assert_eq!(decimal(n).as_str(), n.to_string());
+        }
     }
 
     #[test]
