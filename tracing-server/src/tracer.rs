@@ -226,7 +226,14 @@ impl Tracer {
     /// Makes every event recorded so far (by any clone) safe from a SIGKILL: written to the
     /// spool (one local write), or without one, stored by the tracing server. Call it before a
     /// token leaves the process (see the module invariants).
+    ///
+    /// It first yields to the scheduler once: tasks woken together (the replies of one batch,
+    /// the puts of one batch of callers) each record their events and call this, and after
+    /// one turn the first to resume writes them all in one `write(2)`; the others find nothing
+    /// left to write. Everything recorded before a call is written before it returns either
+    /// way: what waits to be written is only cleared by a write that succeeded.
     pub async fn flush(&self) {
+        tokio::task::yield_now().await;
         if self.inner.write_spool() {
             return;
         }
