@@ -216,26 +216,20 @@ async fn send<K: Kind>(mut batch: Vec<Queued<K>>, limit: usize) {
         replies.push(q.reply);
     }
     let asked = requests.len();
-    match K::many(kv_client(channel, limit), requests).await {
-        Ok(results) => {
-            if results.len() != asked {
-                let status = tonic::Status::internal(format!(
-                    "a batch of {asked} requests was answered with {} results",
-                    results.len()
-                ));
-                for reply in replies {
-                    let _ = reply.send(Err(status.clone()));
-                }
-                return;
-            }
+    let status = match K::many(kv_client(channel, limit), requests).await {
+        Ok(results) if results.len() == asked => {
             for (reply, result) in replies.into_iter().zip(results) {
                 let _ = reply.send(Ok(result));
             }
+            return;
         }
-        Err(status) => {
-            for reply in replies {
-                let _ = reply.send(Err(status.clone()));
-            }
-        }
+        Ok(results) => tonic::Status::internal(format!(
+            "a batch of {asked} requests was answered with {} results",
+            results.len()
+        )),
+        Err(status) => status,
+    };
+    for reply in replies {
+        let _ = reply.send(Err(status.clone()));
     }
 }

@@ -27,7 +27,7 @@
 //! read at the latest revision walks none.
 
 use std::collections::VecDeque;
-use std::ops::Bound;
+use std::ops::{Bound, RangeBounds};
 
 use prost::bytes::Bytes;
 
@@ -154,12 +154,9 @@ impl PastValues {
     ) -> impl Iterator<Item = (&'a Bytes, &'a Option<Versioned>)> + 'a {
         let first = self.order.partition_point(|(r, _, _)| *r <= revision);
         let mut then: Vec<(&'a Bytes, usize)> = Vec::new();
+        let range = (Bound::Included(start), upper);
         for (i, (_, key, _)) in self.order.range(first..).enumerate() {
-            let below = match upper {
-                Bound::Excluded(end) => &key[..] < end,
-                _ => true,
-            };
-            if &key[..] >= start && below {
+            if RangeBounds::<[u8]>::contains(&range, &key[..]) {
                 then.push((key, i));
             }
         }

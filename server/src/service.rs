@@ -697,7 +697,6 @@ impl CoreHandle {
         Some((status, followers, sessions))
     }
 
-    /// Counts a client request of `op` answered after `started` and passes the answer on.
     /// The requests of a batch call (`Kv.PutBatch`, `Kv.GetBatch`), each handled by `handle`
     /// as its own call, all at once, answered in order (a status error becomes that request's
     /// error); a batch of more than [`limits::PUT_BATCH_MAX`] is refused as a whole.
@@ -737,6 +736,7 @@ impl CoreHandle {
         Ok(futures_util::future::join_all(answers).await)
     }
 
+    /// Counts a client request of `op` answered after `started` and passes the answer on.
     fn observe<T: ErrorField>(
         &self,
         op: &'static str,

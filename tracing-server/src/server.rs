@@ -208,20 +208,14 @@ impl LogFiles {
             ] {
                 json.extend_from_slice(part.as_bytes());
             }
-            for part in [
+            shiviz_event(
+                &mut shiviz,
                 identity,
-                " ",
                 &clock_json,
-                "\n",
                 trace_id.as_str(),
-                " ",
                 event.tag,
-                " ",
                 &body,
-                "\n",
-            ] {
-                shiviz.extend_from_slice(part.as_bytes());
-            }
+            );
             last_own = own;
             last_stored = Some(event);
             self.stored += 1;
@@ -258,8 +252,35 @@ impl LogFiles {
 }
 
 fn write_shiviz(out: &mut impl Write, e: &JsonEvent) -> std::io::Result<()> {
-    writeln!(out, "{} {}", e.identity, e.clock.to_json())?;
-    writeln!(out, "{} {} {}", e.trace_id, e.tag, e.body)
+    let mut lines = Vec::new();
+    let trace_id = crate::wire::decimal(e.trace_id);
+    let (clock, body) = (e.clock.to_json(), e.body.to_string());
+    shiviz_event(
+        &mut lines,
+        &e.identity,
+        &clock,
+        trace_id.as_str(),
+        &e.tag,
+        &body,
+    );
+    out.write_all(&lines)
+}
+
+/// Appends one event of the ShiViz log: `<identity> <clock JSON>`, then
+/// `<trace id> <tag> <body JSON>` (the parsing regex is [`SHIVIZ_REGEX`]).
+fn shiviz_event(
+    out: &mut Vec<u8>,
+    identity: &str,
+    clock_json: &str,
+    trace_id: &str,
+    tag: &str,
+    body: &str,
+) {
+    for part in [
+        identity, " ", clock_json, "\n", trace_id, " ", tag, " ", body, "\n",
+    ] {
+        out.extend_from_slice(part.as_bytes());
+    }
 }
 
 /// Reads the JSON-lines log back, cutting a torn last line; an unreadable complete line is an

@@ -364,7 +364,7 @@ impl Inner {
         if tracing::enabled!(tracing::Level::DEBUG) {
             tracing::debug!("{}", console_line(&self.identity, trace_id, tag, &body));
         }
-        let clock = {
+        let token = {
             let mut state = self.lock();
             while state.queue.len() >= EVENTS_BUFFERED_MAX && !state.closed {
                 state = self.space.wait(state).unwrap_or_else(|p| p.into_inner());
@@ -377,7 +377,7 @@ impl Inner {
             let mut encoded = Vec::with_capacity(body.len() + tag.len() + 64);
             spool::encode_event(&mut encoded, trace_id, tag, &body, &state.clock.0);
             let event = Bytes::from(encoded);
-            let clock = want_token
+            let token = want_token
                 .then(|| crate::wire::encode_token(&self.identity, trace_id, &state.clock.0));
             let seq = state.recorded;
             if let Some(spool) = state.spool.as_mut() {
@@ -387,10 +387,10 @@ impl Inner {
                 }
             }
             state.queue.push_back(event);
-            clock
+            token
         };
         self.work.notify_one();
-        clock
+        token
     }
 
     /// The shipper thread: resume the clock, report it, then ship batches until closed.

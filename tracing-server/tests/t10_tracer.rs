@@ -341,3 +341,25 @@ fn checker_rejects_what_shiviz_rejects() {
         .contains("only 1"));
     assert!(shiviz::parse("nope\n\n").is_err());
 }
+
+/// The ShiViz log a restarted tracing server rewrites from the JSON log is byte for byte the
+/// one it wrote as events came (both go through one writer of the event lines).
+#[test]
+fn a_reopened_log_rewrites_the_shiviz_file_it_wrote() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let paths = || OutputPaths {
+        json: dir.path().join("trace_output.log"),
+        shiviz: dir.path().join("shiviz_output.log"),
+    };
+    let files = std::sync::Mutex::new(server::LogFiles::open(paths(), true).unwrap());
+    let mut scan = server::SpoolScan::new(spool.clone(), true);
+    leave_spool_from(&spool, "client7", 1, 1..=5);
+    assert_eq!(scan.scan(&files).unwrap(), 5);
+    drop(files);
+    let written = std::fs::read_to_string(dir.path().join("shiviz_output.log")).unwrap();
+    drop(server::LogFiles::open(paths(), false).unwrap());
+    let rewritten = std::fs::read_to_string(dir.path().join("shiviz_output.log")).unwrap();
+    assert_eq!(rewritten, written);
+    assert_eq!(read_log(dir.path()).len(), 5);
+}
