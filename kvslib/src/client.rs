@@ -34,7 +34,7 @@ use crate::backoff::Backoff;
 use crate::batch::{Batcher, Gets, Puts};
 use crate::failure::Failure;
 use crate::key_watch::Watch;
-use crate::kv_call::kv_call;
+use crate::kv_call::{kv_answer, kv_call};
 use crate::router::Router;
 use crate::session::{self, Session, Sessions};
 use crate::txn::{self, CasOutcome, CmpOp, Compare, Txn, TxnOp, TxnOpOutcome, TxnOutcome};
@@ -160,6 +160,7 @@ impl Client {
         watcher: Option<Watcher>,
         session_id: Option<u64>,
     ) -> Client {
+        let tracer = router.tracer().cloned();
         Client {
             inner: Arc::new(Inner {
                 client_id: client_id.to_string(),
@@ -171,8 +172,8 @@ impl Client {
                 sessions: Sessions::new(client_id, session_id),
                 put_permits: Semaphore::new(PUTS_IN_FLIGHT_MAX),
                 get_permits: Semaphore::new(GETS_IN_FLIGHT_MAX),
-                put_batcher: Batcher::new(config.server.grpc_message_bytes()),
-                get_batcher: Batcher::new(config.server.grpc_message_bytes()),
+                put_batcher: Batcher::new(config.server.grpc_message_bytes(), tracer.clone()),
+                get_batcher: Batcher::new(config.server.grpc_message_bytes(), tracer),
                 watcher: Mutex::new(watcher),
             }),
         }
@@ -829,7 +830,7 @@ async fn put_attempt(
         let addr = addr.clone();
         async move { batcher.call(channel, &addr, request).await }
     };
-    let response = kv_call(&addr, trace.as_ref(), call)
+    let response = kv_answer(&addr, trace.as_ref(), call)
         .instrument(span)
         .await?;
     Ok(PutOutcome {
@@ -893,7 +894,7 @@ async fn get_attempt(
         let addr = addr.clone();
         async move { batcher.call(channel, &addr, request).await }
     };
-    let response = kv_call(&addr, trace.as_ref(), call)
+    let response = kv_answer(&addr, trace.as_ref(), call)
         .instrument(span)
         .await?;
     Ok(response.found.then(|| Versioned {

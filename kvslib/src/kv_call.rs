@@ -50,6 +50,21 @@ where
     if let Some(t) = trace {
         t.tracer().flush().await;
     }
+    kv_answer(addr, trace, call).await
+}
+
+/// [`kv_call`] for a call whose sender flushes the tracer itself before the request leaves
+/// (a request lane, once for every request of a batch).
+pub(crate) async fn kv_answer<R, F, Fut>(
+    addr: &str,
+    trace: Option<&Trace>,
+    call: F,
+) -> Result<R, Failure>
+where
+    R: KvReply,
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<tonic::Response<R>, tonic::Status>>,
+{
     let response = call()
         .await
         .map_err(|status| Failure::from_status(&status, addr))?

@@ -44,6 +44,11 @@ struct Cluster {
     hung: HashSet<u32>,
     /// `Kv.Put` and `Kv.PutBatch` calls received.
     put_calls: u64,
+    /// The client's trace spool (tracing on): every put must arrive with a token whose events
+    /// are already written there.
+    spool: Option<std::path::PathBuf>,
+    /// Traced puts that arrived before the events their token covers were in the spool.
+    unspooled: Vec<String>,
 }
 
 type Shared = Arc<Mutex<Cluster>>;
@@ -67,6 +72,11 @@ impl FakeKv {
     async fn put_one(&self, r: pb::PutRequest) -> Result<Response<pb::PutResponse>, Status> {
         let hung = {
             let mut c = self.cluster.lock().unwrap();
+            if let Some(dir) = c.spool.clone() {
+                if let Err(e) = token_events_spooled(&dir, &r.trace_token) {
+                    c.unspooled.push(e);
+                }
+            }
             c.attempts.push((self.id, r.clone()));
             c.hung.contains(&self.id)
         };
@@ -333,6 +343,66 @@ fn config(coord_addr: &str, servers: &[String], op_timeout_ms: u64) -> ClusterCo
         text += &format!("[[servers]]\nid = {id}\naddr = \"{addr}\"\ndata_dir = \"s{id}\"\n");
     }
     ClusterConfig::parse(&text, Path::new("test.toml")).expect("valid test config")
+}
+
+/// Checks that the events a trace token covers (the sender's own counter in its clock) are in
+/// the sender's spool file.
+fn token_events_spooled(dir: &Path, token: &[u8]) -> Result<(), String> {
+    let token = kvraft_tracing::wire::decode_token(token).map_err(|e| format!("token: {e}"))?;
+    let own = token.clock.iter().find(|(id, _)| *id == token.identity);
+    let Some(&(identity, own)) = own else {
+        return Err(format!("token of {} without its own entry", token.identity));
+    };
+    let (events, _) = kvraft_tracing::spool::recover(dir, identity, 0);
+    let spooled = events.last().map_or(Ok(0), |e| {
+        kvraft_tracing::wire::decode_event(e).map(|e| e.counter(identity))
+    })?;
+    if spooled < own {
+        return Err(format!(
+            "a token at {identity}:{own} arrived with the spool at {spooled}"
+        ));
+    }
+    Ok(())
+}
+
+/// A tracing server that gives every tracer an empty clock and never stores a batch, so a
+/// tracer's spool keeps every event and its tokens wait for the spool only.
+struct SilentTracing;
+
+#[tonic::async_trait]
+impl pb::tracing_server::Tracing for SilentTracing {
+    async fn resume(
+        &self,
+        _: Request<pb::ResumeRequest>,
+    ) -> Result<Response<pb::ResumeResponse>, Status> {
+        Ok(Response::new(pb::ResumeResponse::default()))
+    }
+
+    async fn ship(
+        &self,
+        _: Request<pb::EventBatch>,
+    ) -> Result<Response<pb::EventBatchAck>, Status> {
+        std::future::pending().await
+    }
+
+    async fn ship_encoded(
+        &self,
+        _: Request<pb::EncodedEventBatch>,
+    ) -> Result<Response<pb::EventBatchAck>, Status> {
+        std::future::pending().await
+    }
+}
+
+async fn serve_silent_tracing() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let service = pb::tracing_server::TracingServer::new(SilentTracing);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    addr
 }
 
 /// Three fake servers led by server 2 in term 1, and no coord.
@@ -755,4 +825,49 @@ async fn puts_queued_by_callers_answered_together_share_a_call() {
     let calls = cluster.lock().unwrap().put_calls - before;
     assert_eq!(attempts(&cluster).len(), 1 + 16 * 32, "each put sent once");
     assert!(calls <= 16 * 32 / 4, "{calls} calls carried 512 puts");
+}
+
+/// Traced puts sent together by a lane (one call for many callers) leave only once the events
+/// their tokens cover are in the client's spool: the lane flushes the tracer before each call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traced_puts_leave_after_their_events_are_spooled() {
+    let spool = tempfile::tempdir().unwrap();
+    let (cluster, addrs) = three_servers().await;
+    cluster.lock().unwrap().spool = Some(spool.path().to_path_buf());
+    let mut config = config(&closed_port().await, &addrs, 5_000);
+    config.tracing.enabled = true;
+    config.tracing.server_addr = serve_silent_tracing().await;
+    config.tracing.spool_dir = spool.path().to_path_buf();
+    let client = Client::connect(&config, "c1").await.unwrap();
+    let before = cluster.lock().unwrap().put_calls;
+    let callers: Vec<_> = (0..16)
+        .map(|i| {
+            let c = client.clone();
+            async move {
+                for j in 0..8 {
+                    c.put(format!("k{i}-{j}"), "v").await?;
+                }
+                Ok::<(), Error>(())
+            }
+        })
+        .collect();
+    for result in spawn_all(callers).await {
+        result.expect("puts");
+    }
+    let c = cluster.lock().unwrap();
+    assert_eq!(c.attempts.len(), 16 * 8, "each put sent once");
+    assert!(
+        c.attempts.iter().all(|(_, p)| !p.trace_token.is_empty()),
+        "every put carries a token"
+    );
+    assert!(
+        c.put_calls - before < 16 * 8,
+        "some calls carried several puts"
+    );
+    assert!(
+        c.unspooled.is_empty(),
+        "{} puts left too early, first: {:?}",
+        c.unspooled.len(),
+        &c.unspooled[..c.unspooled.len().min(3)]
+    );
 }
