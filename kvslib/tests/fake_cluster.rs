@@ -73,7 +73,7 @@ impl FakeKv {
         let hung = {
             let mut c = self.cluster.lock().unwrap();
             if let Some(dir) = c.spool.clone() {
-                if let Err(e) = token_events_spooled(&dir, &r.trace_token) {
+                if let Err(e) = kvraft_tracing::spool::covers(&dir, &r.trace_token) {
                     c.unspooled.push(e);
                 }
             }
@@ -343,26 +343,6 @@ fn config(coord_addr: &str, servers: &[String], op_timeout_ms: u64) -> ClusterCo
         text += &format!("[[servers]]\nid = {id}\naddr = \"{addr}\"\ndata_dir = \"s{id}\"\n");
     }
     ClusterConfig::parse(&text, Path::new("test.toml")).expect("valid test config")
-}
-
-/// Checks that the events a trace token covers (the sender's own counter in its clock) are in
-/// the sender's spool file.
-fn token_events_spooled(dir: &Path, token: &[u8]) -> Result<(), String> {
-    let token = kvraft_tracing::wire::decode_token(token).map_err(|e| format!("token: {e}"))?;
-    let own = token.clock.iter().find(|(id, _)| *id == token.identity);
-    let Some(&(identity, own)) = own else {
-        return Err(format!("token of {} without its own entry", token.identity));
-    };
-    let (events, _) = kvraft_tracing::spool::recover(dir, identity, 0);
-    let spooled = events.last().map_or(Ok(0), |e| {
-        kvraft_tracing::wire::decode_event(e).map(|e| e.counter(identity))
-    })?;
-    if spooled < own {
-        return Err(format!(
-            "a token at {identity}:{own} arrived with the spool at {spooled}"
-        ));
-    }
-    Ok(())
 }
 
 /// A tracing server that gives every tracer an empty clock and never stores a batch, so a

@@ -206,6 +206,18 @@ impl CoreHandle {
         trace.tracer().flush().await;
         token
     }
+
+    /// Makes the events behind answers' tokens made without a flush safe before the answers
+    /// leave: once for a whole batch (`gathered`: its requests were handled together, so no
+    /// yield is needed to gather them), or once for one answer (with the yield that lets
+    /// answers of tasks woken together share one spool write).
+    async fn flush_trace(&self, gathered: bool) {
+        match (&self.tracer, gathered) {
+            (Some(t), true) => t.flush_now().await,
+            (Some(t), false) => t.flush().await,
+            (None, _) => {}
+        }
+    }
 }
 
 /// Resident memory of this process, from `/proc/self/status` (0 elsewhere).
@@ -883,6 +895,7 @@ impl Kv for CoreHandle {
             .put_in_span(request.into_inner(), context)
             .instrument(span)
             .await;
+        self.flush_trace(false).await;
         self.observe("put", started, r)
     }
 
@@ -895,6 +908,7 @@ impl Kv for CoreHandle {
         let results = self
             .each_of("put", puts, |put| self.put_in_span(put, HashMap::new()))
             .await?;
+        self.flush_trace(true).await;
         Ok(Response::new(PutBatchResponse { results }))
     }
 
@@ -907,6 +921,7 @@ impl Kv for CoreHandle {
         let results = self
             .each_of("get", gets, |get| self.get_in_span(get))
             .await?;
+        self.flush_trace(true).await;
         Ok(Response::new(GetBatchResponse { results }))
     }
 
@@ -953,6 +968,7 @@ impl Kv for CoreHandle {
             .get_in_span(request.into_inner())
             .instrument(span)
             .await;
+        self.flush_trace(false).await;
         self.observe("get", started, r)
     }
 }
@@ -1092,7 +1108,8 @@ impl CoreHandle {
             Some(Reply::Write { result: Err(e), .. }) => resp.error = Some(kv_error(e)),
             _ => resp.error = error_of(ErrorCode::ErrorUnavailable, "shutting down".into()),
         }
-        resp.trace_token = self.token_out(trace.as_ref(), "PutResponse").await;
+        // Flushed by the caller (`put`, `put_batch`) before the answer leaves.
+        resp.trace_token = kvraft_tracing::token(trace.as_ref(), "PutResponse");
         Ok(Response::new(resp))
     }
 
@@ -1253,7 +1270,8 @@ impl CoreHandle {
                 });
             }
         }
-        resp.trace_token = self.token_out(trace.as_ref(), "GetResponse").await;
+        // Flushed by the caller (`get`, `get_batch`) before the answer leaves.
+        resp.trace_token = kvraft_tracing::token(trace.as_ref(), "GetResponse");
         Ok(Response::new(resp))
     }
 }

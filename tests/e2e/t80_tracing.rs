@@ -5,11 +5,19 @@
 //! ShiViz log is then read as ShiViz reads it and checked: every host's counter rises by one
 //! per event from 1, every clock names only events that exist and are in its past, and one
 //! put's events are causally ordered client -> leader -> followers -> leader -> client.
+//! A second test checks, against a tracing server that stores nothing, that every answer a
+//! server sends (a put alone, batches of puts and gets) leaves only once the events its token
+//! covers are in the server's spool.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use kvraft_proto as pb;
+use kvraft_proto::kv_client::KvClient;
 use kvraft_tracing::shiviz::{self, Event};
+use prost::bytes::Bytes;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Request, Response, Status};
 
 use crate::harness::{free_ports, Cluster, WAIT};
 
@@ -265,4 +273,104 @@ async fn shiviz_log_of_a_run_with_failover_is_valid_and_causal() {
         check_put_story(&events, "k12"),
         format!("server{}", second.leader_id)
     );
+}
+
+/// A tracing server that resumes every tracer at an empty clock and never stores a batch: the
+/// processes' spools then keep every event they record.
+struct SilentTracing;
+
+#[tonic::async_trait]
+impl pb::tracing_server::Tracing for SilentTracing {
+    async fn resume(
+        &self,
+        _: Request<pb::ResumeRequest>,
+    ) -> Result<Response<pb::ResumeResponse>, Status> {
+        Ok(Response::new(pb::ResumeResponse::default()))
+    }
+
+    async fn ship(
+        &self,
+        _: Request<pb::EventBatch>,
+    ) -> Result<Response<pb::EventBatchAck>, Status> {
+        std::future::pending().await
+    }
+
+    async fn ship_encoded(
+        &self,
+        _: Request<pb::EncodedEventBatch>,
+    ) -> Result<Response<pb::EventBatchAck>, Status> {
+        std::future::pending().await
+    }
+}
+
+/// A server's answers leave only once the events their trace tokens cover are in its spool:
+/// a put alone, and batches of puts and of gets (flushed once for the whole batch).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_answers_once_the_events_its_tokens_cover_are_spooled() {
+    let addr = format!("127.0.0.1:{}", free_ports(1)[0]);
+    let listener = tokio::net::TcpListener::bind(&addr).await.unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(pb::tracing_server::TracingServer::new(SilentTracing))
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let spool = tmp.path().join("trace-spool");
+    let section = format!(
+        "\n[tracing]\nenabled = true\nserver_addr = \"{addr}\"\nspool_dir = \"{}\"\n",
+        spool.display()
+    );
+    let mut cluster = Cluster::with_coord_options(3, &section);
+    cluster.start_all();
+    let leader = cluster.wait_leader(|_| true).await.leader_id;
+    let client = kvslib::Client::connect(&cluster.config, "spooled")
+        .await
+        .unwrap();
+    client.put("warm", "up").await.unwrap();
+    let session = client.session_id();
+    let mut kv = KvClient::connect(format!("http://{}", cluster.addr(leader)))
+        .await
+        .unwrap();
+    let put = |seq: u64| pb::PutRequest {
+        client_id: "spooled".into(),
+        session_id: session,
+        seq,
+        ack_seq: 2,
+        key: Bytes::from(format!("k{seq}")),
+        value: Bytes::from(format!("v{seq}")),
+        trace_token: Bytes::new(),
+    };
+    let alone = kv.put(put(2)).await.unwrap().into_inner();
+    assert!(alone.error.is_none(), "{alone:?}");
+    kvraft_tracing::spool::covers(&spool, &alone.trace_token).expect("a put alone");
+    let puts = (3..35).map(put).collect();
+    let answers = kv
+        .put_batch(pb::PutBatchRequest { puts })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert_eq!(answers.len(), 32);
+    for a in &answers {
+        assert!(a.error.is_none(), "{a:?}");
+        kvraft_tracing::spool::covers(&spool, &a.trace_token).expect("a batch of puts");
+    }
+    let gets = (3..35)
+        .map(|seq| pb::GetRequest {
+            client_id: "spooled".into(),
+            key: Bytes::from(format!("k{seq}")),
+            trace_token: Bytes::new(),
+        })
+        .collect();
+    let answers = kv
+        .get_batch(pb::GetBatchRequest { gets })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert_eq!(answers.len(), 32);
+    for a in &answers {
+        assert!(a.found, "{a:?}");
+        kvraft_tracing::spool::covers(&spool, &a.trace_token).expect("a batch of gets");
+    }
 }

@@ -230,6 +230,30 @@ pub fn recover(dir: &Path, identity: &str, after: u64) -> (Vec<Vec<u8>>, u64) {
     (events, max_gen)
 }
 
+/// Checks that the spool files in `dir` hold the events trace `token` covers: its sender's own
+/// counter in its clock is at most the last counter spooled for that sender. What a test of
+/// a traced process asks of every token it sees while nothing is shipped (so nothing has left
+/// the spool); the answer names the token and the spool's last counter when they disagree.
+pub fn covers(dir: &Path, token: &[u8]) -> Result<(), String> {
+    let token = crate::wire::decode_token(token).map_err(|e| format!("token: {e}"))?;
+    let identity = token.identity;
+    let own = crate::wire::counter(&token.clock, identity);
+    if own == 0 {
+        return Err(format!("a token of {identity:?} without its own counter"));
+    }
+    let (events, _) = recover(dir, identity, 0);
+    let spooled = match events.last() {
+        Some(e) => crate::wire::decode_event(e)?.counter(identity),
+        None => 0,
+    };
+    if spooled < own {
+        return Err(format!(
+            "a token at {identity}:{own} left with the spool at {spooled}"
+        ));
+    }
+    Ok(())
+}
+
 /// One tracer's spool: the file being appended to, what waits to be written, and the closed
 /// files not yet known to be stored.
 #[derive(Debug)]
