@@ -34,7 +34,11 @@ macro_rules! actions {
             #[derive(Clone, Debug, Serialize)]
             #[serde(rename_all = "PascalCase")]
             pub struct $name { $( pub $field: $ty, )* }
-            impl Action for $name {}
+            impl Action for $name {
+                fn tag(&self) -> &'static str {
+                    stringify!($name)
+                }
+            }
         )*
     };
 }

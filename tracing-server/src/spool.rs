@@ -102,7 +102,7 @@ pub fn encode_record(out: &mut Vec<u8>, own: u64, event: &[u8]) {
 /// Encodes a `TraceEvent` straight from the tracer's clock, as prost would (the same bytes a
 /// decoder reads), without building the message and its map first.
 pub fn encode_event(
-    out: &mut Vec<u8>,
+    out: &mut impl prost::bytes::BufMut,
     trace_id: u64,
     tag: &str,
     body: &str,

@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use kvraft_proto::tracing_client::TracingClient;
 use kvraft_proto::{EncodedEventBatch, ResumeRequest};
-use prost::bytes::Bytes;
+use prost::bytes::{Bytes, BytesMut};
 use tokio::sync::{oneshot, watch, Notify};
 
 use crate::action::{Action, GenerateTokenTrace, ReceiveTokenTrace};
@@ -109,8 +109,13 @@ struct Inner {
 
 struct State {
     clock: VClock,
-    /// Encoded `TraceEvent`s: each event is encoded once, for the spool and the wire.
-    queue: VecDeque<Bytes>,
+    /// Encoded `TraceEvent`s back to back, in recording order: each is encoded once, for the
+    /// spool and the wire, into this one buffer. An event costs no allocation of its own, and
+    /// a shipped batch is one allocation freed by the shipper (one per event, each freed on
+    /// the shipper's thread, made the recording threads wait on the allocator's locks).
+    queue: BytesMut,
+    /// The length of each event in `queue`, in order: how many are queued.
+    queued: VecDeque<u32>,
     /// Where events are written before a token covering them leaves; `None` without a spool
     /// directory, or after a spool write failed (tokens then wait for the tracing server).
     spool: Option<SpoolWriter>,
@@ -156,7 +161,8 @@ impl Tracer {
             identity: identity.to_string(),
             state: Mutex::new(State {
                 clock: VClock::new(),
-                queue: VecDeque::new(),
+                queue: BytesMut::new(),
+                queued: VecDeque::new(),
                 spool: None,
                 recorded: 0,
                 closed: false,
@@ -372,7 +378,7 @@ impl Inner {
         }
         let token = {
             let mut state = self.lock();
-            while state.queue.len() >= EVENTS_BUFFERED_MAX && !state.closed {
+            while state.queued.len() >= EVENTS_BUFFERED_MAX && !state.closed {
                 state = self.space.wait(state).unwrap_or_else(|p| p.into_inner());
             }
             if let Some(theirs) = merge {
@@ -380,19 +386,26 @@ impl Inner {
             }
             let own = state.clock.tick(&self.identity);
             state.recorded += 1;
-            let mut encoded = Vec::with_capacity(body.len() + tag.len() + 64);
-            spool::encode_event(&mut encoded, trace_id, tag, &body, &state.clock.0);
-            let event = Bytes::from(encoded);
+            let seq = state.recorded;
             let token = want_token
                 .then(|| crate::wire::encode_token(&self.identity, trace_id, &state.clock.0));
-            let seq = state.recorded;
-            if let Some(spool) = state.spool.as_mut() {
-                spool.push(seq, own, &event);
+            let State {
+                clock,
+                queue,
+                queued,
+                spool,
+                ..
+            } = &mut *state;
+            let start = queue.len();
+            spool::encode_event(queue, trace_id, tag, &body, &clock.0);
+            let event = &queue[start..];
+            queued.push_back(event.len() as u32);
+            if let Some(spool) = spool.as_mut() {
+                spool.push(seq, own, event);
                 if spool.pending_full() {
                     Self::write_spool_locked(&self.identity, &mut state);
                 }
             }
-            state.queue.push_back(event);
             token
         };
         self.work.notify_one();
@@ -522,15 +535,15 @@ impl Inner {
         let mut state = loop {
             let linger = {
                 let state = self.lock();
-                let small = state.queue.len() < SHIP_EAGER_EVENTS;
+                let small = state.queued.len() < SHIP_EAGER_EVENTS;
                 let linger = !lingered && small && state.spool.is_some() && !state.closed;
-                if !state.queue.is_empty() && !linger {
+                if !state.queued.is_empty() && !linger {
                     break state;
                 }
-                if state.queue.is_empty() && state.closed {
+                if state.queued.is_empty() && state.closed {
                     return None;
                 }
-                !state.queue.is_empty()
+                !state.queued.is_empty()
             };
             if linger {
                 lingered = true;
@@ -540,11 +553,20 @@ impl Inner {
             // `notify_one` leaves a permit when nobody waits, so no wakeup is missed here.
             self.work.notified().await;
         };
-        let n = state.queue.len().min(BATCH_EVENTS_MAX);
-        let batch: Vec<Bytes> = state.queue.drain(..n).collect();
-        let last_seq = state.recorded - state.queue.len() as u64;
+        let n = state.queued.len().min(BATCH_EVENTS_MAX);
+        let lens: Vec<u32> = state.queued.drain(..n).collect();
+        let total: usize = lens.iter().map(|&l| l as usize).sum();
+        let events = state.queue.split_to(total).freeze();
+        let last_seq = state.recorded - state.queued.len() as u64;
         drop(state);
         self.space.notify_all();
+        let mut batch = Vec::with_capacity(n);
+        let mut at = 0;
+        for len in lens {
+            let end = at + len as usize;
+            batch.push(events.slice(at..end));
+            at = end;
+        }
         Some((batch, last_seq))
     }
 

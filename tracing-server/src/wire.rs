@@ -18,6 +18,7 @@
 
 use std::collections::BTreeMap;
 
+use prost::bytes::BufMut;
 use prost::encoding::{decode_varint, encode_key, encode_varint, encoded_len_varint, WireType};
 
 /// A clock as the wire carries it, sorted by identity, each identity once.
@@ -172,14 +173,14 @@ pub fn decode_token(bytes: &[u8]) -> Result<TokenView<'_>, String> {
 }
 
 /// Appends a length-delimited field.
-pub(crate) fn bytes_field(out: &mut Vec<u8>, tag: u32, bytes: &[u8]) {
+pub(crate) fn bytes_field(out: &mut impl BufMut, tag: u32, bytes: &[u8]) {
     encode_key(tag, WireType::LengthDelimited, out);
     encode_varint(bytes.len() as u64, out);
-    out.extend_from_slice(bytes);
+    out.put_slice(bytes);
 }
 
 /// Appends the entries of `clock` as the map field `tag`.
-pub(crate) fn clock_field(out: &mut Vec<u8>, tag: u32, clock: &BTreeMap<String, u64>) {
+pub(crate) fn clock_field(out: &mut impl BufMut, tag: u32, clock: &BTreeMap<String, u64>) {
     for (identity, &counter) in clock {
         // A map entry: a message with the key as field 1 and the value as field 2.
         let key_len = 1 + encoded_len_varint(identity.len() as u64) + identity.len();
