@@ -14,10 +14,11 @@
 //! - Per identity, stored events have own counters 1, 2, 3, ... in file order: an event whose
 //!   counter is not above the last stored one is a resend and is skipped.
 //! - Events of a process that was killed before shipping them are read from its spool file
-//!   (`tracing.spool_dir`, see [`crate::spool`]) at start, every [`SPOOL_SCAN_MS`] and at
-//!   shutdown, and stored the same way (a resend of what is stored is skipped). So an event a
-//!   token names is in the logs within [`SPOOL_SCAN_MS`] of the kill, or, if this server was
-//!   killed in that window too, once it starts again. `--fresh` removes old spool files with
+//!   (`tracing.spool_dir`, see [`crate::spool`]) at start, every [`SPOOL_SCAN_MS`] (skipping
+//!   identities that shipped within [`SPOOL_LIVE_MS`]) and at shutdown, and stored the same
+//!   way (a resend of what is stored is skipped). So an event a token names is in the logs
+//!   within [`SPOOL_LIVE_MS`] + [`SPOOL_SCAN_MS`] of the kill, or, if this server was killed
+//!   in that window too, once it starts again. `--fresh` removes old spool files with
 //!   the logs.
 //! - The JSON-lines log is the source of truth. On start (unless `fresh`) it is read back, a
 //!   torn last line (crash mid-write) is cut, and the ShiViz log is rewritten from it; both are
@@ -55,6 +56,11 @@ const MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// events before a SIGKILL may be spooled, and seen by others, but not shipped); a scan reads
 /// only what the files gained since the last one.
 pub const SPOOL_SCAN_MS: u64 = 100;
+/// A scan skips the files of an identity that shipped a batch this recently: its tracer is
+/// alive, ships at least every `SHIP_LINGER_MS` while it has events, and ships what it spools.
+/// Once it stops shipping (killed), the next scan reads its files from where the last one
+/// left off.
+pub const SPOOL_LIVE_MS: u64 = 500;
 
 /// One line of the JSON-lines log.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -85,6 +91,8 @@ pub struct LogFiles {
     shiviz: BufWriter<File>,
     last: HashMap<String, VClock>,
     stored: u64,
+    /// When each identity last shipped a batch (one entry per identity, like `last`).
+    shipped_at: HashMap<String, std::time::Instant>,
 }
 
 impl LogFiles {
@@ -136,7 +144,26 @@ impl LogFiles {
             shiviz,
             last,
             stored: events.len() as u64,
+            shipped_at: HashMap::new(),
         })
+    }
+
+    /// `identity` has just shipped a batch: its tracer is alive and ships what it spools.
+    pub fn note_shipped(&mut self, identity: &str) {
+        let now = std::time::Instant::now();
+        match self.shipped_at.get_mut(identity) {
+            Some(at) => *at = now,
+            None => {
+                self.shipped_at.insert(identity.to_string(), now);
+            }
+        }
+    }
+
+    /// Whether `identity` shipped a batch within `within`.
+    pub fn shipped_within(&self, identity: &str, within: Duration) -> bool {
+        self.shipped_at
+            .get(identity)
+            .is_some_and(|at| at.elapsed() < within)
     }
 
     /// The clock of `identity`'s last stored event.
@@ -344,8 +371,15 @@ impl SpoolScan {
     }
 
     /// One pass over the spool files; returns how many events it stored. A file that cannot
-    /// be read is reported and skipped (it is tried again next pass).
-    pub fn scan(&mut self, files: &Mutex<LogFiles>) -> anyhow::Result<usize> {
+    /// be read is reported and skipped (it is tried again next pass). With `live`, the files
+    /// of identities that shipped a batch within it are left for a later pass: their tracers
+    /// ship what they spool, and reading it here too cost the tracing server a sixth of its
+    /// CPU (it stored the events not yet shipped, then decoded them again when they came).
+    pub fn scan(
+        &mut self,
+        files: &Mutex<LogFiles>,
+        live: Option<Duration>,
+    ) -> anyhow::Result<usize> {
         use std::io::{Read, Seek, SeekFrom};
         let listed = crate::spool::list(&self.dir, None)
             .with_context(|| format!("cannot list the trace spool {}", self.dir.display()))?;
@@ -353,6 +387,12 @@ impl SpoolScan {
             .retain(|path, _| listed.iter().any(|(_, _, p)| p == path));
         let mut stored = 0;
         for (identity, _, path) in listed {
+            if let Some(within) = live {
+                let files = files.lock().unwrap_or_else(|p| p.into_inner());
+                if files.shipped_within(&identity, within) {
+                    continue;
+                }
+            }
             let mut header = [0u8; crate::spool::HEADER_BYTES];
             let mut bytes = Vec::new();
             let known = self.offsets.get(&path).copied();
@@ -503,7 +543,9 @@ impl TracingService {
             files.store(&identity, &views).map_err(|e| {
                 tracing::error!("{e:#}");
                 Status::unavailable(format!("cannot store events: {e:#}"))
-            })
+            })?;
+            files.note_shipped(&identity);
+            Ok::<(), Status>(())
         })
         .await
         .map_err(|e| Status::internal(format!("storing task failed: {e}")))?;
@@ -553,7 +595,7 @@ pub async fn run(
     scanning.abort();
     let last_scan = {
         let mut scan = scan.lock().unwrap_or_else(|p| p.into_inner());
-        scan.scan(&service.files)
+        scan.scan(&service.files, None)
     };
     match last_scan {
         Ok(0) => {}
@@ -578,7 +620,7 @@ async fn scan_spools(scan: Arc<Mutex<SpoolScan>>, files: Arc<Mutex<LogFiles>>) {
         let (scan, files) = (Arc::clone(&scan), Arc::clone(&files));
         let result = tokio::task::spawn_blocking(move || {
             let mut scan = scan.lock().unwrap_or_else(|p| p.into_inner());
-            scan.scan(&files)
+            scan.scan(&files, Some(Duration::from_millis(SPOOL_LIVE_MS)))
         })
         .await;
         match result {

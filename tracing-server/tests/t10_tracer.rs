@@ -247,12 +247,12 @@ fn a_spool_name_reused_for_a_new_file_is_read_from_its_start() {
     let files = std::sync::Mutex::new(server::LogFiles::open(paths, true).unwrap());
     let mut scan = server::SpoolScan::new(spool.clone(), true);
     leave_spool_from(&spool, "client5", 1, 1..=6);
-    assert_eq!(scan.scan(&files).unwrap(), 6);
+    assert_eq!(scan.scan(&files, None).unwrap(), 6);
     std::fs::remove_file(spool.join(kvraft_tracing::spool::file_name("client5", 1))).unwrap();
     // The next run: same name, its events after the stored ones, in a shorter file.
     leave_spool_from(&spool, "client5", 1, 7..=8);
     assert_eq!(
-        scan.scan(&files).unwrap(),
+        scan.scan(&files, None).unwrap(),
         2,
         "the new file's events are stored"
     );
@@ -355,11 +355,60 @@ fn a_reopened_log_rewrites_the_shiviz_file_it_wrote() {
     let files = std::sync::Mutex::new(server::LogFiles::open(paths(), true).unwrap());
     let mut scan = server::SpoolScan::new(spool.clone(), true);
     leave_spool_from(&spool, "client7", 1, 1..=5);
-    assert_eq!(scan.scan(&files).unwrap(), 5);
+    assert_eq!(scan.scan(&files, None).unwrap(), 5);
     drop(files);
     let written = std::fs::read_to_string(dir.path().join("shiviz_output.log")).unwrap();
     drop(server::LogFiles::open(paths(), false).unwrap());
     let rewritten = std::fs::read_to_string(dir.path().join("shiviz_output.log")).unwrap();
     assert_eq!(rewritten, written);
     assert_eq!(read_log(dir.path()).len(), 5);
+}
+
+/// The periodic scan leaves the spool of an identity that ships (its tracer ships what it
+/// spools) and reads it once the identity has not shipped for the given time: then all the
+/// file's events the log lacks are stored, in order.
+#[test]
+fn a_scan_reads_the_spool_of_an_identity_only_once_it_stops_shipping() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let paths = OutputPaths {
+        json: dir.path().join("trace_output.log"),
+        shiviz: dir.path().join("shiviz_output.log"),
+    };
+    let files = std::sync::Mutex::new(server::LogFiles::open(paths, true).unwrap());
+    let mut scan = server::SpoolScan::new(spool.clone(), true);
+    leave_spool_from(&spool, "server9", 1, 1..=4);
+    files.lock().unwrap().note_shipped("server9");
+    let live = Some(Duration::from_secs(3600));
+    assert_eq!(scan.scan(&files, live).unwrap(), 0, "a shipping identity");
+    assert!(files
+        .lock()
+        .unwrap()
+        .shipped_within("server9", Duration::from_secs(3600)));
+    assert!(!files
+        .lock()
+        .unwrap()
+        .shipped_within("server8", Duration::from_secs(3600)));
+    leave_spool_from(&spool, "server8", 1, 1..=2);
+    assert_eq!(
+        scan.scan(&files, live).unwrap(),
+        2,
+        "one that never shipped"
+    );
+    assert_eq!(
+        scan.scan(&files, Some(Duration::ZERO)).unwrap(),
+        4,
+        "server9, once it has not shipped for the time given"
+    );
+    drop(files);
+    let events = read_log(dir.path());
+    let own = |host: &str| -> Vec<u64> {
+        events
+            .iter()
+            .filter(|e| e.host == host)
+            .map(|e| e.own())
+            .collect()
+    };
+    assert_eq!(own("server9"), [1, 2, 3, 4]);
+    assert_eq!(own("server8"), [1, 2]);
 }
