@@ -345,43 +345,11 @@ fn config(coord_addr: &str, servers: &[String], op_timeout_ms: u64) -> ClusterCo
     ClusterConfig::parse(&text, Path::new("test.toml")).expect("valid test config")
 }
 
-/// A tracing server that gives every tracer an empty clock and never stores a batch, so a
-/// tracer's spool keeps every event and its tokens wait for the spool only.
-struct SilentTracing;
-
-#[tonic::async_trait]
-impl pb::tracing_server::Tracing for SilentTracing {
-    async fn resume(
-        &self,
-        _: Request<pb::ResumeRequest>,
-    ) -> Result<Response<pb::ResumeResponse>, Status> {
-        Ok(Response::new(pb::ResumeResponse::default()))
-    }
-
-    async fn ship(
-        &self,
-        _: Request<pb::EventBatch>,
-    ) -> Result<Response<pb::EventBatchAck>, Status> {
-        std::future::pending().await
-    }
-
-    async fn ship_encoded(
-        &self,
-        _: Request<pb::EncodedEventBatch>,
-    ) -> Result<Response<pb::EventBatchAck>, Status> {
-        std::future::pending().await
-    }
-}
-
+/// A tracing server that stores nothing (see `kvraft_tracing::server::serve_silent`).
 async fn serve_silent_tracing() -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let service = pb::tracing_server::TracingServer::new(SilentTracing);
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(TcpListenerStream::new(listener)),
-    );
+    kvraft_tracing::server::serve_silent(listener);
     addr
 }
 

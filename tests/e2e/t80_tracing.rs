@@ -16,8 +16,6 @@ use kvraft_proto as pb;
 use kvraft_proto::kv_client::KvClient;
 use kvraft_tracing::shiviz::{self, Event};
 use prost::bytes::Bytes;
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::{Request, Response, Status};
 
 use crate::harness::{free_ports, Cluster, WAIT};
 
@@ -275,45 +273,14 @@ async fn shiviz_log_of_a_run_with_failover_is_valid_and_causal() {
     );
 }
 
-/// A tracing server that resumes every tracer at an empty clock and never stores a batch: the
-/// processes' spools then keep every event they record.
-struct SilentTracing;
-
-#[tonic::async_trait]
-impl pb::tracing_server::Tracing for SilentTracing {
-    async fn resume(
-        &self,
-        _: Request<pb::ResumeRequest>,
-    ) -> Result<Response<pb::ResumeResponse>, Status> {
-        Ok(Response::new(pb::ResumeResponse::default()))
-    }
-
-    async fn ship(
-        &self,
-        _: Request<pb::EventBatch>,
-    ) -> Result<Response<pb::EventBatchAck>, Status> {
-        std::future::pending().await
-    }
-
-    async fn ship_encoded(
-        &self,
-        _: Request<pb::EncodedEventBatch>,
-    ) -> Result<Response<pb::EventBatchAck>, Status> {
-        std::future::pending().await
-    }
-}
-
 /// A server's answers leave only once the events their trace tokens cover are in its spool:
 /// a put alone, and batches of puts and of gets (flushed once for the whole batch).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_answers_once_the_events_its_tokens_cover_are_spooled() {
     let addr = format!("127.0.0.1:{}", free_ports(1)[0]);
+    // A tracing server that stores nothing: the servers' spools keep every event.
     let listener = tokio::net::TcpListener::bind(&addr).await.unwrap();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(pb::tracing_server::TracingServer::new(SilentTracing))
-            .serve_with_incoming(TcpListenerStream::new(listener)),
-    );
+    kvraft_tracing::server::serve_silent(listener);
     let tmp = tempfile::tempdir().unwrap();
     let spool = tmp.path().join("trace-spool");
     let section = format!(

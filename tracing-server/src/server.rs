@@ -634,6 +634,41 @@ async fn scan_spools(scan: Arc<Mutex<SpoolScan>>, files: Arc<Mutex<LogFiles>>) {
     }
 }
 
+/// A `Tracing` service that resumes every tracer at an empty clock and never answers a batch:
+/// the tracers' spools then keep every event they record, for a test to check what the spool
+/// holds when a token leaves (with [`crate::spool::covers`]). Serves on `listener` until the
+/// runtime stops.
+pub fn serve_silent(listener: TcpListener) {
+    struct Silent;
+
+    #[tonic::async_trait]
+    impl Tracing for Silent {
+        async fn resume(
+            &self,
+            _: Request<ResumeRequest>,
+        ) -> Result<Response<ResumeResponse>, Status> {
+            Ok(Response::new(ResumeResponse::default()))
+        }
+
+        async fn ship(&self, _: Request<EventBatch>) -> Result<Response<EventBatchAck>, Status> {
+            std::future::pending().await
+        }
+
+        async fn ship_encoded(
+            &self,
+            _: Request<EncodedEventBatch>,
+        ) -> Result<Response<EventBatchAck>, Status> {
+            std::future::pending().await
+        }
+    }
+
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TracingServer::new(Silent))
+            .serve_with_incoming(kvraft_common::net::nodelay_incoming(listener)),
+    );
+}
+
 /// Last clock per identity, from a JSON-lines log (for tests).
 pub fn last_clocks(events: &[JsonEvent]) -> BTreeMap<String, VClock> {
     events

@@ -23,10 +23,7 @@ async fn start_server(dir: &Path, fresh: bool, addr: Option<&str>) -> Running {
         .await
         .unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let paths = OutputPaths {
-        json: dir.join("trace_output.log"),
-        shiviz: dir.join("shiviz_output.log"),
-    };
+    let paths = output_paths(dir);
     let (stop, stopped) = oneshot::channel::<()>();
     let spool = dir.join("spool");
     let task = tokio::spawn(server::run(paths, spool, fresh, listener, async move {
@@ -47,6 +44,27 @@ fn put(seq: u64) -> PutRecvd {
         seq,
         key: "k".into(),
         value: "v".into(),
+    }
+}
+
+/// The two logs in `dir`, started empty, and a scan of the spool directory `dir/spool`.
+fn fresh_logs_and_scan(
+    dir: &Path,
+) -> (
+    std::sync::Mutex<server::LogFiles>,
+    server::SpoolScan,
+    std::path::PathBuf,
+) {
+    let spool = dir.join("spool");
+    let files = server::LogFiles::open(output_paths(dir), true).unwrap();
+    let scan = server::SpoolScan::new(spool.clone(), true);
+    (std::sync::Mutex::new(files), scan, spool)
+}
+
+fn output_paths(dir: &Path) -> OutputPaths {
+    OutputPaths {
+        json: dir.join("trace_output.log"),
+        shiviz: dir.join("shiviz_output.log"),
     }
 }
 
@@ -239,13 +257,7 @@ async fn events_left_in_a_spool_by_a_killed_process_reach_the_log() {
 #[test]
 fn a_spool_name_reused_for_a_new_file_is_read_from_its_start() {
     let dir = tempfile::tempdir().unwrap();
-    let spool = dir.path().join("spool");
-    let paths = OutputPaths {
-        json: dir.path().join("trace_output.log"),
-        shiviz: dir.path().join("shiviz_output.log"),
-    };
-    let files = std::sync::Mutex::new(server::LogFiles::open(paths, true).unwrap());
-    let mut scan = server::SpoolScan::new(spool.clone(), true);
+    let (files, mut scan, spool) = fresh_logs_and_scan(dir.path());
     leave_spool_from(&spool, "client5", 1, 1..=6);
     assert_eq!(scan.scan(&files, None).unwrap(), 6);
     std::fs::remove_file(spool.join(kvraft_tracing::spool::file_name("client5", 1))).unwrap();
@@ -347,18 +359,12 @@ fn checker_rejects_what_shiviz_rejects() {
 #[test]
 fn a_reopened_log_rewrites_the_shiviz_file_it_wrote() {
     let dir = tempfile::tempdir().unwrap();
-    let spool = dir.path().join("spool");
-    let paths = || OutputPaths {
-        json: dir.path().join("trace_output.log"),
-        shiviz: dir.path().join("shiviz_output.log"),
-    };
-    let files = std::sync::Mutex::new(server::LogFiles::open(paths(), true).unwrap());
-    let mut scan = server::SpoolScan::new(spool.clone(), true);
+    let (files, mut scan, spool) = fresh_logs_and_scan(dir.path());
     leave_spool_from(&spool, "client7", 1, 1..=5);
     assert_eq!(scan.scan(&files, None).unwrap(), 5);
     drop(files);
     let written = std::fs::read_to_string(dir.path().join("shiviz_output.log")).unwrap();
-    drop(server::LogFiles::open(paths(), false).unwrap());
+    drop(server::LogFiles::open(output_paths(dir.path()), false).unwrap());
     let rewritten = std::fs::read_to_string(dir.path().join("shiviz_output.log")).unwrap();
     assert_eq!(rewritten, written);
     assert_eq!(read_log(dir.path()).len(), 5);
@@ -370,13 +376,7 @@ fn a_reopened_log_rewrites_the_shiviz_file_it_wrote() {
 #[test]
 fn a_scan_reads_the_spool_of_an_identity_only_once_it_stops_shipping() {
     let dir = tempfile::tempdir().unwrap();
-    let spool = dir.path().join("spool");
-    let paths = OutputPaths {
-        json: dir.path().join("trace_output.log"),
-        shiviz: dir.path().join("shiviz_output.log"),
-    };
-    let files = std::sync::Mutex::new(server::LogFiles::open(paths, true).unwrap());
-    let mut scan = server::SpoolScan::new(spool.clone(), true);
+    let (files, mut scan, spool) = fresh_logs_and_scan(dir.path());
     leave_spool_from(&spool, "server9", 1, 1..=4);
     files.lock().unwrap().note_shipped("server9");
     let live = Some(Duration::from_secs(3600));
