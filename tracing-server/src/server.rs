@@ -57,10 +57,10 @@ const MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// only what the files gained since the last one.
 pub const SPOOL_SCAN_MS: u64 = 100;
 /// A scan skips the files of an identity that shipped a batch this recently: its tracer is
-/// alive, ships at least every `SHIP_LINGER_MS` while it has events, and ships what it spools.
-/// Once it stops shipping (killed), the next scan reads its files from where the last one
-/// left off.
-pub const SPOOL_LIVE_MS: u64 = 500;
+/// alive and ships what it spools (a batch every `SHIP_LINGER_MS`, 20 ms, plus the round trip
+/// of the one before, while it has events; one slower than this is only read twice). Once it
+/// stops shipping (killed), the next scan reads its files from where the last one left off.
+pub const SPOOL_LIVE_MS: u64 = 200;
 
 /// One line of the JSON-lines log.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
