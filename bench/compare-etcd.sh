@@ -24,14 +24,8 @@ echo "== building (release)"
 cargo build --release --bin coord --bin server --bin bench --bin client >/dev/null 2>&1
 BIN=target/release
 
-WORK=$(mktemp -d -t kvraft-vs-etcd-XXXXXX)
-PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+# shellcheck source=bench/common.sh
+source bench/common.sh kvraft-vs-etcd
 
 # Ports below the ephemeral range (32768 here).
 E_CLIENT=(24379 24381 24383)
@@ -107,8 +101,6 @@ run() { # system workload
   p99=$(sed -E "s/.*${op} p50 [0-9.]+ ms p99 ([0-9.]+) ms.*/\1/" <<<"$line")
   echo "$tput $p99"
 }
-
-median() { sort -n | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2}'; }
 
 # Fill the key space once on each, so reads find values.
 run etcd put-256 >/dev/null

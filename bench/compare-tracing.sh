@@ -21,14 +21,8 @@ cargo build --release --bin coord --bin server --bin bench --bin client --bin tr
   >/dev/null 2>&1
 BIN=target/release
 
-WORK=$(mktemp -d -t kvraft-tracing-cost-XXXXXX)
-PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+# shellcheck source=bench/common.sh
+source bench/common.sh kvraft-tracing-cost
 
 # A cluster config: name, port base, tracing section.
 config() {
@@ -96,8 +90,6 @@ run() { # on|off in-flight
     --value-bytes 128 --keys 10000 --warmup-secs 1 2>&1 |
     grep "^bench: ops" | sed -E 's/.*throughput ([0-9]+) ops\/s.*/\1/'
 }
-
-median() { sort -n | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2}'; }
 
 printf '\n| puts in flight | pairs, on / off puts/s (ratio) | median on | median off | on / off |\n'
 printf '| --- | --- | --- | --- | --- |\n'

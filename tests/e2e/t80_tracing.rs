@@ -307,9 +307,12 @@ async fn a_server_answers_once_the_events_its_tokens_cover_are_spooled() {
         value: Bytes::from(format!("v{seq}")),
         trace_token: Bytes::new(),
     };
+    let covered = |token: &[u8], what: &str| {
+        kvraft_tracing::spool::covers(&spool, token).unwrap_or_else(|e| panic!("{what}: {e}"));
+    };
     let alone = kv.put(put(2)).await.unwrap().into_inner();
     assert!(alone.error.is_none(), "{alone:?}");
-    kvraft_tracing::spool::covers(&spool, &alone.trace_token).expect("a put alone");
+    covered(&alone.trace_token, "a put alone");
     let puts = (3..35).map(put).collect();
     let answers = kv
         .put_batch(pb::PutBatchRequest { puts })
@@ -320,7 +323,7 @@ async fn a_server_answers_once_the_events_its_tokens_cover_are_spooled() {
     assert_eq!(answers.len(), 32);
     for a in &answers {
         assert!(a.error.is_none(), "{a:?}");
-        kvraft_tracing::spool::covers(&spool, &a.trace_token).expect("a batch of puts");
+        covered(&a.trace_token, "a batch of puts");
     }
     let gets = (3..35)
         .map(|seq| pb::GetRequest {
@@ -338,6 +341,6 @@ async fn a_server_answers_once_the_events_its_tokens_cover_are_spooled() {
     assert_eq!(answers.len(), 32);
     for a in &answers {
         assert!(a.found, "{a:?}");
-        kvraft_tracing::spool::covers(&spool, &a.trace_token).expect("a batch of gets");
+        covered(&a.trace_token, "a batch of gets");
     }
 }

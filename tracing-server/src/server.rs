@@ -91,7 +91,9 @@ pub struct LogFiles {
     shiviz: BufWriter<File>,
     last: HashMap<String, VClock>,
     stored: u64,
-    /// When each identity last shipped a batch (one entry per identity, like `last`).
+    /// When each identity last shipped a batch; a periodic scan drops the entries older than
+    /// [`SPOOL_LIVE_MS`], so it holds only the identities that shipped within it, however
+    /// many identities ever shipped.
     shipped_at: HashMap<String, std::time::Instant>,
 }
 
@@ -164,6 +166,11 @@ impl LogFiles {
         self.shipped_at
             .get(identity)
             .is_some_and(|at| at.elapsed() < within)
+    }
+
+    /// Forgets the identities that have not shipped within `within`.
+    fn forget_shipped_before(&mut self, within: Duration) {
+        self.shipped_at.retain(|_, at| at.elapsed() < within);
     }
 
     /// The clock of `identity`'s last stored event.
@@ -385,6 +392,10 @@ impl SpoolScan {
             .with_context(|| format!("cannot list the trace spool {}", self.dir.display()))?;
         self.offsets
             .retain(|path, _| listed.iter().any(|(_, _, p)| p == path));
+        if let Some(within) = live {
+            let mut files = files.lock().unwrap_or_else(|p| p.into_inner());
+            files.forget_shipped_before(within);
+        }
         let mut stored = 0;
         for (identity, _, path) in listed {
             if let Some(within) = live {

@@ -68,6 +68,15 @@ fn output_paths(dir: &Path) -> OutputPaths {
     }
 }
 
+/// The own counters of `host`'s events, in log order.
+fn owns(events: &[shiviz::Event], host: &str) -> Vec<u64> {
+    events
+        .iter()
+        .filter(|e| e.host == host)
+        .map(|e| e.own())
+        .collect()
+}
+
 fn read_log(dir: &Path) -> Vec<shiviz::Event> {
     let text = std::fs::read_to_string(dir.join("shiviz_output.log")).unwrap();
     let events = shiviz::parse(&text).unwrap();
@@ -232,13 +241,7 @@ async fn events_left_in_a_spool_by_a_killed_process_reach_the_log() {
     stop_server(srv).await;
 
     let events = read_log(dir.path());
-    let own = |host: &str| -> Vec<u64> {
-        events
-            .iter()
-            .filter(|e| e.host == host)
-            .map(|e| e.own())
-            .collect()
-    };
+    let own = |host: &str| owns(&events, host);
     assert_eq!(own("server3"), [1, 2, 3, 4]);
     assert_eq!(
         own("client9"),
@@ -400,15 +403,16 @@ fn a_scan_reads_the_spool_of_an_identity_only_once_it_stops_shipping() {
         4,
         "server9, once it has not shipped for the time given"
     );
+    assert!(
+        !files
+            .lock()
+            .unwrap()
+            .shipped_within("server9", Duration::from_secs(3600)),
+        "a scan forgets the identities that did not ship within its window"
+    );
     drop(files);
     let events = read_log(dir.path());
-    let own = |host: &str| -> Vec<u64> {
-        events
-            .iter()
-            .filter(|e| e.host == host)
-            .map(|e| e.own())
-            .collect()
-    };
+    let own = |host: &str| owns(&events, host);
     assert_eq!(own("server9"), [1, 2, 3, 4]);
     assert_eq!(own("server8"), [1, 2]);
 }
